@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install sqlm with its dev and eval extras. Idempotent.
+# Without an NVIDIA GPU, torch is pinned to the 2.13.0 CPU build before anything else pulls torch in.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
+.venv/bin/python -m pip install -q -e ".[dev]"

@@ -1,0 +1,354 @@
+"""Path-consistency losses: pure functions of per-step tensors, each returning ``(loss, stats)``.
+
+Notation (DESIGN.md section 1). A path is ``s_0, a_0, s_1, a_1, ...``; every tensor here is
+``[B, T]`` with step ``t`` holding quantities of ``(s_t, a_t)``. ``mask[b, t] = 1`` on the steps of the
+path (completion tokens up to and including EOS; 0 on prompt and padding, see
+``sqlm.soft.path_mask``). The mask must be one contiguous run per row. The state after the last step
+has value 0 (the path ended by EOS or at the length limit).
+
+With a reference policy the reward is shaped, ``r~_t = r_t + tau * log pi_ref(a_t|s_t)``, so every
+loss targets ``pi*(y|x) ~ pi_ref(y|x) exp(R(x, y) / tau)`` (the optimum DPO targets with beta=tau).
+
+Reductions (they change the length bias; choose with ``reduction``):
+
+* ``"token"`` (default): ``1/2 * C^2`` averaged over all path steps of the batch. Every step weighs
+  the same, so longer paths weigh more in proportion to their length.
+* ``"sequence"``: ``1/2 * sum_t C^2`` per path (the seed's ``L = sum 1/2 C^2``), averaged over paths.
+  Long paths weigh more, and the loss scale grows with the length.
+* ``"sequence_mean"``: the mean of ``1/2 * C^2`` within each path, averaged over paths: every path
+  weighs the same whatever its length.
+* ``"sum"``: the plain sum over all steps (for callers that normalise across micro-batches).
+* ``"none"``: the masked ``1/2 * C^2`` per step, ``[B, T]``.
+
+The d-step sums are O(T): a discounted reverse cumulative sum ``G_t = u_t + gamma * G_{t+1}`` then
+``sum_{j<d} gamma^j u_{t+j} = G_t - gamma^d G_{t+d}``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .soft import check_tau, shaped_rewards
+
+REDUCTIONS = ("token", "sequence", "sequence_mean", "sum", "none")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_gamma(gamma: float) -> float:
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+    return float(gamma)
+
+
+def check_d(d: int | None) -> int | None:
+    if d is None:
+        return None
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"d (rollout length) must be an int >= 1 or None for the whole path, got {d!r}")
+    return d
+
+
+def _check_shapes(ref_name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    if ref.dim() != 2:
+        raise ValueError(f"{ref_name} must be [B, T], got shape {tuple(ref.shape)}")
+    for name, x in tensors.items():
+        if x is not None and x.shape != ref.shape:
+            raise ValueError(
+                f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}"
+            )
+
+
+# ----------------------------------------------------------------------------- O(T) sums
+
+
+def discounted_reverse_cumsum(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``G_t = sum_{k >= 0} gamma^k x_{t+k}`` along the last dimension, in O(T), differentiable.
+
+    gamma = 1 is a reversed cumsum. For gamma < 1 the series is summed exactly in blocks short enough
+    that ``gamma^-k`` stays below 1e6 (so the scaling trick keeps fp64 precision), and the blocks are
+    chained by the recursion ``G_t = (block part) + gamma^(len) * G_(next block start)``.
+    """
+    gamma = check_gamma(gamma)
+    if gamma == 1.0:
+        return x.flip(-1).cumsum(-1).flip(-1)
+    t = x.shape[-1]
+    block = max(1, min(t, int(math.log(1e6) / -math.log(gamma))))
+    xd = x.double()
+    out = []
+    carry = torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
+    for end in range(t, 0, -block):
+        start = max(0, end - block)
+        n = end - start
+        k = torch.arange(n, dtype=torch.float64, device=x.device)
+        up, down = gamma**k, gamma ** (-k)
+        seg = xd[..., start:end] * up  # gamma^k x_{start+k}
+        tail = seg.flip(-1).cumsum(-1).flip(-1)  # sum_{j >= k} gamma^j x_{start+j}
+        g = tail * down + carry[..., None] * (gamma ** (n - k))
+        out.append(g)
+        carry = g[..., 0]
+    return torch.cat(out[::-1], dim=-1).to(x.dtype)
+
+
+def _shift_left(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``y_t = x_{t+d}``, zero past the end."""
+    if d >= x.shape[-1]:
+        return torch.zeros_like(x)
+    return torch.cat([x[..., d:], torch.zeros_like(x[..., :d])], dim=-1)
+
+
+def window_sums(x: torch.Tensor, gamma: float, d: int | None) -> torch.Tensor:
+    """``S_t = sum_{j<d} gamma^j x_{t+j}`` (``x`` is 0 past the end; ``d=None``: to the end)."""
+    g = discounted_reverse_cumsum(x, gamma)
+    if d is None or d >= x.shape[-1]:
+        return g
+    return g - (gamma**d) * _shift_left(g, d)
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+def path_consistency(
+    values: torch.Tensor,
+    log_pi: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    d: int | None = None,
+    ref_log_pi: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``C(t, d) = -V(s_t) + gamma^d V(s_{t+d}) + sum_{j<d} gamma^j [r~_{t+j} - tau log pi(a_{t+j}|s_{t+j})]``
+
+    (seed Theorem 1 for d=1, Corollary 2 for d>1). ``V`` past the end of the path is 0, and
+    ``d=None`` (or d past the end) sums to the end of the path. Returns ``C`` ``[B, T]``, zero off
+    the mask.
+    """
+    tau, gamma, d = check_tau(tau), check_gamma(gamma), check_d(d)
+    _check_shapes("values", values, log_pi=log_pi, rewards=rewards, mask=mask, ref_log_pi=ref_log_pi)
+    m = mask.float()
+    r = shaped_rewards(rewards, tau, ref_log_pi)
+    u = (r - tau * log_pi.float()) * m
+    v = values.float() * m
+    c = -v + window_sums(u, gamma, d)
+    if d is not None and d < values.shape[-1]:
+        c = c + (gamma**d) * _shift_left(v, d)
+    return c * m
+
+
+# ----------------------------------------------------------------------------- reduction and stats
+
+
+def reduce_loss(per_step: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce a masked per-step loss ``[B, T]`` (see the module docstring)."""
+    m = mask.float()
+    per_step = per_step * m
+    if reduction == "token":
+        return per_step.sum() / m.sum().clamp(min=1.0)
+    if reduction == "sequence":
+        return per_step.sum(-1).mean()
+    if reduction == "sequence_mean":
+        return (per_step.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if reduction == "sum":
+        return per_step.sum()
+    if reduction == "none":
+        return per_step
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+@torch.no_grad()
+def _stats(
+    residual: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor,
+    log_pi: torch.Tensor | None,
+    ref_log_pi: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    rewards: torch.Tensor,
+) -> dict[str, float]:
+    m = mask.float()
+    n = m.sum().clamp(min=1.0)
+    rows = m.sum(-1) > 0
+    first = m.argmax(-1)  # first step of each path
+    v0 = values.float().gather(1, first[:, None]).squeeze(1)[rows]
+    stats = {
+        "consistency": ((residual.abs() * m).sum() / n).item(),
+        "v_start": v0.mean().item() if v0.numel() else 0.0,
+        "reward": (rewards.float() * m).sum(-1)[rows].mean().item() if rows.any() else 0.0,
+        "length": m.sum(-1)[rows].mean().item() if rows.any() else 0.0,
+    }
+    if entropy is not None:
+        stats["entropy"] = ((entropy.float() * m).sum() / n).item()
+    if ref_log_pi is not None and log_pi is not None:
+        # sequence KL estimate on the sampled tokens: sum_t log pi/pi_ref, mean over paths
+        kl = ((log_pi.float() - ref_log_pi.float()) * m).sum(-1)[rows]
+        stats["kl_ref"] = kl.mean().item() if kl.numel() else 0.0
+    return stats
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def pcl_loss(
+    log_pi: torch.Tensor,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    d: int | None = None,
+    ref_log_pi: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PCL, seed Algorithm 1 (Nachum et al. 2017):
+
+        C(s_{i:i+d}, theta, phi) = -V_phi(s_i) + gamma^d V_phi(s_{i+d})
+                                   + sum_{j=0}^{d-1} gamma^j [r~(s_{i+j}, a_{i+j}) - tau log pi_theta(a_{i+j}|s_{i+j})]
+        L(theta, phi) = sum_i 1/2 C(s_{i:i+d}, theta, phi)^2
+
+    ``log_pi`` from the LM, ``values`` from a separate value head. ``d=None`` uses the whole
+    remaining path.
+    """
+    c = path_consistency(
+        values, log_pi, rewards, mask, tau=tau, gamma=gamma, d=d, ref_log_pi=ref_log_pi
+    )
+    loss = reduce_loss(0.5 * c.pow(2), mask, reduction)
+    return loss, _stats(c, mask, values, log_pi, ref_log_pi, entropy, rewards)
+
+
+def unified_pcl_loss(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    d: int | None = None,
+    ref_log_pi: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Unified PCL, seed Algorithm 2: one model gives both
+
+        V_rho(s) = tau log sum_a exp(Q_rho(s, a) / tau),   pi_rho(a|s) = exp((Q_rho(s, a) - V_rho(s)) / tau)
+
+    and the loss is PCL's ``sum_i 1/2 C(s_{i:i+d})^2`` with ``tau log pi = Q - V`` and ``V = V_rho``.
+    ``q``, ``v`` are ``SoftOutputs.q`` / ``.v`` of the logits (``Q = tau * z``).
+    """
+    tau = check_tau(tau)
+    log_pi = (q - v) / tau
+    c = path_consistency(v, log_pi, rewards, mask, tau=tau, gamma=gamma, d=d, ref_log_pi=ref_log_pi)
+    loss = reduce_loss(0.5 * c.pow(2), mask, reduction)
+    return loss, _stats(c, mask, v, log_pi, ref_log_pi, entropy, rewards)
+
+
+def _target_values(v: torch.Tensor, target_v: torch.Tensor | None) -> torch.Tensor:
+    return v.detach().float() if target_v is None else target_v.detach().float()
+
+
+def soft_q_loss(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    target_v: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    ref_log_pi: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Soft Q-learning (Haarnoja et al. 2017; Guo et al. 2021 eq. 4), one-step Bellman residual:
+
+        L = 1/2 (Q_theta(s_i, a_i) - r~_i - gamma V_bar(s_{i+1}))^2
+
+    ``V_bar`` is the target network's value (``target_v``, detached; ``None`` uses the online
+    ``v`` detached). ``V_bar`` past the end of the path is 0.
+    """
+    tau, gamma = check_tau(tau), check_gamma(gamma)
+    _check_shapes("q", q, v=v, target_v=target_v, rewards=rewards, mask=mask, ref_log_pi=ref_log_pi)
+    m = mask.float()
+    vbar = _target_values(v, target_v) * m
+    r = shaped_rewards(rewards, tau, ref_log_pi)
+    residual = (q.float() - r - gamma * _shift_left(vbar, 1)) * m
+    loss = reduce_loss(0.5 * residual.pow(2), mask, reduction)
+    log_pi = (q - v).detach() / tau
+    return loss, _stats(residual, mask, v, log_pi, ref_log_pi, entropy, rewards)
+
+
+def advantage_pcl_loss(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    target_v: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    ref_log_pi: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Single-step PCL on the advantage only (Guo et al. 2021, eq. 9):
+
+        L = 1/2 (-V_bar(s_t) + gamma V_bar(s_{t+1}) + r~_t - A_theta(s_t, a_t))^2,
+        A_theta(s, a) = Q_theta(s, a) - V_theta(s) = tau log pi_theta(a|s)
+
+    The gradient flows through ``A_theta`` only; both values come from the target network.
+    """
+    tau, gamma = check_tau(tau), check_gamma(gamma)
+    _check_shapes("q", q, v=v, target_v=target_v, rewards=rewards, mask=mask, ref_log_pi=ref_log_pi)
+    m = mask.float()
+    vbar = _target_values(v, target_v) * m
+    r = shaped_rewards(rewards, tau, ref_log_pi)
+    adv = (q.float() - v.float()) * m
+    residual = (-vbar + gamma * _shift_left(vbar, 1) + r * m - adv) * m
+    loss = reduce_loss(0.5 * residual.pow(2), mask, reduction)
+    return loss, _stats(residual, mask, v, adv.detach() / tau, ref_log_pi, entropy, rewards)
+
+
+def multistep_pcl_loss(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    target_v: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    ref_log_pi: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Multi-step PCL to the end of the path (Guo et al. 2021, eq. 10):
+
+        L = 1/2 (-V_bar(s_t) + sum_{l>=t} gamma^{l-t} r~_l - sum_{l>=t} gamma^{l-t} A_theta(s_l, a_l))^2
+
+    with ``A_theta = Q_theta - V_theta = tau log pi_theta`` and ``V_bar`` from the target network.
+    """
+    tau, gamma = check_tau(tau), check_gamma(gamma)
+    _check_shapes("q", q, v=v, target_v=target_v, rewards=rewards, mask=mask, ref_log_pi=ref_log_pi)
+    m = mask.float()
+    vbar = _target_values(v, target_v) * m
+    r = shaped_rewards(rewards, tau, ref_log_pi) * m
+    adv = (q.float() - v.float()) * m
+    residual = (-vbar + discounted_reverse_cumsum(r - adv, gamma)) * m
+    loss = reduce_loss(0.5 * residual.pow(2), mask, reduction)
+    return loss, _stats(residual, mask, v, adv.detach() / tau, ref_log_pi, entropy, rewards)
+
+
+LOSSES = {
+    "pcl": pcl_loss,
+    "unified_pcl": unified_pcl_loss,
+    "soft_q": soft_q_loss,
+    "advantage_pcl": advantage_pcl_loss,
+    "multistep_pcl": multistep_pcl_loss,
+}
