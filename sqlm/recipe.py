@@ -83,25 +83,35 @@ def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
     return None
 
 
+def _check_value(key: str, value: Any, annotation: Any, where: str) -> None:
+    allowed = _allowed_types(annotation)
+    if allowed is None or value is None and type(None) in allowed:
+        return
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    elif isinstance(value, str) and str not in allowed:
+        # YAML reads 1e-4 as a string; argparse converts it like a flag value
+        ok = False
+        for t in allowed:
+            if t in (int, float):
+                try:
+                    t(value)
+                    ok = True
+                except ValueError:
+                    pass
+    else:
+        ok = isinstance(value, allowed)
+    if not ok:
+        names = " or ".join(sorted({t.__name__ for t in allowed}))
+        raise SqlmError(f"key '{key}' in {where} must be {names}, got {type(value).__name__} {value!r}")
+
+
 def check_types(obj: Any, where: str) -> None:
     """Reject values whose type does not match the dataclass annotation (YAML values bypass argparse)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        if not f.init:
-            continue
-        value = getattr(obj, f.name)
-        allowed = _allowed_types(hints.get(f.name, f.type))
-        if allowed is None or value is None and type(None) in allowed:
-            continue
-        if isinstance(value, bool) and bool not in allowed:
-            ok = False
-        else:
-            ok = isinstance(value, allowed)
-        if not ok:
-            names = " or ".join(sorted({t.__name__ for t in allowed}))
-            raise SqlmError(
-                f"key '{f.name}' in {where} must be {names}, got {type(value).__name__} {value!r}"
-            )
+        if f.init:
+            _check_value(f.name, getattr(obj, f.name), hints.get(f.name, f.type), where)
 
 
 def parse_recipe(
@@ -125,6 +135,11 @@ def parse_recipe(
     for key in config:
         if key not in valid:
             raise unknown_key_error(str(key), valid, where)
+    hints = {}
+    for dc in dataclass_types:
+        hints.update({f.name: typing.get_type_hints(dc).get(f.name, f.type) for f in dataclasses.fields(dc)})
+    for key, value in config.items():
+        _check_value(key, value, hints[key], where)
     for key, value in env.items():
         os.environ[str(key)] = str(value)
 
