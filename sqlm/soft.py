@@ -21,7 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Rows per chunk are chosen so that one fp32 chunk holds about this many elements (64 MiB).
+# Rows per chunk are chosen so that one fp32 chunk holds about this many elements: on a CPU a chunk
+# that stays in cache (1 MiB; each pass over it then costs no memory traffic), on an accelerator a
+# large one (64 MiB; fewer kernel launches).
+_CHUNK_ELEMENTS_CPU = 1 << 18
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -31,12 +34,13 @@ def check_tau(tau: float) -> float:
     return float(tau)
 
 
-def _rows_per_chunk(vocab: int, chunk_size: int | None) -> int:
+def _rows_per_chunk(vocab: int, chunk_size: int | None, device: torch.device | None = None) -> int:
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return int(chunk_size)
-    return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    budget = _CHUNK_ELEMENTS_CPU if device is None or device.type == "cpu" else _CHUNK_ELEMENTS
+    return max(1, budget // max(vocab, 1))
 
 
 class _SoftStats(torch.autograd.Function):
@@ -63,13 +67,19 @@ class _SoftStats(torch.autograd.Function):
         logits, actions, lse = ctx.saved_tensors
         rows = ctx.rows
         grad = torch.empty_like(logits)
+        g_lse, g_za = g_lse.float(), g_za.float()
+        in_place = logits.dtype == torch.float32  # write each chunk straight into the gradient
         n = logits.shape[0]
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            p = torch.exp(logits[start:end].float() - lse[start:end, None])
-            p.mul_(g_lse[start:end, None])
-            p.scatter_add_(1, actions[start:end, None], g_za[start:end, None].float())
-            grad[start:end] = p
+            if in_place:
+                p = torch.sub(logits[start:end], lse[start:end, None], out=grad[start:end])
+            else:
+                p = logits[start:end].float() - lse[start:end, None]
+            p.exp_().mul_(g_lse[start:end, None])
+            p.scatter_add_(1, actions[start:end, None], g_za[start:end, None])
+            if not in_place:
+                grad[start:end] = p
         return grad, None, None
 
 
@@ -78,7 +88,7 @@ def logsumexp_chunked(logits: torch.Tensor, chunk_size: int | None = None) -> to
     shape = logits.shape[:-1]
     flat = logits.reshape(-1, logits.shape[-1])
     dummy = torch.zeros(flat.shape[0], dtype=torch.long, device=logits.device)
-    lse, _ = _SoftStats.apply(flat, dummy, _rows_per_chunk(flat.shape[-1], chunk_size))
+    lse, _ = _SoftStats.apply(flat, dummy, _rows_per_chunk(flat.shape[-1], chunk_size, flat.device))
     return lse.reshape(shape)
 
 
@@ -87,7 +97,7 @@ def entropy_chunked(logits: torch.Tensor, chunk_size: int | None = None) -> torc
     """Entropy of ``softmax(logits)`` over the last dimension in fp32, chunked, without grad."""
     shape = logits.shape[:-1]
     flat = logits.reshape(-1, logits.shape[-1])
-    rows = _rows_per_chunk(flat.shape[-1], chunk_size)
+    rows = _rows_per_chunk(flat.shape[-1], chunk_size, flat.device)
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     for start in range(0, flat.shape[0], rows):
         z = flat[start : start + rows].float()
@@ -128,7 +138,7 @@ def soft_outputs(
     b, t, vocab = logits.shape
     flat = logits.reshape(b * t, vocab)
     acts = actions.reshape(b * t).clamp(min=0).long()
-    lse, z_a = _SoftStats.apply(flat, acts, _rows_per_chunk(vocab, chunk_size))
+    lse, z_a = _SoftStats.apply(flat, acts, _rows_per_chunk(vocab, chunk_size, flat.device))
     lse, z_a = lse.reshape(b, t), z_a.reshape(b, t)
     entropy = entropy_chunked(logits, chunk_size) if with_entropy else None
     return SoftOutputs(q=tau * z_a, v=tau * lse, log_pi=z_a - lse, entropy=entropy)
