@@ -1,4 +1,9 @@
-"""Per-token rewards from reward models, policies and Python functions."""
+"""Per-token rewards from reward models, policies and Python functions.
+
+``build_rewarder(name, **kwargs)`` makes one by name (terminal, uniform, abc, prefix, implicit,
+callable, weighted); :func:`add_token_rewards` stores them as columns of offline preference data.
+Heavy modules (transformers models) are imported only when used.
+"""
 
 from .base import (
     CallableRewarder,
@@ -11,11 +16,38 @@ from .base import (
 )
 
 __all__ = [
+    "ABCRewarder",
     "CallableRewarder",
+    "ImplicitRewarder",
+    "PrefixRewarder",
     "RewardBatch",
+    "TerminalRewarder",
     "TokenRewarder",
+    "UniformRewarder",
     "WeightedSum",
+    "add_token_rewards",
     "as_rewarder",
+    "build_rewarder",
     "last_token_index",
+    "rewarder_from_spec",
     "terminal_rewards",
 ]
+
+_LAZY = {
+    "ABCRewarder": "models",
+    "ImplicitRewarder": "models",
+    "PrefixRewarder": "models",
+    "TerminalRewarder": "models",
+    "UniformRewarder": "models",
+    "add_token_rewards": "cache",
+    "build_rewarder": "registry",
+    "rewarder_from_spec": "registry",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,8 @@ as dense rewards directly.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +44,14 @@ class TokenRewarder:
 
     def token_rewards(self, batch: RewardBatch) -> torch.Tensor:  # [B, T] float32
         raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that changes this rewarder's values (models as weight hashes, parameters).
+
+        Caches of dense rewards are keyed by it (:mod:`sqlm.rewards.cache`), so a subclass with
+        parameters must add them here.
+        """
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "name": self.name}
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
         r = self.token_rewards(batch)
@@ -77,6 +87,9 @@ class CallableRewarder(TokenRewarder):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "callable")
 
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "fn": callable_fingerprint(self.fn)}
+
     def token_rewards(self, batch: RewardBatch) -> torch.Tensor:
         ids = [
             row[m.bool()].tolist() for row, m in zip(batch.completion_ids, batch.completion_mask)
@@ -110,6 +123,25 @@ class CallableRewarder(TokenRewarder):
         return r.to(batch.completion_ids.device)
 
 
+def callable_fingerprint(fn: Callable[..., Any]) -> str:
+    """Module, qualified name and (when available) a hash of the source of a function."""
+    target = getattr(fn, "__func__", fn)
+    if not inspect.isfunction(target) and not inspect.ismethod(target) and hasattr(target, "__call__"):
+        target = type(target).__call__
+    ident = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+    try:
+        source = inspect.getsource(target)
+    except (OSError, TypeError):
+        source = ""
+    cells = getattr(target, "__closure__", None) or ()
+    for cell in cells:  # a closure over a constant (a threshold, a weight) is part of the function
+        try:
+            source += "\n" + repr(cell.cell_contents)[:1000]
+        except ValueError:  # empty cell
+            pass
+    return ident + ":" + hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
+
+
 class WeightedSum(TokenRewarder):
     """``sum_k w_k r_k``: mixes any rewarders (e.g. 0.5 * abc + 0.5 * implicit)."""
 
@@ -121,9 +153,22 @@ class WeightedSum(TokenRewarder):
         self.rewarders, self.weights = list(rewarders), [float(w) for w in weights]
         self.name = "+".join(r.name for r in self.rewarders)
 
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "parts": [[w, r.settings()] for r, w in zip(self.rewarders, self.weights)],
+        }
+
     def components(self, batch: RewardBatch) -> dict[str, torch.Tensor]:
         """Each source's weighted ``[B, T]`` rewards, for logging per source."""
-        return {r.name: w * r(batch) for r, w in zip(self.rewarders, self.weights)}
+        parts: dict[str, torch.Tensor] = {}
+        for r, w in zip(self.rewarders, self.weights):
+            key, k = r.name, 1
+            while key in parts:  # two sources with one name (e.g. abc at two betas) both count
+                k += 1
+                key = f"{r.name}_{k}"
+            parts[key] = w * r(batch)
+        return parts
 
     def token_rewards(self, batch: RewardBatch) -> torch.Tensor:
         parts = self.components(batch)

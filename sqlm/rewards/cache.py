@@ -1,0 +1,205 @@
+"""Dense rewards for offline preference data, computed once and stored as dataset columns.
+
+:func:`add_token_rewards` adds ``chosen_token_rewards`` and ``rejected_token_rewards``: per row, a
+list of floats with one value per completion token of the *policy* tokenizer, in the tokenization
+TRL's ``DPOTrainer`` uses (prompt tokenized alone; completion = the tokens of prompt+completion after
+their common prefix; EOS appended to text completions; conversational rows through the chat
+template). A trainer that tokenizes the same way can put ``r[b, t]`` on its completion tokens
+directly; the list lengths let it check.
+
+The cache is keyed by (a) a hash of the dataset's content, (b) the rewarder's :meth:`settings`
+(model weight hashes, tokenizers, parameters such as ``beta``), (c) the policy tokenizer and (d) a
+format version: rerunning with the same inputs loads the columns from ``cache_dir``; changing any of
+them computes (and stores) new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SqlmError
+from .base import RewardBatch, TokenRewarder
+from .models import tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")
+
+
+def tokenize_preference_example(example: dict[str, Any], tokenizer) -> dict[str, list[int]]:
+    """``prompt_ids``, ``chosen_ids``, ``rejected_ids`` of one preference row, as TRL's DPOTrainer.
+
+    Uses ``sqlm.data.tokenize_preference`` when that module provides it, so the trainer and the
+    cached rewards agree token for token.
+    """
+    try:  # the trainer's own tokenization, when present
+        from ..data import tokenize_preference  # type: ignore[attr-defined]
+    except ImportError:
+        tokenize_preference = None
+    if tokenize_preference is not None:
+        out = tokenize_preference(example, tokenizer)
+        return {k: list(out[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+
+    from trl.data_utils import common_prefix_length, extract_prompt, is_conversational
+
+    if "prompt" not in example:
+        example = {**example, **extract_prompt(example)}
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in example:
+            raise SqlmError(f"preference row has no '{key}' column (columns: {sorted(example)})")
+    if is_conversational(example):
+
+        def tok(messages, **kw):
+            return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+        prompt_ids = tok(example["prompt"], add_generation_prompt=True)
+        chosen = tok(example["prompt"] + example["chosen"])
+        rejected = tok(example["prompt"] + example["rejected"])
+    else:
+        eos = tokenizer.eos_token or ""
+        c, r = example["chosen"], example["rejected"]
+        c, r = (c if c.endswith(eos) else c + eos), (r if r.endswith(eos) else r + eos)
+        prompt_ids = list(tokenizer(example["prompt"])["input_ids"])
+        chosen = list(tokenizer(example["prompt"] + c)["input_ids"])
+        rejected = list(tokenizer(example["prompt"] + r)["input_ids"])
+    n = min(common_prefix_length(prompt_ids, chosen), common_prefix_length(prompt_ids, rejected))
+    return {"prompt_ids": prompt_ids[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
+
+
+def make_batch(
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    pad_id: int,
+    prompts: list[Any] | None = None,
+    completions: list[Any] | None = None,
+    columns: dict[str, list[Any]] | None = None,
+    prompt_padding_side: str = "left",
+) -> RewardBatch:
+    """A :class:`RewardBatch` from lists of ids (prompts padded on ``prompt_padding_side``,
+    completions on the right), as a trainer would build it."""
+    n = len(prompt_ids)
+    p_len = max([len(p) for p in prompt_ids] + [1])
+    c_len = max([len(c) for c in completion_ids] + [1])
+    p = torch.full((n, p_len), pad_id, dtype=torch.long)
+    pm = torch.zeros(n, p_len, dtype=torch.long)
+    c = torch.full((n, c_len), pad_id, dtype=torch.long)
+    cm = torch.zeros(n, c_len, dtype=torch.long)
+    for i, (pi, ci) in enumerate(zip(prompt_ids, completion_ids)):
+        off = p_len - len(pi) if prompt_padding_side == "left" else 0
+        p[i, off : off + len(pi)] = torch.tensor(pi, dtype=torch.long)
+        pm[i, off : off + len(pi)] = 1
+        c[i, : len(ci)] = torch.tensor(ci, dtype=torch.long)
+        cm[i, : len(ci)] = 1
+    return RewardBatch(
+        prompt_ids=p,
+        prompt_mask=pm,
+        completion_ids=c,
+        completion_mask=cm,
+        prompts=list(prompts) if prompts is not None else [None] * n,
+        completions=list(completions) if completions is not None else [None] * n,
+        columns=columns or {},
+    )
+
+
+def dataset_fingerprint(dataset) -> str:
+    """Hash of a dataset's content (column names, types and every value), independent of its
+    on-disk layout or history; the reward columns themselves are left out."""
+    h = hashlib.blake2b(digest_size=16)
+    keep = [c for c in dataset.column_names if c not in COLUMNS]
+    h.update(json.dumps(keep).encode())
+    h.update(str(dataset.select_columns(keep).features).encode())
+    h.update(str(len(dataset)).encode())
+    for chunk in dataset.select_columns(keep).with_format(None).iter(batch_size=1000):
+        h.update(json.dumps(chunk, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(dataset, rewarder: TokenRewarder, tokenizer) -> tuple[str, dict[str, Any]]:
+    """The cache key and the description it hashes."""
+    desc = {
+        "version": CACHE_VERSION,
+        "data": dataset_fingerprint(dataset),
+        "rewarder": rewarder.settings(),
+        "policy_tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    key = hashlib.blake2b(json.dumps(desc, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+    return key, desc
+
+
+def compute_token_rewards(dataset, rewarder: TokenRewarder, tokenizer, batch_size: int = 16) -> dict[str, list]:
+    """The two reward columns, computed live: ``{"chosen_token_rewards": [...], ...}``."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows = dataset.with_format(None)
+    out: dict[str, list] = {c: [] for c in COLUMNS}
+    other = [c for c in dataset.column_names if c not in ("prompt", "chosen", "rejected", *COLUMNS)]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        n = len(next(iter(chunk.values())))
+        examples = [{k: v[i] for k, v in chunk.items()} for i in range(n)]
+        toks = []
+        for i, ex in enumerate(examples):
+            try:
+                toks.append(tokenize_preference_example(ex, tokenizer))
+            except SqlmError as e:
+                raise SqlmError(f"row {start + i}: {e}") from None
+        prompts = [ex.get("prompt") for ex in examples]
+        columns = {k: [ex.get(k) for ex in examples] for k in other}
+        for side, col in (("chosen", COLUMNS[0]), ("rejected", COLUMNS[1])):
+            ids = [t[f"{side}_ids"] for t in toks]
+            batch = make_batch(
+                [t["prompt_ids"] for t in toks],
+                ids,
+                pad_id,
+                prompts=prompts,
+                completions=[ex.get(side) for ex in examples],
+                columns=columns,
+            )
+            r = rewarder(batch).float().cpu()
+            out[col].extend(r[i, : len(ids[i])].tolist() for i in range(n))
+    return out
+
+
+def add_token_rewards(
+    dataset,
+    rewarder: TokenRewarder,
+    tokenizer,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 16,
+):
+    """``dataset`` with ``chosen_token_rewards`` / ``rejected_token_rewards`` columns added.
+
+    ``tokenizer`` is the policy's. With ``cache_dir`` the columns are stored under
+    ``cache_dir/<key>/`` and reused whenever the data, the rewarder's settings (its models' weights
+    included) and the tokenizer are unchanged (see the module docstring).
+    """
+    from datasets import Dataset, load_from_disk
+
+    base = dataset.remove_columns([c for c in COLUMNS if c in dataset.column_names])
+    path = None
+    if cache_dir is not None:
+        key, desc = cache_key(base, rewarder, tokenizer)
+        path = Path(cache_dir) / key
+        if (path / "meta.json").is_file():
+            cached = load_from_disk(str(path / "columns"))
+            if len(cached) == len(base):
+                logger.info("dense rewards: reusing cache %s", path)
+                for c in COLUMNS:
+                    base = base.add_column(c, cached[c])
+                return base
+    cols = compute_token_rewards(base, rewarder, tokenizer, batch_size=batch_size)
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        Dataset.from_dict(cols).save_to_disk(str(path / "columns"))
+        (path / "meta.json").write_text(json.dumps(desc, sort_keys=True, indent=1, default=str))
+    for c in COLUMNS:
+        base = base.add_column(c, cols[c])
+    return base
