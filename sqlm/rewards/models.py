@@ -125,18 +125,29 @@ class ScorerInputs:
 class ScorerEncoder:
     """Builds :class:`ScorerInputs` from a :class:`RewardBatch` of policy tokens."""
 
-    def __init__(self, tokenizer, policy_tokenizer=None, padding_side: str = "right", max_length: int | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        policy_tokenizer=None,
+        padding_side: str = "right",
+        max_length: int | None = None,
+        pad_token_id: int | None = None,
+    ):
         if padding_side not in ("left", "right"):
             raise SqlmError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if tokenizer is None and policy_tokenizer is not None:
+            raise SqlmError("the scoring model's tokenizer is needed when the policy uses another tokenizer")
         self.tokenizer = tokenizer
         self.policy_tokenizer = policy_tokenizer
         self.padding_side = padding_side
         self.max_length = max_length
+        self.pad_token_id = pad_token_id
         self.shared = policy_tokenizer is None or same_vocabulary(tokenizer, policy_tokenizer)
 
     def _pad_id(self) -> int:
+        # any id works: real tokens come from the mask; prefer the tokenizer's pad, then EOS
         tok = self.tokenizer
-        for tid in (tok.pad_token_id, tok.eos_token_id):
+        for tid in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None), self.pad_token_id):
             if tid is not None:
                 return int(tid)
         return 0
@@ -243,8 +254,9 @@ class RewardModelRewarder(TokenRewarder):
     """Common part of the rewarders that read a sequence-classification reward model.
 
     ``reward_model`` is a causal ``*ForSequenceClassification`` with ``num_labels=1`` (as saved by
-    ``sqlm reward``) or a path to one; ``tokenizer`` is its tokenizer; ``policy_tokenizer`` the
-    tokenizer of the completion ids (``None``: the same one).
+    ``sqlm reward``) or a path to one; ``tokenizer`` is its tokenizer (may be ``None`` when the
+    completion ids are already the reward model's); ``policy_tokenizer`` the tokenizer of the
+    completion ids (``None``: the same one).
     """
 
     name = "reward_model"
@@ -263,8 +275,8 @@ class RewardModelRewarder(TokenRewarder):
         if isinstance(reward_model, str):
             reward_model, loaded_tok = load_reward_model(reward_model, eager_attention=self.needs_attention)
             tokenizer = tokenizer or loaded_tok
-        if tokenizer is None:
-            raise SqlmError(f"rewarder '{self.name}' needs the reward model's tokenizer")
+        if tokenizer is None and policy_tokenizer is not None:
+            raise SqlmError(f"rewarder '{self.name}' needs the reward model's tokenizer (the policy's differs)")
         if getattr(reward_model.config, "num_labels", 1) != 1 or not hasattr(reward_model, "score"):
             raise SqlmError(
                 f"rewarder '{self.name}': the reward model must be a causal *ForSequenceClassification "
@@ -275,13 +287,14 @@ class RewardModelRewarder(TokenRewarder):
         self.model = reward_model.eval()
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
-        self.encoder = ScorerEncoder(tokenizer, policy_tokenizer, padding_side, max_length)
+        pad = getattr(reward_model.config.get_text_config(), "pad_token_id", None)
+        self.encoder = ScorerEncoder(tokenizer, policy_tokenizer, padding_side, max_length, pad)
 
     def settings(self) -> dict[str, Any]:
         return {
             **super().settings(),
             "reward_model": model_fingerprint(self.model),
-            "reward_tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "reward_tokenizer": None if self.tokenizer is None else tokenizer_fingerprint(self.tokenizer),
             "max_length": self.encoder.max_length,
         }
 
@@ -461,22 +474,23 @@ class ImplicitRewarder(TokenRewarder):
             tokenizer = tokenizer or loaded_tok
         if isinstance(ref_model, str):
             ref_model, _ = load_causal_lm(ref_model)
-        if tokenizer is None:
-            raise SqlmError("rewarder 'implicit' needs the tokenizer of its model")
+        if tokenizer is None and policy_tokenizer is not None:
+            raise SqlmError("rewarder 'implicit' needs the tokenizer of its model (the policy's differs)")
         if ref_model is None:
             raise SqlmError("rewarder 'implicit' needs ref_model (the reference the policy was trained against)")
         self.model, self.ref_model = model.eval(), ref_model.eval()
         self.tokenizer = tokenizer
         self.beta = float(beta)
         self.batch_size = int(batch_size)
-        self.encoder = ScorerEncoder(tokenizer, policy_tokenizer, padding_side, max_length)
+        pad = getattr(model.config.get_text_config(), "pad_token_id", None)
+        self.encoder = ScorerEncoder(tokenizer, policy_tokenizer, padding_side, max_length, pad)
 
     def settings(self):
         return {
             **super().settings(),
             "model": model_fingerprint(self.model),
             "ref_model": model_fingerprint(self.ref_model),
-            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "tokenizer": None if self.tokenizer is None else tokenizer_fingerprint(self.tokenizer),
             "beta": self.beta,
             "max_length": self.encoder.max_length,
         }

@@ -23,6 +23,11 @@ def toy_gold_reward(text: str) -> float:
     return float(sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words))
 
 
+def toy_gold_reward_function(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    """The gold reward with TRL's reward-function signature (one float per completion)."""
+    return [toy_gold_reward(c if isinstance(c, str) else c[-1]["content"]) for c in completions]
+
+
 def _completion(rng: random.Random, min_words: int = 3, max_words: int = 7) -> str:
     words = [rng.choice(NEUTRAL) for _ in range(rng.randint(min_words, max_words))]
     for _ in range(rng.randint(0, 2)):
