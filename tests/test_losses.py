@@ -1,0 +1,298 @@
+"""sqlm.losses: O(T) sums against naive loops, padding/EOS invariance, reductions, bad input."""
+
+import pytest
+import torch
+from conftest import contiguous_mask
+
+from sqlm.losses import (
+    LOSSES,
+    REDUCTIONS,
+    advantage_pcl_loss,
+    discounted_reverse_cumsum,
+    multistep_pcl_loss,
+    path_consistency,
+    pcl_loss,
+    reduce_loss,
+    soft_q_loss,
+    unified_pcl_loss,
+    window_sums,
+)
+from sqlm.soft import path_mask, soft_outputs
+
+# ----------------------------------------------------------------------------- naive references
+
+
+def naive_window(x, gamma, d):
+    b, t = x.shape
+    out = torch.zeros(b, t, dtype=torch.float64)
+    for i in range(t):
+        n = t - i if d is None else min(d, t - i)
+        for j in range(n):
+            out[:, i] += gamma**j * x[:, i + j].double()
+    return out
+
+
+def naive_consistency(values, log_pi, rewards, mask, tau, gamma, d, ref=None):
+    """C(i, d) by the seed's formula, one path step at a time (V past the path end is 0)."""
+    b_n, t_n = values.shape
+    c = torch.zeros(b_n, t_n, dtype=torch.float64)
+    for b in range(b_n):
+        steps = [t for t in range(t_n) if mask[b, t] > 0]
+        for k, i in enumerate(steps):
+            seg = steps[k:] if d is None else steps[k : k + d]
+            total = -float(values[b, i])
+            for j, s in enumerate(seg):
+                r = float(rewards[b, s]) + (tau * float(ref[b, s]) if ref is not None else 0.0)
+                total += gamma**j * (r - tau * float(log_pi[b, s]))
+            if d is not None and k + d < len(steps):
+                total += gamma**d * float(values[b, steps[k + d]])
+            c[b, i] = total
+    return c
+
+
+def random_batch(gen, b=3, t=7):
+    values = torch.randn(b, t, generator=gen, dtype=torch.float64)
+    log_pi = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
+    rewards = torch.randn(b, t, generator=gen, dtype=torch.float64)
+    ref = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
+    mask = contiguous_mask([5, 7, 2], t, starts=[2, 0, 1])[:b]
+    return values, log_pi, rewards, ref, mask
+
+
+# ----------------------------------------------------------------------------- O(T) sums
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.5, 0.01])
+@pytest.mark.parametrize("d", [1, 2, 3, 6, 7, 50, None])
+def test_window_sums_equal_naive_loop(gen, gamma, d):
+    x = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(window_sums(x, gamma, d), naive_window(x, gamma, d), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("gamma", [0.999, 0.95, 0.5])
+def test_discounted_reverse_cumsum_long_paths_across_blocks(gen, gamma):
+    x = torch.randn(2, 400, generator=gen, dtype=torch.float64)
+    want = torch.zeros_like(x)
+    acc = torch.zeros(2, dtype=torch.float64)
+    for t in range(399, -1, -1):
+        acc = x[:, t] + gamma * acc
+        want[:, t] = acc
+    torch.testing.assert_close(discounted_reverse_cumsum(x, gamma), want, atol=1e-9, rtol=1e-9)
+    # gradients flow and are the transposed recursion: dG_t/dx_s = gamma^(s-t) for s >= t
+    xr = x.clone().requires_grad_()
+    discounted_reverse_cumsum(xr, gamma)[:, 0].sum().backward()
+    torch.testing.assert_close(xr.grad[0], gamma ** torch.arange(400, dtype=torch.float64), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.8])
+@pytest.mark.parametrize("d", [1, 2, 4, None])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_path_consistency_equals_seed_formula(gen, gamma, d, with_ref):
+    values, log_pi, rewards, ref, mask = random_batch(gen)
+    ref = ref if with_ref else None
+    c = path_consistency(values, log_pi, rewards, mask, tau=0.7, gamma=gamma, d=d, ref_log_pi=ref)
+    want = naive_consistency(values, log_pi, rewards, mask, 0.7, gamma, d, ref)
+    torch.testing.assert_close(c.double(), want, atol=1e-5, rtol=1e-5)
+    assert (c[mask == 0] == 0).all()
+
+
+def test_each_loss_equals_its_equation(gen):
+    """Per-step losses against the docstring equations written out by hand."""
+    tau, gamma = 0.6, 0.9
+    q = torch.randn(2, 5, generator=gen)
+    v = torch.randn(2, 5, generator=gen)
+    vbar = torch.randn(2, 5, generator=gen)
+    r = torch.randn(2, 5, generator=gen)
+    ref = -torch.rand(2, 5, generator=gen)
+    m = contiguous_mask([4, 2], 5, starts=[1, 0])
+    rt = r + tau * ref
+    a = q - v
+
+    def nxt(x):  # x_{t+1} on the path, 0 past its end
+        y = torch.zeros_like(x)
+        y[:, :-1] = (x * m)[:, 1:]
+        return y * m
+
+    soft_q = 0.5 * (q - rt - gamma * nxt(vbar)) ** 2 * m
+    adv = 0.5 * (-vbar + gamma * nxt(vbar) + rt - a) ** 2 * m
+    g = torch.zeros_like(r)
+    acc = torch.zeros(2)
+    for t in range(4, -1, -1):
+        acc = ((rt - a) * m)[:, t] + gamma * acc
+        g[:, t] = acc
+    multi = 0.5 * (-vbar + g) ** 2 * m
+    kw = dict(tau=tau, gamma=gamma, ref_log_pi=ref, reduction="none")
+    torch.testing.assert_close(soft_q_loss(q, v, vbar, r, m, **kw)[0], soft_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(advantage_pcl_loss(q, v, vbar, r, m, **kw)[0], adv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(multistep_pcl_loss(q, v, vbar, r, m, **kw)[0], multi, atol=1e-5, rtol=1e-5)
+    # no target: the online values, detached
+    torch.testing.assert_close(soft_q_loss(q, v, None, r, m, **kw)[0], soft_q_loss(q, v, v, r, m, **kw)[0])
+    # unified PCL is PCL with V from the logits and tau log pi = Q - V
+    for d in (1, 3, None):
+        u = unified_pcl_loss(q, v, r, m, tau=tau, gamma=gamma, d=d, ref_log_pi=ref, reduction="none")[0]
+        p = pcl_loss((q - v) / tau, v, r, m, tau=tau, gamma=gamma, d=d, ref_log_pi=ref, reduction="none")[0]
+        torch.testing.assert_close(u, p)
+        c = naive_consistency(v, (q - v) / tau, r, m, tau, gamma, d, ref).float()
+        torch.testing.assert_close(u, 0.5 * c**2, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_only_through_the_online_terms(gen):
+    q = torch.randn(2, 4, generator=gen, requires_grad=True)
+    v = torch.randn(2, 4, generator=gen, requires_grad=True)
+    vbar = torch.randn(2, 4, generator=gen, requires_grad=True)
+    r, m = torch.randn(2, 4, generator=gen), torch.ones(2, 4)
+    for fn in (soft_q_loss, advantage_pcl_loss, multistep_pcl_loss):
+        loss, _ = fn(q, v, vbar, r, m, tau=1.0)
+        gq, gv, gbar = torch.autograd.grad(loss, (q, v, vbar), allow_unused=True, materialize_grads=True)
+        assert gq.abs().sum() > 0
+        assert gbar.abs().sum() == 0  # the target never gets a gradient
+        if fn is soft_q_loss:
+            assert gv.abs().sum() == 0  # only Q(s_i, a_i) is regressed
+        else:
+            torch.testing.assert_close(gv, -gq)  # A = Q - V
+
+
+# ----------------------------------------------------------------------------- masks and reductions
+
+
+def _loss_inputs(logits, actions, mask, tau, ref, rewards, vbar, values):
+    so = soft_outputs(logits, actions, tau, with_entropy=True)
+    return {
+        "pcl": lambda **kw: pcl_loss(so.log_pi, values, rewards, mask, ref_log_pi=ref, entropy=so.entropy, **kw),
+        "unified_pcl": lambda **kw: unified_pcl_loss(so.q, so.v, rewards, mask, ref_log_pi=ref, entropy=so.entropy, **kw),
+        "soft_q": lambda **kw: soft_q_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
+        "advantage_pcl": lambda **kw: advantage_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
+        "multistep_pcl": lambda **kw: multistep_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
+    }
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+@pytest.mark.parametrize("reduction", ["token", "sequence", "sequence_mean", "sum"])
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_padding_prompt_and_tokens_after_eos_do_not_change_the_loss(gen, loss_type, reduction, gamma):
+    """A bare path == the same path after a prompt, followed by EOS, junk tokens and padding."""
+    vocab, eos, tau, n = 6, 5, 0.8, 4
+    bare_logits = torch.randn(1, n, vocab, generator=gen) * 2
+    bare_actions = torch.tensor([[1, 3, 0, eos]])
+    bare = [torch.randn(1, n, generator=gen) for _ in range(4)]  # ref, rewards, vbar, values
+    # the padded row: 2 prompt steps, the path, 2 junk tokens after EOS, 2 padding steps
+    p, junk, pad = 2, 2, 2
+    width = p + n + junk + pad
+
+    def embed(x, fill):
+        out = torch.randn((1, width) + x.shape[2:], generator=gen) * fill
+        out[:, p : p + n] = x
+        return out
+
+    logits = embed(bare_logits, 3.0)
+    actions = torch.randint(0, vocab, (1, width), generator=gen)
+    actions[:, p : p + n] = bare_actions
+    action_mask = torch.zeros(1, width)
+    action_mask[:, p : p + n + junk] = 1.0  # junk after EOS is still "completion": path_mask cuts it
+    mask = path_mask(actions, action_mask, eos)
+    assert mask.sum() == n
+    padded = [embed(x, 5.0) for x in bare]
+    kw = dict(tau=tau, gamma=gamma, reduction=reduction)
+    if loss_type in ("pcl", "unified_pcl"):
+        for d in (1, 2, None):
+            a, sa = _loss_inputs(bare_logits, bare_actions, torch.ones(1, n), tau, *bare)[loss_type](d=d, **kw)
+            b, sb = _loss_inputs(logits, actions, mask, tau, *padded)[loss_type](d=d, **kw)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            assert sa.keys() == sb.keys()
+            for key in sa:
+                assert sa[key] == pytest.approx(sb[key], abs=1e-5), key
+    else:
+        a, sa = _loss_inputs(bare_logits, bare_actions, torch.ones(1, n), tau, *bare)[loss_type](**kw)
+        b, sb = _loss_inputs(logits, actions, mask, tau, *padded)[loss_type](**kw)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for key in sa:
+            assert sa[key] == pytest.approx(sb[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_padded_steps_get_no_gradient(gen, loss_type):
+    logits = torch.randn(2, 6, 5, generator=gen, requires_grad=True)
+    actions = torch.randint(0, 5, (2, 6), generator=gen)
+    mask = contiguous_mask([3, 5], 6, starts=[1, 0])
+    ins = _loss_inputs(logits, actions, mask, 1.0, None, torch.randn(2, 6, generator=gen),
+                       torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen))
+    loss, _ = ins[loss_type](tau=1.0)
+    (g,) = torch.autograd.grad(loss, logits)
+    assert g[mask == 0].abs().sum() == 0
+    assert g[mask == 1].abs().sum() > 0
+
+
+def test_reductions(gen):
+    per = torch.rand(3, 5, generator=gen)
+    m = contiguous_mask([2, 5, 1], 5, starts=[1, 0, 4])
+    pm = per * m
+    torch.testing.assert_close(reduce_loss(per, m, "token"), pm.sum() / m.sum())
+    torch.testing.assert_close(reduce_loss(per, m, "sequence"), pm.sum(-1).mean())
+    torch.testing.assert_close(reduce_loss(per, m, "sequence_mean"), (pm.sum(-1) / m.sum(-1)).mean())
+    torch.testing.assert_close(reduce_loss(per, m, "sum"), pm.sum())
+    torch.testing.assert_close(reduce_loss(per, m, "none"), pm)
+    assert set(REDUCTIONS) == {"token", "sequence", "sequence_mean", "sum", "none"}
+    with pytest.raises(ValueError, match="reduction"):
+        reduce_loss(per, m, "mean")
+    # an all-masked batch gives 0, not NaN
+    assert reduce_loss(per, torch.zeros(3, 5), "token") == 0
+
+
+def test_stats(gen):
+    values, log_pi, rewards, ref, mask = random_batch(gen)
+    ent = torch.rand(3, 7, generator=gen)
+    _, stats = pcl_loss(log_pi, values, rewards, mask, tau=1.0, ref_log_pi=ref, entropy=ent)
+    c = path_consistency(values, log_pi, rewards, mask, tau=1.0, ref_log_pi=ref)
+    assert stats["consistency"] == pytest.approx(float((c.abs() * mask).sum() / mask.sum()), rel=1e-5)
+    assert stats["v_start"] == pytest.approx(float((values[0, 2] + values[1, 0] + values[2, 1]) / 3), rel=1e-5)
+    assert stats["entropy"] == pytest.approx(float((ent * mask).sum() / mask.sum()), rel=1e-5)
+    kl = ((log_pi - ref) * mask).sum(-1).mean()
+    assert stats["kl_ref"] == pytest.approx(float(kl), rel=1e-5)
+    _, no_ref = pcl_loss(log_pi, values, rewards, mask, tau=1.0)
+    assert "kl_ref" not in no_ref and "entropy" not in no_ref
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _call(loss_type, b=2, t=3, **kw):
+    x = torch.zeros(b, t)
+    m = torch.ones(b, t)
+    if loss_type in ("pcl", "unified_pcl"):
+        return LOSSES[loss_type](x, x, x, m, **kw)
+    return LOSSES[loss_type](x, x, x, x, m, **kw)
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_bad_scalars_name_the_argument(loss_type):
+    for tau in (0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="tau"):
+            _call(loss_type, tau=tau)
+    for gamma in (0, 0.0, -0.1, 1.01, 2, True):
+        with pytest.raises(ValueError, match="gamma"):
+            _call(loss_type, tau=1.0, gamma=gamma)
+    if loss_type in ("pcl", "unified_pcl"):
+        for d in (0, -1, 1.5, True):
+            with pytest.raises(ValueError, match="d "):
+                _call(loss_type, tau=1.0, d=d)
+    with pytest.raises(ValueError, match="reduction"):
+        _call(loss_type, tau=1.0, reduction="avg")
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_bad_shapes_name_the_argument(loss_type):
+    x, m = torch.zeros(2, 3), torch.ones(2, 3)
+    if loss_type in ("pcl", "unified_pcl"):
+        with pytest.raises(ValueError, match="rewards"):
+            LOSSES[loss_type](x, x, torch.zeros(2, 4), m, tau=1.0)
+        with pytest.raises(ValueError, match="mask"):
+            LOSSES[loss_type](x, x, x, torch.ones(3, 3), tau=1.0)
+        with pytest.raises(ValueError, match=r"\[B, T\]"):
+            LOSSES[loss_type](torch.zeros(6), torch.zeros(6), torch.zeros(6), torch.ones(6), tau=1.0)
+    else:
+        with pytest.raises(ValueError, match="target_v"):
+            LOSSES[loss_type](x, x, torch.zeros(2, 2), x, m, tau=1.0)
+        with pytest.raises(ValueError, match="rewards"):
+            LOSSES[loss_type](x, x, None, torch.zeros(1, 3), m, tau=1.0)
+    with pytest.raises(ValueError, match="ref_log_pi"):
+        _call(loss_type, tau=1.0, ref_log_pi=torch.zeros(2, 5))
