@@ -25,6 +25,7 @@ which is what every loss in ``sqlm.losses`` reads there anyway.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,9 @@ def lm_head_of(model) -> LMHead:
 
 
 def _unwrap(model):
+    """The transformers model inside data-parallel (``.module``) and PEFT wrappers."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP / DeepSpeed engines
+        model = model.module
     if hasattr(model, "get_base_model"):  # a PEFT model: the transformers model with adapters injected
         model = model.get_base_model()
     return model
@@ -85,11 +89,35 @@ def backbone_of(model) -> torch.nn.Module:
     return backbone
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-    """Final hidden states ``[B, L, H]`` (after the last norm), without running the LM head."""
+    """Final hidden states ``[B, L, H]`` (after the last norm) of a causal LM, without its logits.
+
+    The call goes through the model's own forward (so wrappers such as DDP, which prepare gradient
+    synchronisation there, see it) with ``logits_to_keep=1``, and the decoder's
+    ``last_hidden_state`` is captured by a forward hook. A model without ``logits_to_keep`` runs its
+    decoder alone.
+    """
     kwargs.setdefault("use_cache", False)
-    out = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return out.last_hidden_state
+    inner = _unwrap(model)
+    backbone = backbone_of(inner)
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _args, out):
+        captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+
+    handle = backbone.register_forward_hook(hook)
+    try:
+        if _accepts_logits_to_keep(inner):
+            model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, **kwargs)
+        else:
+            backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 # ----------------------------------------------------------------------------- the fused function
