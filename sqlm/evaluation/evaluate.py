@@ -1,0 +1,436 @@
+"""``sqlm eval RECIPE.yaml [--key value ...]``: score models against a reference on held-out prompts.
+
+For each model (``METHOD@PARAM=PATH``, e.g. ``dpo@0.1=outputs/dpo-b0.1``; or ``NAME=PATH``):
+
+* **gold reward**: mean +- standard error of the gold scorer over sampled completions;
+* **KL(pi || pi_ref)**: per completion, the exact per-token KL (full-vocabulary sum at every
+  step) summed along the sampled completion; mean +- standard error (an unbiased estimate of the
+  sequence KL, ``sqlm.evaluation.metrics``);
+* **win rate** against the DPO model (the ``dpo`` entry with the same ``PARAM``, else the nearest):
+  ``P(gold_model > gold_dpo) + 1/2 P(tie)`` over paired samples (same prompt, same sample index);
+* **distinct-1/2** and **mean length** (completion tokens, EOS excluded).
+
+All models sample with the same seed (common random numbers), from ``softmax(logits)`` at
+temperature 1. Writes ``results.json``, ``report.md`` and ``frontier.png`` (gold reward against
+KL, one curve per method over its sweep of tau/beta, as Figure 2 of the DPO paper).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SqlmError
+
+
+@dataclass
+class ModelSpec:
+    """One model to evaluate: ``method`` names its curve on the frontier, ``param`` is its tau/beta."""
+
+    name: str
+    path: str
+    method: str
+    param: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        """``METHOD@PARAM=PATH`` or ``NAME=PATH``."""
+        if "=" not in text:
+            raise SqlmError(f"model entry '{text}' must be METHOD@PARAM=PATH or NAME=PATH")
+        name, path = text.split("=", 1)
+        method, param = name, None
+        if "@" in name:
+            method, p = name.split("@", 1)
+            try:
+                param = float(p)
+            except ValueError:
+                raise SqlmError(f"model entry '{text}': '{p}' after '@' must be a number (tau or beta)") from None
+        if not method or not path:
+            raise SqlmError(f"model entry '{text}' must be METHOD@PARAM=PATH or NAME=PATH")
+        return cls(name=name, path=path, method=method, param=param)
+
+
+@dataclass
+class EvalArguments:
+    """Arguments of ``sqlm eval``."""
+
+    models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Models to score, each METHOD@PARAM=PATH (e.g. dpo@0.1=out/dpo) or NAME=PATH."},
+    )
+    ref_model: str | None = field(default=None, metadata={"help": "The reference policy pi_ref (path)."})
+    prompts_file: str | None = field(
+        default=None, metadata={"help": "Held-out prompts: .json list of strings or .jsonl with a 'prompt' column."}
+    )
+    gold: str = field(
+        default="sentiment",
+        metadata={"help": "Gold reward: 'sentiment' (VADER compound) or 'module:function' (TRL signature)."},
+    )
+    baseline_method: str = field(default="dpo", metadata={"help": "Method the win rates are measured against."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    samples_per_prompt: int = field(default=1, metadata={"help": "Completions sampled per prompt and model."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Completion length limit (tokens)."})
+    batch_size: int = field(default=64, metadata={"help": "Prompts per sampling / scoring batch."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (shared by all models)."})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Where report.md and frontier.png go."})
+    title: str = field(default="Gold reward vs KL", metadata={"help": "Title of the report and the plot."})
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_policy(path: str):
+    """A causal LM from a folder (a LoRA adapter folder is merged into its base)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise SqlmError(f"model folder not found: {path}")
+    try:
+        if (p / "adapter_config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise SqlmError(f"could not load model '{path}': {e}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def load_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise SqlmError(f"prompts_file not found: {path}")
+    text = p.read_text()
+    if p.suffix == ".jsonl":
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        out = [r["prompt"] if isinstance(r, dict) else r for r in rows]
+    else:
+        data = json.loads(text)
+        out = [r["prompt"] if isinstance(r, dict) else r for r in data]
+    if not out or not all(isinstance(x, str) and x for x in out):
+        raise SqlmError(f"prompts_file {path} must hold non-empty prompt strings")
+    return out
+
+
+def gold_scorer(spec: str):
+    """``texts -> scores``: the built-in sentiment scorer or a TRL-style reward function."""
+    if spec == "sentiment":
+        from .gold import gold_reward
+
+        return gold_reward
+    from ..rewards.registry import import_callable
+
+    fn = import_callable(spec)
+    return lambda texts: [float(x) for x in fn(prompts=[""] * len(texts), completions=texts)]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_model(
+    model,
+    ref_model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    gold,
+    samples_per_prompt: int = 1,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    batch_size: int = 64,
+    desc: str = "sampling",
+    progress: bool = True,
+) -> dict:
+    """Sample, then per completion: gold score, exact sequence KL, sampled log-ratio, length, text."""
+    from .gold import completion_text
+    from .sampling import exact_sequence_kl, sample_completions
+
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    flat = [p for p in prompt_ids for _ in range(samples_per_prompt)]
+    comps = sample_completions(
+        model,
+        flat,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=seed,
+        batch_size=batch_size,
+        desc=desc,
+        progress=progress,
+    )
+    kl, ratio = exact_sequence_kl(model, ref_model, flat, comps, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+    texts = [completion_text(tokenizer, c) for c in comps]
+    lengths = [len(c) - (1 if c and c[-1] == tokenizer.eos_token_id else 0) for c in comps]
+    return {"gold": list(gold(texts)), "kl": kl, "log_ratio": ratio, "length": lengths, "texts": texts}
+
+
+def summarize(samples: dict) -> dict:
+    from .metrics import distinct_n, mean_se
+
+    g, gse = mean_se(samples["gold"])
+    k, kse = mean_se(samples["kl"])
+    r, _ = mean_se(samples["log_ratio"])
+    return {
+        "gold": g,
+        "gold_se": gse,
+        "kl": k,
+        "kl_se": kse,
+        "kl_sampled": r,
+        "distinct1": distinct_n(samples["texts"], 1),
+        "distinct2": distinct_n(samples["texts"], 2),
+        "length": sum(samples["length"]) / max(len(samples["length"]), 1),
+        "n": len(samples["gold"]),
+    }
+
+
+def baseline_for(spec: ModelSpec, specs: list[ModelSpec], method: str) -> ModelSpec | None:
+    """The ``method`` model with the same param as ``spec`` (else the nearest param)."""
+    cands = [s for s in specs if s.method == method]
+    if not cands:
+        return None
+    if spec.param is None:
+        return cands[0]
+    return min(cands, key=lambda s: (abs(math.log((s.param or 1e-9) / spec.param)) if s.param else 1e9))
+
+
+def evaluate_models(
+    specs: list[ModelSpec],
+    ref_path: str,
+    prompts: list[str],
+    *,
+    gold=None,
+    baseline_method: str = "dpo",
+    samples_per_prompt: int = 1,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+    cache: dict | None = None,
+) -> dict:
+    """Score every model and the reference; returns ``{"rows": [...], "settings": {...}}``.
+
+    Each row has ``name, method, param, path`` and the :func:`summarize` metrics, plus ``win_rate``
+    / ``win_se`` against ``baseline_method`` (``None`` without one). ``cache`` maps a model name to
+    the per-sample results of an earlier call (reused, then updated).
+    """
+    from .metrics import win_rate
+
+    gold = gold or gold_scorer("sentiment")
+    ref_model, tokenizer = load_policy(ref_path)
+    cache = {} if cache is None else cache
+    per_sample: dict[str, dict] = {}
+    all_specs = [ModelSpec(name="reference", path=ref_path, method="reference", param=None)] + list(specs)
+    kw = dict(gold=gold, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress)
+    for spec in all_specs:
+        if spec.name in cache:
+            per_sample[spec.name] = cache[spec.name]
+            continue
+        model = ref_model if spec.method == "reference" else load_policy(spec.path)[0]
+        if model.get_input_embeddings().weight.shape[0] != ref_model.get_input_embeddings().weight.shape[0]:
+            raise SqlmError(f"model '{spec.name}' ({spec.path}) and the reference have different vocabularies")
+        per_sample[spec.name] = score_model(model, ref_model, tokenizer, prompts, desc=f"sampling {spec.name}", **kw)
+        cache[spec.name] = per_sample[spec.name]
+    rows = []
+    for spec in all_specs:
+        row = {"name": spec.name, "method": spec.method, "param": spec.param, "path": spec.path}
+        row.update(summarize(per_sample[spec.name]))
+        base = baseline_for(spec, list(specs), baseline_method)
+        if base is not None:
+            w, wse = win_rate(per_sample[spec.name]["gold"], per_sample[base.name]["gold"])
+            row.update(win_rate=w, win_se=wse, win_vs=base.name)
+        else:
+            row.update(win_rate=None, win_se=None, win_vs=None)
+        row["examples"] = [
+            {"prompt": prompts[i // samples_per_prompt], "completion": per_sample[spec.name]["texts"][i], "gold": per_sample[spec.name]["gold"][i]}
+            for i in range(min(3, len(per_sample[spec.name]["texts"])))
+        ]
+        rows.append(row)
+    settings = dict(
+        ref_model=ref_path,
+        num_prompts=len(prompts),
+        samples_per_prompt=samples_per_prompt,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        baseline_method=baseline_method,
+    )
+    return {"rows": rows, "settings": settings}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def frontier_area(rows: list[dict], method: str, kl_max: float) -> float | None:
+    """Mean gold reward of ``method``'s frontier over KL in [0, kl_max]: the area under its
+    piecewise-linear curve (reference point at KL 0 included, flat after its last point) / kl_max."""
+    ref = [r for r in rows if r["method"] == "reference"]
+    pts = sorted((r["kl"], r["gold"]) for r in rows if r["method"] == method)
+    if not pts or kl_max <= 0:
+        return None
+    if ref:
+        pts = [(0.0, ref[0]["gold"])] + pts
+    area, (x0, y0) = 0.0, pts[0]
+    for x1, y1 in pts[1:]:
+        if x0 >= kl_max:
+            break
+        xe = min(x1, kl_max)
+        ye = y0 + (y1 - y0) * (xe - x0) / (x1 - x0) if x1 > x0 else y1
+        area += 0.5 * (y0 + ye) * (xe - x0)
+        x0, y0 = xe, ye
+    if x0 < kl_max:
+        area += y0 * (kl_max - x0)
+    return area / kl_max
+
+
+def plot_frontier(rows: list[dict], path: str | os.PathLike, title: str = "Gold reward vs KL") -> Path:
+    """Gold reward against KL(pi || pi_ref), one curve per method sorted by KL, error bars = 1 s.e."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=90)
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "reference"]
+    markers = "osD^v<>ph*"
+    for i, m in enumerate(methods):
+        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["kl"])
+        ax.errorbar(
+            [r["kl"] for r in pts],
+            [r["gold"] for r in pts],
+            xerr=[r["kl_se"] for r in pts],
+            yerr=[r["gold_se"] for r in pts],
+            marker=markers[i % len(markers)],
+            ms=4,
+            lw=1.2,
+            capsize=2,
+            label=m,
+        )
+        for r in pts:
+            if r["param"] is not None:
+                ax.annotate(f"{r['param']:g}", (r["kl"], r["gold"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    for r in rows:
+        if r["method"] == "reference":
+            ax.errorbar([r["kl"]], [r["gold"]], yerr=[r["gold_se"]], marker="*", ms=9, color="k", ls="", label="reference")
+    ax.set_xlabel("KL(π ‖ π_ref), nats per completion")
+    ax.set_ylabel("gold reward (VADER compound)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x, nd=3):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def results_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | τ/β | gold reward ± s.e. | KL(π‖π_ref) ± s.e. | win rate vs DPO ± s.e. | distinct-1 | distinct-2 | mean length |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        win = "–" if r["win_rate"] is None else f"{r['win_rate']:.3f} ± {r['win_se']:.3f}"
+        lines.append(
+            f"| {r['method']} | {'–' if r['param'] is None else format(r['param'], 'g')} "
+            f"| {r['gold']:.3f} ± {r['gold_se']:.3f} | {r['kl']:.2f} ± {r['kl_se']:.2f} | {win} "
+            f"| {r['distinct1']:.3f} | {r['distinct2']:.3f} | {r['length']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(
+    results: dict,
+    output_dir: str | os.PathLike,
+    *,
+    title: str = "Gold reward vs KL",
+    preamble: str = "",
+    sections: list[str] = (),
+) -> Path:
+    """``results.json``, ``frontier.png`` and ``report.md`` (table, frontier summary, samples)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = results["rows"]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot_frontier(rows, out / "frontier.png", title=title)
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "reference"]
+    kls = [r["kl"] for r in rows if r["method"] != "reference"]
+    s = results["settings"]
+    md = [f"# {title}", ""]
+    if preamble:
+        md += [preamble, ""]
+    md += [
+        f"{s['num_prompts']} held-out prompts × {s['samples_per_prompt']} samples per model, "
+        f"≤ {s['max_new_tokens']} new tokens, sampling seed {s['seed']}. KL is the exact per-token KL "
+        "summed along each sampled completion; win rates are paired (same prompt and sample index) "
+        f"against the {s['baseline_method']} model with the same τ/β.",
+        "",
+        "![frontier](frontier.png)",
+        "",
+        results_table(rows),
+        "",
+    ]
+    if kls and methods:
+        # compare frontiers over the KL range every method covers
+        common = min(max(r["kl"] for r in rows if r["method"] == m) for m in methods)
+        md += [f"Mean gold reward along each frontier over KL ∈ [0, {common:.2f}] (the range every method reaches):", ""]
+        md += ["| method | mean gold reward on the frontier |", "|---|---|"]
+        for m in methods:
+            md.append(f"| {m} | {_fmt(frontier_area(rows, m, common))} |")
+        md.append("")
+    for sec in sections:
+        md += [sec, ""]
+    md += ["## Samples", ""]
+    for r in rows:
+        for ex in r["examples"][:2]:
+            md.append(f"- **{r['name']}**: {ex['prompt']!s}⟨{ex['completion'].strip()}⟩ (gold {ex['gold']:.2f})")
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out / "report.md"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(argv or [])
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: sqlm eval RECIPE.yaml [--key value ...]\n\n" + (__doc__ or ""))
+        return 0
+    from ..recipe import parse_recipe
+
+    recipe, overrides = (argv[0], argv[1:]) if argv and not argv[0].startswith("--") else (None, argv)
+    (args,) = parse_recipe([EvalArguments], recipe, overrides)
+    if not args.models:
+        raise SqlmError("set models: a list of METHOD@PARAM=PATH entries")
+    if args.ref_model is None:
+        raise SqlmError("set ref_model: the reference policy the KL is measured against")
+    if args.prompts_file is None:
+        raise SqlmError("set prompts_file: held-out prompts (.json list or .jsonl with 'prompt')")
+    specs = [ModelSpec.parse(m) for m in args.models]
+    prompts = load_prompts(args.prompts_file)
+    if args.num_prompts is not None:
+        prompts = prompts[: args.num_prompts]
+    results = evaluate_models(
+        specs,
+        args.ref_model,
+        prompts,
+        gold=gold_scorer(args.gold),
+        baseline_method=args.baseline_method,
+        samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    report = write_report(results, args.output_dir, title=args.title)
+    print(f"sqlm eval: report at {report}")
+    return 0

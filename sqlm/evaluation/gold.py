@@ -1,0 +1,335 @@
+"""The embedded gold-reward task: an offline analogue of the DPO paper's controlled-sentiment
+generation (Rafailov et al. 2023, section 6.1: GPT-2 on IMDb, a sentiment classifier as the
+ground-truth reward).
+
+* **Text:** English sentences from the Wikipedia-trained trigram Markov generator shipped with the
+  ``essential-generators`` package (real text statistics, not written by this project), split by
+  seed into a training corpus and held-out text.
+* **Base model** (``pi_ref``): a tiny Qwen2-shaped LM with a byte-level BPE tokenizer, both trained
+  here on the training corpus, once, and cached under ``cache_dir`` keyed by the settings.
+* **Prompts:** the first few words of held-out sentences.
+* **Gold reward:** VADER's compound sentiment score of the completion, in [-1, 1]. It only labels
+  preference pairs and scores evaluations; no learner ever trains on it directly.
+* **Preferences:** ``k`` samples per prompt from the base model; every pair of samples whose gold
+  scores differ gives (chosen, rejected), as the paper built its pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import SqlmError
+
+CACHE_ENV = "SQLM_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$SQLM_CACHE`` or ``~/.cache/sqlm``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sqlm")
+
+
+def fingerprint(obj) -> str:
+    """A short stable hash of a JSON-able object (settings that define a cached artefact)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- gold reward
+
+_ANALYZER = None
+
+
+def gold_reward(texts: list[str]) -> list[float]:
+    """VADER compound sentiment of each text (positive sentiment is reward), in [-1, 1]."""
+    global _ANALYZER
+    if _ANALYZER is None:
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise SqlmError(
+                "the gold-reward task needs vaderSentiment: pip install 'sqlm[eval]'"
+            ) from None
+        _ANALYZER = SentimentIntensityAnalyzer()
+    return [float(_ANALYZER.polarity_scores(t)["compound"]) for t in texts]
+
+
+def gold_reward_func(prompts, completions, **kwargs) -> list[float]:
+    """The gold reward with TRL's reward-function signature (for evaluation hooks only)."""
+    return gold_reward([c if isinstance(c, str) else c[-1]["content"] for c in completions])
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def english_sentences(n: int, seed: int, min_words: int = 3, max_words: int = 15) -> list[str]:
+    """``n`` sentences from essential-generators' Wikipedia-trained trigram generator, seeded."""
+    try:
+        from essential_generators import MarkovTextGenerator
+    except ImportError:
+        raise SqlmError("the gold-reward task needs essential-generators: pip install 'sqlm[eval]'") from None
+    gen = MarkovTextGenerator()
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        out = []
+        for _ in range(n):
+            text = gen.gen_text(random.randint(min_words, max_words)).replace("\n", " ").strip()
+            text = text[0].upper() + text[1:] if text else text
+            text = text.rstrip(" ,;:-") + "."
+            out.append(" ".join(text.split()))
+    finally:
+        random.setstate(state)
+    return out
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class GoldTaskConfig:
+    """Settings of the gold-reward task. Every field is part of the cache key of what it defines."""
+
+    seed: int = field(default=0, metadata={"help": "Seed of the corpus, the base model and the samples."})
+    corpus_sentences: int = field(default=40000, metadata={"help": "Training sentences for the base LM."})
+    heldout_sentences: int = field(default=4000, metadata={"help": "Held-out sentences (prompt source)."})
+    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size of the base tokenizer."})
+    hidden_size: int = field(default=128, metadata={"help": "Base LM hidden size."})
+    num_hidden_layers: int = field(default=3, metadata={"help": "Base LM layers."})
+    num_attention_heads: int = field(default=4, metadata={"help": "Base LM attention heads."})
+    lm_steps: int = field(default=800, metadata={"help": "Optimizer steps of base-LM pretraining."})
+    lm_batch_size: int = field(default=48, metadata={"help": "Sentences per pretraining batch."})
+    lm_learning_rate: float = field(default=3e-3, metadata={"help": "Peak pretraining learning rate."})
+    prompt_words: int = field(default=3, metadata={"help": "Words of held-out text used as a prompt."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Completion length limit (tokens)."})
+
+    def base_key(self) -> dict:
+        keys = [
+            "seed", "corpus_sentences", "heldout_sentences", "vocab_size", "hidden_size",
+            "num_hidden_layers", "num_attention_heads", "lm_steps", "lm_batch_size", "lm_learning_rate",
+        ]  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------- base model
+
+
+def _pretrain(model, tokenizer, texts: list[str], cfg: GoldTaskConfig, progress: bool = True) -> list[float]:
+    """Causal-LM pretraining: each sentence is ``text <eos>``, AdamW, linear warm-up, cosine decay."""
+    from tqdm.auto import tqdm
+
+    rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
+    rows = [r[:64] for r in rows if len(r) > 1]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, cfg.lm_steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.lm_steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses = []
+    bar = tqdm(range(cfg.lm_steps), desc="pretraining base LM", disable=not progress, leave=False)
+    for _ in bar:
+        idx = torch.randint(len(rows), (cfg.lm_batch_size,), generator=gen).tolist()
+        batch = [rows[i] for i in idx]
+        width = max(len(r) for r in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, : len(r)] = torch.as_tensor(r)
+            labels[i, : len(r)] = torch.as_tensor(r)
+            attn[i, : len(r)] = 1
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if len(losses) % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
+    model.eval()
+    return losses
+
+
+def base_model_dir(cfg: GoldTaskConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / "gold" / f"base-{fingerprint(cfg.base_key())}"
+
+
+def build_base_model(
+    cfg: GoldTaskConfig, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> Path:
+    """Train (once) and cache the base LM, its tokenizer and the held-out text; return the folder.
+
+    The folder holds a model that loads with ``AutoModelForCausalLM.from_pretrained``, its tokenizer,
+    ``heldout.json`` (held-out sentences) and ``base_lm.json`` (settings and the loss curve). A second
+    call with the same settings returns the cached folder at once.
+    """
+    from ..tiny import tiny_model_for_tokenizer, train_tokenizer
+
+    out = base_model_dir(cfg, cache_dir)
+    if (out / "base_lm.json").is_file():
+        return out
+    texts = english_sentences(cfg.corpus_sentences, seed=cfg.seed)
+    train_set = set(texts)
+    heldout = [
+        s for s in english_sentences(cfg.heldout_sentences, seed=cfg.seed + 10_000) if s not in train_set
+    ]
+    torch.manual_seed(cfg.seed)
+    tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    model = tiny_model_for_tokenizer(
+        tokenizer,
+        seed=cfg.seed,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=max(1, cfg.num_attention_heads // 2),
+        intermediate_size=3 * cfg.hidden_size,
+        max_position_embeddings=128,
+    )
+    losses = _pretrain(model, tokenizer, texts, cfg, progress=progress)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "heldout.json").write_text(json.dumps(heldout))
+    tail = losses[-100:]
+    (tmp / "base_lm.json").write_text(
+        json.dumps({"settings": cfg.base_key(), "final_loss": sum(tail) / len(tail), "losses": losses[::10]})
+    )
+    if out.exists():  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def load_base(path: str | os.PathLike):
+    """(model, tokenizer) of a cached base LM folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.eval()
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- prompts and pairs
+
+
+def prompts_from_heldout(heldout: list[str], words: int) -> list[str]:
+    """The first ``words`` words of each held-out sentence that has at least ``words + 3`` words,
+    de-duplicated in order."""
+    seen, out = set(), []
+    for s in heldout:
+        w = s.split()
+        if len(w) < words + 3:
+            continue
+        p = " ".join(w[:words])
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def split_prompts(path: str | os.PathLike, cfg: GoldTaskConfig, n_train: int, n_eval: int) -> tuple[list[str], list[str]]:
+    """Disjoint preference-data prompts and evaluation prompts from a base folder's held-out text."""
+    heldout = json.loads((Path(path) / "heldout.json").read_text())
+    prompts = prompts_from_heldout(heldout, cfg.prompt_words)
+    if len(prompts) < n_train + n_eval:
+        raise SqlmError(
+            f"only {len(prompts)} distinct prompts in the held-out text, but n_train_prompts + n_eval_prompts "
+            f"= {n_train + n_eval}; raise heldout_sentences or lower the prompt counts"
+        )
+    return prompts[:n_train], prompts[n_train : n_train + n_eval]
+
+
+def preference_pairs(
+    prompts: list[str],
+    samples: list[list[str]],
+    scores: list[list[float]],
+    max_pairs_per_prompt: int | None = None,
+) -> list[dict]:
+    """Rows ``{prompt, chosen, rejected, chosen_score, rejected_score}`` from ``k`` scored samples per
+    prompt: every pair with different gold scores, higher score chosen (at most
+    ``max_pairs_per_prompt`` per prompt, the widest score gaps first)."""
+    rows = []
+    for prompt, texts, vals in zip(prompts, samples, scores):
+        cands = []
+        for i in range(len(texts)):
+            for j in range(i + 1, len(texts)):
+                if vals[i] == vals[j] or texts[i] == texts[j]:
+                    continue
+                hi, lo = (i, j) if vals[i] > vals[j] else (j, i)
+                cands.append((vals[hi] - vals[lo], hi, lo))
+        cands.sort(key=lambda c: -c[0])
+        if max_pairs_per_prompt is not None:
+            cands = cands[:max_pairs_per_prompt]
+        for _, hi, lo in cands:
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": texts[hi],
+                    "rejected": texts[lo],
+                    "chosen_score": vals[hi],
+                    "rejected_score": vals[lo],
+                }
+            )
+    return rows
+
+
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """Decoded completion without special tokens (the text the gold reward reads)."""
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def sample_preferences(
+    model,
+    tokenizer,
+    prompts: list[str],
+    k: int,
+    max_new_tokens: int,
+    seed: int,
+    max_pairs_per_prompt: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """``k`` base-model samples per prompt, scored by the gold reward, paired (see :func:`preference_pairs`)."""
+    from .sampling import sample_completions
+
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    flat = [p for p in prompt_ids for _ in range(k)]
+    comp = sample_completions(
+        model,
+        flat,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=seed,
+        desc="sampling preference data",
+        progress=progress,
+    )
+    texts = [completion_text(tokenizer, c) for c in comp]
+    vals = gold_reward(texts)
+    samples = [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+    scores = [vals[i * k : (i + 1) * k] for i in range(len(prompts))]
+    return preference_pairs(prompts, samples, scores, max_pairs_per_prompt)
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
