@@ -1,0 +1,390 @@
+"""Configuration of ``sqlm train``: :class:`SoftQConfig` (a ``TrainingArguments``) and
+:class:`ModelConfig` (TRL's, for the model, its dtype and LoRA).
+
+Field names follow TRL wherever TRL has the same concept (``max_length``, ``max_prompt_length``,
+``max_completion_length``, ``num_generations``, ``temperature``, ``model_init_kwargs``,
+``disable_dropout``, ``dataset_name``...), so a TRL recipe reads the same. The soft-Q temperature
+``tau`` is DPO's ``beta`` (``beta`` is accepted as its alias).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import trl
+from transformers import TrainingArguments
+
+from .errors import SqlmError
+from .losses import LOSSES, REDUCTIONS
+
+MODES = ("offline", "online", "mixed")
+TARGET_LOSSES = ("soft_q", "advantage_pcl", "multistep_pcl")  # losses that read a target network
+
+
+def _accelerator_supports_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _as_dict(value: Any, name: str) -> dict | None:
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            out = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SqlmError(f"key '{name}' must be a mapping (YAML) or a JSON object string: {e}") from None
+        if isinstance(out, dict):
+            return out
+    raise SqlmError(f"key '{name}' must be a mapping, got {type(value).__name__} {value!r}")
+
+
+@dataclass
+class SoftQConfig(TrainingArguments):
+    """Arguments of :class:`sqlm.trainer.SoftQTrainer`: the loss, its target network and reference,
+    where trajectories come from (offline data, online rollouts, both), rewards and data loading.
+
+    Every other field is a ``transformers.TrainingArguments`` field. Defaults run on a CPU: bf16 is
+    on only when a bf16-capable accelerator is present, gradient checkpointing is off.
+    """
+
+    # ------------------------------------------------------------------ loss
+    loss_type: str = field(
+        default="unified_pcl",
+        metadata={
+            "help": "Path-consistency loss (sqlm.losses.LOSSES): 'pcl' (value head), 'unified_pcl' (V from the "
+            "logits), 'soft_q' (one-step Bellman, target network), 'advantage_pcl' (Guo et al. 2021 eq. 9), "
+            "'multistep_pcl' (Guo et al. 2021 eq. 10).",
+            "choices": list(LOSSES),
+        },
+    )
+    tau: float = field(
+        default=0.1,
+        metadata={"help": "Entropy / KL temperature tau > 0: Q = tau * logits. Equals DPO's beta."},
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "TRL/DPO name for tau; when set it overrides tau."},
+    )
+    gamma: float = field(default=1.0, metadata={"help": "Discount gamma in (0, 1]."})
+    rollout_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rollout length d of the path-consistency segments (pcl, unified_pcl); None = to the end "
+            "of the path."
+        },
+    )
+    reduction: str = field(
+        default="token",
+        metadata={
+            "help": "How per-step losses are averaged (see sqlm/losses.py): 'token' (every path step of the "
+            "optimizer batch weighs the same), 'sequence' (sum over a path, mean over paths), "
+            "'sequence_mean' (mean within a path, mean over paths). Normalised over the whole optimizer "
+            "batch (all gradient-accumulation steps and processes).",
+            "choices": ["token", "sequence", "sequence_mean"],
+        },
+    )
+    use_target_model: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Keep a slow target network V_bar (a frozen copy updated after each optimizer step). "
+            "None = on for soft_q, advantage_pcl and multistep_pcl (without it they use the online V, "
+            "detached)."
+        },
+    )
+    target_model_mixup_alpha: float = field(
+        default=0.05,
+        metadata={
+            "help": "Polyak rate alpha of the target network: target <- (1 - alpha) * target + alpha * policy. "
+            "1.0 = hard copy."
+        },
+    )
+    target_model_sync_steps: int = field(
+        default=1,
+        metadata={"help": "Update the target network every this many optimizer steps."},
+    )
+    value_head: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Add a separate linear value head V_phi on the last hidden state. Required by (and None = "
+            "on only for) loss_type='pcl'."
+        },
+    )
+    use_reference: bool = field(
+        default=True,
+        metadata={
+            "help": "Regularise towards a reference policy (r~ = r + tau * log pi_ref). With no explicit "
+            "reference model it is the initial policy (with PEFT: the base model, adapter disabled). "
+            "False = plain max-entropy RL."
+        },
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Explicit reference model (hub id or local path); default: the initial policy."},
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Disable dropout in the policy, reference and target models."}
+    )
+
+    # ------------------------------------------------------------------ trajectories
+    mode: str = field(
+        default="offline",
+        metadata={
+            "help": "Where trajectories come from: 'offline' (the dataset's completions; preference data gives "
+            "both chosen and rejected), 'online' (sampled from the current policy at temperature 1 = the "
+            "soft policy), 'mixed' (both, see mix_ratio).",
+            "choices": list(MODES),
+        },
+    )
+    mix_ratio: float = field(
+        default=0.5,
+        metadata={
+            "help": "Mixed mode: the fraction of each batch's rows whose prompts are rolled out online; the "
+            "other rows give their offline completions."
+        },
+    )
+    replay_buffer_size: int = field(
+        default=0,
+        metadata={"help": "Capacity (trajectories) of the replay buffer of online samples; 0 = no replay."},
+    )
+    replay_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Trajectories drawn from the replay buffer into each micro-batch; None = as many as were "
+            "freshly generated."
+        },
+    )
+    num_generations: int = field(
+        default=2, metadata={"help": "Online: completions sampled per prompt."}
+    )
+    max_completion_length: int | None = field(
+        default=256,
+        metadata={
+            "help": "Maximum completion tokens: the generation limit online, the truncation of completions "
+            "offline (None = no limit offline; online it must be set)."
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature of online rollouts. 1.0 samples the soft policy pi = softmax(logits) "
+            "that the losses assume; other values make the data off-policy."
+        },
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Online: nucleus sampling; 1.0 = off."})
+    top_k: int | None = field(default=None, metadata={"help": "Online: top-k sampling; None = off."})
+    generation_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra `GenerationConfig` arguments for online rollouts (a mapping)."},
+    )
+
+    # ------------------------------------------------------------------ rewards
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions by name: a built-in ('keyword', 'length'), a rewarder known to "
+            "sqlm.rewards.build_rewarder, or 'module:function' with TRL's reward signature (needs "
+            "allow_code_rewards)."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each reward function; default 1.0 each."}
+    )
+    reward_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments per reward function name, e.g. {keyword: {words: [good]}}."},
+    )
+    allow_code_rewards: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow 'module:function' reward functions named in a recipe to be imported (runs that "
+            "module's code)."
+        },
+    )
+    chosen_score_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Preference data: a column of sequence rewards of the chosen completion (e.g. UltraFeedback's "
+            "score_chosen), put on its last token."
+        },
+    )
+    rejected_score_column: str | None = field(
+        default=None,
+        metadata={"help": "Preference data: a column of sequence rewards of the rejected completion."},
+    )
+    reward_scale: float = field(
+        default=1.0, metadata={"help": "Multiply every reward (dataset and functions) by this factor."}
+    )
+
+    # ------------------------------------------------------------------ data
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset: a hub id, a local folder, or a .json/.jsonl/.parquet/.csv file (relative paths are "
+            "also looked up beside the recipe)."
+        },
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Dataset configuration name (`name` of datasets.load_dataset)."}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "Split to evaluate on; None = no evaluation set."}
+    )
+    dataset_column_map: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Rename dataset columns to TRL's names before use, e.g. {question: prompt, good: chosen, "
+            "bad: rejected}."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training rows."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N evaluation rows."}
+    )
+    max_length: int | None = field(
+        default=1024,
+        metadata={
+            "help": "Maximum prompt + completion tokens; longer sequences keep their start (as TRL's DPO "
+            "collator) and rows whose prompt alone fills it are dropped."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Maximum prompt tokens; longer prompts keep their end. None = no limit."},
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for tokenizing the dataset."}
+    )
+
+    # ------------------------------------------------------------------ model
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `from_pretrained` when the trainer gets a model id (dtype, "
+            "attn_implementation, trust_remote_code...)."
+        },
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "With LoRA: also save the adapter merged into the base model (in output_dir/merged)."},
+    )
+
+    # ------------------------------------------------------------------ overridden defaults
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. None = on only when a bf16-capable accelerator is present."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep the dataset columns: reward functions read them. Must stay False."},
+    )
+    logging_steps: float = field(
+        default=10, metadata={"help": "Log every this many optimizer steps (or a fraction of them)."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = (not self.fp16) and (not self.use_cpu) and _accelerator_supports_bf16()
+        if self.beta is not None:
+            self.tau = self.beta
+        for name in ("generation_kwargs", "reward_kwargs", "dataset_column_map", "model_init_kwargs"):
+            setattr(self, name, _as_dict(getattr(self, name), name))
+        self._validate()
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        def bad(key: str, msg: str) -> SqlmError:
+            return SqlmError(f"key '{key}' {msg}")
+
+        if self.loss_type not in LOSSES:
+            raise bad("loss_type", f"must be one of {', '.join(LOSSES)}, got {self.loss_type!r}")
+        if not self.tau > 0:
+            raise bad("tau", f"must be > 0, got {self.tau!r}")
+        if not 0 < self.gamma <= 1:
+            raise bad("gamma", f"must be in (0, 1], got {self.gamma!r}")
+        if self.rollout_length is not None and self.rollout_length < 1:
+            raise bad("rollout_length", f"must be >= 1 or null, got {self.rollout_length!r}")
+        if self.reduction not in REDUCTIONS or self.reduction in ("sum", "none"):
+            raise bad("reduction", f"must be token, sequence or sequence_mean, got {self.reduction!r}")
+        if self.mode not in MODES:
+            raise bad("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0 <= self.mix_ratio <= 1:
+            raise bad("mix_ratio", f"must be in [0, 1], got {self.mix_ratio!r}")
+        if not 0 < self.target_model_mixup_alpha <= 1:
+            raise bad("target_model_mixup_alpha", f"must be in (0, 1], got {self.target_model_mixup_alpha!r}")
+        if self.target_model_sync_steps < 1:
+            raise bad("target_model_sync_steps", f"must be >= 1, got {self.target_model_sync_steps!r}")
+        if self.value_head is False and self.loss_type == "pcl":
+            raise bad("value_head", "must be on for loss_type 'pcl' (its V comes from a separate value head)")
+        if self.num_generations < 1:
+            raise bad("num_generations", f"must be >= 1, got {self.num_generations!r}")
+        if self.mode != "offline" and not self.max_completion_length:
+            raise bad("max_completion_length", f"must be set for mode '{self.mode}' (the generation limit)")
+        if self.replay_buffer_size < 0:
+            raise bad("replay_buffer_size", f"must be >= 0, got {self.replay_buffer_size!r}")
+        if self.temperature <= 0:
+            raise bad("temperature", f"must be > 0, got {self.temperature!r}")
+        if self.reward_weights is not None:
+            n = len(self.reward_funcs or [])
+            if len(self.reward_weights) != n:
+                raise bad("reward_weights", f"has {len(self.reward_weights)} values for {n} reward_funcs")
+        if self.remove_unused_columns:
+            raise bad("remove_unused_columns", "must be false: rewards and rollouts read the raw columns")
+
+    @property
+    def uses_target_model(self) -> bool:
+        if self.use_target_model is None:
+            return self.loss_type in TARGET_LOSSES
+        return bool(self.use_target_model)
+
+    @property
+    def uses_value_head(self) -> bool:
+        return self.loss_type == "pcl" if self.value_head is None else bool(self.value_head)
+
+
+@dataclass
+class ModelConfig(trl.ModelConfig):
+    """TRL's model arguments (``model_name_or_path``, ``dtype``, ``attn_implementation``,
+    ``trust_remote_code``, ``use_peft``, ``lora_*``). ``model_name_or_path: tiny:...`` builds a tiny
+    model offline (see :func:`sqlm.train.build_tiny_model`)."""
+
+    def __post_init__(self):
+        # TRL collapses a one-element lora_target_modules list to a string; keep the declared list
+        # type (the recipe checker reads it) and collapse it when building the LoraConfig.
+        if self.load_in_8bit and self.load_in_4bit:
+            raise SqlmError("keys 'load_in_8bit' and 'load_in_4bit' cannot both be true")
+
+
+def get_peft_config(model_args: ModelConfig):
+    """A ``peft.LoraConfig`` from the model arguments, or None without ``use_peft``."""
+    if not model_args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    targets = model_args.lora_target_modules
+    if isinstance(targets, list) and len(targets) == 1:
+        targets = targets[0]  # e.g. "all-linear"
+    kwargs = {}
+    if model_args.lora_target_parameters is not None:
+        kwargs["target_parameters"] = model_args.lora_target_parameters
+    return LoraConfig(
+        task_type=model_args.lora_task_type,
+        r=model_args.lora_r,
+        target_modules=targets,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        bias="none",
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+        modules_to_save=model_args.lora_modules_to_save,
+        **kwargs,
+    )
+
+
+TRAIN_DATACLASSES = (SoftQConfig, ModelConfig)

@@ -1,0 +1,552 @@
+"""SoftQTrainer: a ``transformers.Trainer`` that fits a causal LM with the path-consistency losses.
+
+Per optimizer step:
+
+1. ``get_batch_samples`` turns the dataset rows of every gradient-accumulation micro-batch into
+   trajectories (offline completions, online rollouts of the current policy, replayed samples),
+   scores them into per-token rewards ``r[t]`` and packs them (``sqlm.data.pack_trajectories``);
+   it also counts the normaliser of the loss over the whole optimizer batch (all micro-batches and
+   all processes), so gradient accumulation and data parallelism give the gradient of one big batch.
+2. ``compute_loss`` runs :func:`policy_soft_outputs` (Q, V, log pi of the taken tokens from the
+   logits), the reference ``log pi_ref`` and the target network's ``V_bar`` when used, and calls the
+   loss of ``sqlm.losses.LOSSES`` with per-step tensors.
+3. :class:`TargetNetworkCallback` moves the target network towards the policy after the step
+   (Polyak averaging), never inside ``compute_loss``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .config import SoftQConfig
+from .data import (
+    DataCollatorForSoftQ,
+    Trajectory,
+    _passthrough_columns,
+    offline_trajectories,
+    pack_trajectories,
+    prepare_dataset,
+)
+from .errors import SqlmError
+from .losses import LOSSES
+from .rewards.base import TokenRewarder, as_rewarder
+from .rollout import ReplayBuffer, generate_completions, resolve_reward_funcs, score_trajectories
+from .soft import SoftOutputs, path_mask, soft_outputs
+
+TARGET_FILE = "target_model.safetensors"
+VALUE_HEAD_ATTR = "sqlm_value_head"
+
+
+# ----------------------------------------------------------------------------- the model -> SoftOutputs seam
+
+
+def _forward(model, batch: dict[str, Any], start: int, hidden: bool = False):
+    ids = batch["input_ids"]
+    kwargs = {"input_ids": ids, "attention_mask": batch["attention_mask"], "use_cache": False}
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = ids.shape[1] - start
+    if hidden:
+        kwargs["output_hidden_states"] = True
+    out = model(**kwargs)
+    logits = out.logits[:, -(ids.shape[1] - start) :]
+    return out, logits[:, :-1]  # logits of states start .. L-2
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model
+    for attr in ("module", "base_model", "model"):  # DDP / PEFT wrappers
+        if "logits_to_keep" in inspect.signature(base.forward).parameters:
+            return True
+        base = getattr(base, attr, base)
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def policy_soft_outputs(
+    model: nn.Module,
+    batch: dict[str, Any],
+    tau: float,
+    *,
+    with_entropy: bool = True,
+    value_head: nn.Module | None = None,
+) -> tuple[SoftOutputs, torch.Tensor | None]:
+    """Per-step soft quantities of the policy on a packed batch: ``Q(s_t, a_t) = tau z``,
+    ``V(s_t) = tau logsumexp z``, ``log pi(a_t|s_t)`` (and the entropy, detached), ``[N, T]`` over
+    the actions ``input_ids[:, start+1:]`` with ``start = batch["logits_start"]``; plus the separate
+    value head's ``V_phi(s_t)`` when one is given. The one place a model becomes SoftOutputs."""
+    start = int(batch["logits_start"])
+    out, logits = _forward(model, batch, start, hidden=value_head is not None)
+    actions = batch["input_ids"][:, start + 1 :]
+    soft = soft_outputs(logits, actions, tau, with_entropy=with_entropy)
+    head_v = None
+    if value_head is not None:
+        h = out.hidden_states[-1][:, start:-1]
+        head_v = value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
+    return soft, head_v
+
+
+@torch.no_grad()
+def model_log_pi(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """``log pi(a_t|s_t)`` of the batch's actions under ``model`` (no grad), ``[N, T]``."""
+    start = int(batch["logits_start"])
+    _, logits = _forward(model, batch, start)
+    return soft_outputs(logits, batch["input_ids"][:, start + 1 :], 1.0).log_pi
+
+
+@torch.no_grad()
+def model_values(model: nn.Module, batch: dict[str, Any], tau: float) -> torch.Tensor:
+    """``V(s_t) = tau logsumexp z(s_t, .)`` under ``model`` (no grad), ``[N, T]``."""
+    start = int(batch["logits_start"])
+    _, logits = _forward(model, batch, start)
+    return soft_outputs(logits, batch["input_ids"][:, start + 1 :], tau).v
+
+
+# ----------------------------------------------------------------------------- target network
+
+
+def _trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad and VALUE_HEAD_ATTR not in n]
+
+
+@torch.no_grad()
+def polyak_update(policy: nn.Module, target: nn.Module, alpha: float, names: list[str]) -> None:
+    """``target <- (1 - alpha) * target + alpha * policy`` on the named parameters."""
+    src = dict(policy.named_parameters())
+    dst = dict(target.named_parameters())
+    for n in names:
+        dst[n].data.mul_(1.0 - alpha).add_(src[n].data.to(dst[n].dtype), alpha=alpha)
+
+
+class TargetNetworkCallback(TrainerCallback):
+    """Updates the target network after every ``target_model_sync_steps`` optimizer steps."""
+
+    def __init__(self, trainer: SoftQTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.target_model_sync_steps == 0:
+            self.trainer.update_target_model()
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class SoftQTrainer(Trainer):
+    """Soft Q-learning / path-consistency fine-tuning of a causal LM (see the module docstring).
+
+    Args:
+        model: a ``PreTrainedModel`` or a hub id / local path (loaded with ``args.model_init_kwargs``).
+        args: :class:`sqlm.config.SoftQConfig`.
+        train_dataset / eval_dataset: ``datasets.Dataset`` in a TRL format (``sqlm.data``), raw or
+            already tokenised with :func:`sqlm.data.prepare_dataset`.
+        processing_class: the tokenizer (default: loaded from the model's path).
+        reward_funcs: rewarders (``TokenRewarder``), TRL-signature callables, or names resolved by
+            :func:`sqlm.rollout.resolve_reward_funcs`; default ``args.reward_funcs``.
+        ref_model: explicit reference policy. Without it: with PEFT, the base model with the adapter
+            disabled; otherwise a frozen copy of the initial policy (``args.use_reference=False``:
+            no reference, plain max-entropy RL).
+        peft_config: a ``peft.PeftConfig`` (e.g. LoRA) applied to the model.
+    """
+
+    _tag_names = ["sqlm", "soft-q"]
+    # compute_loss divides by the item count of the whole optimizer batch (see get_batch_samples)
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model,
+        args: SoftQConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        reward_funcs=None,
+        ref_model=None,
+        peft_config=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+    ):
+        from transformers import AutoTokenizer, set_seed
+        from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
+
+        if args is None:
+            args = SoftQConfig(output_dir="sqlm-output")
+        if not isinstance(args, SoftQConfig):
+            raise TypeError(f"args must be a SoftQConfig, got {type(args).__name__}")
+        if train_dataset is None:
+            raise SqlmError("SoftQTrainer needs a train_dataset")
+        set_seed(args.seed)
+
+        init_kwargs = dict(args.model_init_kwargs or {})
+        if isinstance(model, str):
+            model = create_model_from_path(model, **init_kwargs)
+        if isinstance(ref_model, str):
+            ref_model = create_model_from_path(ref_model, **init_kwargs)
+        elif ref_model is None and args.use_reference and args.ref_model_name_or_path:
+            ref_model = create_model_from_path(args.ref_model_name_or_path, **init_kwargs)
+        if ref_model is model and model is not None:
+            raise SqlmError("model and ref_model must be different objects (omit ref_model to copy the policy)")
+
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        model.config.pad_token_id = processing_class.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = processing_class.pad_token_id
+
+        # Reference: explicit; the PEFT base (adapter disabled); a frozen copy; or none.
+        self._ref_is_base = False
+        if not args.use_reference:
+            ref_model = None
+        elif ref_model is None:
+            if peft_config is not None or _is_peft(model):
+                self._ref_is_base = True
+            else:
+                ref_model = copy.deepcopy(model)
+
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            if _is_peft(model):
+                raise SqlmError("model already has a PEFT adapter; pass its base model with peft_config")
+            model = get_peft_model(model, peft_config)
+
+        self.target_model = None
+        if args.uses_target_model:
+            self.target_model = copy.deepcopy(model)
+        if args.uses_value_head:
+            hidden = model.config.get_text_config().hidden_size
+            head = nn.Linear(hidden, 1)
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            setattr(model, VALUE_HEAD_ATTR, head.to(next(model.parameters()).device))
+
+        for m in (ref_model, self.target_model):
+            if m is not None:
+                m.eval()
+                m.requires_grad_(False)
+        if args.disable_dropout:
+            for m in (model, ref_model, self.target_model):
+                if m is not None:
+                    disable_dropout_in_model(m)
+
+        # Rewards
+        if reward_funcs is None:
+            reward_funcs = args.reward_funcs
+        if reward_funcs is not None and not isinstance(reward_funcs, (list, tuple)):
+            reward_funcs = [reward_funcs]
+        names = [r for r in (reward_funcs or []) if isinstance(r, str)]
+        named = iter(resolve_reward_funcs(names, args.reward_kwargs, args.allow_code_rewards))
+        self.rewarders: list[TokenRewarder] = [
+            next(named) if isinstance(r, str) else as_rewarder(r) for r in (reward_funcs or [])
+        ]
+        self.reward_weights = list(args.reward_weights or [1.0] * len(self.rewarders))
+        if len(self.reward_weights) != len(self.rewarders):
+            raise SqlmError(f"got {len(self.reward_weights)} reward_weights for {len(self.rewarders)} reward functions")
+
+        # Data
+        if hasattr(train_dataset, "column_names") and "prompt_ids" not in train_dataset.column_names:
+            train_dataset = prepare_dataset(train_dataset, processing_class, args, name="train")
+        if eval_dataset is not None and "prompt_ids" not in eval_dataset.column_names:
+            eval_dataset = prepare_dataset(eval_dataset, processing_class, args, name="eval")
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=DataCollatorForSoftQ(),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+
+        self.ref_model = self._prepare_aux(ref_model)
+        self.target_model = self._prepare_aux(self.target_model)
+        if self.target_model is not None:
+            self._target_names = _trainable_names(self.model)
+            self.add_callback(TargetNetworkCallback(self))
+
+        tok = processing_class
+        eos = getattr(self.model.generation_config, "eos_token_id", None) if hasattr(self.model, "generation_config") else None
+        eos = eos if eos is not None else tok.eos_token_id
+        self.eos_token_ids = [eos] if isinstance(eos, int) else [e for e in (eos or []) if e is not None]
+        if tok.eos_token_id is not None and tok.eos_token_id not in self.eos_token_ids:
+            self.eos_token_ids.append(tok.eos_token_id)
+        self.pad_token_id = tok.pad_token_id
+        self.replay_buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + self.args.process_index)
+        self._mix_credit = 0.0
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _prepare_aux(self, m):
+        if m is None:
+            return None
+        if self.is_deepspeed_enabled:
+            if m is self.target_model and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                raise SqlmError("a target network is not supported with DeepSpeed ZeRO-3; use zero2 or ddp")
+            from trl.models import prepare_deepspeed
+
+            return prepare_deepspeed(m, self.accelerator)
+        if self.is_fsdp_enabled:
+            if m is self.target_model:
+                raise SqlmError("a target network is not supported with FSDP; use ddp or zero2")
+            from trl.models import prepare_fsdp
+
+            return prepare_fsdp(m, self.accelerator)
+        return self.accelerator.prepare_model(m, evaluation_mode=True)
+
+    @property
+    def value_head(self) -> nn.Module | None:
+        return getattr(self.accelerator.unwrap_model(self.model), VALUE_HEAD_ATTR, None)
+
+    def update_target_model(self) -> None:
+        """Polyak step of the target network towards the policy (the TargetNetworkCallback calls it)."""
+        if self.target_model is None:
+            return
+        target = getattr(self.target_model, "module", self.target_model)
+        policy = self.accelerator.unwrap_model(self.model)
+        polyak_update(policy, target, self.args.target_model_mixup_alpha, self._target_names)
+
+    # ------------------------------------------------------------------ trajectories
+
+    def _n_online(self, n_rows: int) -> int:
+        if self.args.mode == "online":
+            return n_rows
+        if self.args.mode == "offline":
+            return 0
+        self._mix_credit += self.args.mix_ratio * n_rows
+        k = min(n_rows, int(math.floor(self._mix_credit + 1e-9)))
+        self._mix_credit -= k
+        return k
+
+    def _rollout(self, rows: list[dict[str, Any]]) -> list[Trajectory]:
+        from trl.data_utils import is_conversational
+
+        g = self.args.num_generations
+        prompts = [r["prompt_ids"] for r in rows for _ in range(g)]
+        completions = generate_completions(
+            self.model_wrapped,
+            self.accelerator,
+            prompts,
+            pad_token_id=self.pad_token_id,
+            eos_token_ids=self.eos_token_ids,
+            max_new_tokens=self.args.max_completion_length,
+            temperature=self.args.temperature,
+            top_p=self.args.top_p,
+            top_k=self.args.top_k,
+            generation_kwargs=self.args.generation_kwargs,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        )
+        out = []
+        for i, ids in enumerate(completions):
+            row = rows[i // g]
+            text = self.processing_class.decode(ids, skip_special_tokens=True)
+            conv = is_conversational({"prompt": row["prompt"]})
+            out.append(
+                Trajectory(
+                    prompt_ids=list(row["prompt_ids"]),
+                    completion_ids=list(ids),
+                    prompt=row["prompt"],
+                    completion=[{"role": "assistant", "content": text}] if conv else text,
+                    columns=_passthrough_columns(row),
+                    source="online",
+                )
+            )
+        return out
+
+    def build_batch(self, examples: list[dict[str, Any]], train: bool = True) -> dict[str, Any]:
+        """Trajectories of some dataset rows (offline, online, replayed), scored and packed."""
+        args = self.args
+        n_online = 0 if (not train and args.mode == "mixed") else self._n_online(len(examples))
+        gen_rows = examples[:n_online]
+        trajs: list[Trajectory] = []
+        for ex in examples[n_online:]:
+            trajs += offline_trajectories(ex, args.chosen_score_column, args.rejected_score_column)
+        fresh: list[Trajectory] = self._rollout(gen_rows) if gen_rows else []
+        replayed: list[Trajectory] = []
+        if train and fresh and self.replay_buffer.size > 0:
+            k = args.replay_batch_size if args.replay_batch_size is not None else len(fresh)
+            replayed = self.replay_buffer.sample(k)
+        all_trajs = trajs + fresh + replayed
+        if not all_trajs:
+            raise SqlmError("a batch has no trajectories: offline rows without completions and no rollouts")
+        rewards, per_source = score_trajectories(
+            all_trajs, self.rewarders, self.reward_weights, self.pad_token_id, args.reward_scale
+        )
+        if train and fresh:
+            self.replay_buffer.add(fresh, rewards[len(trajs) : len(trajs) + len(fresh)])
+
+        batch = pack_trajectories(all_trajs, rewards, self.pad_token_id)
+        actions = batch["input_ids"][:, 1:]
+        batch["path_mask"] = path_mask(actions, batch["completion_mask"][:, 1:], self.eos_token_ids)
+        first = batch["completion_mask"].float().argmax(-1)
+        batch["logits_start"] = max(int(first.min()) - 1, 0)
+        metrics = {f"rewards/{k}/mean": sum(v) / max(len(v), 1) for k, v in per_source.items()}
+        by_source: dict[str, list[float]] = {}
+        for t, r in zip(all_trajs, rewards):
+            by_source.setdefault(t.source, []).append(float(r.sum()))
+        for k, v in by_source.items():
+            metrics[f"rewards/{k}"] = sum(v) / len(v)
+        metrics["completions/mean_length"] = float(batch["path_mask"].sum(-1).mean())
+        if fresh:
+            metrics["completions/online_fraction"] = len(fresh) / len(all_trajs)
+            metrics["completions/online_mean_length"] = sum(len(t.completion_ids) for t in fresh) / len(fresh)
+        batch["sqlm_metrics"] = metrics
+        return batch
+
+    def _num_items(self, batch: dict[str, Any]) -> torch.Tensor:
+        m = batch["path_mask"]
+        if self.args.reduction == "token":
+            return m.sum()
+        return (m.sum(-1) > 0).sum().float()
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Build every micro-batch of the optimizer step and count the loss normaliser over all of
+        them and all processes (so accumulation and data parallelism match one big batch)."""
+        raw, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = [self.build_batch(b["examples"], train=True) for b in raw]
+        if not batches:
+            return batches, None
+        total = sum(self._num_items(b) for b in batches).float().to(self.args.device)
+        if self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return batches, total
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        if "examples" in inputs:  # raw rows (e.g. from a custom loop): build the batch here
+            inputs = self._prepare_inputs(self.build_batch(inputs["examples"], train=mode == "train"))
+        start = int(inputs["logits_start"])
+        soft, head_v = policy_soft_outputs(model, inputs, args.tau, value_head=self.value_head)
+        mask = inputs["path_mask"][:, start:].float()
+        rewards = inputs["token_rewards"][:, start + 1 :]
+
+        ref_log_pi = None
+        if self.ref_model is not None:
+            ref_log_pi = model_log_pi(self.ref_model, inputs)
+        elif self._ref_is_base:
+            from trl.trainer.utils import use_adapter
+
+            unwrapped = self.accelerator.unwrap_model(model)
+            with use_adapter(unwrapped, None):
+                ref_log_pi = model_log_pi(unwrapped, inputs)
+        target_v = model_values(self.target_model, inputs, args.tau) if self.target_model is not None else None
+
+        common = dict(
+            rewards=rewards, mask=mask, tau=args.tau, gamma=args.gamma, ref_log_pi=ref_log_pi,
+            entropy=soft.entropy, reduction="none",
+        )
+        lt = args.loss_type
+        if lt == "pcl":
+            per_step, stats = LOSSES[lt](soft.log_pi, head_v, d=args.rollout_length, **common)
+        elif lt == "unified_pcl":
+            per_step, stats = LOSSES[lt](soft.q, soft.v, d=args.rollout_length, **common)
+        else:
+            per_step, stats = LOSSES[lt](soft.q, soft.v, target_v, **common)
+
+        if args.reduction == "sequence_mean":
+            numerator = (per_step.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
+        else:
+            numerator = per_step.sum()
+        if num_items_in_batch is None:
+            local = mask.sum() if args.reduction == "token" else (mask.sum(-1) > 0).sum()
+            loss = numerator / local.clamp(min=1.0)
+        else:
+            loss = numerator / torch.as_tensor(num_items_in_batch, device=numerator.device).clamp(min=1.0)
+            if args.world_size > 1:  # DDP averages gradients over processes
+                loss = loss * args.world_size
+
+        metrics = self._metrics[mode]
+        for k, v in stats.items():
+            metrics[k].append(v)
+        for k, v in (inputs.get("sqlm_metrics") or {}).items():
+            metrics[k].append(float(v))
+        return (loss, {"per_step_loss": per_step}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        batch = self._prepare_inputs(self.build_batch(inputs["examples"], train=False))
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, batch)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {}
+        for key, vals in self._metrics[mode].items():
+            good = [v for v in vals if not math.isnan(v)]
+            metrics[key] = sum(good) / len(good) if good else None
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.save_aux_state(folder)
+
+    def save_aux_state(self, folder: str) -> None:
+        """Save the target network (main process) and this process's replay buffer into ``folder``."""
+        os.makedirs(folder, exist_ok=True)
+        if self.target_model is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            target = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
+            save_file(
+                {n: target[n].detach().contiguous().cpu() for n in self._target_names},
+                os.path.join(folder, TARGET_FILE),
+            )
+        if self.replay_buffer.size > 0:
+            torch.save(
+                self.replay_buffer.state_dict(),
+                os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.pt"),
+            )
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.load_aux_state(checkpoint)
+
+    def load_aux_state(self, folder: str) -> None:
+        """Restore the target network and replay buffer saved by :meth:`save_aux_state`."""
+        path = os.path.join(folder, TARGET_FILE)
+        if self.target_model is not None:
+            if not os.path.exists(path):
+                raise SqlmError(f"checkpoint {folder} has no {TARGET_FILE}; it was saved without a target network")
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+            target = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
+            with torch.no_grad():
+                for n, t in state.items():
+                    target[n].data.copy_(t.to(target[n].device, target[n].dtype))
+        rb = os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.pt")
+        if self.replay_buffer.size > 0 and os.path.exists(rb):
+            self.replay_buffer.load_state_dict(torch.load(rb, weights_only=False))
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
