@@ -93,3 +93,14 @@ def test_changed_setting_model_or_data_invalidates(setup, tmp_path):
     add_token_rewards(data, other_kind, tok, cache_dir=tmp_path)
     assert other_kind.calls > 0
     assert len(list(tmp_path.iterdir())) == n_entries + 4
+
+
+def test_prompt_completion_data_gets_token_rewards(setup, tmp_path):
+    tok, rm, data = setup
+    pc = Dataset.from_dict({"prompt": data["prompt"], "completion": data["chosen"]})
+    rewarder = build_rewarder("prefix", reward_model=rm, tokenizer=tok)
+    out = add_token_rewards(pc, rewarder, tok, cache_dir=tmp_path)
+    pref = add_token_rewards(data, rewarder, tok)
+    assert out.column_names == ["prompt", "completion", "token_rewards"]
+    for got, exp in zip(out["token_rewards"], pref[COLUMNS[0]]):  # the chosen side, tokenized alike
+        assert torch.allclose(torch.tensor(got), torch.tensor(exp), atol=1e-6)

@@ -285,3 +285,21 @@ def test_empty_completion_gets_no_reward(tok, rm):
         out = r(batch)
         assert out[1].abs().sum() == 0 and out.shape == (2, 3)
     assert isinstance(batch, RewardBatch)
+
+
+def test_rewarders_load_saved_models_by_path(tok, rm, rows, tmp_path):
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    policy = tiny_model_for_tokenizer(tok, seed=5)
+    policy.save_pretrained(tmp_path / "dpo")
+    tok.save_pretrained(tmp_path / "dpo")
+    batch = batch_for(rows, tok)
+    by_path = build_rewarder("abc", reward_model=str(tmp_path / "rm"), device="cpu")
+    assert by_path.model.config._attn_implementation == "eager"
+    assert torch.allclose(by_path(batch), ABCRewarder(rm, tok)(batch), atol=ATOL)
+    implicit = build_rewarder("implicit", model=str(tmp_path / "dpo"), ref_model=str(tmp_path / "dpo"), device="cpu")
+    assert implicit(batch).abs().sum() == 0
+    with pytest.raises(SqlmError, match="could not load the reward model"):
+        build_rewarder("terminal", reward_model=str(tmp_path / "missing"))
+    with pytest.raises(SqlmError, match="dtype"):
+        build_rewarder("terminal", reward_model=str(tmp_path / "rm"), dtype="float33")

@@ -1,6 +1,7 @@
 """Dense rewards for offline preference data, computed once and stored as dataset columns.
 
-:func:`add_token_rewards` adds ``chosen_token_rewards`` and ``rejected_token_rewards``: per row, a
+:func:`add_token_rewards` adds ``chosen_token_rewards`` and ``rejected_token_rewards`` (or
+``token_rewards`` for prompt-completion data): per row, a
 list of floats with one value per completion token of the *policy* tokenizer, in the tokenization
 TRL's ``DPOTrainer`` uses (prompt tokenized alone; completion = the tokens of prompt+completion after
 their common prefix; EOS appended to text completions; conversational rows through the chat
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")
+COMPLETION_COLUMN = "token_rewards"  # prompt-completion data
+ALL_COLUMNS = (*COLUMNS, COMPLETION_COLUMN)
 
 
 def tokenize_preference_example(example: dict[str, Any], tokenizer) -> dict[str, list[int]]:
@@ -74,6 +77,34 @@ def tokenize_preference_example(example: dict[str, Any], tokenizer) -> dict[str,
     return {"prompt_ids": prompt_ids[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
 
 
+def tokenize_prompt_completion_example(example: dict[str, Any], tokenizer) -> dict[str, list[int]]:
+    """``prompt_ids``, ``completion_ids`` of a prompt-completion row, tokenized as one side of a
+    preference pair (``sqlm.data.tokenize_prompt_completion`` when present)."""
+    try:
+        from ..data import tokenize_prompt_completion  # type: ignore[attr-defined]
+    except ImportError:
+        tokenize_prompt_completion = None
+    if tokenize_prompt_completion is not None:
+        out = tokenize_prompt_completion(example, tokenizer)
+        return {"prompt_ids": list(out["prompt_ids"]), "completion_ids": list(out["completion_ids"])}
+    pair = tokenize_preference_example(
+        {"prompt": example["prompt"], "chosen": example["completion"], "rejected": example["completion"]}, tokenizer
+    )
+    return {"prompt_ids": pair["prompt_ids"], "completion_ids": pair["chosen_ids"]}
+
+
+def reward_sides(column_names) -> list[tuple[str, str]]:
+    """``(text column, reward column)`` pairs of a dataset: chosen/rejected or completion."""
+    if "chosen" in column_names and "rejected" in column_names:
+        return [("chosen", COLUMNS[0]), ("rejected", COLUMNS[1])]
+    if "completion" in column_names:
+        return [("completion", COMPLETION_COLUMN)]
+    raise SqlmError(
+        f"dense rewards need preference data (chosen, rejected) or prompt-completion data (completion); "
+        f"the dataset has columns {list(column_names)}"
+    )
+
+
 def make_batch(
     prompt_ids: list[list[int]],
     completion_ids: list[list[int]],
@@ -113,7 +144,7 @@ def dataset_fingerprint(dataset) -> str:
     """Hash of a dataset's content (column names, types and every value), independent of its
     on-disk layout or history; the reward columns themselves are left out."""
     h = hashlib.blake2b(digest_size=16)
-    keep = [c for c in dataset.column_names if c not in COLUMNS]
+    keep = [c for c in dataset.column_names if c not in ALL_COLUMNS]
     h.update(json.dumps(keep).encode())
     h.update(str(dataset.select_columns(keep).features).encode())
     h.update(str(len(dataset)).encode())
@@ -135,11 +166,14 @@ def cache_key(dataset, rewarder: TokenRewarder, tokenizer) -> tuple[str, dict[st
 
 
 def compute_token_rewards(dataset, rewarder: TokenRewarder, tokenizer, batch_size: int = 16) -> dict[str, list]:
-    """The two reward columns, computed live: ``{"chosen_token_rewards": [...], ...}``."""
+    """The reward columns, computed live: ``{"chosen_token_rewards": [...], ...}`` (preference data)
+    or ``{"token_rewards": [...]}`` (prompt-completion data)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rows = dataset.with_format(None)
-    out: dict[str, list] = {c: [] for c in COLUMNS}
-    other = [c for c in dataset.column_names if c not in ("prompt", "chosen", "rejected", *COLUMNS)]
+    sides = reward_sides(dataset.column_names)
+    preference = sides[0][0] == "chosen"
+    out: dict[str, list] = {col: [] for _, col in sides}
+    other = [c for c in dataset.column_names if c not in ("prompt", "chosen", "rejected", "completion", *ALL_COLUMNS)]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         n = len(next(iter(chunk.values())))
@@ -147,13 +181,17 @@ def compute_token_rewards(dataset, rewarder: TokenRewarder, tokenizer, batch_siz
         toks = []
         for i, ex in enumerate(examples):
             try:
-                toks.append(tokenize_preference_example(ex, tokenizer))
+                if preference:
+                    toks.append(tokenize_preference_example(ex, tokenizer))
+                else:
+                    toks.append(tokenize_prompt_completion_example(ex, tokenizer))
             except SqlmError as e:
                 raise SqlmError(f"row {start + i}: {e}") from None
         prompts = [ex.get("prompt") for ex in examples]
         columns = {k: [ex.get(k) for ex in examples] for k in other}
-        for side, col in (("chosen", COLUMNS[0]), ("rejected", COLUMNS[1])):
-            ids = [t[f"{side}_ids"] for t in toks]
+        for side, col in sides:
+            key = f"{side}_ids"
+            ids = [t[key] for t in toks]
             batch = make_batch(
                 [t["prompt_ids"] for t in toks],
                 ids,
@@ -175,7 +213,8 @@ def add_token_rewards(
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 16,
 ):
-    """``dataset`` with ``chosen_token_rewards`` / ``rejected_token_rewards`` columns added.
+    """``dataset`` with dense reward columns added: ``chosen_token_rewards`` /
+    ``rejected_token_rewards`` for preference data, ``token_rewards`` for prompt-completion data.
 
     ``tokenizer`` is the policy's. With ``cache_dir`` the columns are stored under
     ``cache_dir/<key>/`` and reused whenever the data, the rewarder's settings (its models' weights
@@ -183,16 +222,17 @@ def add_token_rewards(
     """
     from datasets import Dataset, load_from_disk
 
-    base = dataset.remove_columns([c for c in COLUMNS if c in dataset.column_names])
+    base = dataset.remove_columns([c for c in ALL_COLUMNS if c in dataset.column_names])
+    names = [col for _, col in reward_sides(base.column_names)]
     path = None
     if cache_dir is not None:
         key, desc = cache_key(base, rewarder, tokenizer)
         path = Path(cache_dir) / key
         if (path / "meta.json").is_file():
             cached = load_from_disk(str(path / "columns"))
-            if len(cached) == len(base):
+            if len(cached) == len(base) and set(names) <= set(cached.column_names):
                 logger.info("dense rewards: reusing cache %s", path)
-                for c in COLUMNS:
+                for c in names:
                     base = base.add_column(c, cached[c])
                 return base
     cols = compute_token_rewards(base, rewarder, tokenizer, batch_size=batch_size)
@@ -200,6 +240,6 @@ def add_token_rewards(
         path.mkdir(parents=True, exist_ok=True)
         Dataset.from_dict(cols).save_to_disk(str(path / "columns"))
         (path / "meta.json").write_text(json.dumps(desc, sort_keys=True, indent=1, default=str))
-    for c in COLUMNS:
+    for c in names:
         base = base.add_column(c, cols[c])
     return base

@@ -72,11 +72,19 @@ def same_vocabulary(a, b) -> bool:
     return a is b or a.get_vocab() == b.get_vocab()
 
 
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (SqlmError for a name that is not a torch dtype)."""
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype):
+        raise SqlmError(f"dtype must be a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}")
+    return value
+
+
 def load_reward_model(path: str, *, eager_attention: bool = False, dtype: str | torch.dtype = "float32"):
     """``(model, tokenizer)`` of a saved sequence-classification reward model, in eval mode."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype) if isinstance(dtype, str) else dtype}
+    kwargs: dict[str, Any] = {"dtype": as_dtype(dtype)}
     if eager_attention:
         kwargs["attn_implementation"] = "eager"
     try:
@@ -92,9 +100,7 @@ def load_causal_lm(path: str, dtype: str | torch.dtype = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise SqlmError(f"could not load the model from '{path}': {e}") from None

@@ -12,6 +12,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ..errors import SqlmError
 from .base import CallableRewarder, TokenRewarder, WeightedSum
 from .models import (
@@ -47,10 +49,22 @@ def import_callable(path: str) -> Callable[..., Any]:
     return fn
 
 
-def _loaded(kind: str, path: str, models: dict, eager: bool = False):
-    key = (kind, path, eager)
+def default_device() -> torch.device:
+    """This process's accelerator (``cuda:<current>``, which accelerate sets per process) or CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _loaded(kind: str, path: str, models: dict, eager: bool = False, dtype="float32", device=None):
+    """A model loaded once per build (several components may name the same path)."""
+    key = (kind, path, eager, str(dtype), str(device))
     if key not in models:
-        models[key] = load_reward_model(path, eager_attention=eager) if kind == "rm" else load_causal_lm(path)
+        if kind == "rm":
+            model, tok = load_reward_model(path, eager_attention=eager, dtype=dtype)
+        else:
+            model, tok = load_causal_lm(path, dtype=dtype)
+        models[key] = (model.to(device or default_device()), tok)
     return models[key]
 
 
@@ -62,6 +76,8 @@ def build_rewarder(name: str, _models: dict | None = None, **kwargs: Any) -> Tok
       ``policy_tokenizer`` (when the policy's differs), ``beta`` (abc, default 0.8),
       ``baseline`` (prefix: ``"prompt"`` or ``"zero"``), ``padding_side``, ``batch_size``,
       ``max_length``.
+      Models given as paths load once per build, in ``dtype`` (default ``"float32"``) on ``device``
+      (default: this process's GPU if there is one, else the CPU).
     - ``implicit``: ``model`` and ``ref_model`` (paths or causal LMs), ``tokenizer``, ``beta``
       (DPO's, default 0.1), ``policy_tokenizer``.
     - ``callable``: ``fn`` (a function or ``"module:function"``) with TRL's reward-function
@@ -78,13 +94,14 @@ def build_rewarder(name: str, _models: dict | None = None, **kwargs: Any) -> Tok
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise SqlmError(f"unknown rewarder '{name}' (known: {', '.join(NAMES)}){hint}")
     try:
+        load = {"dtype": kwargs.pop("dtype", "float32"), "device": kwargs.pop("device", None)}
         if name in REWARD_MODEL_REWARDERS:
             cls = REWARD_MODEL_REWARDERS[name]
             rm = kwargs.pop("reward_model", None)
             if rm is None:
                 raise SqlmError(f"rewarder '{name}' needs reward_model (a path or a loaded model)")
             if isinstance(rm, str):
-                rm, tok = _loaded("rm", rm, models, eager=cls.needs_attention)
+                rm, tok = _loaded("rm", rm, models, eager=cls.needs_attention, **load)
                 kwargs.setdefault("tokenizer", tok)
             tokenizer = kwargs.pop("tokenizer", None)
             return cls(rm, tokenizer, **kwargs)
@@ -93,10 +110,10 @@ def build_rewarder(name: str, _models: dict | None = None, **kwargs: Any) -> Tok
             if model is None or ref is None:
                 raise SqlmError("rewarder 'implicit' needs model and ref_model (paths or loaded causal LMs)")
             if isinstance(model, str):
-                model, tok = _loaded("lm", model, models)
+                model, tok = _loaded("lm", model, models, **load)
                 kwargs.setdefault("tokenizer", tok)
             if isinstance(ref, str):
-                ref, _ = _loaded("lm", ref, models)
+                ref, _ = _loaded("lm", ref, models, **load)
             tokenizer = kwargs.pop("tokenizer", None)
             return ImplicitRewarder(model, ref, tokenizer, **kwargs)
         if name == "callable":
