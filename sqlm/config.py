@@ -109,8 +109,8 @@ class SoftQConfig(TrainingArguments):
     value_head: bool | None = field(
         default=None,
         metadata={
-            "help": "Add a separate linear value head V_phi on the last hidden state. Required by (and None = "
-            "on only for) loss_type='pcl'."
+            "help": "A separate linear value head V_phi on the last hidden state: loss_type 'pcl' only "
+            "(None = on for pcl)."
         },
     )
     use_reference: bool = field(
@@ -284,6 +284,10 @@ class SoftQConfig(TrainingArguments):
         default=False,
         metadata={"help": "Keep the dataset columns: reward functions read them. Must stay False."},
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP: look for parameters unused in the forward (every sqlm parameter is used)."},
+    )
     logging_steps: float = field(
         default=10, metadata={"help": "Log every this many optimizer steps (or a fraction of them)."}
     )
@@ -322,6 +326,8 @@ class SoftQConfig(TrainingArguments):
             raise bad("target_model_sync_steps", f"must be >= 1, got {self.target_model_sync_steps!r}")
         if self.value_head is False and self.loss_type == "pcl":
             raise bad("value_head", "must be on for loss_type 'pcl' (its V comes from a separate value head)")
+        if self.value_head and self.loss_type != "pcl":
+            raise bad("value_head", f"is used only by loss_type 'pcl', not '{self.loss_type}' (V comes from the logits)")
         if self.num_generations < 1:
             raise bad("num_generations", f"must be >= 1, got {self.num_generations!r}")
         if self.mode != "offline" and not self.max_completion_length:

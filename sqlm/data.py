@@ -132,6 +132,15 @@ def _truncate(prompt_ids, completions, max_length, max_prompt_length, max_comple
     return prompt_ids, completions
 
 
+def _conversational_prompt(example: dict[str, Any]) -> dict[str, Any]:
+    """Explicit prompt, or the prompt extracted from whole conversations (implicit prompt). When
+    ``chosen``/``rejected`` are whole conversations and ``prompt`` is a plain string (as in
+    HuggingFaceH4/ultrafeedback_binarized), the conversations' shared prefix is the prompt."""
+    if isinstance(example.get("chosen"), list) and isinstance(example.get("prompt"), str):
+        example = {k: v for k, v in example.items() if k != "prompt"}
+    return maybe_extract_prompt(example)
+
+
 def tokenize_preference(
     example: dict[str, Any],
     tokenizer,
@@ -147,7 +156,7 @@ def tokenize_preference(
     the prompt keeps its end (``max_prompt_length``), completions their start
     (``max_completion_length``), and prompt+completion its start (``max_length``).
     """
-    example = maybe_extract_prompt(dict(example))
+    example = _conversational_prompt(dict(example))
     for key in ("prompt", "chosen", "rejected"):
         if example.get(key) is None:
             raise SqlmError(f"preference row is missing '{key}'")
@@ -256,10 +265,10 @@ def prepare_dataset(dataset, tokenizer, args, mode: str | None = None, name: str
                 out = tokenize_prompt(example, tokenizer, args.max_prompt_length)
         except SqlmError as e:
             raise SqlmError(f"row {idx} of the {name} dataset: {e}") from None
-        if fmt == PREFERENCE and "prompt" not in example:
-            out["prompt"] = maybe_extract_prompt(dict(example))["prompt"]
-            out["chosen"] = maybe_extract_prompt(dict(example))["chosen"]
-            out["rejected"] = maybe_extract_prompt(dict(example))["rejected"]
+        if fmt == PREFERENCE and ("prompt" not in example or isinstance(example.get("chosen"), list)):
+            extracted = _conversational_prompt(dict(example))
+            for key in ("prompt", "chosen", "rejected"):
+                out[key] = extracted[key]
         out["row_index"] = idx
         return out
 

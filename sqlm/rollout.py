@@ -65,13 +65,16 @@ def resolve_reward_funcs(
     names: Sequence[str] | None,
     kwargs: dict[str, dict] | None = None,
     allow_code: bool = False,
+    policy_tokenizer=None,
 ) -> list[TokenRewarder]:
     """Rewarders from recipe names, in this order of lookup:
 
     1. a built-in sequence reward of this module (``keyword``, ``length``);
     2. ``module:function`` -- imported only when ``allow_code`` (the recipe's ``allow_code_rewards``);
        the function has TRL's reward signature, or is a factory when kwargs are given for it;
-    3. ``sqlm.rewards.build_rewarder(name, **kwargs)`` when the rewards package provides it.
+    3. ``sqlm.rewards.build_rewarder(name, **kwargs)`` when the rewards package provides it
+       (``policy_tokenizer`` is passed along; its ``callable`` rewarder, alone or inside
+       ``weighted``, also needs ``allow_code`` when it names a function by a string).
     """
     kwargs = kwargs or {}
     unknown = [k for k in kwargs if k not in (names or [])]
@@ -107,10 +110,27 @@ def resolve_reward_funcs(
                     f"unknown reward function '{name}'; built-in: {', '.join(BUILTIN_REWARDS)}, or "
                     "'module:function' with allow_code_rewards"
                 )
+            if not allow_code and _names_code(name, kw):
+                raise SqlmError(
+                    f"reward function '{name}' imports Python code by name; set allow_code_rewards: true "
+                    "in the recipe to allow it"
+                )
+            if policy_tokenizer is not None and name != "callable":
+                kw.setdefault("policy_tokenizer", policy_tokenizer)
             r = as_rewarder(build(name, **kw))
         r.name = name
         out.append(r)
     return out
+
+
+def _names_code(name: str, kw: dict) -> bool:
+    if name == "callable":
+        return isinstance(kw.get("fn"), str)
+    if name == "weighted":
+        return any(
+            isinstance(c, dict) and _names_code(str(c.get("name")), c) for c in kw.get("components") or []
+        )
+    return False
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -77,21 +77,46 @@ def policy_soft_outputs(
     tau: float,
     *,
     with_entropy: bool = True,
-    value_head: nn.Module | None = None,
+    with_values: bool = False,
 ) -> tuple[SoftOutputs, torch.Tensor | None]:
     """Per-step soft quantities of the policy on a packed batch: ``Q(s_t, a_t) = tau z``,
     ``V(s_t) = tau logsumexp z``, ``log pi(a_t|s_t)`` (and the entropy, detached), ``[N, T]`` over
-    the actions ``input_ids[:, start+1:]`` with ``start = batch["logits_start"]``; plus the separate
-    value head's ``V_phi(s_t)`` when one is given. The one place a model becomes SoftOutputs."""
+    the actions ``input_ids[:, start+1:]`` with ``start = batch["logits_start"]``; plus, with
+    ``with_values``, the separate value head's ``V_phi(s_t)`` (computed inside the model's forward
+    by :func:`attach_value_head`, so data parallelism sees it). The one place a model becomes
+    SoftOutputs."""
     start = int(batch["logits_start"])
-    out, logits = _forward(model, batch, start, hidden=value_head is not None)
+    out, logits = _forward(model, batch, start, hidden=with_values)
     actions = batch["input_ids"][:, start + 1 :]
     soft = soft_outputs(logits, actions, tau, with_entropy=with_entropy)
     head_v = None
-    if value_head is not None:
-        h = out.hidden_states[-1][:, start:-1]
-        head_v = value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
+    if with_values:
+        values = out.get("sqlm_values") if hasattr(out, "get") else None
+        if values is None:
+            raise SqlmError("the model has no value head (loss_type 'pcl' needs value_head: true)")
+        head_v = values[:, start:-1]
     return soft, head_v
+
+
+def _value_head_hook(module, args, output):
+    hs = getattr(output, "hidden_states", None)
+    if hs is not None:
+        head = getattr(module, VALUE_HEAD_ATTR)
+        output["sqlm_values"] = head(hs[-1].to(head.weight.dtype)).squeeze(-1).float()
+    return output
+
+
+def attach_value_head(model: nn.Module) -> nn.Module:
+    """Add a zero-initialised linear value head ``V_phi(s) = w . h(s) + b`` on the last hidden state
+    (seed Algorithm 1's separate critic). Its output joins the model's forward output as
+    ``sqlm_values`` when hidden states are requested."""
+    hidden = model.config.get_text_config().hidden_size
+    head = nn.Linear(hidden, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    setattr(model, VALUE_HEAD_ATTR, head.to(next(model.parameters()).device))
+    model.register_forward_hook(_value_head_hook)
+    return model
 
 
 @torch.no_grad()
@@ -224,11 +249,7 @@ class SoftQTrainer(Trainer):
         if args.uses_target_model:
             self.target_model = copy.deepcopy(model)
         if args.uses_value_head:
-            hidden = model.config.get_text_config().hidden_size
-            head = nn.Linear(hidden, 1)
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
-            setattr(model, VALUE_HEAD_ATTR, head.to(next(model.parameters()).device))
+            attach_value_head(model)
 
         for m in (ref_model, self.target_model):
             if m is not None:
@@ -245,7 +266,7 @@ class SoftQTrainer(Trainer):
         if reward_funcs is not None and not isinstance(reward_funcs, (list, tuple)):
             reward_funcs = [reward_funcs]
         names = [r for r in (reward_funcs or []) if isinstance(r, str)]
-        named = iter(resolve_reward_funcs(names, args.reward_kwargs, args.allow_code_rewards))
+        named = iter(resolve_reward_funcs(names, args.reward_kwargs, args.allow_code_rewards, processing_class))
         self.rewarders: list[TokenRewarder] = [
             next(named) if isinstance(r, str) else as_rewarder(r) for r in (reward_funcs or [])
         ]
@@ -307,10 +328,6 @@ class SoftQTrainer(Trainer):
 
             return prepare_fsdp(m, self.accelerator)
         return self.accelerator.prepare_model(m, evaluation_mode=True)
-
-    @property
-    def value_head(self) -> nn.Module | None:
-        return getattr(self.accelerator.unwrap_model(self.model), VALUE_HEAD_ATTR, None)
 
     def update_target_model(self) -> None:
         """Polyak step of the target network towards the policy (the TargetNetworkCallback calls it)."""
@@ -427,25 +444,30 @@ class SoftQTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
 
+    def reference_log_pi(self, model, inputs) -> torch.Tensor | None:
+        """``log pi_ref(a_t|s_t)`` ``[N, T]``: the explicit reference model, the PEFT base model with
+        the adapter disabled, or None (no reference)."""
+        if self.ref_model is not None:
+            return model_log_pi(self.ref_model, inputs)
+        if self._ref_is_base:
+            from trl.trainer.utils import use_adapter
+
+            unwrapped = self.accelerator.unwrap_model(model)
+            with use_adapter(unwrapped, None):
+                return model_log_pi(unwrapped, inputs)
+        return None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         mode = "train" if self.model.training else "eval"
         if "examples" in inputs:  # raw rows (e.g. from a custom loop): build the batch here
             inputs = self._prepare_inputs(self.build_batch(inputs["examples"], train=mode == "train"))
         start = int(inputs["logits_start"])
-        soft, head_v = policy_soft_outputs(model, inputs, args.tau, value_head=self.value_head)
+        soft, head_v = policy_soft_outputs(model, inputs, args.tau, with_values=args.loss_type == "pcl")
         mask = inputs["path_mask"][:, start:].float()
         rewards = inputs["token_rewards"][:, start + 1 :]
 
-        ref_log_pi = None
-        if self.ref_model is not None:
-            ref_log_pi = model_log_pi(self.ref_model, inputs)
-        elif self._ref_is_base:
-            from trl.trainer.utils import use_adapter
-
-            unwrapped = self.accelerator.unwrap_model(model)
-            with use_adapter(unwrapped, None):
-                ref_log_pi = model_log_pi(unwrapped, inputs)
+        ref_log_pi = self.reference_log_pi(model, inputs)
         target_v = model_values(self.target_model, inputs, args.tau) if self.target_model is not None else None
 
         common = dict(

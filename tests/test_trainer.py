@@ -1,0 +1,207 @@
+"""SoftQTrainer on tiny models: every mode trains, LoRA, gradient accumulation, resume."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from sqlm.config import SoftQConfig
+from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
+from sqlm.trainer import SoftQTrainer, model_log_pi
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = ["Rate the film:", "Rate the book:", "Rate the song:", "Rate the game:"]
+GOOD, BAD = " good and fun.", " bad and dull."
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [p + GOOD for p in PROMPTS] + [p + BAD for p in PROMPTS]
+    return train_tokenizer(texts * 4, vocab_size=300)
+
+
+def make_model(tokenizer, seed=0):
+    return tiny_model_for_tokenizer(
+        tokenizer, seed=seed, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
+
+
+def pref_data(n=8):
+    return Dataset.from_list(
+        [{"prompt": PROMPTS[i % 4], "chosen": GOOD, "rejected": BAD} for i in range(n)]
+    )
+
+
+def good_reward(prompts, completions, **kwargs):
+    return [1.0 if "good" in c else -1.0 for c in completions]
+
+
+def config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=3,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        max_length=32,
+        max_completion_length=6,
+        num_generations=2,
+        dataloader_num_workers=0,
+    )
+    base.update(kw)
+    return SoftQConfig(**base)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    "mode,loss_type",
+    [("offline", "unified_pcl"), ("online", "soft_q"), ("mixed", "pcl")],
+)
+def test_every_mode_trains_every_parameter(tmp_path, tokenizer, mode, loss_type):
+    model = make_model(tokenizer)
+    args = config(tmp_path, mode=mode, loss_type=loss_type, replay_buffer_size=8 if mode == "online" else 0)
+    trainer = SoftQTrainer(
+        model, args, train_dataset=pref_data(), processing_class=tokenizer, reward_funcs=[good_reward]
+    )
+    before = snapshot(trainer.model)
+    if loss_type == "pcl":
+        assert any("sqlm_value_head" in n for n in before)
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    after = snapshot(trainer.model)
+    unchanged = [n for n in before if torch.equal(before[n], after[n])]
+    assert not unchanged, f"{mode}: parameters did not change: {unchanged}"
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    for key in ("loss", "consistency", "v_start", "entropy", "kl_ref", "rewards/good_reward/mean",
+                "completions/mean_length"):
+        assert key in logged, (mode, key, logged)
+    if mode != "offline":
+        assert "completions/online_fraction" in logged
+    if mode == "online":
+        assert len(trainer.replay_buffer) > 0
+        # the target network moved towards the policy but is not the policy
+        tgt = dict(trainer.target_model.named_parameters())
+        pol = dict(trainer.model.named_parameters())
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(tgt[name], pol[name])
+
+
+def test_lora_trains_adapter_only_and_reference_is_base(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    model = make_model(tokenizer)
+    initial = copy.deepcopy(model)
+    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    trainer = SoftQTrainer(
+        model, config(tmp_path, max_steps=3), train_dataset=pref_data(), processing_class=tokenizer,
+        reward_funcs=[good_reward], peft_config=peft_config,
+    )
+    assert trainer.ref_model is None and trainer._ref_is_base
+    names_trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert names_trainable and all("lora_" in n for n in names_trainable)
+    full_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(full_before[n], p)}
+    assert changed == names_trainable
+
+    batch = trainer._prepare_inputs(trainer.build_batch([dict(r) for r in trainer.train_dataset.select(range(2))]))
+    ref = trainer.reference_log_pi(trainer.model, batch)
+    expected = model_log_pi(initial, batch)
+    torch.testing.assert_close(ref, expected, rtol=1e-5, atol=1e-5)
+    policy = model_log_pi(trainer.model, batch)
+    assert not torch.allclose(policy, expected, atol=1e-4)  # the adapter changed the policy
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+def _one_step_update(tmp_path, tokenizer, rows, batch, accum, reduction):
+    model = make_model(tokenizer)
+    before = snapshot(model)
+    args = config(
+        tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1,
+        optim="sgd", learning_rate=1.0, max_grad_norm=0.0, loss_type="unified_pcl", logging_steps=1,
+        reduction=reduction,
+    )
+    trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                           reward_funcs=[good_reward])
+    trainer.train()
+    after = snapshot(trainer.model)
+    return {n: before[n] - after[n] for n in before}  # = lr * grad
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence_mean"])
+def test_grad_accumulation_matches_one_big_batch(tmp_path, tokenizer, reduction):
+    # completions of different lengths, so a per-micro-batch mean would not match
+    rows = [
+        {"prompt": PROMPTS[0], "chosen": " good.", "rejected": BAD + BAD},
+        {"prompt": PROMPTS[1], "chosen": GOOD + GOOD, "rejected": " bad."},
+        {"prompt": PROMPTS[2], "chosen": GOOD, "rejected": " dull."},
+        {"prompt": PROMPTS[3], "chosen": " fun fun fun fun.", "rejected": BAD},
+    ]
+    g_big = _one_step_update(tmp_path / "a", tokenizer, rows, batch=4, accum=1, reduction=reduction)
+    g_acc = _one_step_update(tmp_path / "b", tokenizer, rows, batch=2, accum=2, reduction=reduction)
+    assert any(g.abs().sum() > 0 for g in g_big.values())
+    for n in g_big:
+        torch.testing.assert_close(g_acc[n], g_big[n], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_restores_target_network_and_optimizer(tmp_path, tokenizer):
+    kw = dict(loss_type="soft_q", max_steps=4, save_strategy="steps", save_steps=2,
+              target_model_mixup_alpha=0.3, learning_rate=5e-3)
+    full = SoftQTrainer(make_model(tokenizer), config(tmp_path, **kw), train_dataset=pref_data(),
+                        processing_class=tokenizer, reward_funcs=[good_reward])
+    full.train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    assert (ckpt / "target_model.safetensors").exists()
+
+    # same initial model (it is also the reference); the checkpoint supplies the rest
+    resumed = SoftQTrainer(make_model(tokenizer), config(tmp_path, **{**kw, "output_dir": str(tmp_path / "r")}),
+                           train_dataset=pref_data(), processing_class=tokenizer, reward_funcs=[good_reward])
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"policy {n}")
+    for (n, a), b in zip(full.target_model.named_parameters(), resumed.target_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"target {n}")
+
+
+def test_replay_buffer_is_saved_and_restored(tmp_path, tokenizer):
+    args = config(tmp_path, mode="online", max_steps=2, replay_buffer_size=16)
+    trainer = SoftQTrainer(make_model(tokenizer), args, train_dataset=pref_data(),
+                           processing_class=tokenizer, reward_funcs=[good_reward])
+    trainer.train()
+    trainer.save_aux_state(str(tmp_path / "aux"))
+    other = SoftQTrainer(make_model(tokenizer), args, train_dataset=pref_data(),
+                         processing_class=tokenizer, reward_funcs=[good_reward])
+    assert len(other.replay_buffer) == 0
+    other.load_aux_state(str(tmp_path / "aux"))
+    assert other.replay_buffer.items == trainer.replay_buffer.items
+    assert len(trainer.replay_buffer) == 8  # 2 steps x 2 prompts x 2 generations
+
+
+def test_precomputed_token_rewards_reach_the_loss(tmp_path, tokenizer):
+    data = pref_data(2)
+    trainer = SoftQTrainer(make_model(tokenizer), config(tmp_path), train_dataset=data, processing_class=tokenizer)
+    rows = [dict(r) for r in trainer.train_dataset]
+    for r in rows:
+        r["chosen_token_rewards"] = [0.5] * len(r["chosen_ids"])
+        r["rejected_token_rewards"] = [-0.25] * len(r["rejected_ids"])
+    batch = trainer.build_batch(rows)
+    # rows: chosen, rejected, chosen, rejected
+    n_c, n_r = len(rows[0]["chosen_ids"]), len(rows[0]["rejected_ids"])
+    assert batch["token_rewards"][0].sum().item() == pytest.approx(0.5 * n_c)
+    assert batch["token_rewards"][1].sum().item() == pytest.approx(-0.25 * n_r)
+    assert torch.equal(batch["token_rewards"] != 0, batch["completion_mask"].bool())
