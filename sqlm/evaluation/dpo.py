@@ -56,12 +56,34 @@ class DPOScriptArguments:
     )
 
 
-def _dataclasses():
-    from trl import DPOConfig
+_DPO_CONFIG = None
 
+
+def dpo_config_class():
+    """TRL's ``DPOConfig`` with one change, as ``SoftQConfig``: ``bf16`` left unset means on only
+    when a bf16-capable accelerator is present (TRL's default turns it on, which fails on a CPU)."""
+    global _DPO_CONFIG
+    if _DPO_CONFIG is None:
+        from trl import DPOConfig
+
+        from ..config import _accelerator_supports_bf16
+
+        @dataclass
+        class SqlmDPOConfig(DPOConfig):
+            def __post_init__(self):
+                if self.bf16 is None:
+                    self.bf16 = (not self.fp16) and (not self.use_cpu) and _accelerator_supports_bf16()
+                super().__post_init__()
+
+        SqlmDPOConfig.__doc__ = DPOConfig.__doc__
+        _DPO_CONFIG = SqlmDPOConfig
+    return _DPO_CONFIG
+
+
+def _dataclasses():
     from ..config import ModelConfig
 
-    return DPOScriptArguments, DPOConfig, ModelConfig
+    return DPOScriptArguments, dpo_config_class(), ModelConfig
 
 
 def _column_map(value):

@@ -53,7 +53,7 @@ class PipelineArguments:
         default_factory=lambda: ["terminal", "abc"],
         metadata={"help": "sqlm rewarders (sqlm.rewards): terminal, uniform, abc, prefix."},
     )
-    loss_type: str = field(default="unified_pcl", metadata={"help": "sqlm loss of the sweep."})
+    loss_type: str = field(default="pcl", metadata={"help": "sqlm loss of the sweep (pcl: value head, so the LM's logits need no calibrated logsumexp)."})
     train_epochs: float = field(default=1.0, metadata={"help": "Epochs of every sqlm and DPO run."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of every sqlm and DPO run."})
     batch_size: int = field(default=16, metadata={"help": "Pairs per step of every sqlm and DPO run."})
@@ -72,7 +72,7 @@ class PipelineArguments:
 REDUCED = {
     "gold": dict(corpus_sentences=3000, heldout_sentences=600, vocab_size=384, hidden_size=48,
                  num_hidden_layers=2, num_attention_heads=4, lm_steps=60, lm_batch_size=32, max_new_tokens=12),
-    "pipe": dict(n_train_prompts=40, n_eval_prompts=24, samples_per_prompt=4, max_pairs_per_prompt=3,
+    "pipe": dict(n_train_prompts=150, n_eval_prompts=24, samples_per_prompt=4, max_pairs_per_prompt=3,
                  taus=[0.3, 3.0], rewarders=["terminal"], max_steps=6, rm_epochs=1.0, eval_samples_per_prompt=1,
                  oracle_pairs=[8, 32], oracle_seeds=[0], oracle_steps=15),
 }  # fmt: skip
@@ -216,6 +216,19 @@ def stage_reward_model(args: PipelineArguments, prefs: Path, base: Path, cache: 
     return out
 
 
+def _train_sqlm(argv: list[str]) -> int:
+    """``sqlm train`` (parse, build, train, save) in this process."""
+    from ..train import build_trainer, parse_train_args, save_outputs
+
+    args, model_args, recipe_dir = parse_train_args(argv)
+    if not hasattr(model_args, "trust_remote_code"):  # read by sqlm.train; TRL 1.16's ModelConfig lacks it
+        model_args.trust_remote_code = False
+    trainer = build_trainer(args, model_args, recipe_dir)
+    trainer.train()
+    save_outputs(trainer)
+    return 0
+
+
 def _train_flags(args: PipelineArguments) -> list[str]:
     flags = ["--learning_rate", str(args.learning_rate), "--per_device_train_batch_size", str(args.batch_size)]
     if args.max_steps > 0:
@@ -244,12 +257,10 @@ def stage_run(args: PipelineArguments, method: str, tau: float, prefs: Path, bas
 
         _run_main(dpo_main, argv + ["--beta", str(tau)], args.quiet)
     else:
-        from ..train import main as train_main
-
         rewarder = method.split("-", 1)[1]
         rkw = json.dumps({rewarder: {"reward_model": str(rm)}})
         argv += ["--tau", str(tau), "--loss_type", args.loss_type, "--reward_funcs", rewarder, "--reward_kwargs", rkw]
-        _run_main(train_main, argv, args.quiet)
+        _run_main(_train_sqlm, argv, args.quiet)
     _mark_done(out, {**key, "seconds": time.time() - t})
     _log(f"{method} tau=beta={_fmt_param(tau)}: trained in {time.time() - t:.0f}s")
     return out
