@@ -263,3 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if trainer.accelerator.is_main_process:
         print(f"sqlm train: saved to {trainer.args.output_dir}")
     return 0
+
+
+def recipe_dataclasses():
+    """The config classes a ``sqlm train`` recipe parses into (``SoftQConfig``, ``ModelConfig``)."""
+    from .config import TRAIN_DATACLASSES
+
+    return TRAIN_DATACLASSES

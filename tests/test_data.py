@@ -1,0 +1,213 @@
+"""Datasets in TRL's formats -> token trajectories (sqlm.data), and the rollout/scoring helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from sqlm.config import SoftQConfig
+from sqlm.data import (
+    Trajectory,
+    detect_format,
+    load_split,
+    offline_trajectories,
+    pack_trajectories,
+    prepare_dataset,
+    tokenize_preference,
+    tokenize_prompt_completion,
+)
+from sqlm.errors import SqlmError
+from sqlm.rollout import ReplayBuffer, resolve_reward_funcs, score_trajectories
+from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROWS = [
+    {"prompt": "Rate the film:", "chosen": " good and fun.", "rejected": " bad."},
+    {"prompt": "Rate the book:", "chosen": " fun.", "rejected": " dull and bad and slow."},
+]
+CONV = [
+    {
+        "prompt": [{"role": "user", "content": "Rate the film"}],
+        "chosen": [{"role": "assistant", "content": "good and fun"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in ROWS] * 8 + ["user: assistant: Rate the film"]
+    return train_tokenizer(texts, vocab_size=300)
+
+
+def args(**kw):
+    base = dict(output_dir="unused", report_to="none", use_cpu=True, max_length=64)
+    base.update(kw)
+    return SoftQConfig(**base)
+
+
+def _dpo_tokens(dataset, tok, tmp_path):
+    """What TRL's DPOTrainer makes of the same rows."""
+    from trl import DPOConfig, DPOTrainer
+
+    model = tiny_model_for_tokenizer(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1)
+    cfg = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=None,
+                    activation_checkpointing=False)
+    import copy
+
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=cfg, train_dataset=dataset,
+                         processing_class=tok)
+    return [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in trainer.train_dataset]
+
+
+@pytest.mark.parametrize("rows", [ROWS, CONV], ids=["standard", "conversational"])
+def test_tokenize_preference_matches_trl_dpo(tok, tmp_path, rows):
+    ours = [tokenize_preference(r, tok) for r in rows]
+    assert ours == _dpo_tokens(Dataset.from_list(rows), tok, tmp_path)
+    # pure and deterministic
+    assert ours == [tokenize_preference(dict(r), tok) for r in rows]
+
+
+def test_tokenize_standard_appends_eos_and_truncates(tok):
+    out = tokenize_preference(ROWS[1], tok)
+    assert out["chosen_ids"][-1] == tok.eos_token_id and out["rejected_ids"][-1] == tok.eos_token_id
+    assert tok.decode(out["prompt_ids"] + out["chosen_ids"], skip_special_tokens=True) == "Rate the book: fun."
+    short = tokenize_preference(ROWS[1], tok, max_prompt_length=2, max_completion_length=3)
+    assert short["prompt_ids"] == out["prompt_ids"][-2:]  # the prompt keeps its end
+    assert short["rejected_ids"] == out["rejected_ids"][:3]  # completions keep their start
+    total = tokenize_preference(ROWS[1], tok, max_length=len(out["prompt_ids"]) + 2)
+    assert total["rejected_ids"] == out["rejected_ids"][:2]
+
+
+def test_implicit_prompt_is_extracted(tok):
+    row = {
+        "chosen": [{"role": "user", "content": "Rate the film"}, {"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "user", "content": "Rate the film"}, {"role": "assistant", "content": "bad"}],
+    }
+    explicit = {
+        "prompt": [{"role": "user", "content": "Rate the film"}],
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+    }
+    assert tokenize_preference(row, tok) == tokenize_preference(explicit, tok)
+    # UltraFeedback-binarized layout: a string prompt beside whole conversations
+    assert tokenize_preference({**row, "prompt": "Rate the film"}, tok) == tokenize_preference(explicit, tok)
+    ds = prepare_dataset(Dataset.from_list([{**row, "prompt": "Rate the film", "score_chosen": 8.0,
+                                             "score_rejected": 3.0}]), tok, args())
+    trajs = offline_trajectories(ds[0], "score_chosen", "score_rejected")
+    assert [t.sequence_reward for t in trajs] == [8.0, 3.0]
+    assert trajs[0].prompt == explicit["prompt"]
+
+
+def test_offline_rows_give_chosen_and_rejected(tok):
+    ds = prepare_dataset(Dataset.from_list(ROWS), tok, args())
+    trajs = offline_trajectories(ds[1])
+    assert [t.source for t in trajs] == ["chosen", "rejected"]
+    assert trajs[0].completion_ids == ds[1]["chosen_ids"] and trajs[1].completion_ids == ds[1]["rejected_ids"]
+
+
+def test_prompt_completion_with_label_or_reward(tok):
+    rows = [
+        {"prompt": "Rate the film:", "completion": " good.", "label": True},
+        {"prompt": "Rate the book:", "completion": " bad.", "label": False},
+    ]
+    ds = prepare_dataset(Dataset.from_list(rows), tok, args())
+    rewards = [offline_trajectories(r)[0].sequence_reward for r in ds]
+    assert rewards == [1.0, -1.0]
+    ds = prepare_dataset(Dataset.from_list([{**rows[0], "reward": 0.25}]), tok, args())
+    (t,) = offline_trajectories(ds[0])
+    assert t.sequence_reward == 0.25
+    assert t.completion_ids == tokenize_prompt_completion(rows[0], tok)["completion_ids"]
+    r, _ = score_trajectories([t], [], None, tok.pad_token_id)
+    assert r[0][-1].item() == 0.25 and r[0][:-1].abs().sum() == 0  # sequence reward on the last token
+
+
+def test_missing_columns_and_bad_rows_name_the_problem(tok):
+    with pytest.raises(SqlmError, match="'prompt'"):
+        detect_format(["question", "answer"])
+    with pytest.raises(SqlmError, match="prompt-only"):
+        prepare_dataset(Dataset.from_list([{"prompt": "x"}]), tok, args(mode="offline"))
+    with pytest.raises(SqlmError, match=r"row 1: column 'chosen'"):
+        prepare_dataset(Dataset.from_list([ROWS[0], {**ROWS[1], "chosen": ""}]), tok, args())
+    with pytest.raises(SqlmError, match="score column 'score_chosen'"):
+        prepare_dataset(Dataset.from_list(ROWS), tok, args(chosen_score_column="score_chosen"))
+    ds = prepare_dataset(Dataset.from_list(ROWS), tok, args())
+    row = {**ds[0], "chosen_token_rewards": [1.0]}
+    with pytest.raises(SqlmError, match="chosen_token_rewards"):
+        offline_trajectories(row)
+
+
+def test_column_map_renames(tok):
+    rows = [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in ROWS]
+    ds = prepare_dataset(Dataset.from_list(rows), tok, args(dataset_column_map={"q": "prompt", "good": "chosen",
+                                                                                  "bad": "rejected"}))
+    assert ds[0]["chosen_ids"] == tokenize_preference(ROWS[0], tok)["chosen_ids"]
+    with pytest.raises(SqlmError, match="'nope'"):
+        prepare_dataset(Dataset.from_list(rows), tok, args(dataset_column_map={"nope": "prompt"}))
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "json", "csv", "parquet"])
+def test_load_split_from_local_files(tmp_path, ext):
+    path = tmp_path / f"data.{ext}"
+    ds = Dataset.from_list(ROWS)
+    if ext == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif ext == "json":
+        ds.to_json(str(path))
+    elif ext == "csv":
+        ds.to_csv(str(path), index=False)
+    else:
+        ds.to_parquet(str(path))
+    loaded = load_split(path.name, "train", base_dir=tmp_path)  # found beside the recipe
+    assert loaded.to_list() == ROWS
+    with pytest.raises(SqlmError, match="could not load"):
+        load_split(str(tmp_path / "missing-dir-name"), "train")
+
+
+def test_pack_layout():
+    t1 = Trajectory(prompt_ids=[5, 6], completion_ids=[7, 8, 9])
+    t2 = Trajectory(prompt_ids=[5], completion_ids=[7])
+    b = pack_trajectories([t1, t2], [torch.tensor([0.0, 0.0, 1.0]), torch.tensor([2.0])], pad_token_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 7, 0, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert b["completion_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+    assert b["token_rewards"].tolist() == [[0, 0, 0, 0, 1], [0, 2, 0, 0, 0]]
+
+
+def test_reward_resolution_and_code_opt_in():
+    (kw,) = resolve_reward_funcs(["keyword"], {"keyword": {"words": ["good"], "penalty_words": ["bad"]}})
+    t = [Trajectory(prompt_ids=[1], completion_ids=[2, 3], completion=" good good bad"),
+         Trajectory(prompt_ids=[1], completion_ids=[2], completion=" meh")]
+    r, per_source = score_trajectories(t, [kw], [2.0], pad_token_id=0)
+    assert [x.tolist() for x in r] == [[0.0, 2.0], [0.0]]
+    assert per_source["keyword"] == [1.0, 0.0]
+    with pytest.raises(SqlmError, match="allow_code_rewards"):
+        resolve_reward_funcs(["os.path:exists"])
+    (fn,) = resolve_reward_funcs(["test_data:_len_reward"], allow_code=True)
+    assert fn.name == "test_data:_len_reward"
+    with pytest.raises(SqlmError, match="allow_code_rewards"):
+        resolve_reward_funcs(["callable"], {"callable": {"fn": "os.path:exists"}})
+    with pytest.raises(SqlmError, match="not in reward_funcs"):
+        resolve_reward_funcs(["keyword"], {"length": {}})
+
+
+def _len_reward(prompts, completions, completion_ids, **kwargs):
+    return [float(len(c)) for c in completion_ids]
+
+
+def test_replay_buffer_fifo_and_state():
+    buf = ReplayBuffer(3, seed=0)
+    trajs = [Trajectory(prompt_ids=[1], completion_ids=[i]) for i in range(5)]
+    buf.add(trajs, [torch.tensor([float(i)]) for i in range(5)])
+    assert [it["completion_ids"] for it in buf.items] == [[2], [3], [4]]
+    other = ReplayBuffer(3)
+    other.load_state_dict(buf.state_dict())
+    a, b = buf.sample(4), other.sample(4)
+    assert [t.completion_ids for t in a] == [t.completion_ids for t in b]
+    assert all(t.scored and t.token_rewards == [float(t.completion_ids[0])] for t in a)
