@@ -178,6 +178,10 @@ def compute_token_rewards(dataset, rewarder: TokenRewarder, tokenizer, batch_siz
         chunk = rows[start : start + batch_size]
         n = len(next(iter(chunk.values())))
         examples = [{k: v[i] for k, v in chunk.items()} for i in range(n)]
+        if preference:  # implicit-prompt conversations: split off the shared prompt, as TRL does
+            from trl.data_utils import maybe_extract_prompt
+
+            examples = [maybe_extract_prompt(ex) for ex in examples]
         toks = []
         for i, ex in enumerate(examples):
             try:
