@@ -17,8 +17,9 @@ is the wall time between consecutive ``on_step_end`` callbacks, so it includes b
 (and, online, generating it). Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the
 timed steps minus the memory allocated before them; on a CPU the resident-set high-water mark
 (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) over the timed steps minus the
-resident set before them. "Resident" is what the row holds before its timed steps (models,
-reference / target copies, optimizer state) beyond what the process held before the row started.
+resident set before them. "Model state" counts the parameters of the policy, reference and target
+models and the optimizer state. "Tokens/step" counts the tokens of every decoder call of the policy
+made with autograd on (so generation is not counted), averaged over the steps.
 The warm-up step runs under a dispatch mode that records the largest floating-point tensor any op
 (forward or backward) writes, to show which rows materialise ``[B, T, V]`` logits.
 
@@ -200,6 +201,46 @@ class StepTimer(TrainerCallback):
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
+class TokenCounter:
+    """Tokens the policy trains on: the attention mask of every decoder call made with autograd on."""
+
+    def __init__(self):
+        self.per_call: list[int] = []
+
+    def install(self, model):
+        from sqlm.fused import backbone_of
+
+        def pre_hook(_module, args_, kwargs_):
+            if torch.is_grad_enabled():
+                mask = kwargs_.get("attention_mask")
+                ids = kwargs_.get("input_ids", args_[0] if args_ else None)
+                self.per_call.append(int(mask.sum()) if mask is not None else int(ids.numel()))
+
+        return backbone_of(model).register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def model_state_bytes(trainer) -> int:
+    """Bytes of the parameters of the policy, reference and target models and of the optimizer state
+    (each storage counted once)."""
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+
+    for attr in ("model", "ref_model", "target_model"):
+        m = getattr(trainer, attr, None)
+        if isinstance(m, torch.nn.Module):
+            for p in m.parameters():
+                add(p)
+    if trainer.optimizer is not None:
+        for state in trainer.optimizer.state.values():
+            for t in state.values():
+                add(t)
+    return sum(seen.values())
+
+
 class GenerationTimer:
     """Times ``sqlm.trainer.generate_completions`` and checks the decoding reuses the KV cache
     (every forward after the first of a ``generate`` call feeds one new token per sequence)."""
@@ -281,7 +322,8 @@ def make_trainer(name: str, args, base_model, tokenizer, rows, out_dir: str):
     from sqlm.config import SoftQConfig
     from sqlm.trainer import SoftQTrainer
 
-    kw = dict(tau=0.1, max_length=args.seq + 8, use_reference=True)
+    new = args.seq - args.prompt  # completion tokens with EOS: the same sequences as the other rows
+    kw = dict(tau=0.1, max_length=args.seq + 8, max_completion_length=new, use_reference=True)
     reward_funcs = None
     if name == "sqlm_offline_unified_pcl":
         data = Dataset.from_list(rows)
@@ -293,9 +335,7 @@ def make_trainer(name: str, args, base_model, tokenizer, rows, out_dir: str):
                   chosen_score_column="score_chosen", rejected_score_column="score_rejected")
     elif name == "sqlm_online":
         data = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
-        new = args.seq - args.prompt
-        kw.update(loss_type="unified_pcl", mode="online", num_generations=2, max_completion_length=new,
-                  generation_kwargs={"min_new_tokens": new})
+        kw.update(loss_type="unified_pcl", mode="online", num_generations=2, generation_kwargs={"min_new_tokens": new})
 
         def length_reward(completions, **_):
             return [len(c) / 100.0 for c in completions]
@@ -310,13 +350,14 @@ def make_trainer(name: str, args, base_model, tokenizer, rows, out_dir: str):
 
 def run_row(name: str, args, base_model, tokenizer, rows) -> dict:
     gc.collect()
-    start_mem = memory_now(args.device)
     restore = None
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = make_trainer(name, args, base_model, tokenizer, rows, out_dir)
         trainer.remove_callback(PrinterCallback)
         timer = StepTimer(args.device)
         trainer.add_callback(timer)
+        counter = TokenCounter()
+        hook = counter.install(trainer.model)
         gen = None
         if name == "sqlm_online":
             gen = GenerationTimer()
@@ -324,13 +365,16 @@ def run_row(name: str, args, base_model, tokenizer, rows) -> dict:
         try:
             trainer.train()
         finally:
+            hook.remove()
             if restore is not None:
                 restore()
+    n_steps = 1 + args.steps
     result = {
         "name": name,
         "times": timer.step_times,
+        "tokens": sum(counter.per_call) / n_steps,
         "peak": timer.peak,
-        "resident": timer.before - start_mem,
+        "resident": model_state_bytes(trainer),
         "largest": (timer.largest.nbytes, timer.largest.shape, timer.largest.dtype),
     }
     if gen is not None:
@@ -364,27 +408,29 @@ def table(results: list[list[dict]], args) -> str:
     dev = args.device if not _cuda(args.device) else torch.cuda.get_device_name()
     lines = [
         f"Qwen2-shaped: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}; "
-        f"{args.pairs} pairs x 2 sequences x {args.seq} tokens = {tokens} tokens/step; device {dev}, "
+        f"{args.pairs} pairs x 2 sequences x {args.seq} tokens = {tokens} tokens; device {dev}, "
         f"threads {args.threads}; {len(results)} repeat(s) x {args.steps} timed steps; "
         f"[B,T,V] fp32 = {btv / mib:.0f} MiB, completion part {completion_logits / mib:.0f} MiB",
         "",
-        "| row | s/step | steps/s | tokens/s | time/token vs DPO | peak step memory (MiB) "
-        "| vs DPO | resident (MiB) | largest tensor (MiB) | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| row | s/step | steps/s | tokens/step | tokens/s | time/token vs DPO | peak step memory (MiB) "
+        "| vs DPO | model state (MiB) | largest tensor (MiB) | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ROWS:
         reps = by_name.get(name, [])
         ok = [r for r in reps if "error" not in r]
+        if not reps:
+            continue  # not selected with --rows
         if not ok:
-            err = reps[0]["error"] if reps else "not run"
-            lines.append(f"| {name} | - | - | - | - | - | - | - | - | failed: {err} |")
+            lines.append(f"| {name} | - | - | - | - | - | - | - | - | - | failed: {reps[0]['error']} |")
             continue
         st = statistics.median([t for r in ok for t in r["times"]])
         t_ratios, m_ratios = [], []
         for r, b in zip(reps, base_per_rep):
             if "error" in r or b is None or "error" in b:
                 continue
-            t_ratios.append(statistics.median(r["times"]) / statistics.median(b["times"]))
+            per_token = statistics.median(r["times"]) / max(r["tokens"], 1)
+            t_ratios.append(per_token / (statistics.median(b["times"]) / max(b["tokens"], 1)))
             m_ratios.append(r["peak"] / max(b["peak"], 1))
 
         def rng(v):
@@ -403,9 +449,10 @@ def table(results: list[list[dict]], args) -> str:
             one, calls = ok[0]["kv_cache"]
             notes.append(f"generation {g:.2f} s = {100 * g / st:.0f}% of the step")
             notes.append(f"KV cache: {one}/{calls} decode forwards fed 1 new token")
+        n_tok = statistics.median([r["tokens"] for r in ok])
         lines.append(
-            f"| {name} | {st:.2f} | {1 / st:.3f} | {tokens / st:.0f} | {rng(t_ratios)} | {peak_mem:.0f} "
-            f"| {rng(m_ratios)} | {resident:.0f} | {nbytes / mib:.1f} | {'; '.join(notes)} |"
+            f"| {name} | {st:.2f} | {1 / st:.3f} | {n_tok:.0f} | {n_tok / st:.0f} | {rng(t_ratios)} | {peak_mem:.0f} "
+            f"| {rng(m_ratios)} | {resident:.1f} | {nbytes / mib:.1f} | {'; '.join(notes)} |"
         )
     method = "cuda.max_memory_allocated" if _cuda(args.device) else "VmHWM (resident-set high-water mark)"
     lines.append("")

@@ -93,13 +93,15 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-    """Final hidden states ``[B, L, H]`` (after the last norm) of a causal LM, without its logits.
+def decoder_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    """``(output, hidden)``: run a causal LM without building its logits, and capture the final
+    hidden states ``[B, L, H]`` (after the last norm).
 
     The call goes through the model's own forward (so wrappers such as DDP, which prepare gradient
-    synchronisation there, see it) with ``logits_to_keep=1``, and the decoder's
-    ``last_hidden_state`` is captured by a forward hook. A model without ``logits_to_keep`` runs its
-    decoder alone.
+    synchronisation there, and forward hooks on the model see it) with ``logits_to_keep=1``; the
+    decoder's ``last_hidden_state`` is captured by a forward hook. ``output`` is the model's output
+    (its logits cover the last position only). A model without ``logits_to_keep`` runs its decoder
+    alone, and ``output`` is the decoder's.
     """
     kwargs.setdefault("use_cache", False)
     inner = _unwrap(model)
@@ -112,12 +114,27 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     handle = backbone.register_forward_hook(hook)
     try:
         if _accepts_logits_to_keep(inner):
-            model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, **kwargs)
+            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, **kwargs)
         else:
-            backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     finally:
         handle.remove()
-    return captured[-1]
+    return out, captured[-1]
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    """Final hidden states ``[B, L, H]`` of a causal LM, without its logits (see ``decoder_forward``)."""
+    return decoder_forward(model, input_ids, attention_mask, **kwargs)[1]
+
+
+def supports_fused_head(model) -> bool:
+    """Whether ``lm_head_of(model)`` works (a plain ``nn.Linear`` head, a decoder to call)."""
+    try:
+        lm_head_of(model)
+        backbone_of(model)
+    except SqlmError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- the fused function

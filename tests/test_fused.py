@@ -8,6 +8,7 @@ import torch
 from sqlm.errors import SqlmError
 from sqlm.fused import (
     LMHead,
+    decoder_forward,
     fused_log_probs,
     fused_soft_outputs,
     fused_values,
@@ -15,6 +16,7 @@ from sqlm.fused import (
     model_log_probs,
     model_soft_outputs,
     model_values,
+    supports_fused_head,
 )
 from sqlm.soft import soft_outputs
 from sqlm.tiny import tiny_causal_lm
@@ -182,6 +184,18 @@ def test_peft_model_equals_plain_and_lora_head_is_refused():
                                LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(SqlmError, match="lm_head"):
         lm_head_of(head_lora)
+    assert supports_fused_head(peft_model) and not supports_fused_head(head_lora)
+
+
+def test_decoder_forward_goes_through_the_models_own_forward():
+    model = tiny_causal_lm(64, seed=6, hidden_size=16)
+    seen = []
+    model.register_forward_hook(lambda m, a, out: seen.append(out.logits.shape))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(7))
+    out, h = decoder_forward(model, ids, None, output_hidden_states=True)
+    assert seen == [(2, 1, 64)]  # the model's hooks ran, with logits of the last position only
+    torch.testing.assert_close(h, out.hidden_states[-1])
+    torch.testing.assert_close(h, model.model(input_ids=ids).last_hidden_state)
 
 
 def test_bf16_hidden_states_match_plain_bf16_path():
