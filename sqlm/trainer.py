@@ -37,6 +37,7 @@ from .data import (
     pack_trajectories,
     prepare_dataset,
 )
+from . import fused
 from .errors import SqlmError
 from .losses import LOSSES
 from .rewards.base import TokenRewarder, as_rewarder
@@ -86,9 +87,19 @@ def policy_soft_outputs(
     by :func:`attach_value_head`, so data parallelism sees it). The one place a model becomes
     SoftOutputs."""
     start = int(batch["logits_start"])
-    out, logits = _forward(model, batch, start, hidden=with_values)
     actions = batch["input_ids"][:, start + 1 :]
-    soft = soft_outputs(logits, actions, tau, with_entropy=with_entropy)
+    if fused.supports_fused_head(model):
+        # Q, V, log pi straight from the final hidden states, the LM head applied a chunk of rows at
+        # a time (sqlm.fused): no [N, T, V] logits, only the path steps are projected
+        kwargs = {"output_hidden_states": True} if with_values else {}
+        out, hidden = fused.decoder_forward(model, batch["input_ids"], batch["attention_mask"], **kwargs)
+        mask = batch["path_mask"][:, start:] if "path_mask" in batch else None
+        soft = fused.fused_soft_outputs(
+            hidden[:, start:-1], fused.lm_head_of(model), actions, tau, mask=mask, with_entropy=with_entropy
+        )
+    else:  # e.g. LoRA on the LM head: the plain path
+        out, logits = _forward(model, batch, start, hidden=with_values)
+        soft = soft_outputs(logits, actions, tau, with_entropy=with_entropy)
     head_v = None
     if with_values:
         values = out.get("sqlm_values") if hasattr(out, "get") else None
@@ -129,8 +140,13 @@ def model_log_pi(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 @torch.no_grad()
 def model_values(model: nn.Module, batch: dict[str, Any], tau: float) -> torch.Tensor:
-    """``V(s_t) = tau logsumexp z(s_t, .)`` under ``model`` (no grad), ``[N, T]``."""
+    """``V(s_t) = tau logsumexp z(s_t, .)`` under ``model`` (no grad), ``[N, T]``; through the fused
+    head, only one chunk of logits exists at a time and nothing is kept (0 off the path steps)."""
     start = int(batch["logits_start"])
+    if fused.supports_fused_head(model):
+        _, hidden = fused.decoder_forward(model, batch["input_ids"], batch["attention_mask"])
+        mask = batch["path_mask"][:, start:] if "path_mask" in batch else None
+        return fused.fused_values(hidden[:, start:-1], fused.lm_head_of(model), tau, mask=mask)
     _, logits = _forward(model, batch, start)
     return soft_outputs(logits, batch["input_ids"][:, start + 1 :], tau).v
 
