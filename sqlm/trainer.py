@@ -423,6 +423,13 @@ class SoftQTrainer(Trainer):
             self.replay_buffer.add(fresh, rewards[len(trajs) : len(trajs) + len(fresh)])
 
         batch = pack_trajectories(all_trajs, rewards, self.pad_token_id)
+        pairs = [
+            (i, i + 1)
+            for i in range(len(trajs) - 1)
+            if trajs[i].source == "chosen" and trajs[i + 1].source == "rejected"
+        ]
+        if pairs:
+            batch["pair_index"] = torch.tensor(pairs, dtype=torch.long)
         actions = batch["input_ids"][:, 1:]
         batch["path_mask"] = path_mask(actions, batch["completion_mask"][:, 1:], self.eos_token_ids)
         first = batch["completion_mask"].float().argmax(-1)
@@ -511,6 +518,13 @@ class SoftQTrainer(Trainer):
                 loss = loss * args.world_size
 
         metrics = self._metrics[mode]
+        if ref_log_pi is not None and "pair_index" in inputs:
+            # tau * sum_t log pi/pi_ref of chosen minus rejected: DPO's implied reward margin; at the
+            # optimum pi* ~ pi_ref exp(R/tau) it equals R(chosen) - R(rejected)
+            with torch.no_grad():
+                seq = args.tau * ((soft.log_pi.detach() - ref_log_pi) * mask).sum(-1)
+                idx = inputs["pair_index"]
+                metrics["rewards/implied_margin"].append((seq[idx[:, 0]] - seq[idx[:, 1]]).mean().item())
         for k, v in stats.items():
             metrics[k].append(v)
         for k, v in (inputs.get("sqlm_metrics") or {}).items():

@@ -90,6 +90,8 @@ def test_every_mode_trains_every_parameter(tmp_path, tokenizer, mode, loss_type)
         assert key in logged, (mode, key, logged)
     if mode != "offline":
         assert "completions/online_fraction" in logged
+    else:
+        assert "rewards/implied_margin" in logged
     if mode == "online":
         assert len(trainer.replay_buffer) > 0
         # the target network moved towards the policy but is not the policy
@@ -205,3 +207,11 @@ def test_precomputed_token_rewards_reach_the_loss(tmp_path, tokenizer):
     assert batch["token_rewards"][0].sum().item() == pytest.approx(0.5 * n_c)
     assert batch["token_rewards"][1].sum().item() == pytest.approx(-0.25 * n_r)
     assert torch.equal(batch["token_rewards"] != 0, batch["completion_mask"].bool())
+
+
+def test_evaluate_reports_loss_and_metrics(tmp_path, tokenizer):
+    trainer = SoftQTrainer(make_model(tokenizer), config(tmp_path, per_device_eval_batch_size=4),
+                           train_dataset=pref_data(), eval_dataset=pref_data(4), processing_class=tokenizer,
+                           reward_funcs=[good_reward])
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0 and "eval_consistency" in metrics and "eval_rewards/chosen" in metrics
