@@ -63,13 +63,18 @@ def _forward(model, batch: dict[str, Any], start: int, hidden: bool = False):
     return out, logits[:, :-1]  # logits of states start .. L-2
 
 
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
 def _accepts_logits_to_keep(model) -> bool:
-    base = model
-    for attr in ("module", "base_model", "model"):  # DDP / PEFT wrappers
-        if "logits_to_keep" in inspect.signature(base.forward).parameters:
-            return True
-        base = getattr(base, attr, base)
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    """Whether the causal LM under any DDP / DeepSpeed / PEFT wrapper takes ``logits_to_keep``."""
+    m = getattr(model, "module", model)
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    key = type(m)
+    if key not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[key] = "logits_to_keep" in inspect.signature(m.forward).parameters
+    return _LOGITS_TO_KEEP[key]
 
 
 def policy_soft_outputs(
@@ -539,10 +544,16 @@ class SoftQTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {}
-        for key, vals in self._metrics[mode].items():
-            good = [v for v in vals if not math.isnan(v)]
-            metrics[key] = sum(good) / len(good) if good else None
+        local = {k: [v for v in vals if not math.isnan(v)] for k, vals in self._metrics[mode].items()}
+        if self.args.world_size > 1:  # average over every process's values
+            from accelerate.utils import gather_object
+
+            merged: dict[str, list[float]] = defaultdict(list)
+            for part in gather_object([local]):
+                for k, vals in part.items():
+                    merged[k].extend(vals)
+            local = merged
+        metrics = {k: (sum(v) / len(v) if v else None) for k, v in local.items()}
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         logs.update(metrics)
