@@ -215,3 +215,31 @@ def test_evaluate_reports_loss_and_metrics(tmp_path, tokenizer):
                            reward_funcs=[good_reward])
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0 and "eval_consistency" in metrics and "eval_rewards/chosen" in metrics
+
+
+def test_online_conversational_prompts_and_prompt_completion_labels(tmp_path, tokenizer):
+    seen = []
+
+    def reads_messages(prompts, completions, completion_ids, topic, **kwargs):
+        seen.append((prompts[0], completions[0], topic[0]))
+        return [float(len(ids)) / 10 for ids in completion_ids]
+
+    convo = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": p}], "topic": p.split()[-1]} for p in PROMPTS]
+    )
+    trainer = SoftQTrainer(make_model(tokenizer), config(tmp_path, mode="online", max_steps=2),
+                           train_dataset=convo, processing_class=tokenizer, reward_funcs=[reads_messages])
+    trainer.train()
+    prompt, completion, topic = seen[0]
+    assert prompt[0]["role"] == "user" and completion[0]["role"] == "assistant" and topic.endswith(":")
+    # prompt ids came from the chat template with the generation prompt
+    assert tokenizer.decode(trainer.train_dataset[0]["prompt_ids"]).endswith("assistant: ")
+
+    kto = Dataset.from_list(
+        [{"prompt": p, "completion": GOOD if i % 2 else BAD, "label": bool(i % 2)} for i, p in enumerate(PROMPTS)]
+    )
+    trainer = SoftQTrainer(make_model(tokenizer), config(tmp_path / "kto", max_steps=2),
+                           train_dataset=kto, processing_class=tokenizer)
+    trainer.train()
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"rewards/completion", "rewards/data/mean"} <= logged
