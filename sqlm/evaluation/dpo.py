@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from trl import DPOConfig
+
+from ..config import _accelerator_supports_bf16
 from ..errors import SqlmError
 
 
@@ -56,28 +59,19 @@ class DPOScriptArguments:
     )
 
 
-_DPO_CONFIG = None
+@dataclass
+class SqlmDPOConfig(DPOConfig):
+    """TRL's ``DPOConfig`` with one change, as ``SoftQConfig``: ``bf16`` left unset means on only when
+    a bf16-capable accelerator is present (TRL's default turns it on, which fails on a CPU)."""
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = (not self.fp16) and (not self.use_cpu) and _accelerator_supports_bf16()
+        super().__post_init__()
 
 
 def dpo_config_class():
-    """TRL's ``DPOConfig`` with one change, as ``SoftQConfig``: ``bf16`` left unset means on only
-    when a bf16-capable accelerator is present (TRL's default turns it on, which fails on a CPU)."""
-    global _DPO_CONFIG
-    if _DPO_CONFIG is None:
-        from trl import DPOConfig
-
-        from ..config import _accelerator_supports_bf16
-
-        @dataclass
-        class SqlmDPOConfig(DPOConfig):
-            def __post_init__(self):
-                if self.bf16 is None:
-                    self.bf16 = (not self.fp16) and (not self.use_cpu) and _accelerator_supports_bf16()
-                super().__post_init__()
-
-        SqlmDPOConfig.__doc__ = DPOConfig.__doc__
-        _DPO_CONFIG = SqlmDPOConfig
-    return _DPO_CONFIG
+    return SqlmDPOConfig
 
 
 def _dataclasses():

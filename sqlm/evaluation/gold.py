@@ -267,15 +267,15 @@ def preference_pairs(
     max_pairs_per_prompt: int | None = None,
 ) -> list[dict]:
     """Rows ``{prompt, chosen, rejected, chosen_score, rejected_score}`` from ``k`` scored samples per
-    prompt: every pair with different gold scores, higher score chosen (at most
+    prompt: every pair of non-empty, different completions with different gold scores, higher score chosen (at most
     ``max_pairs_per_prompt`` per prompt, the widest score gaps first)."""
     rows = []
     for prompt, texts, vals in zip(prompts, samples, scores):
         cands = []
         for i in range(len(texts)):
             for j in range(i + 1, len(texts)):
-                if vals[i] == vals[j] or texts[i] == texts[j]:
-                    continue
+                if vals[i] == vals[j] or texts[i] == texts[j] or not texts[i].strip() or not texts[j].strip():
+                    continue  # ties, duplicates, and empty completions (TRL's formats need text)
                 hi, lo = (i, j) if vals[i] > vals[j] else (j, i)
                 cands.append((vals[hi] - vals[lo], hi, lo))
         cands.sort(key=lambda c: -c[0])
