@@ -128,14 +128,25 @@ def measure_memory_here(name: str, args: argparse.Namespace) -> dict:
     return {"case": name, "extra_bytes": peak - base - grad_bytes, "method": method}
 
 
-def measure_memory(name: str, args: argparse.Namespace) -> dict:
+def measure_memory(names: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Peak extra memory of each case: on CUDA here, on a CPU in a fresh subprocess (one per case;
+    with ``--small`` one for all cases, each still measured from its own reset high-water mark)."""
     if args.device.startswith("cuda"):
-        return measure_memory_here(name, args)
+        return {name: measure_memory_here(name, args) for name in names}
+    groups = [names] if args.small else [[name] for name in names]
+    out = {}
+    for group in groups:
+        for line in _memory_subprocess(",".join(group), args):
+            out[line["case"]] = line
+    return out
+
+
+def _memory_subprocess(cases: str, args: argparse.Namespace) -> list[dict]:
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
         "--memory-case",
-        name,
+        cases,
         "--batch",
         str(args.batch),
         "--seq",
@@ -146,9 +157,9 @@ def measure_memory(name: str, args: argparse.Namespace) -> dict:
         str(args.threads),
         "--device",
         args.device,
-    ]
+    ] + (["--small"] if args.small else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return [json.loads(line) for line in out.strip().splitlines() if line.startswith("{")]
 
 
 # ----------------------------------------------------------------------------- timing
@@ -218,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_case is not None:
-        print(json.dumps(measure_memory_here(args.memory_case, args)))
+        for name in args.memory_case.split(","):
+            print(json.dumps(measure_memory_here(name, args)), flush=True)
         return 0
     times = measure_times(args)
-    mems = {name: measure_memory(name, args) for name in CASES}
+    mems = measure_memory(list(CASES), args)
     print(table(times, mems, args))
     return 0
 

@@ -52,7 +52,7 @@ def test_bench_losses_prints_every_loss_against_cross_entropy():
 
 def test_bench_train_prints_every_row_with_ratios_to_dpo():
     out = _run("bench_train.py")
-    assert "| row | s/step | steps/s | tokens/s | time/token vs DPO" in out
+    assert "| row | s/step | steps/s | tokens/step | tokens/s | time/token vs DPO" in out
     rows = _table_rows(out)
     expected = ["sft", "dpo"]
     if importlib.util.find_spec("sqlm.trainer") is not None:
@@ -60,8 +60,9 @@ def test_bench_train_prints_every_row_with_ratios_to_dpo():
     for name in expected:
         cells = rows[name]
         assert "failed" not in cells[-1], f"{name}: {cells[-1]}"
-        assert _number(cells[0]) > 0 and _number(cells[2]) > 0, name  # s/step, tokens/s
-        _number(cells[3])  # ratio to DPO
-    assert rows["dpo"][3].startswith("1.00")
+        assert _number(cells[0]) > 0 and _number(cells[3]) > 0, name  # s/step, tokens/s
+        assert _number(cells[2]) == 2 * 2 * 32, name  # every row trains on the same 2 pairs x 2 x 32 tokens
+        _number(cells[4])  # ratio to DPO
+    assert rows["dpo"][4].startswith("1.00")
     if "sqlm_online" in expected:
         assert "generation" in rows["sqlm_online"][-1] and "KV cache" in rows["sqlm_online"][-1]
