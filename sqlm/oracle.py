@@ -565,7 +565,7 @@ def train_towards_oracle(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=f"{loss_type} ({'on' if on_policy else 'off'}-policy)", leave=False)
+        bar = tqdm(total=steps, desc=f"{loss_type} ({'on' if on_policy else 'off'}-policy)", leave=False, mininterval=0.5)
     for step in range(steps + 1):
         need_eval = step % eval_every == 0 or step == steps
         tables = policy_log_probs(model, mdp) if (on_policy or need_eval) else None
@@ -643,6 +643,17 @@ def random_mdp(
     return TokenMDP(actions, eos, horizon, sequence_reward=lambda y: draw(tuple(y)), **common)
 
 
+def tiny_reference_lm(vocab_size: int = 8, seed: int = 1, sharpness: float = 5.0):
+    """A tiny random causal LM whose next-token distributions are clearly away from uniform (final
+    norm scaled by ``sharpness``) but keep full support: a reference for demos and tests."""
+    from .tiny import tiny_causal_lm
+
+    lm = tiny_causal_lm(vocab_size, seed=seed, hidden_size=16, num_hidden_layers=1)
+    with torch.no_grad():
+        lm.model.norm.weight.fill_(sharpness)
+    return lm
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sqlm oracle",
@@ -652,18 +663,18 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--loss", default="unified_pcl", choices=sorted(LOSSES), help="loss to train with")
-    p.add_argument("--actions", type=int, default=6, help="size of the action subset, EOS included")
-    p.add_argument("--horizon", type=int, default=4, help="length limit H")
+    p.add_argument("--actions", type=int, default=4, help="size of the action subset, EOS included")
+    p.add_argument("--horizon", type=int, default=3, help="length limit H")
     p.add_argument("--reward", default="token", choices=["token", "terminal"], help="per-token or sequence reward")
-    p.add_argument("--scale", type=float, default=2.0, help="standard deviation of the random rewards")
+    p.add_argument("--scale", type=float, default=1.5, help="standard deviation of the random rewards")
     p.add_argument("--tau", type=float, default=1.0, help="temperature")
     p.add_argument("--gamma", type=float, default=1.0, help="discount in (0, 1]")
     p.add_argument("--no-reference", action="store_true", help="pure max-entropy RL (no pi_ref)")
     p.add_argument("--off-policy", action="store_true", help="train on samples from pi_ref only")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64, help="paths per step")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
-    p.add_argument("--eval-every", type=int, default=25, help="steps between exact KL evaluations")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=128, help="paths per step")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (decays linearly to lr/10)")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between exact KL evaluations")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     return p
 
@@ -684,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SqlmError("--steps must be >= 0, --batch-size and --eval-every >= 1")
     torch.manual_seed(args.seed)
     vocab = 8
-    ref = None if args.no_reference else tiny_causal_lm(vocab, seed=args.seed + 1, hidden_size=16, num_hidden_layers=1)
+    ref = None if args.no_reference else tiny_reference_lm(vocab, seed=args.seed + 1)
     try:
         mdp = random_mdp(
             num_actions=args.actions, horizon=args.horizon, reward=args.reward, scale=args.scale,
@@ -699,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         f"reference={'none' if ref is None else 'tiny LM'} reward={args.reward}"
     )
     print(f"V*(s0) = {sol.v0:.4f}")
-    model = tiny_causal_lm(vocab, seed=args.seed + 2, hidden_size=32, num_hidden_layers=2)
+    model = tiny_causal_lm(vocab, seed=args.seed + 2, hidden_size=32, num_hidden_layers=1)
     res = train_towards_oracle(
         model, sol, args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         on_policy=not args.off_policy, eval_every=args.eval_every, seed=args.seed, progress=True,

@@ -296,3 +296,20 @@ def test_bad_shapes_name_the_argument(loss_type):
             LOSSES[loss_type](x, x, None, torch.zeros(1, 3), m, tau=1.0)
     with pytest.raises(ValueError, match="ref_log_pi"):
         _call(loss_type, tau=1.0, ref_log_pi=torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("loss_type", ["advantage_pcl", "multistep_pcl"])
+def test_advantage_forms_never_move_the_level_of_v(gen, loss_type):
+    """Guo et al.'s forms regress A = Q - V only: the logit gradient sums to 0 over the vocabulary
+    at every state, so no step pushes V = tau logsumexp z towards V* directly (the convergence
+    tests show what that costs). Unified PCL's gradient does move the level."""
+    logits = torch.randn(2, 5, 6, generator=gen, requires_grad=True)
+    actions = torch.randint(0, 6, (2, 5), generator=gen)
+    r, vbar, m = torch.randn(2, 5, generator=gen), torch.randn(2, 5, generator=gen), torch.ones(2, 5)
+    so = soft_outputs(logits, actions, 0.7)
+    loss, _ = LOSSES[loss_type](so.q, so.v, vbar, r, m, tau=0.7)
+    (g,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(g.sum(-1), torch.zeros(2, 5), atol=1e-6, rtol=0)
+    so = soft_outputs(logits, actions, 0.7)
+    (g,) = torch.autograd.grad(unified_pcl_loss(so.q, so.v, r, m, tau=0.7)[0], logits)
+    assert g.sum(-1).abs().max() > 1e-3

@@ -310,6 +310,14 @@ def test_bad_input_names_the_argument():
                          TokenMDP(ACTIONS, EOS, 2, token_reward=token_r))
 
 
+def test_train_towards_oracle_rejects_unknown_loss():
+    from sqlm.oracle import train_towards_oracle
+
+    sol = solve(make("token", horizon=2))
+    with pytest.raises(ValueError, match="loss_type"):
+        train_towards_oracle(tiny_causal_lm(8, seed=0, hidden_size=16, num_hidden_layers=1), sol, "dpo")
+
+
 # ----------------------------------------------------------------------------- the command
 
 
