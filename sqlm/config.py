@@ -218,6 +218,19 @@ class SoftQConfig(TrainingArguments):
     reward_scale: float = field(
         default=1.0, metadata={"help": "Multiply every reward (dataset and functions) by this factor."}
     )
+    cache_token_rewards: bool = field(
+        default=True,
+        metadata={
+            "help": "Offline data: compute the dense rewards of model-based rewarders (abc, implicit, prefix, "
+            "terminal, uniform) once, store them as dataset columns (chosen_token_rewards, ...) and reuse them "
+            "on rerun. The cache is keyed by the data, the reward models' weights and the settings. Python "
+            "reward functions always run live."
+        },
+    )
+    reward_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where cached dense rewards live; default $SQLM_CACHE/rewards (~/.cache/sqlm/rewards)."},
+    )
 
     # ------------------------------------------------------------------ data
     dataset_name: str | None = field(

@@ -184,23 +184,28 @@ def score_trajectories(
     weights: Sequence[float] | None,
     pad_token_id: int,
     scale: float = 1.0,
+    online_only: Sequence[bool] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, list[float]]]:
     """Per-token rewards of each trajectory (a 1-D tensor over its completion tokens) and, per source,
-    each trajectory's summed reward (for logging). Already-scored trajectories keep their rewards."""
+    each trajectory's summed reward (for logging). Already-scored trajectories keep their rewards.
+    ``online_only[k]``: rewarder ``k`` scores only online samples (its values for the dataset's own
+    trajectories were cached as data columns)."""
     weights = list(weights) if weights is not None else [1.0] * len(rewarders)
+    online_only = list(online_only) if online_only is not None else [False] * len(rewarders)
     totals = [data_rewards(t) for t in trajectories]
     per_source: dict[str, list[float]] = {}
     if any(t.token_rewards is not None or t.sequence_reward is not None for t in trajectories):
         per_source["data"] = [float(x.sum()) for x in totals]
-    todo = [i for i, t in enumerate(trajectories) if not t.scored]
-    if rewarders and todo:
+    for rewarder, w, only in zip(rewarders, weights, online_only):
+        todo = [i for i, t in enumerate(trajectories) if not t.scored and (t.source == "online" or not only)]
+        if not todo:
+            continue
         batch = reward_batch([trajectories[i] for i in todo], pad_token_id)
-        for rewarder, w in zip(rewarders, weights):
-            r = rewarder(batch).float().cpu()  # [B, T], zero off the completion mask
-            per_source[rewarder.name] = [float(x) for x in r.sum(-1)]
-            for row, i in enumerate(todo):
-                n = len(trajectories[i].completion_ids)
-                totals[i] = totals[i] + w * r[row, :n]
+        r = rewarder(batch).float().cpu()  # [B, T], zero off the completion mask
+        per_source[rewarder.name] = [float(x) for x in r.sum(-1)]
+        for row, i in enumerate(todo):
+            n = len(trajectories[i].completion_ids)
+            totals[i] = totals[i] + w * r[row, :n]
     return [scale * x for x in totals], per_source
 
 

@@ -295,6 +295,11 @@ class SoftQTrainer(Trainer):
         if len(self.reward_weights) != len(self.rewarders):
             raise SqlmError(f"got {len(self.reward_weights)} reward_weights for {len(self.rewarders)} reward functions")
 
+        # Dense rewards of model-based rewarders on offline data: computed once, cached as columns
+        self._offline_only_rewarders: set[int] = set()
+        if args.cache_token_rewards and args.mode != "online":
+            train_dataset = self._cache_dense_rewards(train_dataset, processing_class, args)
+
         # Data
         if hasattr(train_dataset, "column_names") and "prompt_ids" not in train_dataset.column_names:
             train_dataset = prepare_dataset(train_dataset, processing_class, args, name="train")
@@ -332,6 +337,34 @@ class SoftQTrainer(Trainer):
             self.model.add_model_tags(self._tag_names)
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _cache_dense_rewards(self, dataset, tokenizer, args):
+        """Move the model-based rewarders (not Python callables) into cached dataset columns.
+
+        Their weighted sum is computed once per (data, reward models, settings) by
+        :func:`sqlm.rewards.cache.add_token_rewards` and stored as ``chosen_token_rewards`` /
+        ``rejected_token_rewards`` (or ``token_rewards``), which offline trajectories carry as data
+        rewards. Those rewarders then score only online samples. Data that is already tokenised or
+        already has token-reward columns is left alone (the rewarders stay live).
+        """
+        from accelerate import PartialState
+
+        from .rewards.base import CallableRewarder, WeightedSum
+        from .rewards.cache import ALL_COLUMNS, add_token_rewards
+
+        cached = [i for i, r in enumerate(self.rewarders) if not isinstance(r, CallableRewarder)]
+        cols = getattr(dataset, "column_names", None)
+        if not cached or cols is None or "prompt_ids" in cols or any(c in cols for c in ALL_COLUMNS):
+            return dataset
+        combined = WeightedSum([self.rewarders[i] for i in cached], [self.reward_weights[i] for i in cached])
+        cache_dir = args.reward_cache_dir or os.path.join(
+            os.environ.get("SQLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sqlm"), "rewards"
+        )
+        with PartialState().main_process_first():
+            dataset = add_token_rewards(dataset, combined, tokenizer, cache_dir=cache_dir)
+        # offline trajectories now carry these rewards; online ones still need the rewarders live
+        self._offline_only_rewarders = {id(self.rewarders[i]) for i in cached}
+        return dataset
 
     def _prepare_aux(self, m):
         if m is None:
@@ -421,8 +454,9 @@ class SoftQTrainer(Trainer):
         all_trajs = trajs + fresh + replayed
         if not all_trajs:
             raise SqlmError("a batch has no trajectories: offline rows without completions and no rollouts")
+        online_only = [id(r) in self._offline_only_rewarders for r in self.rewarders]
         rewards, per_source = score_trajectories(
-            all_trajs, self.rewarders, self.reward_weights, self.pad_token_id, args.reward_scale
+            all_trajs, self.rewarders, self.reward_weights, self.pad_token_id, args.reward_scale, online_only
         )
         if train and fresh:
             self.replay_buffer.add(fresh, rewards[len(trajs) : len(trajs) + len(fresh)])
