@@ -10,6 +10,7 @@ Field names follow TRL wherever TRL has the same concept (``max_length``, ``max_
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,6 +289,17 @@ class SoftQConfig(TrainingArguments):
         metadata={"help": "With LoRA: also save the adapter merged into the base model (in output_dir/merged)."},
     )
 
+    # ------------------------------------------------------------------ reliability
+    nan_policy: str = field(
+        default="stop",
+        metadata={
+            "help": "What a NaN/inf in a reward, a value or the loss does: 'stop' (the run ends with an error "
+            "naming the step and the source; no update and no checkpoint for it) or 'skip' (that optimizer "
+            "step makes no update; skipped steps are counted and logged as nonfinite/skipped_steps).",
+            "choices": ["stop", "skip"],
+        },
+    )
+
     # ------------------------------------------------------------------ overridden defaults
     bf16: bool | None = field(
         default=None,
@@ -321,8 +333,8 @@ class SoftQConfig(TrainingArguments):
 
         if self.loss_type not in LOSSES:
             raise bad("loss_type", f"must be one of {', '.join(LOSSES)}, got {self.loss_type!r}")
-        if not self.tau > 0:
-            raise bad("tau", f"must be > 0, got {self.tau!r}")
+        if not (self.tau > 0 and math.isfinite(self.tau)):
+            raise bad("tau" if self.beta is None else "beta", f"must be a finite number > 0, got {self.tau!r}")
         if not 0 < self.gamma <= 1:
             raise bad("gamma", f"must be in (0, 1], got {self.gamma!r}")
         if self.rollout_length is not None and self.rollout_length < 1:
@@ -353,6 +365,25 @@ class SoftQConfig(TrainingArguments):
             n = len(self.reward_funcs or [])
             if len(self.reward_weights) != n:
                 raise bad("reward_weights", f"has {len(self.reward_weights)} values for {n} reward_funcs")
+        for key in ("max_length", "max_prompt_length", "max_completion_length", "top_k", "max_train_samples",
+                    "max_eval_samples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise bad(key, f"must be >= 1 or null, got {value!r}")
+        if self.max_length is not None and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise bad("max_prompt_length", f"must be < max_length ({self.max_length}) to leave room for a completion, "
+                      f"got {self.max_prompt_length!r}")
+        if self.replay_batch_size is not None and self.replay_batch_size < 0:
+            raise bad("replay_batch_size", f"must be >= 0 or null, got {self.replay_batch_size!r}")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not math.isfinite(self.reward_scale):
+            raise bad("reward_scale", f"must be a finite number, got {self.reward_scale!r}")
+        for i, w in enumerate(self.reward_weights or []):
+            if not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise bad("reward_weights", f"must be finite numbers, got {w!r} at position {i}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise bad("nan_policy", f"must be 'stop' or 'skip', got {self.nan_policy!r}")
         if self.remove_unused_columns:
             raise bad("remove_unused_columns", "must be false: rewards and rollouts read the raw columns")
 

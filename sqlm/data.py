@@ -21,6 +21,7 @@ same chat-template calls, same common-prefix split, same ``keep_start`` truncati
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ import torch
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational, maybe_extract_prompt
 
 from .errors import SqlmError
+
+logger = logging.getLogger(__name__)
 
 PREFERENCE, PROMPT_COMPLETION, PROMPT_ONLY = "preference", "prompt_completion", "prompt"
 TOKEN_REWARD_COLUMNS = {"chosen": "chosen_token_rewards", "rejected": "rejected_token_rewards", "completion": "token_rewards"}
@@ -56,6 +59,47 @@ def _resolve_path(name: str, base_dir: str | os.PathLike | None) -> Path | None:
     return None
 
 
+def _one_line(e: BaseException) -> str:
+    """The most specific message of an exception chain, on one line (``datasets`` wraps the parser's
+    error, e.g. "JSON parse error: ... in row 3", in a generic one)."""
+    msgs = []
+    while e is not None and len(msgs) < 5:
+        text = " ".join(str(e).split())
+        if text:
+            msgs.append(f"{type(e).__name__}: {text}")
+        e = e.__cause__
+    return msgs[-1] if msgs else "unknown error"
+
+
+def check_utf8(path: str | os.PathLike, chunk_size: int = 1 << 20) -> None:
+    """Raise a :class:`SqlmError` naming the file, line and byte when a text data file is not UTF-8
+    (``datasets`` would load it and fail later, when the bad row is read)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                pos = e.start
+                at = line + chunk.count(b"\n", 0, pos)
+                raise SqlmError(
+                    f"dataset file {path} is not UTF-8 text: byte 0x{chunk[pos]:02x} at line {at} "
+                    f"(byte offset {offset + pos}); re-encode it as UTF-8"
+                ) from None
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+
+
+def _looks_like_path(name: str) -> bool:
+    return Path(name).suffix in _FILE_BUILDERS or name.startswith((".", "/", "~"))
+
+
 def load_split(
     name: str,
     split: str,
@@ -63,30 +107,39 @@ def load_split(
     base_dir: str | os.PathLike | None = None,
 ):
     """Load one split with ``datasets``: a local .json/.jsonl/.parquet/.csv file (its only split),
-    a local folder, or a hub id. ``split`` may itself be a file path (e.g. a held-out jsonl)."""
+    a local folder, or a hub id. ``split`` may itself be a file path (e.g. a held-out jsonl).
+
+    Errors are one line naming the file or id: a missing file, a file that is not UTF-8 or not valid
+    JSON/CSV/Parquet, a hub id that is neither local nor cached (with ``HF_HUB_OFFLINE=1``)."""
     import datasets
 
     split_path = _resolve_path(split, base_dir) if split else None
     if split_path is not None and split_path.suffix in _FILE_BUILDERS:
         name, split = str(split_path), "train"
     path = _resolve_path(name, base_dir)
+    if path is None and _looks_like_path(name):
+        where = f" (looked in {os.getcwd()}" + (f" and beside the recipe, in {base_dir})" if base_dir else ")")
+        raise SqlmError(f"could not load dataset '{name}': no such file or folder{where}")
+    if path is not None and path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise SqlmError(f"dataset file {path} has an unknown extension; use one of {', '.join(_FILE_BUILDERS)}")
+        if builder in ("json", "csv"):
+            check_utf8(path)
     try:
         if path is not None and path.is_file():
-            builder = _FILE_BUILDERS.get(path.suffix)
-            if builder is None:
-                raise SqlmError(
-                    f"dataset file {path} has an unknown extension; use one of {', '.join(_FILE_BUILDERS)}"
-                )
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path is not None:
             return datasets.load_dataset(str(path), config, split=split)
         return datasets.load_dataset(name, config, split=split)
     except SqlmError:
         raise
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise SqlmError(f"could not load split '{split}' of dataset '{name}': {e}") from None
-    except Exception as e:  # offline hub misses, malformed files
-        raise SqlmError(f"could not load dataset '{name}' (split '{split}'): {type(e).__name__}: {e}") from None
+    except Exception as e:  # offline hub misses, malformed files, unknown splits
+        what = f"dataset file {path}" if path is not None and path.is_file() else f"dataset '{name}'"
+        hint = ""
+        if path is None and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            hint = " (not a local path and not in the local hub cache; HF_HUB_OFFLINE is set)"
+        raise SqlmError(f"could not load split '{split}' of {what}{hint}: {_one_line(e)}") from None
 
 
 def detect_format(columns: list[str] | dict) -> str:
@@ -215,19 +268,89 @@ def tokenize_prompt(example: dict[str, Any], tokenizer, max_prompt_length: int |
 # ----------------------------------------------------------------------------- dataset preparation
 
 
+def _nonempty(value: Any) -> bool:
+    return value is not None and not (isinstance(value, (str, list)) and len(value) == 0)
+
+
+def _row_format(example: dict[str, Any]) -> str:
+    if _nonempty(example.get("chosen")) or _nonempty(example.get("rejected")):
+        return PREFERENCE
+    if _nonempty(example.get("completion")):
+        return PROMPT_COMPLETION
+    return PROMPT_ONLY
+
+
+def _kind(value: Any) -> str:
+    return "conversational" if isinstance(value, list) else "standard"
+
+
 def _check_row(example: dict[str, Any], fmt: str, idx: int) -> None:
+    """One clear error per bad row: a row of another format (mixed formats in one dataset), an empty
+    or missing text column, messages mixed with plain text in one row."""
+    row_fmt = _row_format(example)
+    if row_fmt != fmt and not (fmt == PROMPT_COMPLETION and row_fmt == PROMPT_ONLY):
+        raise SqlmError(
+            f"row {idx} is a {row_fmt.replace('_', '-')} row but the dataset is in {fmt.replace('_', '-')} format "
+            "(mixed formats in one dataset): split it into one dataset per format"
+        )
     need = {PREFERENCE: ("chosen", "rejected"), PROMPT_COMPLETION: ("prompt", "completion"), PROMPT_ONLY: ("prompt",)}
     for key in need[fmt]:
-        if example.get(key) is None or (isinstance(example.get(key), (str, list)) and len(example[key]) == 0):
+        if not _nonempty(example.get(key)):
             raise SqlmError(f"row {idx}: column '{key}' is empty or missing ({fmt.replace('_', '-')} format: {FORMAT_HELP})")
+    explicit_prompt = "prompt" in example and not (fmt == PREFERENCE and isinstance(example.get("chosen"), list))
+    if explicit_prompt and not _nonempty(example.get("prompt")):
+        raise SqlmError(f"row {idx}: column 'prompt' is empty (the first completion token needs a prompt to follow)")
+    pairs = {PREFERENCE: ("chosen", "rejected"), PROMPT_COMPLETION: ("prompt", "completion")}.get(fmt)
+    if pairs and _kind(example[pairs[0]]) != _kind(example[pairs[1]]):
+        raise SqlmError(
+            f"row {idx} mixes conversational messages and plain text: '{pairs[0]}' is {_kind(example[pairs[0]])}, "
+            f"'{pairs[1]}' is {_kind(example[pairs[1]])}"
+        )
+    for key in ("chosen", "rejected", "completion", "prompt"):
+        value = example.get(key)
+        if value is not None and not isinstance(value, (str, list)):
+            raise SqlmError(f"row {idx}: column '{key}' must be text or a list of messages, got {type(value).__name__}")
+
+
+def _check_number(example: dict[str, Any], key: str, idx: int) -> None:
+    value = example.get(key)
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (int, float)):
+        raise SqlmError(f"row {idx}: column '{key}' must be a number, got {type(value).__name__} {value!r}")
+
+
+def _check_token_rewards(example: dict[str, Any], out: dict[str, Any], idx: int) -> None:
+    for side, column in TOKEN_REWARD_COLUMNS.items():
+        values = example.get(column)
+        ids = out.get(f"{side}_ids")
+        if values is None or ids is None:
+            continue
+        if not isinstance(values, list) or any(isinstance(v, (str, bool)) or not isinstance(v, (int, float)) for v in values):
+            raise SqlmError(f"row {idx}: column '{column}' must be a list of numbers (one per completion token)")
+        if len(values) < len(ids):
+            raise SqlmError(
+                f"row {idx}: column '{column}' has {len(values)} token rewards but the completion has "
+                f"{len(ids)} tokens (rewards must align with the tokenised completion)"
+            )
+
+
+SKIP_IDENTICAL, SKIP_LONG_PROMPT = "chosen identical to rejected", "prompt fills max_length"
+_SKIP, _KIND = "sqlm_skip", "sqlm_row_kind"  # temporary columns
 
 
 def prepare_dataset(dataset, tokenizer, args, mode: str | None = None, name: str = "train"):
     """Rename columns (``args.dataset_column_map``), check the format against ``mode`` and tokenise.
 
     Adds ``prompt_ids`` and ``chosen_ids``/``rejected_ids`` or ``completion_ids``, and ``row_index``;
-    the original columns stay (reward functions read them). Rows whose prompt alone fills
-    ``max_length`` are dropped, as in TRL's DPO.
+    the original columns stay (reward functions read them).
+
+    Bad rows are errors that name the row: missing or empty text, an empty prompt, a row of another
+    format, messages mixed with plain text, non-numeric reward columns, token-reward columns shorter
+    than the completion. Two kinds of rows are skipped instead, with a logged count: preference rows
+    whose chosen and rejected completions tokenise identically (no preference between them), and
+    rows whose prompt alone fills ``max_length`` (as TRL's DPO drops them). If every row is skipped,
+    that is an error.
     """
     mode = mode or args.mode
     if args.dataset_column_map:
@@ -238,6 +361,8 @@ def prepare_dataset(dataset, tokenizer, args, mode: str | None = None, name: str
                 f"(it has {dataset.column_names})"
             )
         dataset = dataset.rename_columns(dict(args.dataset_column_map))
+    if len(dataset) == 0:
+        raise SqlmError(f"the {name} dataset has no rows")
     fmt = detect_format(dataset.column_names)
     if mode in ("offline", "mixed") and fmt == PROMPT_ONLY:
         raise SqlmError(
@@ -255,30 +380,68 @@ def prepare_dataset(dataset, tokenizer, args, mode: str | None = None, name: str
     )
 
     def tokenize(example, idx):
-        _check_row(example, fmt, idx)
         try:
+            _check_row(example, fmt, idx)
+            for key in ("reward", args.chosen_score_column, args.rejected_score_column):
+                if key is not None and fmt != PROMPT_ONLY:
+                    _check_number(example, key, idx)
+            if example.get("label") is not None and (
+                isinstance(example["label"], str) or not isinstance(example["label"], (bool, int, float))
+            ):
+                raise SqlmError(f"row {idx}: column 'label' must be true/false, got {example['label']!r}")
             if fmt == PREFERENCE:
                 out = tokenize_preference(example, tokenizer, **lengths)
             elif fmt == PROMPT_COMPLETION:
                 out = tokenize_prompt_completion(example, tokenizer, **lengths)
             else:
                 out = tokenize_prompt(example, tokenizer, args.max_prompt_length)
+            _check_token_rewards(example, out, idx)
         except SqlmError as e:
-            raise SqlmError(f"row {idx} of the {name} dataset: {e}") from None
+            msg = str(e)
+            raise SqlmError(msg if msg.startswith(f"row {idx}") else f"row {idx}: {msg}") from None
+        except (TypeError, ValueError, KeyError) as e:  # e.g. a chat template that rejects the messages
+            raise SqlmError(f"row {idx}: cannot tokenise it: {type(e).__name__}: {e}") from None
+        if not out["prompt_ids"]:
+            raise SqlmError(f"row {idx}: the prompt is empty after tokenisation")
         if fmt == PREFERENCE and ("prompt" not in example or isinstance(example.get("chosen"), list)):
             extracted = _conversational_prompt(dict(example))
             for key in ("prompt", "chosen", "rejected"):
                 out[key] = extracted[key]
         out["row_index"] = idx
+        skip = ""
+        if args.max_length is not None and len(out["prompt_ids"]) >= args.max_length:
+            skip = SKIP_LONG_PROMPT
+        elif fmt == PREFERENCE and out["chosen_ids"] == out["rejected_ids"]:
+            skip = SKIP_IDENTICAL
+        out[_SKIP] = skip
+        out[_KIND] = _kind(example["prompt"] if fmt == PROMPT_ONLY else example[{PREFERENCE: "chosen"}.get(fmt, "completion")])
         return out
 
     kwargs = {"num_proc": args.dataset_num_proc} if args.dataset_num_proc else {}
     dataset = dataset.map(tokenize, with_indices=True, desc=f"Tokenizing {name} dataset", **kwargs)
-    if args.max_length is not None:
-        dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length, **kwargs)
-    if len(dataset) == 0:
-        raise SqlmError(f"the {name} dataset is empty after tokenisation (max_length={args.max_length})")
-    return dataset
+    kinds = dataset[_KIND]
+    if len(set(kinds)) > 1:
+        other = next(i for i, k in enumerate(kinds) if k != kinds[0])
+        raise SqlmError(
+            f"row {other} of the {name} dataset is {kinds[other]} but row 0 is {kinds[0]} (mixed formats in one "
+            "dataset): use one format for every row"
+        )
+    reasons = dataset[_SKIP]
+    skipped: dict[str, list[int]] = {}
+    for i, why in enumerate(reasons):
+        if why:
+            skipped.setdefault(why, []).append(i)
+    if skipped:
+        detail = "; ".join(
+            f"{len(rows)} with {why} (rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''})"
+            for why, rows in skipped.items()
+        )
+        n_skipped = sum(len(v) for v in skipped.values())
+        if n_skipped == len(dataset):
+            raise SqlmError(f"every row of the {name} dataset was skipped: {detail} (max_length={args.max_length})")
+        logger.warning("skipped %d of %d rows of the %s dataset: %s", n_skipped, len(dataset), name, detail)
+        dataset = dataset.filter(lambda why: not why, input_columns=[_SKIP], **kwargs)
+    return dataset.remove_columns([_SKIP, _KIND])
 
 
 # ----------------------------------------------------------------------------- trajectories

@@ -1,0 +1,214 @@
+"""Guards of a training run: non-finite numbers, complete checkpoints, and no half-written output.
+
+* **Non-finite numbers.** :func:`nonfinite_reward_source` and :func:`nonfinite_value_source` name
+  where a NaN/inf came from (a reward function, a dataset column, the policy's values, the reference,
+  the target network, the value head). :class:`NonFiniteError` is the one-line error of
+  ``nan_policy: stop``; it names the step and the source.
+* **Complete checkpoints.** A checkpoint folder counts only once :func:`mark_complete` has written
+  ``sqlm_checkpoint.json`` into it, after every file of every process is on disk (fsynced). A kill
+  while saving leaves a folder without the marker, which :func:`latest_complete_checkpoint` (what
+  ``--resume_from_checkpoint true`` resumes from) skips and :func:`resolve_resume` refuses by path.
+* **No half-written output.** :class:`OutputDirGuard` removes, when a run fails, whatever that run
+  added to ``output_dir`` except complete checkpoints (and the folder itself if the run created it
+  and nothing is left).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SqlmError
+
+COMPLETE_MARKER = "sqlm_checkpoint.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+NAN_POLICIES = ("stop", "skip")
+
+
+# ----------------------------------------------------------------------------- non-finite numbers
+
+
+class NonFiniteError(SqlmError):
+    """NaN or inf in a reward, a value or the loss (``nan_policy: stop``)."""
+
+    def __init__(self, source: str, step: int | None = None):
+        self.source, self.step = source, step
+        where = f" at step {step}" if step is not None else ""
+        super().__init__(
+            f"non-finite {source}{where}; no update or checkpoint was written for it (the last complete "
+            "checkpoint is intact; nan_policy: skip skips such batches instead)"
+        )
+
+
+def _finite(x: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    bad = ~torch.isfinite(x)
+    if mask is not None:
+        bad = bad & mask.to(torch.bool)
+    return not bool(bad.any())
+
+
+def nonfinite_reward_source(trajectories: Iterable[Any], per_source: Mapping[str, list[float]],
+                            rewards: Iterable[torch.Tensor]) -> str | None:
+    """``"reward from 'keyword'"`` (a reward function), ``"reward in dataset column 'token_rewards'"``,
+    ... or None when every reward is finite. ``per_source`` holds each source's summed reward per
+    trajectory (a sum is non-finite iff one of its terms is)."""
+    rewards = list(rewards)
+    if all(_finite(r) for r in rewards):
+        return None
+    trajectories = list(trajectories)
+    for t in trajectories:
+        if t.token_rewards is not None and not all(math.isfinite(float(v)) for v in t.token_rewards):
+            if t.source == "replay":
+                return "reward of a replayed sample"
+            col = {"chosen": "chosen_token_rewards", "rejected": "rejected_token_rewards"}.get(t.source, "token_rewards")
+            return f"reward in dataset column '{col}'"
+        if t.sequence_reward is not None and not math.isfinite(float(t.sequence_reward)):
+            return "sequence reward in the dataset (column 'reward', 'label' or a score column)"
+    for name, sums in per_source.items():
+        if name != "data" and not all(math.isfinite(s) for s in sums):
+            return f"reward from '{name}'"
+    return "reward after reward_scale"
+
+
+def nonfinite_value_source(named: Mapping[str, torch.Tensor | None], mask: torch.Tensor | None) -> str | None:
+    """The first of ``named`` (e.g. ``{"value V(s) of the policy": v, ...}``) with a NaN/inf on a
+    path step (``mask``), or None."""
+    for name, x in named.items():
+        if x is not None and not _finite(x.detach(), mask if mask is not None and mask.shape == x.shape else None):
+            return name
+    return None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    m = _CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def mark_complete(folder: str | os.PathLike, step: int) -> None:
+    """Flush every file of ``folder`` to disk, then write the completion marker atomically
+    (temporary name, fsync, rename). Call once every process has finished writing ``folder``."""
+    folder = Path(folder)
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            _fsync(p)
+    _fsync(folder, directory=True)
+    tmp = folder / (COMPLETE_MARKER + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"step": int(step), "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                                                      if p.is_file() and p != tmp)}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / COMPLETE_MARKER)
+    _fsync(folder, directory=True)
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-N`` folders of ``output_dir``, by step."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step (half-written ones are skipped)."""
+    done = [p for p in checkpoints(output_dir) if is_complete(p)]
+    return done[-1] if done else None
+
+
+def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """``resume_from_checkpoint`` -> a complete checkpoint folder, or None (start fresh).
+
+    ``true`` / ``latest`` / ``last``: the newest complete checkpoint of ``output_dir`` (an error when
+    there is none); a path: that folder, which must be a complete checkpoint."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false", "none")):
+        return None
+    if value is True or str(value).strip().lower() in ("true", "latest", "last"):
+        found = latest_complete_checkpoint(output_dir)
+        if found is None:
+            partial = [p.name for p in checkpoints(output_dir)]
+            extra = f" ({', '.join(partial)} never finished saving)" if partial else ""
+            raise SqlmError(f"resume_from_checkpoint: no complete checkpoint in output_dir {output_dir}{extra}")
+        return str(found)
+    path = Path(str(value))
+    if not path.is_dir():
+        raise SqlmError(f"resume_from_checkpoint: no checkpoint folder at {path}")
+    if not is_complete(path):
+        raise SqlmError(
+            f"resume_from_checkpoint: {path} is not a complete checkpoint (no {COMPLETE_MARKER}: the run "
+            f"stopped while saving it); resume from 'latest' or an older checkpoint"
+        )
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- output folder
+
+
+class OutputDirGuard:
+    """On failure, remove what this run added to ``output_dir`` except complete checkpoints.
+
+    Use as a context manager around everything that writes into ``output_dir``; ``enabled=False``
+    (e.g. on non-main processes) makes it do nothing."""
+
+    def __init__(self, output_dir: str | os.PathLike | None, enabled: bool = True):
+        self.dir = Path(output_dir) if output_dir else None
+        self.enabled = enabled and self.dir is not None
+        self.existed = bool(self.dir is not None and self.dir.exists())
+        self.before = set(os.listdir(self.dir)) if self.existed and self.dir.is_dir() else set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self.enabled:
+            self.cleanup()
+        return False
+
+    def cleanup(self) -> None:
+        if not self.dir.is_dir():
+            return
+        for name in sorted(set(os.listdir(self.dir)) - self.before):
+            p = self.dir / name
+            if p.is_dir() and checkpoint_step(p) is not None and is_complete(p):
+                continue  # the last good state: keep it for resuming
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+        if not self.existed:
+            try:
+                self.dir.rmdir()  # only when empty
+            except OSError:
+                pass
