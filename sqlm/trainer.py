@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
+import logging
 import math
 import os
+import shutil
 from collections import defaultdict
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .config import SoftQConfig
 from .data import (
@@ -39,12 +42,15 @@ from .data import (
 )
 from . import fused
 from .errors import SqlmError
+from .guards import NonFiniteError, mark_complete, nonfinite_reward_source, nonfinite_value_source, resolve_resume
 from .losses import LOSSES
 from .rewards.base import TokenRewarder, as_rewarder
 from .rollout import ReplayBuffer, generate_completions, resolve_reward_funcs, score_trajectories
 from .soft import SoftOutputs, path_mask, soft_outputs
 
 TARGET_FILE = "target_model.safetensors"
+STATE_FILE = "sqlm_state.json"  # trainer state outside the HF TrainerState (mixed-mode credit, skip count)
+logger = logging.getLogger(__name__)
 VALUE_HEAD_ATTR = "sqlm_value_head"
 
 
@@ -179,8 +185,38 @@ class TargetNetworkCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._step_skipped:  # nan_policy skip: the step changed nothing
+            return
         if state.global_step % args.target_model_sync_steps == 0:
             self.trainer.update_target_model()
+
+
+class NonFiniteCallback(TrainerCallback):
+    """Acts on a NaN/inf found while building or computing this optimizer step (rewards, values,
+    loss), before the optimizer sees the gradients: ``nan_policy: stop`` raises
+    :class:`sqlm.guards.NonFiniteError` (no update, no checkpoint of the bad state); ``skip`` drops
+    the gradients (``grad = None``: the optimizer leaves every parameter and its moments alone) and
+    counts the step. The decision is shared by every process."""
+
+    def __init__(self, trainer: SoftQTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        t = self.trainer
+        bad = torch.tensor([1.0 if t._nonfinite else 0.0], device=args.device)
+        if args.world_size > 1:
+            bad = t.accelerator.reduce(bad, reduction="sum")
+        if bad.item() == 0:
+            return
+        step = state.global_step + 1
+        source = t._nonfinite or "value or loss on another process"
+        if args.nan_policy == "stop":
+            raise NonFiniteError(source, step)
+        t._step_skipped = True
+        t._skipped_steps += 1
+        for p in t.model.parameters():
+            p.grad = None
+        logger.warning("skipped step %d: non-finite %s (%d step(s) skipped so far)", step, source, t._skipped_steps)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -232,6 +268,7 @@ class SoftQTrainer(Trainer):
         set_seed(args.seed)
 
         init_kwargs = dict(args.model_init_kwargs or {})
+        init_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
         if isinstance(model, str):
             model = create_model_from_path(model, **init_kwargs)
         if isinstance(ref_model, str):
@@ -332,6 +369,11 @@ class SoftQTrainer(Trainer):
         self.pad_token_id = tok.pad_token_id
         self.replay_buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + self.args.process_index)
         self._mix_credit = 0.0
+        self._nonfinite: str | None = None  # what was non-finite in this optimizer step
+        self._step_skipped = False
+        self._skipped_steps = 0
+        self._rng_pending: str | None = None  # checkpoint whose RNG state is restored before the next batch
+        self.add_callback(NonFiniteCallback(self))
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
@@ -458,8 +500,14 @@ class SoftQTrainer(Trainer):
         rewards, per_source = score_trajectories(
             all_trajs, self.rewarders, self.reward_weights, self.pad_token_id, args.reward_scale, online_only
         )
+        if train:
+            bad = nonfinite_reward_source(all_trajs, per_source, rewards)
+            if bad is not None and self._nonfinite is None:
+                self._nonfinite = bad
         if train and fresh:
-            self.replay_buffer.add(fresh, rewards[len(trajs) : len(trajs) + len(fresh)])
+            fresh_rewards = rewards[len(trajs) : len(trajs) + len(fresh)]
+            keep = [i for i, r in enumerate(fresh_rewards) if bool(torch.isfinite(r).all())]
+            self.replay_buffer.add([fresh[i] for i in keep], [fresh_rewards[i] for i in keep])
 
         batch = pack_trajectories(all_trajs, rewards, self.pad_token_id)
         pairs = [
@@ -496,6 +544,11 @@ class SoftQTrainer(Trainer):
         """Build every micro-batch of the optimizer step and count the loss normaliser over all of
         them and all processes (so accumulation and data parallelism match one big batch)."""
         raw, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._nonfinite, self._step_skipped = None, False
+        if self._rng_pending is not None:
+            # resuming: the checkpoint's RNG state must be in place before rollouts sample from it
+            # (the Trainer itself restores it only after this method has run)
+            self._load_rng_state(self._rng_pending)
         batches = [self.build_batch(b["examples"], train=True) for b in raw]
         if not batches:
             return batches, None
@@ -556,6 +609,21 @@ class SoftQTrainer(Trainer):
             if args.world_size > 1:  # DDP averages gradients over processes
                 loss = loss * args.world_size
 
+        if mode == "train" and not bool(torch.isfinite(loss.detach())):
+            if self._nonfinite is None:  # name the first non-finite input of the loss
+                self._nonfinite = nonfinite_value_source(
+                    {
+                        "reward": rewards,
+                        "value V(s) of the policy": soft.v,
+                        "Q(s, a) of the policy": soft.q,
+                        "log pi(a|s) of the policy": soft.log_pi,
+                        "log pi_ref(a|s) of the reference model": ref_log_pi,
+                        "value V_bar(s) of the target network": target_v,
+                        "value V_phi(s) of the value head": head_v,
+                    },
+                    mask,
+                ) or "loss"
+
         metrics = self._metrics[mode]
         if ref_log_pi is not None and "pair_index" in inputs:
             # tau * sum_t log pi/pi_ref of chosen minus rejected: DPO's implied reward margin; at the
@@ -591,18 +659,55 @@ class SoftQTrainer(Trainer):
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         logs.update(metrics)
+        if mode == "train" and self._skipped_steps:
+            logs["nonfinite/skipped_steps"] = self._skipped_steps
         super().log(logs, start_time)
         self._metrics[mode].clear()
 
     # ------------------------------------------------------------------ checkpoints
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """``Trainer.train``, resuming only from complete checkpoints: ``True`` / ``"latest"`` picks the
+        newest complete one of ``output_dir`` (a folder half-written by a killed run is skipped), a
+        path must be complete (see :mod:`sqlm.guards`)."""
+        checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        self._rng_pending = checkpoint
+        return super().train(
+            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+
+    def _load_rng_state(self, checkpoint):
+        # restored once per resume, before the first resumed batch is built (see get_batch_samples)
+        if checkpoint is None or checkpoint != self._rng_pending:
+            return
+        self._rng_pending = None
+        super()._load_rng_state(checkpoint)
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        """Save a checkpoint so that a kill at any moment leaves either a complete checkpoint or a
+        folder without the completion marker (which resuming skips): any old folder of this step is
+        removed first, every process writes its files, then the main process fsyncs them and writes
+        the marker, and only then are old checkpoints rotated out (``save_total_limit``)."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            shutil.rmtree(folder)  # e.g. half-written by a run that was killed while saving it
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate only once this checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         self.save_aux_state(folder)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_complete(folder, self.state.global_step)
+            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def save_aux_state(self, folder: str) -> None:
-        """Save the target network (main process) and this process's replay buffer into ``folder``."""
+        """Save what the HF checkpoint lacks into ``folder``: the target network (safetensors), this
+        process's replay buffer and the mixed-mode credit / skip count (JSON; no pickles)."""
         os.makedirs(folder, exist_ok=True)
         if self.target_model is not None and self.args.should_save:
             from safetensors.torch import save_file
@@ -613,10 +718,11 @@ class SoftQTrainer(Trainer):
                 os.path.join(folder, TARGET_FILE),
             )
         if self.replay_buffer.size > 0:
-            torch.save(
-                self.replay_buffer.state_dict(),
-                os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.pt"),
-            )
+            with open(os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.json"), "w") as f:
+                json.dump(self.replay_buffer.state_dict(), f, default=str)
+        if self.args.should_save:
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                json.dump({"mix_credit": self._mix_credit, "skipped_steps": self._skipped_steps}, f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -624,7 +730,7 @@ class SoftQTrainer(Trainer):
             self.load_aux_state(checkpoint)
 
     def load_aux_state(self, folder: str) -> None:
-        """Restore the target network and replay buffer saved by :meth:`save_aux_state`."""
+        """Restore the target network, replay buffer and trainer counters saved by :meth:`save_aux_state`."""
         path = os.path.join(folder, TARGET_FILE)
         if self.target_model is not None:
             if not os.path.exists(path):
@@ -636,9 +742,16 @@ class SoftQTrainer(Trainer):
             with torch.no_grad():
                 for n, t in state.items():
                     target[n].data.copy_(t.to(target[n].device, target[n].dtype))
-        rb = os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.pt")
+        rb = os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.json")
         if self.replay_buffer.size > 0 and os.path.exists(rb):
-            self.replay_buffer.load_state_dict(torch.load(rb, weights_only=False))
+            with open(rb) as f:
+                self.replay_buffer.load_state_dict(json.load(f))
+        state_file = os.path.join(folder, STATE_FILE)
+        if os.path.exists(state_file):
+            with open(state_file) as f:
+                state = json.load(f)
+            self._mix_credit = float(state.get("mix_credit", 0.0))
+            self._skipped_steps = int(state.get("skipped_steps", 0))
 
 
 def _is_peft(model) -> bool:
