@@ -109,7 +109,7 @@ def build_tiny_model(spec: str, texts: Sequence[str], cache_dir: str | os.PathLi
             os.replace(tmp, path)  # atomic; another process may have won the race
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, path
 
@@ -155,7 +155,32 @@ def model_init_kwargs(args, model_args) -> dict[str, Any]:
     }
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs.update(args.model_init_kwargs or {})
+    if kwargs.get("use_safetensors", True) is not True:
+        raise SqlmError("key 'model_init_kwargs' sets use_safetensors: false; sqlm loads weights from safetensors only")
+    kwargs["use_safetensors"] = True  # never unpickle weights
     return kwargs
+
+
+def load_pretrained(name: str, args, model_args):
+    """Model and tokenizer from a hub id or local folder (safetensors only; ``trust_remote_code``
+    only when the recipe turns it on). A missing folder or, offline, an uncached hub id is one
+    :class:`SqlmError` naming it."""
+    from transformers import AutoTokenizer
+    from trl.trainer.utils import create_model_from_path
+
+    from .data import _one_line
+
+    kwargs = model_init_kwargs(args, model_args)
+    try:
+        model = create_model_from_path(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=kwargs.get("trust_remote_code", False)
+        )
+    except (OSError, ValueError, ImportError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        hint = " (not a local folder and not in the local hub cache; HF_HUB_OFFLINE is set)" if offline and not Path(name).exists() else ""
+        raise SqlmError(f"could not load model '{name}'{hint}: {_one_line(e)}") from None
+    return model, tokenizer
 
 
 def build_trainer(args, model_args, recipe_dir: str | None = None):
@@ -188,14 +213,7 @@ def build_trainer(args, model_args, recipe_dir: str | None = None):
         with PartialState().main_process_first():
             model, tokenizer, _ = build_tiny_model(name, texts)
     else:
-        from transformers import AutoTokenizer
-        from trl.trainer.utils import create_model_from_path
-
-        kwargs = model_init_kwargs(args, model_args)
-        model = create_model_from_path(name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(
-            name, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
-        )
+        model, tokenizer = load_pretrained(name, args, model_args)
     return SoftQTrainer(
         model=model,
         args=args,
@@ -206,14 +224,12 @@ def build_trainer(args, model_args, recipe_dir: str | None = None):
     )
 
 
-def _resume_value(value: str | None):
-    if value is None:
-        return None
-    if str(value).lower() in ("true", "last", "latest"):
-        return True
-    if not Path(value).exists():
-        raise SqlmError(f"resume_from_checkpoint: no checkpoint at {value}")
-    return value
+def _resume_value(value: str | None, output_dir: str | None = None):
+    """``resume_from_checkpoint`` -> a complete checkpoint folder or None (``true`` / ``latest``: the
+    newest complete checkpoint of ``output_dir``; see :func:`sqlm.guards.resolve_resume`)."""
+    from .guards import resolve_resume
+
+    return resolve_resume(value, output_dir or ".")
 
 
 def save_outputs(trainer) -> None:
@@ -236,11 +252,19 @@ def save_outputs(trainer) -> None:
 
 
 def run(argv: Sequence[str]):
-    """Parse, train, save; returns the trainer."""
+    """Parse, train, save; returns the trainer.
+
+    Config, data and model are checked before ``output_dir`` is created. If the run fails after
+    that, whatever it wrote there is removed again except complete checkpoints (see
+    :class:`sqlm.guards.OutputDirGuard`), so a failed run leaves nothing half-written."""
+    from .guards import OutputDirGuard
+
     args, model_args, recipe_dir = parse_train_args(argv)
-    trainer = build_trainer(args, model_args, recipe_dir)
-    trainer.train(resume_from_checkpoint=_resume_value(args.resume_from_checkpoint))
-    save_outputs(trainer)
+    checkpoint = _resume_value(args.resume_from_checkpoint, args.output_dir)
+    with OutputDirGuard(args.output_dir, enabled=args.should_save):
+        trainer = build_trainer(args, model_args, recipe_dir)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        save_outputs(trainer)
     return trainer
 
 
