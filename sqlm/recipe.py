@@ -22,6 +22,26 @@ import yaml
 from .errors import SqlmError
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only: no Python tags) that also rejects a key given twice in
+    one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (first at line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a recipe file into a dict (safe loader); errors name the file and line."""
     p = Path(path)
@@ -32,7 +52,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise SqlmError(f"recipe {p} is not UTF-8 text: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)
