@@ -404,6 +404,14 @@ class ModelConfig(trl.ModelConfig):
     ``trust_remote_code``, ``use_peft``, ``lora_*``). ``model_name_or_path: tiny:...`` builds a tiny
     model offline (see :func:`sqlm.train.build_tiny_model`)."""
 
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the Python code shipped in the model's repository (custom architectures). Off by "
+            "default: only turn it on for a repository you trust."
+        },
+    )
+
     def __post_init__(self):
         # TRL collapses a one-element lora_target_modules list to a string; keep the declared list
         # type (the recipe checker reads it) and collapse it when building the LoraConfig.

@@ -62,13 +62,13 @@ def _resolve_path(name: str, base_dir: str | os.PathLike | None) -> Path | None:
 def _one_line(e: BaseException) -> str:
     """The most specific message of an exception chain, on one line (``datasets`` wraps the parser's
     error, e.g. "JSON parse error: ... in row 3", in a generic one)."""
-    msgs = []
+    msgs, first = [], type(e).__name__
     while e is not None and len(msgs) < 5:
         text = " ".join(str(e).split())
         if text:
             msgs.append(f"{type(e).__name__}: {text}")
         e = e.__cause__
-    return msgs[-1] if msgs else "unknown error"
+    return msgs[-1] if msgs else first
 
 
 def check_utf8(path: str | os.PathLike, chunk_size: int = 1 << 20) -> None:
@@ -124,6 +124,8 @@ def load_split(
         builder = _FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise SqlmError(f"dataset file {path} has an unknown extension; use one of {', '.join(_FILE_BUILDERS)}")
+        if path.stat().st_size == 0:
+            raise SqlmError(f"dataset file {path} is empty")
         if builder in ("json", "csv"):
             check_utf8(path)
     try:

@@ -269,12 +269,21 @@ class SoftQTrainer(Trainer):
 
         init_kwargs = dict(args.model_init_kwargs or {})
         init_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
+
+        def load(name: str):
+            try:
+                return create_model_from_path(name, **init_kwargs)
+            except (OSError, ValueError, ImportError) as e:
+                from .data import _one_line
+
+                raise SqlmError(f"could not load model '{name}': {_one_line(e)}") from None
+
         if isinstance(model, str):
-            model = create_model_from_path(model, **init_kwargs)
+            model = load(model)
         if isinstance(ref_model, str):
-            ref_model = create_model_from_path(ref_model, **init_kwargs)
+            ref_model = load(ref_model)
         elif ref_model is None and args.use_reference and args.ref_model_name_or_path:
-            ref_model = create_model_from_path(args.ref_model_name_or_path, **init_kwargs)
+            ref_model = load(args.ref_model_name_or_path)
         if ref_model is model and model is not None:
             raise SqlmError("model and ref_model must be different objects (omit ref_model to copy the policy)")
 
