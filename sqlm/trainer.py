@@ -734,7 +734,14 @@ class SoftQTrainer(Trainer):
                 json.dump({"mix_credit": self._mix_credit, "skipped_steps": self._skipped_steps}, f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+        import pickle
+
+        try:  # transformers reads these torch files with weights_only=True: no code runs
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except pickle.UnpicklingError as e:
+            msg = " ".join(str(e).split())[:300]
+            raise SqlmError(f"checkpoint {checkpoint}: refusing to load optimizer/scheduler state that holds "
+                            f"more than tensors (weights_only load failed: {msg})") from None
         if checkpoint is not None:
             self.load_aux_state(checkpoint)
 
