@@ -284,6 +284,13 @@ class SoftQConfig(TrainingArguments):
             "attn_implementation, trust_remote_code...)."
         },
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the Python code shipped in the model's repository (custom architectures), as TRL's "
+            "trainer configs. Off by default: only turn it on for a repository you trust."
+        },
+    )
     merge_adapter: bool = field(
         default=False,
         metadata={"help": "With LoRA: also save the adapter merged into the base model (in output_dir/merged)."},
@@ -401,16 +408,8 @@ class SoftQConfig(TrainingArguments):
 @dataclass
 class ModelConfig(trl.ModelConfig):
     """TRL's model arguments (``model_name_or_path``, ``dtype``, ``attn_implementation``,
-    ``trust_remote_code``, ``use_peft``, ``lora_*``). ``model_name_or_path: tiny:...`` builds a tiny
-    model offline (see :func:`sqlm.train.build_tiny_model`)."""
-
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "help": "Run the Python code shipped in the model's repository (custom architectures). Off by "
-            "default: only turn it on for a repository you trust."
-        },
-    )
+    ``use_peft``, ``lora_*``; ``trust_remote_code`` is a :class:`SoftQConfig` key, off by default).
+    ``model_name_or_path: tiny:...`` builds a tiny model offline (see :func:`sqlm.train.build_tiny_model`)."""
 
     def __post_init__(self):
         # TRL collapses a one-element lora_target_modules list to a string; keep the declared list

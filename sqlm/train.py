@@ -151,7 +151,7 @@ def model_init_kwargs(args, model_args) -> dict[str, Any]:
         "revision": model_args.model_revision,
         "dtype": model_args.dtype,
         "attn_implementation": model_args.attn_implementation,
-        "trust_remote_code": model_args.trust_remote_code,
+        "trust_remote_code": bool(args.trust_remote_code or getattr(model_args, "trust_remote_code", False)),
     }
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs.update(args.model_init_kwargs or {})

@@ -269,6 +269,7 @@ class SoftQTrainer(Trainer):
 
         init_kwargs = dict(args.model_init_kwargs or {})
         init_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
+        init_kwargs.setdefault("trust_remote_code", bool(args.trust_remote_code))
 
         def load(name: str):
             try:

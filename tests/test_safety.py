@@ -65,11 +65,11 @@ def _tiny_folder(path):
 
 
 def test_trust_remote_code_is_off_by_default_and_custom_code_never_runs(work, capsys):
-    from sqlm.config import ModelConfig
+    from sqlm.config import SoftQConfig
     from sqlm.train import model_init_kwargs, parse_train_args
 
     args, model_args, _ = parse_train_args([str(QUICKSTART)])
-    assert ModelConfig().trust_remote_code is False and model_args.trust_remote_code is False
+    assert SoftQConfig(output_dir="x").trust_remote_code is False and args.trust_remote_code is False
     kwargs = model_init_kwargs(args, model_args)
     assert kwargs["trust_remote_code"] is False and kwargs["use_safetensors"] is True
 
