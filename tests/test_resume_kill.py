@@ -228,3 +228,22 @@ def test_resume_without_a_complete_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SqlmError, match="no checkpoint folder"):
         resolve_resume(str(tmp_path / "checkpoint-9"), tmp_path)
     assert resolve_resume(None, tmp_path) is None and resolve_resume("false", tmp_path) is None
+
+
+def test_rotation_happens_only_after_the_new_checkpoint_is_complete(workdir, monkeypatch):
+    import sqlm.trainer as trainer_mod
+
+    seen = []
+    real_mark = trainer_mod.mark_complete
+
+    def mark(folder, step):
+        # when a checkpoint is being completed, the previous complete one is still there
+        seen.append(sorted(p.name for p in Path(folder).parent.glob("checkpoint-*")))
+        real_mark(folder, step)
+
+    monkeypatch.setattr(trainer_mod, "mark_complete", mark)
+    out = workdir / "rotate"
+    run(_argv(workdir, out, "--max_steps", "3", "--save_steps", "1", "--save_total_limit", "1"))
+    assert seen == [["checkpoint-1"], ["checkpoint-1", "checkpoint-2"], ["checkpoint-2", "checkpoint-3"]]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert (out / "checkpoint-3" / COMPLETE_MARKER).exists()
