@@ -95,6 +95,24 @@ def test_frontier_area_interpolates():
     assert frontier_area(rows, "a", 4.0) == pytest.approx((0.5 + 3.0) / 4)
 
 
+def test_matched_kl_comparison_uses_only_the_overlap():
+    from sqlm.evaluation.evaluate import gold_at_kl, matched_kl_comparison
+
+    rows = [
+        {"method": "reference", "kl": 0.0, "gold": 0.0},
+        {"method": "a", "kl": 1.0, "gold": 0.1}, {"method": "a", "kl": 3.0, "gold": 0.5},
+        {"method": "b", "kl": 2.0, "gold": 0.4}, {"method": "b", "kl": 5.0, "gold": 0.7},
+    ]  # fmt: skip
+    assert gold_at_kl([(1.0, 0.1), (3.0, 0.5)], 2.0) == pytest.approx(0.3)
+    assert gold_at_kl([(1.0, 0.1), (3.0, 0.5)], 4.0) is None
+    cmp = matched_kl_comparison(rows, ["a", "b"], n=3)  # grid 2, 2.5, 3
+    assert cmp["kl_range"] == [2.0, 3.0]
+    assert cmp["mean_gold"]["a"] == pytest.approx((0.3 + 0.4 + 0.5) / 3)
+    assert cmp["mean_gold"]["b"] == pytest.approx((0.4 + 0.45 + 0.5) / 3)
+    assert cmp["best_fraction"]["b"] == pytest.approx(2 / 3) and cmp["best_fraction"]["a"] == 0.0
+    assert matched_kl_comparison(rows[:3], ["a", "b"]) is None
+
+
 def _table_rows(md: str) -> dict[str, list[str]]:
     out = {}
     for line in md.splitlines():

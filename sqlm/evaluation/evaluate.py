@@ -266,15 +266,53 @@ def evaluate_models(
 # ----------------------------------------------------------------------------- report
 
 
+def frontier_curve(rows: list[dict], method: str, with_reference: bool = True) -> list[tuple[float, float]]:
+    """``method``'s points ``(KL, gold)`` sorted by KL (the reference at KL 0 first, if asked)."""
+    pts = sorted((r["kl"], r["gold"]) for r in rows if r["method"] == method)
+    ref = [r for r in rows if r["method"] == "reference"]
+    if with_reference and ref and pts:
+        pts = [(0.0, ref[0]["gold"])] + pts
+    return pts
+
+
+def gold_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
+    """Gold reward of a piecewise-linear frontier at ``kl`` (None outside its KL range: no extrapolation)."""
+    if not points or kl < points[0][0] - 1e-12 or kl > points[-1][0] + 1e-12:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= kl <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (kl - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def matched_kl_comparison(rows: list[dict], methods: list[str], n: int = 101) -> dict | None:
+    """Mean gold reward of each method's frontier over the KL range all of them cover (their own
+    trained points only, linear in between), and the fraction of that range where each lies above
+    every other method. None when the ranges do not overlap."""
+    curves = {m: frontier_curve(rows, m, with_reference=False) for m in methods}
+    curves = {m: c for m, c in curves.items() if c}
+    if len(curves) < 2:
+        return None
+    lo = max(c[0][0] for c in curves.values())
+    hi = min(c[-1][0] for c in curves.values())
+    if hi <= lo:
+        return None
+    grid = [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+    vals = {m: [gold_at_kl(c, x) for x in grid] for m, c in curves.items()}
+    out = {"kl_range": [lo, hi], "mean_gold": {}, "best_fraction": {}}
+    for m, v in vals.items():
+        out["mean_gold"][m] = sum(v) / len(v)
+        best = sum(1 for i in range(n) if all(v[i] > vals[o][i] for o in vals if o != m))
+        out["best_fraction"][m] = best / n
+    return out
+
+
 def frontier_area(rows: list[dict], method: str, kl_max: float) -> float | None:
     """Mean gold reward of ``method``'s frontier over KL in [0, kl_max]: the area under its
     piecewise-linear curve (reference point at KL 0 included, flat after its last point) / kl_max."""
-    ref = [r for r in rows if r["method"] == "reference"]
-    pts = sorted((r["kl"], r["gold"]) for r in rows if r["method"] == method)
+    pts = frontier_curve(rows, method)
     if not pts or kl_max <= 0:
         return None
-    if ref:
-        pts = [(0.0, ref[0]["gold"])] + pts
     area, (x0, y0) = 0.0, pts[0]
     for x1, y1 in pts[1:]:
         if x0 >= kl_max:
@@ -360,7 +398,6 @@ def write_report(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = results["rows"]
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     plot_frontier(rows, out / "frontier.png", title=title)
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "reference"]
     kls = [r["kl"] for r in rows if r["method"] != "reference"]
@@ -379,14 +416,23 @@ def write_report(
         results_table(rows),
         "",
     ]
-    if kls and methods:
-        # compare frontiers over the KL range every method covers
-        common = min(max(r["kl"] for r in rows if r["method"] == m) for m in methods)
-        md += [f"Mean gold reward along each frontier over KL ∈ [0, {common:.2f}] (the range every method reaches):", ""]
-        md += ["| method | mean gold reward on the frontier |", "|---|---|"]
-        for m in methods:
-            md.append(f"| {m} | {_fmt(frontier_area(rows, m, common))} |")
+    cmp = matched_kl_comparison(rows, methods)
+    if cmp is not None:
+        lo, hi = cmp["kl_range"]
+        md += [
+            f"Frontiers at matched KL, over KL ∈ [{lo:.2f}, {hi:.2f}] (the range every method's sweep covers; "
+            "linear between a method's own points, no extrapolation):",
+            "",
+            "| method | mean gold reward at matched KL | share of the range where it is highest |",
+            "|---|---|---|",
+        ]
+        for m in cmp["mean_gold"]:
+            md.append(f"| {m} | {cmp['mean_gold'][m]:.3f} | {cmp['best_fraction'][m]:.2f} |")
         md.append("")
+        results["frontier"] = cmp
+    if kls and methods:
+        lows = {m: min(r["kl"] for r in rows if r["method"] == m) for m in methods}
+        md += ["Lowest KL each method's sweep reaches: " + ", ".join(f"{m} {v:.2f}" for m, v in lows.items()) + ".", ""]
     for sec in sections:
         md += [sec, ""]
     md += ["## Samples", ""]
@@ -394,6 +440,7 @@ def write_report(
         for ex in r["examples"][:2]:
             md.append(f"- **{r['name']}**: {ex['prompt']!s}⟨{ex['completion'].strip()}⟩ (gold {ex['gold']:.2f})")
     (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     return out / "report.md"
 
 

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 class OracleCompareConfig:
     """Settings of the exact-oracle comparison."""
 
-    pair_counts: list[int] = field(default_factory=lambda: [16, 64, 256, 1024])
+    pair_counts: list[int] = field(default_factory=lambda: [32, 128, 512])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     num_actions: int = 4  # EOS included
     horizon: int = 4
     reward_scale: float = 1.0
-    tau: float = 0.5
+    tau: float = 1.0
     steps: int = 200
     lr: float = 1e-2
     rm_steps: int = 200

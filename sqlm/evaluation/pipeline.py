@@ -48,7 +48,7 @@ class PipelineArguments:
     n_eval_prompts: int = field(default=256, metadata={"help": "Held-out prompts of the evaluation."})
     samples_per_prompt: int = field(default=6, metadata={"help": "Base-model samples per preference prompt."})
     max_pairs_per_prompt: int = field(default=6, metadata={"help": "Pairs kept per prompt (widest gold gaps)."})
-    taus: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0], metadata={"help": "The tau = beta sweep."})
+    taus: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0], metadata={"help": "The tau = beta sweep."})
     rewarders: list[str] = field(
         default_factory=lambda: ["terminal", "abc"],
         metadata={"help": "sqlm rewarders (sqlm.rewards): terminal, uniform, abc, prefix."},
@@ -62,9 +62,9 @@ class PipelineArguments:
     eval_samples_per_prompt: int = field(default=2, metadata={"help": "Completions per eval prompt and model."})
     eval_seed: int = field(default=1234, metadata={"help": "Sampling seed of the evaluation."})
     oracle: bool = field(default=True, metadata={"help": "Add the exact-oracle comparison to the report."})
-    oracle_pairs: list[int] = field(default_factory=lambda: [16, 64, 256, 1024], metadata={"help": "Pair counts of the oracle comparison."})
+    oracle_pairs: list[int] = field(default_factory=lambda: [32, 128, 512], metadata={"help": "Pair counts of the oracle comparison."})
     oracle_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds of the oracle comparison."})
-    oracle_steps: int = field(default=100, metadata={"help": "Full-batch steps per oracle-comparison run."})
+    oracle_steps: int = field(default=80, metadata={"help": "Full-batch steps per oracle-comparison run."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     quiet: bool = field(default=True, metadata={"help": "Hide the trainers' own logs (errors still show)."})
 
