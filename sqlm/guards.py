@@ -47,6 +47,9 @@ class NonFiniteError(SqlmError):
             "checkpoint is intact; nan_policy: skip skips such batches instead)"
         )
 
+    def __reduce__(self):  # picklable across processes
+        return (type(self), (self.source, self.step))
+
 
 def _finite(x: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     bad = ~torch.isfinite(x)
