@@ -247,3 +247,36 @@ def test_rotation_happens_only_after_the_new_checkpoint_is_complete(workdir, mon
     assert seen == [["checkpoint-1"], ["checkpoint-1", "checkpoint-2"], ["checkpoint-2", "checkpoint-3"]]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
     assert (out / "checkpoint-3" / COMPLETE_MARKER).exists()
+
+
+def test_resume_with_cached_model_based_rewards_is_identical(tmp_path):
+    """A reward model's dense rewards cached as dataset columns (offline rows) and scored live (online
+    rows): resuming from a checkpoint of the run reloads the cache and ends identical."""
+    from sqlm.config import SoftQConfig
+    from sqlm.rewards import build_rewarder
+    from sqlm.rewards.toy import toy_preference_dataset, toy_reward_model, toy_tokenizer
+    from sqlm.tiny import tiny_model_for_tokenizer
+    from sqlm.trainer import SoftQTrainer
+
+    tok = toy_tokenizer(vocab_size=300)
+    rm = toy_reward_model(tok, seed=3).eval()
+    data = toy_preference_dataset(8, seed=1)
+
+    def trainer(out):
+        args = SoftQConfig(
+            output_dir=str(out), per_device_train_batch_size=2, max_steps=4, save_strategy="steps", save_steps=2,
+            report_to="none", use_cpu=True, seed=0, max_length=64, max_completion_length=6, num_generations=1,
+            mode="mixed", mix_ratio=0.5, replay_buffer_size=4, loss_type="soft_q", learning_rate=0.01,
+            reward_cache_dir=str(tmp_path / "reward-cache"),
+        )
+        model = tiny_model_for_tokenizer(tok, seed=0, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)
+        abc = build_rewarder("abc", reward_model=rm, tokenizer=tok, beta=0.8, policy_tokenizer=tok)
+        return SoftQTrainer(model, args, train_dataset=data, processing_class=tok, reward_funcs=[abc])
+
+    full = trainer(tmp_path / "full")
+    assert "chosen_token_rewards" in full.train_dataset.column_names  # cached columns in use
+    full.train()
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    _assert_identical(_state(tmp_path / "resumed" / "checkpoint-4"), _state(tmp_path / "full" / "checkpoint-4"))
