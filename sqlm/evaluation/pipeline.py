@@ -217,16 +217,10 @@ def stage_reward_model(args: PipelineArguments, prefs: Path, base: Path, cache: 
 
 
 def _train_sqlm(argv: list[str]) -> int:
-    """``sqlm train`` (parse, build, train, save) in this process."""
-    from ..train import build_trainer, parse_train_args, save_outputs
+    """``sqlm train`` in this process."""
+    from ..train import main as train_main
 
-    args, model_args, recipe_dir = parse_train_args(argv)
-    if not hasattr(model_args, "trust_remote_code"):  # read by sqlm.train; TRL 1.16's ModelConfig lacks it
-        model_args.trust_remote_code = False
-    trainer = build_trainer(args, model_args, recipe_dir)
-    trainer.train()
-    save_outputs(trainer)
-    return 0
+    return train_main(argv)
 
 
 def _train_flags(args: PipelineArguments) -> list[str]:
