@@ -143,8 +143,14 @@ def attach_value_head(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def model_log_pi(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """``log pi(a_t|s_t)`` of the batch's actions under ``model`` (no grad), ``[N, T]``."""
+    """``log pi(a_t|s_t)`` of the batch's actions under ``model`` (no grad), ``[N, T]``; through the
+    fused head only one chunk of logits exists at a time (0 off the path steps)."""
     start = int(batch["logits_start"])
+    if fused.supports_fused_head(model):
+        _, hidden = fused.decoder_forward(model, batch["input_ids"], batch["attention_mask"])
+        mask = batch["path_mask"][:, start:] if "path_mask" in batch else None
+        actions = batch["input_ids"][:, start + 1 :]
+        return fused.fused_log_probs(hidden[:, start:-1], fused.lm_head_of(model), actions, mask=mask)
     _, logits = _forward(model, batch, start)
     return soft_outputs(logits, batch["input_ids"][:, start + 1 :], 1.0).log_pi
 

@@ -243,3 +243,18 @@ def test_online_conversational_prompts_and_prompt_completion_labels(tmp_path, to
     trainer.train()
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert {"rewards/completion", "rewards/data/mean"} <= logged
+
+
+def test_reference_log_pi_through_fused_head_equals_full_logits(tmp_path, tokenizer):
+    from sqlm.soft import soft_outputs
+
+    trainer = SoftQTrainer(make_model(tokenizer), config(tmp_path), train_dataset=pref_data(2), processing_class=tokenizer)
+    batch = trainer.build_batch([dict(r) for r in trainer.train_dataset])
+    start = int(batch["logits_start"])
+    with torch.no_grad():
+        logits = trainer.ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    plain = soft_outputs(logits[:, start:-1], batch["input_ids"][:, start + 1 :], 1.0).log_pi
+    fused = model_log_pi(trainer.ref_model, batch)
+    on = batch["path_mask"][:, start:].bool()
+    assert on.any()
+    assert torch.allclose(fused[on], plain[on], atol=1e-5)
