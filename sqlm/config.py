@@ -122,6 +122,16 @@ class SoftQConfig(TrainingArguments):
             "False = plain max-entropy RL."
         },
     )
+    value_anchor: str = field(
+        default="reference",
+        metadata={
+            "help": "Where the logits' values are measured from. 'reference': Q(s,a) = tau (z(s,a) - logsumexp "
+            "z_ref(s)) and V(s) = tau (logsumexp z(s) - logsumexp z_ref(s)), so a policy equal to the reference "
+            "starts with V = 0 and Q = tau log pi_ref, the exact soft optimum for zero reward (pi is unchanged; a "
+            "pretrained LM's arbitrary logit levels no longer count as values). 'none': Q = tau z, V = tau "
+            "logsumexp z. Needs a reference; not used by 'pcl' (its V is a value head)."
+        },
+    )
     ref_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Explicit reference model (hub id or local path); default: the initial policy."},
@@ -356,6 +366,8 @@ class SoftQConfig(TrainingArguments):
             raise bad("target_model_mixup_alpha", f"must be in (0, 1], got {self.target_model_mixup_alpha!r}")
         if self.target_model_sync_steps < 1:
             raise bad("target_model_sync_steps", f"must be >= 1, got {self.target_model_sync_steps!r}")
+        if self.value_anchor not in ("reference", "none"):
+            raise bad("value_anchor", f"must be 'reference' or 'none', got {self.value_anchor!r}")
         if self.value_head is False and self.loss_type == "pcl":
             raise bad("value_head", "must be on for loss_type 'pcl' (its V comes from a separate value head)")
         if self.value_head and self.loss_type != "pcl":

@@ -347,11 +347,13 @@ def fused_log_probs(
     *,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``log pi(a_t | s_t) = z[a_t] - logsumexp z`` ``[B, T]`` fp32, without autograd (a reference
-    model's log-probs for ``r~ = r + tau log pi_ref``). Rows outside ``mask`` are 0."""
+    model's log-probs for ``r~ = r + tau log pi_ref``); with ``return_lse`` also ``logsumexp z``.
+    Rows outside ``mask`` are 0."""
     lse, z_a = _stats_no_grad(hidden, head, actions, mask, chunk_size)
-    return z_a - lse
+    return (z_a - lse, lse) if return_lse else z_a - lse
 
 
 def model_soft_outputs(

@@ -142,17 +142,21 @@ def attach_value_head(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def model_log_pi(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """``log pi(a_t|s_t)`` of the batch's actions under ``model`` (no grad), ``[N, T]``; through the
-    fused head only one chunk of logits exists at a time (0 off the path steps)."""
+def model_log_pi(model: nn.Module, batch: dict[str, Any], return_lse: bool = False):
+    """``log pi(a_t|s_t)`` of the batch's actions under ``model`` (no grad), ``[N, T]``, and with
+    ``return_lse`` also ``logsumexp z(s_t)``; through the fused head only one chunk of logits exists at
+    a time (0 off the path steps)."""
     start = int(batch["logits_start"])
+    actions = batch["input_ids"][:, start + 1 :]
     if fused.supports_fused_head(model):
         _, hidden = fused.decoder_forward(model, batch["input_ids"], batch["attention_mask"])
         mask = batch["path_mask"][:, start:] if "path_mask" in batch else None
-        actions = batch["input_ids"][:, start + 1 :]
-        return fused.fused_log_probs(hidden[:, start:-1], fused.lm_head_of(model), actions, mask=mask)
+        return fused.fused_log_probs(
+            hidden[:, start:-1], fused.lm_head_of(model), actions, mask=mask, return_lse=return_lse
+        )
     _, logits = _forward(model, batch, start)
-    return soft_outputs(logits, batch["input_ids"][:, start + 1 :], 1.0).log_pi
+    soft = soft_outputs(logits, actions, 1.0)
+    return (soft.log_pi, soft.v) if return_lse else soft.log_pi
 
 
 @torch.no_grad()
@@ -575,18 +579,18 @@ class SoftQTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
 
-    def reference_log_pi(self, model, inputs) -> torch.Tensor | None:
-        """``log pi_ref(a_t|s_t)`` ``[N, T]``: the explicit reference model, the PEFT base model with
-        the adapter disabled, or None (no reference)."""
+    def reference_log_pi(self, model, inputs, return_lse: bool = False):
+        """``log pi_ref(a_t|s_t)`` ``[N, T]`` (with ``return_lse`` also ``logsumexp z_ref(s_t)``): the
+        explicit reference model, the PEFT base model with the adapter disabled, or None (no reference)."""
         if self.ref_model is not None:
-            return model_log_pi(self.ref_model, inputs)
+            return model_log_pi(self.ref_model, inputs, return_lse)
         if self._ref_is_base:
             from trl.trainer.utils import use_adapter
 
             unwrapped = self.accelerator.unwrap_model(model)
             with use_adapter(unwrapped, None):
-                return model_log_pi(unwrapped, inputs)
-        return None
+                return model_log_pi(unwrapped, inputs, return_lse)
+        return (None, None) if return_lse else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
@@ -598,8 +602,14 @@ class SoftQTrainer(Trainer):
         mask = inputs["path_mask"][:, start:].float()
         rewards = inputs["token_rewards"][:, start + 1 :]
 
-        ref_log_pi = self.reference_log_pi(model, inputs)
+        ref_log_pi, ref_lse = self.reference_log_pi(model, inputs, return_lse=True)
         target_v = model_values(self.target_model, inputs, args.tau) if self.target_model is not None else None
+        if args.value_anchor == "reference" and ref_lse is not None and args.loss_type != "pcl":
+            # values measured from the reference's logsumexp: pi is unchanged, V = 0 where pi = pi_ref
+            anchor = args.tau * ref_lse * mask
+            soft = SoftOutputs(q=soft.q - anchor, v=soft.v - anchor, log_pi=soft.log_pi, entropy=soft.entropy)
+            if target_v is not None:
+                target_v = target_v - anchor
 
         common = dict(
             rewards=rewards, mask=mask, tau=args.tau, gamma=args.gamma, ref_log_pi=ref_log_pi,

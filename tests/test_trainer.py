@@ -258,3 +258,23 @@ def test_reference_log_pi_through_fused_head_equals_full_logits(tmp_path, tokeni
     on = batch["path_mask"][:, start:].bool()
     assert on.any()
     assert torch.allclose(fused[on], plain[on], atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["unified_pcl", "soft_q", "multistep_pcl"])
+def test_reference_anchored_values_start_at_the_zero_reward_optimum(tmp_path, tokenizer, loss_type):
+    """With value_anchor 'reference', a policy equal to its reference has Q = tau log pi_ref and V = 0:
+    the exact soft optimum when every reward is 0, so every consistency residual is 0 at step 0.
+    Unanchored, the random logits' logsumexp levels count as values and the residuals are not 0."""
+    losses = {}
+    for anchor in ("reference", "none"):
+        trainer = SoftQTrainer(
+            make_model(tokenizer), config(tmp_path, loss_type=loss_type, value_anchor=anchor, tau=0.5),
+            train_dataset=pref_data(2), processing_class=tokenizer,
+        )
+        batch = trainer.build_batch([dict(r) for r in trainer.train_dataset])
+        assert batch["token_rewards"].abs().sum() == 0
+        with torch.no_grad():
+            _, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+        losses[anchor] = out["per_step_loss"].abs().max().item()
+    assert losses["reference"] < 1e-9
+    assert losses["none"] > 1e-3
