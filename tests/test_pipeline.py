@@ -56,3 +56,21 @@ def test_reduced_pipeline_end_to_end(tmp_path, capsys):
     for method, by_n in res2["oracle"]["summary"].items():
         assert cells[method] == [f"{by_n[str(n)] if str(n) in by_n else by_n[n]:.4f}" for n in args2.oracle_pairs]
     assert re.search(r"\d+ preference pairs", md2)
+
+
+def test_training_runs_are_keyed_by_the_training_code(tmp_path, monkeypatch):
+    """A cached sqlm/DPO run must not survive a change to sqlm's training code."""
+    from sqlm.evaluation import pipeline
+
+    before = pipeline.training_code_fingerprint()
+    assert before == pipeline.training_code_fingerprint()  # stable
+    fake = tmp_path / "sqlm"
+    (fake / "evaluation").mkdir(parents=True)
+    for name in pipeline._TRAINING_CODE:
+        if not name.endswith(".py"):
+            continue
+        (fake / name).write_text("x = 1\n")
+    monkeypatch.setattr(pipeline, "__file__", str(fake / "evaluation" / "pipeline.py"))
+    one = pipeline.training_code_fingerprint()
+    (fake / "losses.py").write_text("x = 2\n")
+    assert pipeline.training_code_fingerprint() != one

@@ -232,13 +232,30 @@ def _train_flags(args: PipelineArguments) -> list[str]:
     return flags
 
 
+# sqlm's own training code: a cached run is redone when any of it changes (a changed default or fix
+# must not hide behind an old result)
+_TRAINING_CODE = ("soft.py", "losses.py", "fused.py", "trainer.py", "data.py", "rollout.py", "config.py",
+                  "train.py", "rewards", "evaluation/dpo.py")  # fmt: skip
+
+
+def training_code_fingerprint() -> str:
+    """A hash of the source of sqlm's training code (:data:`_TRAINING_CODE`)."""
+    root = Path(__file__).resolve().parent.parent
+    files: list[Path] = []
+    for name in _TRAINING_CODE:
+        p = root / name
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    return fingerprint({str(f.relative_to(root)): f.read_text(encoding="utf-8") for f in files if f.is_file()})
+
+
 def stage_run(args: PipelineArguments, method: str, tau: float, prefs: Path, base: Path, rm: Path, cache: Path) -> Path:
     """One training run: ``dpo`` or ``sqlm-<rewarder>`` at tau = beta."""
     kind = "dpo" if method == "dpo" else "sqlm"
     recipe = _recipe(args, kind)
     flags = _train_flags(args)
     key = dict(method=method, tau=tau, prefs=prefs.name, base=base.name, flags=flags, recipe=Path(recipe).read_text(),
-               loss=args.loss_type if kind == "sqlm" else None, rm=rm.name if kind == "sqlm" else None)  # fmt: skip
+               loss=args.loss_type if kind == "sqlm" else None, rm=rm.name if kind == "sqlm" else None,
+               code=training_code_fingerprint())  # fmt: skip
     out = cache / "gold" / f"run-{method}-{_fmt_param(tau)}-{fingerprint(key)}"
     if _done(out):
         return out
