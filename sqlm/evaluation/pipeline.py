@@ -53,7 +53,12 @@ class PipelineArguments:
         default_factory=lambda: ["terminal", "abc"],
         metadata={"help": "sqlm rewarders (sqlm.rewards): terminal, uniform, abc, prefix."},
     )
-    loss_type: str = field(default="pcl", metadata={"help": "sqlm loss of the sweep (pcl: value head, so the LM's logits need no calibrated logsumexp)."})
+    loss_type: str = field(default="unified_pcl", metadata={"help": "sqlm loss of the sweep (sqlm.losses.LOSSES)."})
+    sqlm_mode: str = field(
+        default="mixed",
+        metadata={"help": "Where sqlm's trajectories come from: 'mixed' (the pairs plus the policy's own samples scored "
+                  "by the reward model, mix_ratio of the recipe), 'offline' (the pairs only, like DPO) or 'online'."},
+    )
     train_epochs: float = field(default=1.0, metadata={"help": "Epochs of every sqlm and DPO run."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of every sqlm and DPO run."})
     batch_size: int = field(default=16, metadata={"help": "Pairs per step of every sqlm and DPO run."})
@@ -255,6 +260,7 @@ def stage_run(args: PipelineArguments, method: str, tau: float, prefs: Path, bas
     flags = _train_flags(args)
     key = dict(method=method, tau=tau, prefs=prefs.name, base=base.name, flags=flags, recipe=Path(recipe).read_text(),
                loss=args.loss_type if kind == "sqlm" else None, rm=rm.name if kind == "sqlm" else None,
+               mode=args.sqlm_mode if kind == "sqlm" else None,
                code=training_code_fingerprint())  # fmt: skip
     out = cache / "gold" / f"run-{method}-{_fmt_param(tau)}-{fingerprint(key)}"
     if _done(out):
@@ -270,7 +276,8 @@ def stage_run(args: PipelineArguments, method: str, tau: float, prefs: Path, bas
     else:
         rewarder = method.split("-", 1)[1]
         rkw = json.dumps({rewarder: {"reward_model": str(rm)}})
-        argv += ["--tau", str(tau), "--loss_type", args.loss_type, "--reward_funcs", rewarder, "--reward_kwargs", rkw]
+        argv += ["--tau", str(tau), "--loss_type", args.loss_type, "--mode", args.sqlm_mode,
+                 "--reward_funcs", rewarder, "--reward_kwargs", rkw]  # fmt: skip
         _run_main(_train_sqlm, argv, args.quiet)
     _mark_done(out, {**key, "seconds": time.time() - t})
     _log(f"{method} tau=beta={_fmt_param(tau)}: trained in {time.time() - t:.0f}s")
@@ -363,9 +370,11 @@ def run_pipeline(args: PipelineArguments, gold: GoldTaskConfig) -> dict:
         f"BPE vocabulary {gold.vocab_size}, final pretraining loss {base_info['final_loss']:.2f}) trained on "
         f"{gold.corpus_sentences} essential-generators sentences; {info['pairs']} preference pairs from "
         f"{args.n_train_prompts} prompts × {args.samples_per_prompt} samples labelled by VADER sentiment; reward model "
-        f"held-out pair accuracy {'–' if acc is None else f'{acc:.3f}'}. sqlm ({args.loss_type}, offline, rewarders "
+        f"held-out pair accuracy {'–' if acc is None else f'{acc:.3f}'}. sqlm ({args.loss_type}, {args.sqlm_mode}, rewarders "
         f"{', '.join(args.rewarders)}) and DPO (sigmoid) train on the same pairs and tokens with the same steps, "
-        f"learning rate {args.learning_rate} and batch {args.batch_size}, for τ = β ∈ {args.taus}."
+        + ("" if args.sqlm_mode == "offline" else
+           "sqlm also on its own samples scored by the reward model fitted to those pairs (no other data), ")
+        + f"learning rate {args.learning_rate} and batch {args.batch_size}, for τ = β ∈ {args.taus}."
     )
     sections = [oracle_section(oracle)] if oracle else []
     report = write_report(results, args.output_dir, title="Gold reward vs KL: sqlm vs DPO", preamble=preamble, sections=sections)
