@@ -38,59 +38,22 @@ ALL_COLUMNS = (*COLUMNS, COMPLETION_COLUMN)
 
 
 def tokenize_preference_example(example: dict[str, Any], tokenizer) -> dict[str, list[int]]:
-    """``prompt_ids``, ``chosen_ids``, ``rejected_ids`` of one preference row, as TRL's DPOTrainer.
+    """``prompt_ids``, ``chosen_ids``, ``rejected_ids`` of one preference row: the trainer's own
+    :func:`sqlm.data.tokenize_preference` (as TRL's DPOTrainer), so cached rewards and the trainer
+    agree token for token."""
+    from ..data import tokenize_preference
 
-    Uses ``sqlm.data.tokenize_preference`` when that module provides it, so the trainer and the
-    cached rewards agree token for token.
-    """
-    try:  # the trainer's own tokenization, when present
-        from ..data import tokenize_preference  # type: ignore[attr-defined]
-    except ImportError:
-        tokenize_preference = None
-    if tokenize_preference is not None:
-        out = tokenize_preference(example, tokenizer)
-        return {k: list(out[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-
-    from trl.data_utils import common_prefix_length, extract_prompt, is_conversational
-
-    if "prompt" not in example:
-        example = {**example, **extract_prompt(example)}
-    for key in ("prompt", "chosen", "rejected"):
-        if key not in example:
-            raise SqlmError(f"preference row has no '{key}' column (columns: {sorted(example)})")
-    if is_conversational(example):
-
-        def tok(messages, **kw):
-            return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
-
-        prompt_ids = tok(example["prompt"], add_generation_prompt=True)
-        chosen = tok(example["prompt"] + example["chosen"])
-        rejected = tok(example["prompt"] + example["rejected"])
-    else:
-        eos = tokenizer.eos_token or ""
-        c, r = example["chosen"], example["rejected"]
-        c, r = (c if c.endswith(eos) else c + eos), (r if r.endswith(eos) else r + eos)
-        prompt_ids = list(tokenizer(example["prompt"])["input_ids"])
-        chosen = list(tokenizer(example["prompt"] + c)["input_ids"])
-        rejected = list(tokenizer(example["prompt"] + r)["input_ids"])
-    n = min(common_prefix_length(prompt_ids, chosen), common_prefix_length(prompt_ids, rejected))
-    return {"prompt_ids": prompt_ids[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
+    out = tokenize_preference(example, tokenizer)
+    return {k: list(out[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
 
 
 def tokenize_prompt_completion_example(example: dict[str, Any], tokenizer) -> dict[str, list[int]]:
     """``prompt_ids``, ``completion_ids`` of a prompt-completion row, tokenized as one side of a
-    preference pair (``sqlm.data.tokenize_prompt_completion`` when present)."""
-    try:
-        from ..data import tokenize_prompt_completion  # type: ignore[attr-defined]
-    except ImportError:
-        tokenize_prompt_completion = None
-    if tokenize_prompt_completion is not None:
-        out = tokenize_prompt_completion(example, tokenizer)
-        return {"prompt_ids": list(out["prompt_ids"]), "completion_ids": list(out["completion_ids"])}
-    pair = tokenize_preference_example(
-        {"prompt": example["prompt"], "chosen": example["completion"], "rejected": example["completion"]}, tokenizer
-    )
-    return {"prompt_ids": pair["prompt_ids"], "completion_ids": pair["chosen_ids"]}
+    preference pair (:func:`sqlm.data.tokenize_prompt_completion`)."""
+    from ..data import tokenize_prompt_completion
+
+    out = tokenize_prompt_completion(example, tokenizer)
+    return {"prompt_ids": list(out["prompt_ids"]), "completion_ids": list(out["completion_ids"])}
 
 
 def reward_sides(column_names) -> list[tuple[str, str]]:
