@@ -249,8 +249,14 @@ def unified_pcl_loss(
     return loss, _stats(c, mask, v, log_pi, ref_log_pi, entropy, rewards)
 
 
-def _target_values(v: torch.Tensor, target_v: torch.Tensor | None) -> torch.Tensor:
-    return v.detach().float() if target_v is None else target_v.detach().float()
+def _target_inputs(q, v, target_v, rewards, mask, tau, gamma, ref_log_pi):
+    """Checked ``(tau, gamma, mask, V_bar, r~)`` of the target-network losses; ``V_bar`` is the
+    target's value, detached and masked (``None``: the online ``v``, detached)."""
+    tau, gamma = check_tau(tau), check_gamma(gamma)
+    _check_shapes("q", q, v=v, target_v=target_v, rewards=rewards, mask=mask, ref_log_pi=ref_log_pi)
+    m = mask.float()
+    vbar = (v if target_v is None else target_v).detach().float() * m
+    return tau, gamma, m, vbar, shaped_rewards(rewards, tau, ref_log_pi)
 
 
 def soft_q_loss(
@@ -273,11 +279,7 @@ def soft_q_loss(
     ``V_bar`` is the target network's value (``target_v``, detached; ``None`` uses the online
     ``v`` detached). ``V_bar`` past the end of the path is 0.
     """
-    tau, gamma = check_tau(tau), check_gamma(gamma)
-    _check_shapes("q", q, v=v, target_v=target_v, rewards=rewards, mask=mask, ref_log_pi=ref_log_pi)
-    m = mask.float()
-    vbar = _target_values(v, target_v) * m
-    r = shaped_rewards(rewards, tau, ref_log_pi)
+    tau, gamma, m, vbar, r = _target_inputs(q, v, target_v, rewards, mask, tau, gamma, ref_log_pi)
     residual = (q.float() - r - gamma * _shift_left(vbar, 1)) * m
     loss = reduce_loss(0.5 * residual.pow(2), mask, reduction)
     log_pi = (q - v).detach() / tau
@@ -304,11 +306,7 @@ def advantage_pcl_loss(
 
     The gradient flows through ``A_theta`` only; both values come from the target network.
     """
-    tau, gamma = check_tau(tau), check_gamma(gamma)
-    _check_shapes("q", q, v=v, target_v=target_v, rewards=rewards, mask=mask, ref_log_pi=ref_log_pi)
-    m = mask.float()
-    vbar = _target_values(v, target_v) * m
-    r = shaped_rewards(rewards, tau, ref_log_pi)
+    tau, gamma, m, vbar, r = _target_inputs(q, v, target_v, rewards, mask, tau, gamma, ref_log_pi)
     adv = (q.float() - v.float()) * m
     residual = (-vbar + gamma * _shift_left(vbar, 1) + r * m - adv) * m
     loss = reduce_loss(0.5 * residual.pow(2), mask, reduction)
@@ -334,11 +332,8 @@ def multistep_pcl_loss(
 
     with ``A_theta = Q_theta - V_theta = tau log pi_theta`` and ``V_bar`` from the target network.
     """
-    tau, gamma = check_tau(tau), check_gamma(gamma)
-    _check_shapes("q", q, v=v, target_v=target_v, rewards=rewards, mask=mask, ref_log_pi=ref_log_pi)
-    m = mask.float()
-    vbar = _target_values(v, target_v) * m
-    r = shaped_rewards(rewards, tau, ref_log_pi) * m
+    tau, gamma, m, vbar, r = _target_inputs(q, v, target_v, rewards, mask, tau, gamma, ref_log_pi)
+    r = r * m
     adv = (q.float() - v.float()) * m
     residual = (-vbar + discounted_reverse_cumsum(r - adv, gamma)) * m
     loss = reduce_loss(0.5 * residual.pow(2), mask, reduction)
