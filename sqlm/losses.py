@@ -13,7 +13,8 @@ Reductions (they change the length bias; choose with ``reduction``):
 
 * ``"token"`` (default): ``1/2 * C^2`` averaged over all path steps of the batch. Every step weighs
   the same, so longer paths weigh more in proportion to their length.
-* ``"sequence"``: ``1/2 * sum_t C^2`` per path (the seed's ``L = sum 1/2 C^2``), averaged over paths.
+* ``"sequence"``: ``1/2 * sum_t C^2`` per path (the seed's ``L = sum 1/2 C^2``), averaged over paths
+  (rows with no step do not count as paths).
   Long paths weigh more, and the loss scale grows with the length.
 * ``"sequence_mean"``: the mean of ``1/2 * C^2`` within each path, averaged over paths: every path
   weighs the same whatever its length.
@@ -149,10 +150,11 @@ def reduce_loss(per_step: torch.Tensor, mask: torch.Tensor, reduction: str) -> t
     per_step = per_step * m
     if reduction == "token":
         return per_step.sum() / m.sum().clamp(min=1.0)
+    paths = (m.sum(-1) > 0).sum().clamp(min=1)  # rows with no step (e.g. padding rows) do not count
     if reduction == "sequence":
-        return per_step.sum(-1).mean()
+        return per_step.sum() / paths
     if reduction == "sequence_mean":
-        return (per_step.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+        return (per_step.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / paths
     if reduction == "sum":
         return per_step.sum()
     if reduction == "none":

@@ -313,3 +313,16 @@ def test_advantage_forms_never_move_the_level_of_v(gen, loss_type):
     so = soft_outputs(logits, actions, 0.7)
     (g,) = torch.autograd.grad(unified_pcl_loss(so.q, so.v, r, m, tau=0.7)[0], logits)
     assert g.sum(-1).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence", "sequence_mean"])
+def test_an_empty_row_does_not_dilute_the_mean(reduction):
+    """A row with no path step (padding in a batch) must not count as a path in the mean."""
+    from sqlm.losses import reduce_loss
+
+    torch.manual_seed(0)
+    per_step = torch.rand(3, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.float)
+    bare = reduce_loss(per_step, mask, reduction)
+    padded = reduce_loss(torch.cat([per_step, torch.rand(1, 5)]), torch.cat([mask, torch.zeros(1, 5)]), reduction)
+    assert torch.allclose(bare, padded)
