@@ -28,6 +28,7 @@ The d-step sums are O(T): a discounted reverse cumulative sum ``G_t = u_t + gamm
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -48,9 +49,9 @@ def check_gamma(gamma: float) -> float:
 def check_d(d: int | None) -> int | None:
     if d is None:
         return None
-    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+    if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
         raise ValueError(f"d (rollout length) must be an int >= 1 or None for the whole path, got {d!r}")
-    return d
+    return int(d)
 
 
 def _check_shapes(ref_name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:

@@ -326,3 +326,13 @@ def test_an_empty_row_does_not_dilute_the_mean(reduction):
     bare = reduce_loss(per_step, mask, reduction)
     padded = reduce_loss(torch.cat([per_step, torch.rand(1, 5)]), torch.cat([mask, torch.zeros(1, 5)]), reduction)
     assert torch.allclose(bare, padded)
+
+
+def test_d_accepts_numpy_integers():
+    import numpy as np
+
+    from sqlm.losses import check_d
+
+    assert check_d(np.int64(3)) == 3 and type(check_d(np.int64(3))) is int
+    with pytest.raises(ValueError, match="d"):
+        check_d(np.float64(2.0))
