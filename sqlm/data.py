@@ -144,6 +144,20 @@ def load_split(
         raise SqlmError(f"could not load split '{split}' of {what}{hint}: {_one_line(e)}") from None
 
 
+
+def load_train_eval(args, base_dir: str | None = None):
+    """``(train, eval or None)`` from a config's ``dataset_name``, ``dataset_config``,
+    ``dataset_train_split`` / ``dataset_test_split`` and ``max_train_samples`` / ``max_eval_samples``
+    (sqlm train and the paired sqlm dpo read their data through this one function)."""
+
+    def split(name: str, limit: int | None):
+        ds = load_split(args.dataset_name, name, args.dataset_config, base_dir)
+        return ds if limit is None else ds.select(range(min(limit, len(ds))))
+
+    train = split(args.dataset_train_split, args.max_train_samples)
+    evals = split(args.dataset_test_split, args.max_eval_samples) if args.dataset_test_split else None
+    return train, evals
+
 def detect_format(columns: list[str] | dict) -> str:
     cols = set(columns)
     if {"chosen", "rejected"} <= cols:

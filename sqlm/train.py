@@ -188,7 +188,7 @@ def build_trainer(args, model_args, recipe_dir: str | None = None):
     from accelerate import PartialState
 
     from .config import get_peft_config
-    from .data import load_split
+    from .data import load_train_eval
     from .trainer import SoftQTrainer
 
     if not args.dataset_name:
@@ -198,14 +198,7 @@ def build_trainer(args, model_args, recipe_dir: str | None = None):
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise SqlmError("load_in_4bit / load_in_8bit are not supported by sqlm train; use LoRA on a bf16 model")
 
-    train = load_split(args.dataset_name, args.dataset_train_split, args.dataset_config, recipe_dir)
-    if args.max_train_samples is not None:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    evals = None
-    if args.dataset_test_split:
-        evals = load_split(args.dataset_name, args.dataset_test_split, args.dataset_config, recipe_dir)
-        if args.max_eval_samples is not None:
-            evals = evals.select(range(min(args.max_eval_samples, len(evals))))
+    train, evals = load_train_eval(args, recipe_dir)
 
     name = model_args.model_name_or_path
     if name == "tiny" or name.startswith("tiny:"):

@@ -163,20 +163,11 @@ def load_model_and_tokenizer(model_args, script_args, config, train_dataset):
 
 
 def load_datasets(script_args: DPOScriptArguments, recipe: str | None):
-    from ..data import load_split
+    from ..data import load_train_eval
 
     if script_args.dataset_name is None:
         raise SqlmError("set dataset_name (a preference dataset: prompt, chosen, rejected)")
-    base = str(Path(recipe).resolve().parent) if recipe else None
-    train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config, base)
-    if script_args.max_train_samples is not None:
-        train = train.select(range(min(script_args.max_train_samples, len(train))))
-    evaluation = None
-    if script_args.dataset_test_split:
-        evaluation = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config, base)
-        if script_args.max_eval_samples is not None:
-            evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
-    return train, evaluation
+    return load_train_eval(script_args, str(Path(recipe).resolve().parent) if recipe else None)
 
 
 def build_trainer(script_args, config, model_args, recipe: str | None = None):
