@@ -380,6 +380,12 @@ class SoftQConfig(TrainingArguments):
             raise bad("replay_buffer_size", f"must be >= 0, got {self.replay_buffer_size!r}")
         if self.temperature <= 0:
             raise bad("temperature", f"must be > 0, got {self.temperature!r}")
+        for name in self.reward_funcs or []:
+            if isinstance(name, str) and ":" not in name:
+                from .rewards.registry import unknown_name_error
+
+                if msg := unknown_name_error(name):
+                    raise SqlmError(f"key 'reward_funcs': {msg}")
         if self.reward_weights is not None:
             n = len(self.reward_funcs or [])
             if len(self.reward_weights) != n:

@@ -31,11 +31,11 @@ import torch
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational, maybe_extract_prompt
 
 from .errors import SqlmError
+from .rewards.cache import TOKEN_REWARD_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 PREFERENCE, PROMPT_COMPLETION, PROMPT_ONLY = "preference", "prompt_completion", "prompt"
-TOKEN_REWARD_COLUMNS = {"chosen": "chosen_token_rewards", "rejected": "rejected_token_rewards", "completion": "token_rewards"}
 # columns added by tokenisation; everything else is passed to reward functions
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "row_index")
 TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion")

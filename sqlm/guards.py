@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .errors import SqlmError
+from .rewards.cache import TOKEN_REWARD_COLUMNS
 
 COMPLETE_MARKER = "sqlm_checkpoint.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -71,7 +72,7 @@ def nonfinite_reward_source(trajectories: Iterable[Any], per_source: Mapping[str
         if t.token_rewards is not None and not all(math.isfinite(float(v)) for v in t.token_rewards):
             if t.source == "replay":
                 return "reward of a replayed sample"
-            col = {"chosen": "chosen_token_rewards", "rejected": "rejected_token_rewards"}.get(t.source, "token_rewards")
+            col = TOKEN_REWARD_COLUMNS.get(t.source, TOKEN_REWARD_COLUMNS["completion"])
             return f"reward in dataset column '{col}'"
         if t.sequence_reward is not None and not math.isfinite(float(t.sequence_reward)):
             return "sequence reward in the dataset (column 'reward', 'label' or a score column)"

@@ -80,8 +80,9 @@ def dataset_texts(dataset, columns: Sequence[str] = ("prompt", "chosen", "reject
 
 
 def tiny_cache_dir() -> Path:
-    root = os.environ.get("SQLM_CACHE") or os.path.join(Path.home(), ".cache", "sqlm")
-    return Path(root) / "tiny"
+    from .paths import cache_dir
+
+    return cache_dir("tiny")
 
 
 def build_tiny_model(spec: str, texts: Sequence[str], cache_dir: str | os.PathLike | None = None):
@@ -214,6 +215,7 @@ def build_trainer(args, model_args, recipe_dir: str | None = None):
         eval_dataset=evals,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        reward_search_dirs=[recipe_dir] if recipe_dir else None,
     )
 
 

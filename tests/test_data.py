@@ -21,7 +21,9 @@ from sqlm.data import (
     tokenize_prompt_completion,
 )
 from sqlm.errors import SqlmError
-from sqlm.rollout import ReplayBuffer, resolve_reward_funcs, score_trajectories
+from sqlm.rewards.registry import resolve_reward_funcs
+from sqlm.rewards.scoring import score_trajectories
+from sqlm.rollout import ReplayBuffer
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
