@@ -13,12 +13,15 @@ from sqlm.config import SoftQConfig
 from sqlm.data import (
     Trajectory,
     detect_format,
+    hold_out_indices,
     load_split,
+    load_train_eval,
     offline_trajectories,
     pack_trajectories,
     prepare_dataset,
     tokenize_preference,
     tokenize_prompt_completion,
+    template_ends_turns,
 )
 from sqlm.errors import SqlmError
 from sqlm.rollout import ReplayBuffer, resolve_reward_funcs, score_trajectories
@@ -168,6 +171,128 @@ def test_load_split_from_local_files(tmp_path, ext):
     assert loaded.to_list() == ROWS
     with pytest.raises(SqlmError, match="could not load"):
         load_split(str(tmp_path / "missing-dir-name"), "train")
+
+
+QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart", "reviews.jsonl")
+
+
+@pytest.mark.parametrize("split", ["test", "tset", "validation"])
+def test_a_single_file_has_no_other_split(split):
+    # it used to return the 128 training rows for any split name: evaluation on the training data
+    with pytest.raises(SqlmError, match=rf"unknown split '{split}' of dataset file .*reviews.jsonl: .* one split, 'train'"):
+        load_split(QUICKSTART, split)
+    assert len(load_split(QUICKSTART, "train")) == 128
+    assert len(load_split(QUICKSTART, "train[:25%]")) == 32  # a slice of train is still train
+
+
+def test_a_missing_split_file_is_named(tmp_path):
+    with pytest.raises(SqlmError, match="could not load split file 'heldout.jsonl': no such file"):
+        load_split(QUICKSTART, "heldout.jsonl", base_dir=tmp_path)
+
+
+def test_hold_out_is_disjoint_fixed_and_keeps_file_order():
+    train, test = hold_out_indices(128, 0.25)
+    assert len(test) == 32 and len(train) == 96 and not set(train) & set(test)
+    assert sorted(train + test) == list(range(128)) and train == sorted(train) and test == sorted(test)
+    assert hold_out_indices(128, 0.25) == (train, test)  # fixed seed: the same rows every run
+    assert test != list(range(96, 128))  # drawn at random, not the file's tail
+    assert len(hold_out_indices(128, 10)[1]) == 10  # a whole number is a row count
+    assert len(hold_out_indices(3, 0.01)[1]) == 1  # at least one row
+    for bad in (128, 1.5):
+        with pytest.raises(SqlmError, match="dataset_test_size"):
+            hold_out_indices(128, bad)
+
+
+def test_load_train_eval_holds_out_rows_of_one_file():
+    a = args(dataset_name=QUICKSTART, dataset_test_size=0.25, max_eval_samples=8)
+    train, evals = load_train_eval(a)
+    assert (len(train), len(evals)) == (96, 8)
+    key = lambda r: (r["prompt"], r["chosen"])  # noqa: E731
+    assert not {key(r) for r in train} & {key(r) for r in evals}
+    assert load_train_eval(args(dataset_name=QUICKSTART))[1] is None  # no eval set unless asked for
+    with pytest.raises(SqlmError, match="'dataset_test_split' and 'dataset_test_size' cannot both be set"):
+        args(dataset_name=QUICKSTART, dataset_test_split="train[:10%]", dataset_test_size=0.25)
+
+
+def _csv(path, rows):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: v if isinstance(v, str) else json.dumps(v) for k, v in r.items()})
+
+
+def test_csv_with_json_encoded_messages_is_conversational(tok, tmp_path):
+    # message lists JSON-encoded in CSV cells used to train as raw JSON text
+    path = tmp_path / "conv.csv"
+    _csv(path, CONV + [{**CONV[0], "rejected": [{"role": "assistant", "content": "dull"}]}])
+    ds = load_split(str(path), "train")
+    assert ds[0]["prompt"] == CONV[0]["prompt"] and ds[0]["chosen"] == CONV[0]["chosen"]
+    prepared = prepare_dataset(ds, tok, args())
+    assert prepared[0]["chosen_ids"] == tokenize_preference(CONV[0], tok)["chosen_ids"]
+    assert "role" not in tok.decode(prepared[0]["chosen_ids"])
+
+
+def test_csv_column_of_messages_and_text_is_refused(tmp_path):
+    path = tmp_path / "mixed.csv"
+    _csv(path, CONV + [{**CONV[0], "chosen": "plain text"}])
+    with pytest.raises(SqlmError, match=r"row 1 of dataset file .*mixed.csv: column 'chosen' is not a JSON list of "
+                       r"\{role, content\} messages, but row 0 is"):
+        load_split(str(path), "train")
+
+
+def test_pairs_identical_only_after_truncation_are_reported_as_such(tok, caplog):
+    import logging
+
+    rows = [
+        {"prompt": "Rate the film:", "chosen": " good and fun.", "rejected": " good and bad."},  # differ late
+        {"prompt": "Rate the book:", "chosen": " fun.", "rejected": " fun."},  # identical in the data
+        {"prompt": "Rate the song:", "chosen": " fun.", "rejected": " bad."},
+    ]
+    with caplog.at_level(logging.WARNING, logger="sqlm.data"):
+        ds = prepare_dataset(Dataset.from_list(rows), tok, args(max_completion_length=2))
+    assert ds["row_index"] == [2]
+    (msg,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "1 with chosen and rejected identical only after truncation to max_length=64, max_completion_length=2 " \
+           "(rows 0)" in msg
+    assert "1 with chosen identical to rejected (rows 1)" in msg
+
+
+@pytest.mark.parametrize("fmt", ["preference", "prompt_completion"])
+def test_conversational_completions_end_with_eos(tok, fmt):
+    # the tiny chat template closes every turn with the EOS, so a chat model learns to stop
+    assert template_ends_turns(tok)
+    if fmt == "preference":
+        out = tokenize_preference(CONV[0], tok)
+        ends = [out["chosen_ids"], out["rejected_ids"]]
+    else:
+        row = {"prompt": CONV[0]["prompt"], "completion": CONV[0]["chosen"]}
+        ends = [tokenize_prompt_completion(row, tok)["completion_ids"]]
+    for ids in ends:
+        assert ids[-1] == tok.eos_token_id and tok.eos_token_id not in ids[:-1]
+
+
+def test_a_template_without_end_of_turn_gets_the_eos_appended(tok):
+    import copy
+
+    bare = copy.deepcopy(tok)
+    bare.chat_template = (  # turns end with a newline only: nothing to stop on
+        "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    assert not template_ends_turns(bare)
+    out = tokenize_preference(CONV[0], bare)
+    assert out["chosen_ids"][-1] == bare.eos_token_id and out["rejected_ids"][-1] == bare.eos_token_id
+    assert tokenize_preference(CONV[0], bare, max_completion_length=1)["chosen_ids"] == out["chosen_ids"][:1]
+    # a template that closes turns with its own special token (as <|im_end|>) is left as TRL tokenises it
+    marked = copy.deepcopy(tok)
+    marked.add_special_tokens({"additional_special_tokens": ["<end>"]})
+    marked.chat_template = bare.chat_template.replace("\n{% endfor %}", "<end>\n{% endfor %}")
+    assert template_ends_turns(marked)
+    ids = tokenize_preference(CONV[0], marked)["chosen_ids"]
+    assert ids[-2] == marked.convert_tokens_to_ids("<end>") and marked.eos_token_id not in ids
 
 
 def test_pack_layout():
