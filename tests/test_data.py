@@ -336,3 +336,30 @@ def test_replay_buffer_fifo_and_state():
     a, b = buf.sample(4), other.sample(4)
     assert [t.completion_ids for t in a] == [t.completion_ids for t in b]
     assert all(t.scored and t.token_rewards == [float(t.completion_ids[0])] for t in a)
+
+
+def test_a_tiny_chat_model_trained_on_conversations_learns_to_stop(tmp_path):
+    # completions of conversational data used to carry no EOS: sampled completions ran to the limit
+    from sqlm.trainer import SoftQTrainer
+
+    prompts = ["Rate the film", "Rate the book", "Rate the song", "Rate the game"]
+    chat_tok = train_tokenizer([f"user: {p}assistant: good and fun." for p in prompts] * 4, vocab_size=300)
+    model = tiny_model_for_tokenizer(chat_tok, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1)
+    rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": "good"}],
+             "reward": 1.0} for p in prompts] * 4
+    limit = 12
+    cfg = args(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=10, learning_rate=1e-2,
+               lr_scheduler_type="constant", save_strategy="no", seed=0, max_length=32,
+               max_completion_length=limit, tau=0.1)
+    trainer = SoftQTrainer(model, cfg, train_dataset=Dataset.from_list(rows), processing_class=chat_tok)
+    trainer.train()
+    prompt = chat_tok.apply_chat_template([{"role": "user", "content": "Rate the film"}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+    torch.manual_seed(0)
+    out = trainer.model.eval().generate(**prompt, do_sample=True, max_new_tokens=limit, num_return_sequences=32,
+                                        pad_token_id=chat_tok.pad_token_id, eos_token_id=chat_tok.eos_token_id)
+    ended = (out[:, prompt["input_ids"].shape[1]:] == chat_tok.eos_token_id)
+    lengths = torch.where(ended.any(1), ended.float().argmax(1) + 1, torch.tensor(limit))
+    assert ended.any(1).float().mean() > 0.9  # (before: 0 of 32 stopped, mean length 12 of 12)
+    assert lengths.float().mean() < limit / 2
