@@ -298,6 +298,8 @@ def template_ends_turns(tokenizer) -> bool:
     template = getattr(tokenizer, "chat_template", None)
     key = (template, getattr(tokenizer, "eos_token", None), getattr(tokenizer, "name_or_path", None))
     if key not in _turn_end_cache:
+        from jinja2 import TemplateError
+
         try:
             text = tokenizer.apply_chat_template(
                 [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_END_PROBE}], tokenize=False
@@ -307,7 +309,8 @@ def template_ends_turns(tokenizer) -> bool:
                 str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
             }
             _turn_end_cache[key] = any(s and s in tail for s in specials)
-        except Exception:  # no template, or one that rejects the probe: leave its output as it is
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            # no template, or one that rejects the probe: leave its output as it is
             _turn_end_cache[key] = True
     return _turn_end_cache[key]
 

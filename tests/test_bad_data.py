@@ -119,8 +119,8 @@ DATA_CASES = [
     ("csv_messages_and_text.csv", [],
      "row 1 of dataset file {data}/csv_messages_and_text.csv: column 'chosen' is not a JSON list of {{role, content}} messages"),
     ("identical_after_truncation.jsonl", ["--max_completion_length", "1"],
-     "every row of the train dataset was skipped: 2 with chosen and rejected identical only after truncation to "
-     "max_length=32, max_completion_length=1"),
+     ("every row of the train dataset was skipped: 2 with chosen and rejected identical only after truncation to "
+      "max_length=32, max_completion_length=1")),
 ]
 
 

@@ -19,9 +19,9 @@ from sqlm.data import (
     offline_trajectories,
     pack_trajectories,
     prepare_dataset,
+    template_ends_turns,
     tokenize_preference,
     tokenize_prompt_completion,
-    template_ends_turns,
 )
 from sqlm.errors import SqlmError
 from sqlm.rollout import ReplayBuffer, resolve_reward_funcs, score_trajectories
@@ -207,8 +207,8 @@ def test_load_train_eval_holds_out_rows_of_one_file():
     a = args(dataset_name=QUICKSTART, dataset_test_size=0.25, max_eval_samples=8)
     train, evals = load_train_eval(a)
     assert (len(train), len(evals)) == (96, 8)
-    key = lambda r: (r["prompt"], r["chosen"])  # noqa: E731
-    assert not {key(r) for r in train} & {key(r) for r in evals}
+    pairs = [{(r["prompt"], r["chosen"]) for r in ds} for ds in (train, evals)]
+    assert not pairs[0] & pairs[1]
     assert load_train_eval(args(dataset_name=QUICKSTART))[1] is None  # no eval set unless asked for
     with pytest.raises(SqlmError, match="'dataset_test_split' and 'dataset_test_size' cannot both be set"):
         args(dataset_name=QUICKSTART, dataset_test_split="train[:10%]", dataset_test_size=0.25)
