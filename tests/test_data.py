@@ -185,6 +185,14 @@ def test_a_single_file_has_no_other_split(split):
     assert len(load_split(QUICKSTART, "train[:25%]")) == 32  # a slice of train is still train
 
 
+def test_an_unknown_split_of_a_folder_names_the_splits(tmp_path):
+    for split, n in (("train", 3), ("test", 2)):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (ROWS * 2)[:n]))
+    assert len(load_split(str(tmp_path), "test")) == 2
+    with pytest.raises(SqlmError, match=r"could not load split 'tset' .*Should be one of \['train', 'test'\]"):
+        load_split(str(tmp_path), "tset")
+
+
 def test_a_missing_split_file_is_named(tmp_path):
     with pytest.raises(SqlmError, match="could not load split file 'heldout.jsonl': no such file"):
         load_split(QUICKSTART, "heldout.jsonl", base_dir=tmp_path)
