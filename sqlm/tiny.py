@@ -12,9 +12,10 @@ import torch
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
 
-# A minimal chat template (role: content lines), enough for TRL's conversational helpers.
+# A minimal chat template, enough for TRL's conversational helpers: "role: content" turns, each
+# closed by the EOS token, as a chat model's turns end with the token its generation stops on.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 

@@ -138,11 +138,12 @@ def split_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def parse_train_args(argv: Sequence[str]):
     """Recipe + flags -> ``(SoftQConfig, ModelConfig, recipe_dir)``."""
-    from .config import TRAIN_DATACLASSES
+    from .config import TRAIN_DATACLASSES, check_train_args
     from .recipe import parse_recipe
 
     recipe, overrides = split_argv(argv)
     args, model_args = parse_recipe(TRAIN_DATACLASSES, recipe, overrides)
+    check_train_args(args, model_args)
     recipe_dir = str(Path(recipe).resolve().parent) if recipe else None
     return args, model_args, recipe_dir
 
