@@ -18,10 +18,9 @@ import trl
 from transformers import TrainingArguments
 
 from .errors import SqlmError
-from .losses import LOSSES, REDUCTIONS
+from .losses import LOSS_SPECS, REDUCTIONS
 
 MODES = ("offline", "online", "mixed")
-TARGET_LOSSES = ("soft_q", "advantage_pcl", "multistep_pcl")  # losses that read a target network
 
 
 def _accelerator_supports_bf16() -> bool:
@@ -59,7 +58,7 @@ class SoftQConfig(TrainingArguments):
             "help": "Path-consistency loss (sqlm.losses.LOSSES): 'pcl' (value head), 'unified_pcl' (V from the "
             "logits), 'soft_q' (one-step Bellman, target network), 'advantage_pcl' (Guo et al. 2021 eq. 9), "
             "'multistep_pcl' (Guo et al. 2021 eq. 10).",
-            "choices": list(LOSSES),
+            "choices": list(LOSS_SPECS),
         },
     )
     tau: float = field(
@@ -348,8 +347,8 @@ class SoftQConfig(TrainingArguments):
         def bad(key: str, msg: str) -> SqlmError:
             return SqlmError(f"key '{key}' {msg}")
 
-        if self.loss_type not in LOSSES:
-            raise bad("loss_type", f"must be one of {', '.join(LOSSES)}, got {self.loss_type!r}")
+        if self.loss_type not in LOSS_SPECS:
+            raise bad("loss_type", f"must be one of {', '.join(LOSS_SPECS)}, got {self.loss_type!r}")
         if not (self.tau > 0 and math.isfinite(self.tau)):
             raise bad("tau" if self.beta is None else "beta", f"must be a finite number > 0, got {self.tau!r}")
         if not 0 < self.gamma <= 1:
@@ -368,10 +367,14 @@ class SoftQConfig(TrainingArguments):
             raise bad("target_model_sync_steps", f"must be >= 1, got {self.target_model_sync_steps!r}")
         if self.value_anchor not in ("reference", "none"):
             raise bad("value_anchor", f"must be 'reference' or 'none', got {self.value_anchor!r}")
-        if self.value_head is False and self.loss_type == "pcl":
-            raise bad("value_head", "must be on for loss_type 'pcl' (its V comes from a separate value head)")
-        if self.value_head and self.loss_type != "pcl":
-            raise bad("value_head", f"is used only by loss_type 'pcl', not '{self.loss_type}' (V comes from the logits)")
+        needs_head = LOSS_SPECS[self.loss_type].needs_value_head
+        if self.value_head is False and needs_head:
+            raise bad("value_head", f"must be on for loss_type '{self.loss_type}' (its V comes from a separate "
+                      "value head)")
+        if self.value_head and not needs_head:
+            users = " or ".join(f"'{n}'" for n, s in LOSS_SPECS.items() if s.needs_value_head)
+            raise bad("value_head", f"is used only by loss_type {users}, not '{self.loss_type}' (V comes from the "
+                      "logits)")
         if self.num_generations < 1:
             raise bad("num_generations", f"must be >= 1, got {self.num_generations!r}")
         if self.mode != "offline" and not self.max_completion_length:
@@ -409,12 +412,12 @@ class SoftQConfig(TrainingArguments):
     @property
     def uses_target_model(self) -> bool:
         if self.use_target_model is None:
-            return self.loss_type in TARGET_LOSSES
+            return LOSS_SPECS[self.loss_type].needs_target
         return bool(self.use_target_model)
 
     @property
     def uses_value_head(self) -> bool:
-        return self.loss_type == "pcl" if self.value_head is None else bool(self.value_head)
+        return LOSS_SPECS[self.loss_type].needs_value_head if self.value_head is None else bool(self.value_head)
 
 
 @dataclass
