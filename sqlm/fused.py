@@ -20,7 +20,8 @@ divides) and Gemma 2/3's ``final_logit_softcapping`` (``z = c * tanh(z / c)``). 
 plain ``nn.Linear`` (e.g. LoRA on ``lm_head``) raises ``SqlmError``; use the plain path there.
 
 Only the rows of ``mask`` (the path steps) are projected; the other rows of every output are 0,
-which is what every loss in ``sqlm.losses`` reads there anyway.
+which is what every loss in ``sqlm.losses`` reads there anyway. ``sqlm.forward`` runs a model
+through this path when ``supports_fused_head`` says it can, and through its logits otherwise.
 """
 
 from __future__ import annotations

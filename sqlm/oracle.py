@@ -431,7 +431,7 @@ def enumerate_sequences(mdp: TokenMDP, tables: Tables | None = None) -> Sequence
     """Every complete sequence of the MDP with its log-probability under ``tables`` (default:
     uniform) and its total raw reward. ``len == mdp.num_sequences``."""
     tables = mdp.uniform_log_probs() if tables is None else tables
-    h, k = mdp.horizon, mdp.k
+    h = mdp.horizon
     toks, lens, lps, rews = [], [], [], []
     cum_lp = torch.zeros(1, dtype=torch.float64)
     cum_r = torch.zeros(1, dtype=torch.float64)
