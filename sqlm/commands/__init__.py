@@ -1,0 +1,1 @@
+"""The ``sqlm`` commands: one module per command, each exposing ``main(argv) -> int``."""
