@@ -18,6 +18,7 @@ COMMANDS = {
     "dpo": ("sqlm.evaluation.dpo", "train TRL's DPO baseline on the data of a paired sqlm recipe"),
     "grpo": ("sqlm.commands.grpo", "train TRL's GRPO baseline on the prompts and reward of a paired sqlm recipe"),
     "rloo": ("sqlm.commands.rloo", "train TRL's RLOO baseline on the prompts and reward of a paired sqlm recipe"),
+    "online_dpo": ("sqlm.commands.online_dpo", "train TRL's online DPO baseline on the prompts and reward of a paired sqlm recipe"),
     "eval": ("sqlm.evaluation.evaluate", "score models: gold reward, KL, win rate, diversity"),
     "pipeline": ("sqlm.evaluation.pipeline", "run the embedded gold-reward task end to end vs DPO"),
     "oracle": ("sqlm.oracle", "solve a tiny token MDP exactly and train a tiny LM towards it"),

@@ -1,4 +1,5 @@
-"""`sqlm grpo` / `sqlm rloo`: TRL's online trainers on the prompts, reward and budget of a paired sqlm recipe."""
+"""`sqlm grpo` / `sqlm rloo` / `sqlm online_dpo`: TRL's online trainers on the prompts, reward and budget of a
+paired sqlm recipe."""
 
 import json
 import shlex
@@ -10,7 +11,8 @@ import torch
 from sqlm.errors import SqlmError
 
 ROOT = Path(__file__).resolve().parents[1]
-QS = {c: str(ROOT / f"recipes/quickstart/{c}/config.yaml") for c in ("grpo", "rloo", "sqlm")}
+QS = {c: str(ROOT / f"recipes/quickstart/{c}/config.yaml") for c in ("grpo", "rloo", "online_dpo", "sqlm")}
+BASELINES = ("grpo", "rloo", "online_dpo")
 TINY = "tiny:vocab_size=384,hidden_size=64,num_hidden_layers=2"
 CPU = ["--bf16", "false", "--use_cpu", "true"]
 
@@ -51,24 +53,29 @@ def reward_model(tiny, tmp_path):
     return str(out)
 
 
-@pytest.mark.parametrize("command", ["grpo", "rloo"])
+@pytest.mark.parametrize("command", BASELINES)
 def test_tiny_run_trains_the_model_and_writes_run_stats(command, tiny, reward_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     init = tiny[0]
-    # grpo: a 'module:function' reward (through sqlm's rewarders); rloo: a reward model folder scored by TRL
-    reward = (["--reward_funcs", "tests.test_baselines:token_sum", "--allow_code_rewards", "true"] if command == "grpo"
-              else ["--reward_funcs", reward_model])  # fmt: skip
+    # a 'module:function' reward (through sqlm's rewarders), or a reward model folder scored by TRL (rloo)
+    reward = (["--reward_funcs", reward_model] if command == "rloo"
+              else ["--reward_funcs", "tests.test_baselines:token_sum", "--allow_code_rewards", "true"])  # fmt: skip
+    # 4 prompts x 2 completions a step (TRL's grpo/rloo batch counts completions, online DPO's prompts)
+    batch, limit = ("4", "--max_new_tokens") if command == "online_dpo" else ("8", "--max_completion_length")
     out = tmp_path / command
-    argv = [QS[command], "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "8",
-            "--max_completion_length", "8", "--logging_steps", "1", "--disable_tqdm", "true", "--reward_kwargs", "{}", *reward]  # fmt: skip
+    argv = [QS[command], "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", batch,
+            limit, "8", "--logging_steps", "1", "--disable_tqdm", "true", "--reward_kwargs", "{}", "--reward_scale", "0.5",
+            *reward]  # fmt: skip
     assert _command(command).main(argv) == 0
     stats = json.loads((out / "run_stats.json").read_text())
     assert stats["trainer"] == command and stats["optimizer_steps"] == 3
-    assert stats["generated_completions"] == 3 * 8  # 4 prompts x 2 generations per step
+    assert stats["generated_completions"] == 3 * 8
     assert 3 * 8 <= stats["generated_tokens"] <= 3 * 8 * 8
     assert stats["wall_time_s"] > 0 and stats["total_time_s"] >= stats["wall_time_s"]
-    assert stats["last_log"]["reward"] is not None
+    assert stats["last_log"]["loss"] is not None
+    if command == "grpo":  # reward_scale multiplies the total reward (TRL logs each function's raw mean)
+        assert stats["last_log"]["reward"] == pytest.approx(0.5 * stats["last_log"]["rewards/tests.test_baselines:token_sum/mean"])
     model = AutoModelForCausalLM.from_pretrained(out)
     moved = [not torch.equal(p, q) for p, q in zip(model.parameters(), init.parameters())]
     assert sum(moved) >= 0.9 * len(moved)
@@ -78,9 +85,9 @@ def test_prompts_are_the_tokens_sqlm_online_generates_from(tiny, tmp_path):
     """The baseline generates from sqlm's prompt_ids (here cut to their last 3 tokens), not from its
     own tokenisation of the prompt text."""
     from sqlm.commands import grpo
-    from sqlm.commands._online_baseline import build_trainer, make_trainer_class
-    from sqlm.train import build_trainer as build_sqlm, parse_train_args
-    from trl import GRPOTrainer
+    from sqlm.commands._online_baseline import build_trainer
+    from sqlm.train import build_trainer as build_sqlm
+    from sqlm.train import parse_train_args
 
     cut = ["--max_prompt_length", "3"]
     args, model_args, recipe_dir = parse_train_args(
@@ -88,7 +95,7 @@ def test_prompts_are_the_tokens_sqlm_online_generates_from(tiny, tmp_path):
     )
     sq = build_sqlm(args, model_args, recipe_dir)
     recipe, s, c, m = grpo.parse([QS["grpo"], "--output_dir", str(tmp_path / "g"), *cut])
-    trainer = build_trainer(make_trainer_class(GRPOTrainer), s, c, m, recipe)
+    trainer = build_trainer(grpo.trainer_class(), s, c, m, recipe)
     ids = [list(x) for x in trainer.train_dataset["prompt_ids"]]
     assert ids == [list(x) for x in sq.train_dataset["prompt_ids"]] and max(map(len, ids)) == 3
     assert trainer.processing_class.get_vocab() == sq.processing_class.get_vocab()
@@ -97,23 +104,44 @@ def test_prompts_are_the_tokens_sqlm_online_generates_from(tiny, tmp_path):
     got, _, _ = trainer._tokenize_prompts([r["prompt"] for r in rows])
     assert got == ids[:4]
     assert len(trainer.processing_class(rows[0]["prompt"])["input_ids"]) > 3  # TRL's own tokens would differ
+    # online DPO: the same prompts, and its generation starts from them (each prompt twice)
+    from sqlm.commands import online_dpo
+
+    recipe, s, c, m = online_dpo.parse([QS["online_dpo"], "--output_dir", str(tmp_path / "o"), *cut])
+    odpo = build_trainer(online_dpo.trainer_class(), s, c, m, recipe)
+    assert [list(x) for x in odpo.train_dataset["prompt_ids"]] == ids
+    odpo._prompt_ids = ids[:4]
+    prompt_ids, prompt_mask, completion_ids, completion_mask, _ = odpo._generate(odpo.model, [r["prompt"] for r in rows])
+    got = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
+    assert got == ids[:4] * 2 and completion_ids.shape[0] == 8
+    assert odpo.generated_completions == 8 and odpo.generated_tokens == int(completion_mask.sum())
 
 
 def test_sqlm_rewards_score_as_in_sqlm_train():
-    from sqlm.commands._online_baseline import OnlineScriptArguments, build_reward_funcs
+    from sqlm.commands._online_baseline import (
+        OnlineScriptArguments,
+        build_reward_funcs,
+        scaled_reward_weights,
+    )
 
     class Tok:
         pad_token_id, eos_token_id = 0, 0
 
     kw = {"keyword": {"words": ["good"], "penalty_words": ["bad"]}, "tests.test_baselines:per_token": {}}
     args = OnlineScriptArguments(reward_funcs=["keyword", "tests.test_baselines:per_token"], reward_kwargs=kw,
-                                 allow_code_rewards=True, reward_scale=0.5)  # fmt: skip
+                                 allow_code_rewards=True)  # fmt: skip
     (keyword, dense), processing = build_reward_funcs(args, Tok())
     assert processing == [None, None] and keyword.__name__ == "keyword"
-    call = dict(prompts=["p", "q"], completions=["good good bad", "bad"], completion_ids=[[5, 6, 7], [8]],
-                prompt_ids=[[1, 2], [3]], trainer_state=None)  # fmt: skip
-    assert keyword(**call) == [0.5, -0.5]
-    assert dense(**call) == pytest.approx([0.5 * (1 + 2 + 3), 0.5 * 1])  # per-token rewards summed along the path
+    call = {"prompts": ["p", "q"], "completions": ["good good bad", "bad"], "completion_ids": [[5, 6, 7], [8]],
+            "prompt_ids": [[1, 2], [3]], "trainer_state": None}  # fmt: skip
+    assert keyword(**call) == [1.0, -1.0]
+    assert dense(**call) == pytest.approx([1 + 2 + 3, 1])  # per-token rewards summed along the path
+    # sqlm's reward_scale multiplies the weighted total
+    assert scaled_reward_weights(None, 0.5, 2) == [0.5, 0.5]
+    assert scaled_reward_weights([2.0, 1.0], 0.1, 2) == pytest.approx([0.2, 0.1])
+    assert scaled_reward_weights([2.0], 1.0, 2) == [2.0]  # unchanged (TRL checks the count)
+    with pytest.raises(SqlmError, match="reward_weights has 1 values for 2"):
+        scaled_reward_weights([2.0], 0.5, 2)
     with pytest.raises(SqlmError, match="allow_code_rewards"):
         build_reward_funcs(OnlineScriptArguments(reward_funcs=["tests.test_baselines:per_token"]), Tok())
     with pytest.raises(SqlmError, match="unknown reward function 'keywrd'"):
@@ -131,7 +159,7 @@ def per_token(prompts, completions, completion_ids, **kwargs):
 
 
 def _baseline_recipes():
-    return sorted(p for c in ("grpo", "rloo") for p in ROOT.glob(f"recipes/*/{c}/*.yaml"))
+    return sorted(p for c in BASELINES for p in ROOT.glob(f"recipes/*/{c}/*.yaml"))
 
 
 @pytest.mark.parametrize("path", _baseline_recipes(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -147,15 +175,22 @@ def test_every_baseline_recipe_matches_its_sqlm_online_pair(path):
     _, s, c, m = _command(path.parent.name).parse([str(path), *CPU])
     assert a.mode in ("online", "mixed")
     online = a.mix_ratio if a.mode == "mixed" else 1.0
-    assert c.per_device_train_batch_size == a.per_device_train_batch_size * a.num_generations * online
+    # grpo / rloo: num_generations, batch in completions; online DPO: always 2, batch in prompts
+    gens, per_prompt = (c.num_generations, 1) if hasattr(c, "num_generations") else (2, 2)
+    assert gens == a.num_generations
+    assert c.per_device_train_batch_size * per_prompt == a.per_device_train_batch_size * a.num_generations * online
     assert c.num_train_epochs == a.num_train_epochs * online  # a TRL epoch rolls out every prompt once
+    assert getattr(c, "max_completion_length", getattr(c, "max_new_tokens", None)) == a.max_completion_length
+    assert getattr(s, "max_length", getattr(c, "max_length", None)) == a.max_length
     assert c.temperature == a.temperature == 1.0
-    for key in ("num_generations", "max_completion_length", "learning_rate", "seed", "max_steps", "lr_scheduler_type",
-                "warmup_steps", "gradient_accumulation_steps", "max_grad_norm", "weight_decay"):  # fmt: skip
+    for key in ("learning_rate", "seed", "max_steps", "lr_scheduler_type", "warmup_steps", "gradient_accumulation_steps",
+                "max_grad_norm", "weight_decay"):  # fmt: skip
         assert getattr(c, key) == getattr(a, key), key
-    for key in ("dataset_name", "dataset_train_split", "max_length", "max_prompt_length", "dataset_column_map",
-                "max_train_samples", "reward_funcs", "reward_kwargs", "reward_scale"):  # fmt: skip
+    for key in ("dataset_name", "dataset_train_split", "max_prompt_length", "dataset_column_map", "max_train_samples",
+                "reward_funcs", "reward_kwargs", "reward_scale"):  # fmt: skip
         assert getattr(s, key) == getattr(a, key), key
+    if path.parent.name == "online_dpo":  # DPO's beta plays the part of tau (as in sqlm dpo's recipes)
+        assert c.beta == a.tau
     for key in ("model_name_or_path", "dtype", "use_peft", "lora_r", "lora_alpha", "lora_target_modules"):
         assert getattr(m, key) == getattr(am, key), key
 
@@ -176,3 +211,7 @@ def test_bad_recipe_keys_are_one_line_errors(tmp_path, capsys):
     assert cli(["rloo", QS["rloo"], "--dataset_name", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sqlm rloo: error:") and "\n" not in err
+    # online DPO has no num_generations (always a pair) and TRL's name for the completion limit
+    assert cli(["online_dpo", QS["online_dpo"], "--max_completion_length", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown key 'max_completion_length'" in err and "\n" not in err

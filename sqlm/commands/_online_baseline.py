@@ -10,7 +10,8 @@ Like for like with ``sqlm train --mode online``:
   rewarders such as ``terminal`` with ``reward_kwargs``), ``module:function`` behind
   ``allow_code_rewards``, or the folder / hub id of a trained sequence-classification reward model
   (TRL's own model reward; safetensors only). A sqlm rewarder scores a completion exactly as in
-  ``sqlm train``: the sum of its per-token rewards, times ``reward_scale``.
+  ``sqlm train``: the sum of its per-token rewards. ``reward_scale`` multiplies the total reward, as
+  in sqlm (it is folded into TRL's ``reward_weights``).
 * **Model**: loaded as ``sqlm dpo`` loads it (``tiny:...`` gives the same cached weights and tokenizer).
 * **Budget**: TRL's ``per_device_train_batch_size`` counts completions, sqlm's counts prompts: a pair
   has ``trl_batch = sqlm_batch * num_generations``, the same ``num_generations``,
@@ -38,9 +39,9 @@ _TRL_CALL_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
 
 
 @dataclass
-class OnlineScriptArguments:
-    """Data and reward arguments of ``sqlm grpo`` / ``sqlm rloo``, with the names and meaning of
-    ``sqlm train``'s (the generation keys are TRL's config keys, as in sqlm's recipes)."""
+class PromptRewardArguments:
+    """Data and reward arguments of the online baselines, with the names and meaning of ``sqlm train``'s
+    (the generation keys are TRL's config keys, as in sqlm's recipes)."""
 
     dataset_name: str | None = field(
         default=None,
@@ -58,10 +59,6 @@ class OnlineScriptArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
-    max_length: int | None = field(
-        default=1024,
-        metadata={"help": "As sqlm train: rows whose prompt alone has this many tokens are dropped."},
-    )
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Maximum prompt tokens; longer prompts keep their end (as sqlm train)."}
     )
@@ -86,7 +83,20 @@ class OnlineScriptArguments:
         metadata={"help": "Allow 'module:function' reward functions named in a recipe to be imported (runs code)."},
     )
     reward_scale: float = field(
-        default=1.0, metadata={"help": "Multiply the sqlm rewards by this factor (as sqlm train's reward_scale)."}
+        default=1.0,
+        metadata={"help": "Multiply the total reward by this factor, as sqlm train's reward_scale (folded into "
+                  "TRL's reward_weights)."},
+    )
+
+
+@dataclass
+class OnlineScriptArguments(PromptRewardArguments):
+    """:class:`PromptRewardArguments` plus sqlm's ``max_length`` (``sqlm grpo`` / ``sqlm rloo``; the
+    online DPO config has its own ``max_length``)."""
+
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "As sqlm train: rows whose prompt alone has this many tokens are dropped."},
     )
 
 
@@ -105,11 +115,11 @@ class AutoBf16:
 
 class SqlmRewardFunction:
     """A sqlm rewarder as a TRL reward function: each completion's reward is the sum of the rewarder's
-    per-token rewards (what ``sqlm train`` adds up along the path), times ``scale``. The prompts are
-    the ``prompt_ids`` column (sqlm's tokens); other dataset columns reach the rewarder as in sqlm."""
+    per-token rewards (what ``sqlm train`` adds up along the path). The prompts are the
+    ``prompt_ids`` column (sqlm's tokens); other dataset columns reach the rewarder as in sqlm."""
 
-    def __init__(self, rewarder, pad_token_id: int, scale: float = 1.0):
-        self.rewarder, self.pad_token_id, self.scale = rewarder, pad_token_id, scale
+    def __init__(self, rewarder, pad_token_id: int):
+        self.rewarder, self.pad_token_id = rewarder, pad_token_id
         self.__name__ = rewarder.name
 
     def __call__(self, prompts, completions, completion_ids, prompt_ids=None, **kwargs) -> list[float]:
@@ -131,7 +141,7 @@ class SqlmRewardFunction:
             )
             for i in range(len(prompts))
         ]
-        rewards, _ = score_trajectories(trajectories, [self.rewarder], [1.0], self.pad_token_id, self.scale)
+        rewards, _ = score_trajectories(trajectories, [self.rewarder], [1.0], self.pad_token_id)
         return [float(r.sum()) for r in rewards]
 
 
@@ -158,7 +168,7 @@ def _reward_model(name: str, trust_remote_code: bool):
     return model.eval(), tokenizer
 
 
-def build_reward_funcs(script_args: OnlineScriptArguments, tokenizer, trust_remote_code: bool = False):
+def build_reward_funcs(script_args: PromptRewardArguments, tokenizer, trust_remote_code: bool = False):
     """``(reward_funcs, reward_processing_classes)`` for a TRL online trainer from the recipe's
     ``reward_funcs`` / ``reward_kwargs`` / ``allow_code_rewards`` (see the module docstring)."""
     from ..config import _as_dict
@@ -183,7 +193,7 @@ def build_reward_funcs(script_args: OnlineScriptArguments, tokenizer, trust_remo
     funcs, processing = [], []
     for n in names:
         if n in sqlm_names:
-            funcs.append(SqlmRewardFunction(next(resolved), pad, script_args.reward_scale))
+            funcs.append(SqlmRewardFunction(next(resolved), pad))
             processing.append(None)
         else:
             model, tok = _reward_model(n, trust_remote_code)
@@ -192,10 +202,20 @@ def build_reward_funcs(script_args: OnlineScriptArguments, tokenizer, trust_remo
     return funcs, processing
 
 
+def scaled_reward_weights(weights: list[float] | None, scale: float, n: int) -> list[float] | None:
+    """TRL's ``reward_weights`` with sqlm's ``reward_scale`` folded in: ``scale * sum_k w_k r_k`` (None
+    when there is nothing to change)."""
+    if scale == 1.0:
+        return weights
+    if weights is not None and len(weights) != n:
+        raise SqlmError(f"reward_weights has {len(weights)} values for {n} reward_funcs")
+    return [scale * w for w in (weights if weights is not None else [1.0] * n)]
+
+
 # ----------------------------------------------------------------------------- data and trainer
 
 
-def prompt_dataset(dataset, tokenizer, script_args: OnlineScriptArguments, name: str = "train"):
+def prompt_dataset(dataset, tokenizer, script_args: PromptRewardArguments, max_length: int | None, name: str = "train"):
     """The rows with sqlm's ``prompt_ids`` (``sqlm.data.prepare_dataset`` in online mode, as ``sqlm
     train --mode online`` prepares them); the text columns stay for the reward functions."""
     from ..data import prepare_dataset
@@ -206,7 +226,7 @@ def prompt_dataset(dataset, tokenizer, script_args: OnlineScriptArguments, name:
         dataset_column_map=_column_map(script_args.dataset_column_map),
         chosen_score_column=None,
         rejected_score_column=None,
-        max_length=script_args.max_length,
+        max_length=max_length,
         max_prompt_length=script_args.max_prompt_length,
         max_completion_length=None,
         dataset_num_proc=script_args.dataset_num_proc,
@@ -250,8 +270,9 @@ def make_trainer_class(base: type) -> type:
     return Trainer
 
 
-def build_trainer(trainer_base: type, script_args, config, model_args, recipe: str | None = None):
-    """A ready trainer (``trainer_base`` made by :func:`make_trainer_class`) from the parsed recipe."""
+def build_trainer(trainer_cls: type, script_args, config, model_args, recipe: str | None = None):
+    """A ready ``trainer_cls`` (made by :func:`make_trainer_class`, or ``sqlm online_dpo``'s) from the
+    parsed recipe."""
     from ..evaluation.dpo import load_datasets, load_model_and_tokenizer
 
     if script_args.dataset_name is None:
@@ -269,11 +290,13 @@ def build_trainer(trainer_base: type, script_args, config, model_args, recipe: s
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     funcs, processing = build_reward_funcs(script_args, tokenizer, bool(getattr(config, "trust_remote_code", False)))
-    train = prompt_dataset(train, tokenizer, script_args, "train")
+    config.reward_weights = scaled_reward_weights(config.reward_weights, script_args.reward_scale, len(funcs))
+    max_length = getattr(script_args, "max_length", getattr(config, "max_length", None))
+    train = prompt_dataset(train, tokenizer, script_args, max_length, "train")
     if evaluation is not None:
-        evaluation = prompt_dataset(evaluation, tokenizer, script_args, "eval")
+        evaluation = prompt_dataset(evaluation, tokenizer, script_args, max_length, "eval")
     try:
-        return trainer_base(
+        return trainer_cls(
             model=model,
             reward_funcs=funcs,
             args=config,
@@ -304,7 +327,7 @@ def run_stats(trainer, name: str, seconds: float) -> dict[str, Any]:
 
     counts = torch.tensor([trainer.generated_completions, trainer.generated_tokens], device=trainer.accelerator.device)
     counts = trainer.accelerator.reduce(counts, reduction="sum").tolist()
-    logs = [h for h in trainer.state.log_history if "reward" in h]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
     args = trainer.args
     return {
         "trainer": name,
@@ -313,8 +336,8 @@ def run_stats(trainer, name: str, seconds: float) -> dict[str, Any]:
         "optimizer_steps": int(trainer.state.global_step),
         "wall_time_s": round(seconds, 3),
         "beta": args.beta,
-        "num_generations": args.num_generations,
-        "max_completion_length": args.max_completion_length,
+        "num_generations": getattr(args, "num_generations", 2),  # online DPO: always a pair
+        "max_completion_length": getattr(args, "max_completion_length", getattr(args, "max_new_tokens", None)),
         "temperature": args.temperature,
         "learning_rate": args.learning_rate,
         "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -323,8 +346,9 @@ def run_stats(trainer, name: str, seconds: float) -> dict[str, Any]:
     }
 
 
-def main(name: str, dataclass_types, trainer_base: type, doc: str, argv: list[str] | None) -> int:
-    """``sqlm <name> RECIPE.yaml [--key value ...]``: parse, train, save the model and ``run_stats.json``."""
+def main(name: str, dataclass_types, trainer_cls, doc: str, argv: list[str] | None) -> int:
+    """``sqlm <name> RECIPE.yaml [--key value ...]``: parse, train, save the model and ``run_stats.json``.
+    ``trainer_cls()`` gives the trainer class (imported only when the command runs)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(argv or [])
     if not argv or argv[0] in ("-h", "--help"):
@@ -332,7 +356,7 @@ def main(name: str, dataclass_types, trainer_base: type, doc: str, argv: list[st
         return 0
     start = time.time()
     recipe, script_args, config, model_args = parse(dataclass_types, argv)
-    trainer = build_trainer(make_trainer_class(trainer_base), script_args, config, model_args, recipe)
+    trainer = build_trainer(trainer_cls(), script_args, config, model_args, recipe)
     t = time.time()
     trainer.train()
     train_seconds = time.time() - t

@@ -39,7 +39,12 @@ def parse(argv: list[str]):
     return online.parse(recipe_dataclasses(), argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def trainer_class():
+    """TRL's ``GRPOTrainer``, generating from sqlm's prompt tokens and counting what it generates."""
     from trl import GRPOTrainer
 
-    return online.main("grpo", recipe_dataclasses(), GRPOTrainer, __doc__ or "", argv)
+    return online.make_trainer_class(GRPOTrainer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return online.main("grpo", recipe_dataclasses(), trainer_class, __doc__ or "", argv)

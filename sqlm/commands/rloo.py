@@ -39,7 +39,12 @@ def parse(argv: list[str]):
     return online.parse(recipe_dataclasses(), argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def trainer_class():
+    """TRL's ``RLOOTrainer``, generating from sqlm's prompt tokens and counting what it generates."""
     from trl import RLOOTrainer
 
-    return online.main("rloo", recipe_dataclasses(), RLOOTrainer, __doc__ or "", argv)
+    return online.make_trainer_class(RLOOTrainer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return online.main("rloo", recipe_dataclasses(), trainer_class, __doc__ or "", argv)
