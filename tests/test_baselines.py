@@ -148,6 +148,26 @@ def test_sqlm_rewards_score_as_in_sqlm_train():
         build_reward_funcs(OnlineScriptArguments(reward_funcs=["keywrd"]), Tok())
 
 
+def test_a_reward_model_through_sqlms_terminal_rewarder_scores_the_whole_sequence(tiny, reward_model):
+    """The gold recipes' reward: sqlm's `terminal` rewarder on a reward model folder gives each completion
+    the model's score of prompt + completion."""
+    from transformers import AutoModelForSequenceClassification
+
+    from sqlm.commands._online_baseline import OnlineScriptArguments, build_reward_funcs
+
+    tokenizer = tiny[1]
+    args = OnlineScriptArguments(reward_funcs=["terminal"], reward_kwargs={"terminal": {"reward_model": reward_model}})
+    (terminal,), _ = build_reward_funcs(args, tokenizer)
+    prompt_ids = [tokenizer("Review the museum:")["input_ids"], tokenizer("Describe the album:")["input_ids"]]
+    completion_ids = [tokenizer(" A great museum.")["input_ids"], tokenizer(" Dull.")["input_ids"]]
+    got = terminal(prompts=["Review the museum:", "Describe the album:"], completions=[" A great museum.", " Dull."],
+                   completion_ids=completion_ids, prompt_ids=prompt_ids)  # fmt: skip
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+    with torch.no_grad():
+        want = [float(rm(input_ids=torch.tensor([p + c])).logits[0, 0]) for p, c in zip(prompt_ids, completion_ids)]
+    assert got == pytest.approx(want, abs=1e-5) and got[0] != got[1]
+
+
 def token_sum(prompts, completions, completion_ids, **kwargs):
     """A sequence reward that differs between samples of the same prompt (for the tiny runs)."""
     return [float(sum(ids) % 5) for ids in completion_ids]
