@@ -162,8 +162,10 @@ class SoftQConfig(TrainingArguments):
     mix_ratio: float = field(
         default=0.5,
         metadata={
-            "help": "Mixed mode: the fraction of each batch's rows whose prompts are rolled out online; the "
-            "other rows give their offline completions."
+            "help": "Mixed mode: the share of each batch's prompts that are rolled out online (num_generations "
+            "completions each); every other prompt gives its row's offline completions (a preference pair: chosen "
+            "and rejected). With pairs and num_generations 2, a batch of B sequences is B/2 rows: mix_ratio*B "
+            "online completions and (1-mix_ratio)*B offline ones."
         },
     )
     replay_buffer_size: int = field(
@@ -178,7 +180,13 @@ class SoftQConfig(TrainingArguments):
         },
     )
     num_generations: int = field(
-        default=2, metadata={"help": "Online: completions sampled per prompt."}
+        default=2,
+        metadata={
+            "help": "Online and mixed: completions sampled per prompt. As in TRL's GRPO, the batch sizes count "
+            "completions, not prompts: per_device_train_batch_size 8 with num_generations 2 is 4 prompts x 2 "
+            "completions, and the global batch (per_device_train_batch_size x gradient_accumulation_steps x "
+            "processes) must be divisible by num_generations (mixed mode: per_device_train_batch_size itself)."
+        },
     )
     max_completion_length: int | None = field(
         default=256,
@@ -372,6 +380,24 @@ class SoftQConfig(TrainingArguments):
             setattr(self, name, _as_dict(getattr(self, name), name))
         self._validate()
         super().__post_init__()
+        self._validate_generation_batches()
+
+    def _validate_generation_batches(self) -> None:
+        """TRL GRPO's check: a batch of completions holds whole groups of ``num_generations``."""
+        g = self.num_generations
+        if self.mode == "online":
+            n = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+            if n % g:
+                raise SqlmError(
+                    f"keys 'per_device_train_batch_size' ({self.per_device_train_batch_size}) x gradient_accumulation_steps "
+                    f"({self.gradient_accumulation_steps}) x processes ({self.world_size}) = {n} completions per step "
+                    f"must be divisible by 'num_generations' ({g}): online batches count completions, as TRL's GRPO"
+                )
+        elif self.mode == "mixed" and self.per_device_train_batch_size % g:
+            raise SqlmError(
+                f"key 'per_device_train_batch_size' ({self.per_device_train_batch_size}) must be divisible by "
+                f"'num_generations' ({g}) in mixed mode: each batch holds whole prompts, rolled out or offline"
+            )
 
     def _validate(self) -> None:
         def bad(key: str, msg: str) -> SqlmError:

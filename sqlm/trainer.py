@@ -322,25 +322,36 @@ class SoftQTrainer(Trainer):
 
     # ------------------------------------------------------------------ trajectories
 
-    def _n_online(self, n_rows: int) -> int:
-        if self.args.mode == "online":
-            return n_rows
+    def _get_train_sampler(self, train_dataset=None):
+        """Online and mixed modes count completions, as TRL's GRPO: every prompt is drawn
+        ``num_generations`` times in a row (see :class:`GroupRepeatSampler`)."""
         if self.args.mode == "offline":
-            return 0
-        self._mix_credit += self.args.mix_ratio * n_rows
-        k = min(n_rows, int(math.floor(self._mix_credit + 1e-9)))
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return GroupRepeatSampler(len(dataset), self.args.num_generations, shuffle=True, seed=self.args.seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.mode != "online":  # mixed mode evaluates on the offline completions
+            return super()._get_eval_sampler(eval_dataset)
+        return GroupRepeatSampler(len(eval_dataset), self.args.num_generations, shuffle=False)
+
+    def _n_online(self, n_groups: int) -> int:
+        """Mixed mode: how many of this batch's prompt groups are rolled out (a carried credit of
+        ``mix_ratio`` per group, so the share is exact over the run)."""
+        self._mix_credit += self.args.mix_ratio * n_groups
+        k = min(n_groups, int(math.floor(self._mix_credit + 1e-9)))
         self._mix_credit -= k
         return k
 
     def _rollout(self, rows: list[dict[str, Any]]) -> list[Trajectory]:
+        """One completion of the current policy per row (the sampler repeats each prompt
+        ``num_generations`` times)."""
         from trl.data_utils import is_conversational
 
-        g = self.args.num_generations
-        prompts = [r["prompt_ids"] for r in rows for _ in range(g)]
         completions = generate_completions(
             self.model_wrapped,
             self.accelerator,
-            prompts,
+            [r["prompt_ids"] for r in rows],
             pad_token_id=self.pad_token_id,
             eos_token_ids=self.eos_token_ids,
             max_new_tokens=self.args.max_completion_length,
@@ -351,8 +362,7 @@ class SoftQTrainer(Trainer):
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
         )
         out = []
-        for i, ids in enumerate(completions):
-            row = rows[i // g]
+        for row, ids in zip(rows, completions):
             text = self.processing_class.decode(ids, skip_special_tokens=True)
             conv = is_conversational({"prompt": row["prompt"]})
             out.append(
@@ -367,13 +377,28 @@ class SoftQTrainer(Trainer):
             )
         return out
 
+    def _split_batch(self, examples: list[dict[str, Any]], train: bool) -> tuple[list[dict], list[dict]]:
+        """(rows to roll out, one completion each; rows whose offline completions are trained).
+
+        Online: every row (a prompt repeated ``num_generations`` times by the sampler). Mixed: the
+        rows come in groups of one prompt repeated; a ``mix_ratio`` share of the groups is rolled
+        out, every other group gives its row's offline completions once (a preference pair: chosen
+        and rejected). Evaluation in mixed mode is offline only."""
+        mode = self.args.mode
+        if mode == "online":
+            return list(examples), []
+        if mode == "offline" or not train:
+            return [], [g[0] for g in _groups(examples, self.args.num_generations)]
+        groups = _groups(examples, self.args.num_generations)
+        k = self._n_online(len(groups))
+        return [r for g in groups[:k] for r in g], [g[0] for g in groups[k:]]
+
     def build_batch(self, examples: list[dict[str, Any]], train: bool = True) -> dict[str, Any]:
         """Trajectories of some dataset rows (offline, online, replayed), scored and packed."""
         args = self.args
-        n_online = 0 if (not train and args.mode == "mixed") else self._n_online(len(examples))
-        gen_rows = examples[:n_online]
+        gen_rows, offline_rows = self._split_batch(examples, train)
         trajs: list[Trajectory] = []
-        for ex in examples[n_online:]:
+        for ex in offline_rows:
             trajs += offline_trajectories(ex, args.chosen_score_column, args.rejected_score_column)
         fresh: list[Trajectory] = self._rollout(gen_rows) if gen_rows else []
         replayed: list[Trajectory] = []
@@ -404,22 +429,23 @@ class SoftQTrainer(Trainer):
         ]
         if pairs:
             batch["pair_index"] = torch.tensor(pairs, dtype=torch.long)
+        if fresh and self._samples_policy():
+            # fresh rollouts drawn from pi itself: their sum of log pi/pi_ref estimates KL(pi||pi_ref)
+            on_policy = torch.zeros(len(all_trajs), dtype=torch.bool)
+            on_policy[len(trajs) : len(trajs) + len(fresh)] = True
+            batch["on_policy"] = on_policy
         actions = batch["input_ids"][:, 1:]
         batch["path_mask"] = path_mask(actions, batch["completion_mask"][:, 1:], self.eos_token_ids)
         first = batch["completion_mask"].float().argmax(-1)
         batch["logits_start"] = max(int(first.min()) - 1, 0)
-        metrics = {f"rewards/{k}/mean": sum(v) / max(len(v), 1) for k, v in per_source.items()}
-        by_source: dict[str, list[float]] = {}
-        for t, r in zip(all_trajs, rewards):
-            by_source.setdefault(t.source, []).append(float(r.sum()))
-        for k, v in by_source.items():
-            metrics[f"rewards/{k}"] = sum(v) / len(v)
-        metrics["completions/mean_length"] = float(batch["path_mask"].sum(-1).mean())
-        if fresh:
-            metrics["completions/online_fraction"] = len(fresh) / len(all_trajs)
-            metrics["completions/online_mean_length"] = sum(len(t.completion_ids) for t in fresh) / len(fresh)
-        batch["sqlm_metrics"] = metrics
+        lengths = batch["path_mask"].sum(-1).float()
+        batch["sqlm_metrics"] = batch_metrics(all_trajs, rewards, per_source, lengths, self.eos_token_ids, bool(fresh))
         return batch
+
+    def _samples_policy(self) -> bool:
+        """Online samples come from pi itself (not a tempered or truncated version of it)."""
+        a = self.args
+        return a.temperature == 1.0 and a.top_p == 1.0 and not a.top_k
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Build every micro-batch of the optimizer step and count the loss normaliser over all of
@@ -500,15 +526,15 @@ class SoftQTrainer(Trainer):
                 ) or "loss"
 
         metrics = self._metrics[mode]
-        if ref_log_pi is not None and "pair_index" in inputs:
-            # tau * sum_t log pi/pi_ref of chosen minus rejected: DPO's implied reward margin; at the
-            # optimum pi* ~ pi_ref exp(R/tau) it equals R(chosen) - R(rejected)
-            with torch.no_grad():
-                seq = args.tau * ((soft.log_pi.detach() - ref_log_pi) * mask).sum(-1)
-                idx = inputs["pair_index"]
-                metrics["rewards/implied_margin"].append((seq[idx[:, 0]] - seq[idx[:, 1]]).mean().item())
-        for k, v in stats.items():
+        with torch.no_grad():
+            model_side = policy_metrics(
+                soft.log_pi.detach(), ref_log_pi, mask, args.tau, inputs.get("pair_index"), inputs.get("on_policy")
+            )
+        for k, v in model_side.items():
             metrics[k].append(v)
+        for k in LOSS_STATS:  # the loss's own statistics (its reward / length duplicate the keys below)
+            if k in stats:
+                metrics[k].append(stats[k])
         for k, v in (inputs.get("sqlm_metrics") or {}).items():
             metrics[k].append(float(v))
         return (loss, {"per_step_loss": per_step}) if return_outputs else loss
@@ -530,7 +556,7 @@ class SoftQTrainer(Trainer):
                 for k, vals in part.items():
                     merged[k].extend(vals)
             local = merged
-        metrics = {k: (sum(v) / len(v) if v else None) for k, v in local.items()}
+        metrics = {k: sum(v) / len(v) for k, v in local.items() if v}
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         logs.update(metrics)
@@ -634,6 +660,132 @@ class SoftQTrainer(Trainer):
                 state = json.load(f)
             self._mix_credit = float(state.get("mix_credit", 0.0))
             self._skipped_steps = int(state.get("skipped_steps", 0))
+
+
+# ----------------------------------------------------------------------------- batches and metrics
+
+LOSS_STATS = ("consistency", "v_start", "entropy")
+"""Statistics of the loss (``sqlm.losses``) that are logged under their own names."""
+
+
+class GroupRepeatSampler(torch.utils.data.Sampler):
+    """Dataset indices, each repeated ``repeat`` times in a row (TRL GRPO's ``RepeatSampler`` with
+    ``mini_repeat_count``): a batch of ``B`` indices holds ``B / num_generations`` prompts. Shuffled
+    per epoch from ``seed + epoch`` (the same order after a resume)."""
+
+    def __init__(self, n: int, repeat: int, shuffle: bool = True, seed: int = 0):
+        self.n, self.repeat, self.shuffle, self.seed, self.epoch = n, repeat, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = range(self.n)
+        for i in order:
+            for _ in range(self.repeat):
+                yield i
+
+    def __len__(self) -> int:
+        return self.n * self.repeat
+
+
+def _groups(rows: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    """Runs of consecutive equal rows (one prompt repeated by the sampler), at most ``size`` long."""
+    out: list[list[dict[str, Any]]] = []
+    for r in rows:
+        if out and len(out[-1]) < size and r == out[-1][0]:
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
+
+
+def _mean_std(values: list[float], prefix: str) -> dict[str, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    out = {f"{prefix}mean" if prefix.endswith("/") else prefix: float(t.mean())}
+    std_key = f"{prefix}std" if prefix.endswith("/") else f"{prefix}_std"
+    out[std_key] = float(t.std()) if len(values) > 1 else float("nan")  # sample std, as TRL's nanstd
+    return out
+
+
+def batch_metrics(
+    trajectories: list[Trajectory],
+    rewards: list[torch.Tensor],
+    per_source: dict[str, list[float]],
+    lengths: torch.Tensor,
+    eos_token_ids: list[int],
+    online: bool,
+) -> dict[str, float]:
+    """What a batch logs about its data (the README's metrics table): the summed reward of every
+    path (GRPO's ``reward`` / ``reward_std``), per reward function (``rewards/<name>/mean|std``),
+    per kind of path (``task_reward/<chosen|rejected|online|replay>``) and the lengths of the trained
+    completions (GRPO's ``completions/*``)."""
+    totals = [float(r.sum()) for r in rewards]
+    out = _mean_std(totals, "reward")
+    for name, vals in per_source.items():
+        if name == "data":  # rewards the dataset's own rows carry (replayed paths carry their old totals)
+            vals = [v for t, v in zip(trajectories, vals) if t.source not in ("online", "replay")]
+        if vals:
+            out.update(_mean_std(vals, f"rewards/{name}/"))
+    by_source: dict[str, list[float]] = {}
+    for t, total in zip(trajectories, totals):
+        by_source.setdefault(t.source, []).append(total)
+    for k, v in by_source.items():
+        out[f"task_reward/{k}"] = sum(v) / len(v)
+    eos = set(eos_token_ids)
+    clipped = [not any(tok in eos for tok in t.completion_ids) for t in trajectories]
+    out["completions/mean_length"] = float(lengths.mean())
+    out["completions/min_length"] = float(lengths.min())
+    out["completions/max_length"] = float(lengths.max())
+    out["completions/clipped_ratio"] = sum(clipped) / len(clipped)
+    if online:
+        out["completions/online_fraction"] = len(by_source.get("online", [])) / len(trajectories)
+    return out
+
+
+def policy_metrics(
+    log_pi: torch.Tensor,
+    ref_log_pi: torch.Tensor | None,
+    mask: torch.Tensor,
+    tau: float,
+    pair_index: torch.Tensor | None = None,
+    on_policy: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """What a batch logs about the policy (the README's metrics table), from ``log pi(a_t|s_t)`` and
+    ``log pi_ref(a_t|s_t)`` ``[N, T]`` on the path ``mask``.
+
+    With preference pairs (``pair_index`` ``[P, 2]``: rows of chosen and rejected), as TRL's DPO logs
+    them with ``beta = tau``: ``logps/chosen|rejected`` (sum of log pi over the completion),
+    ``rewards/chosen|rejected`` (the implicit reward ``tau * sum_t log pi/pi_ref``),
+    ``rewards/margins`` (chosen minus rejected) and ``rewards/accuracies`` (share of pairs whose
+    chosen implicit reward is higher). With a reference: ``log_ratio_ref``, the mean over paths of
+    ``sum_t log pi/pi_ref`` (on offline paths this is no KL and may be negative), and on the paths
+    sampled from pi itself (``on_policy`` ``[N]``) ``kl_ref``, the same mean, which there is an
+    unbiased estimate of the sequence KL(pi || pi_ref)."""
+    m = mask.float()
+    seq_logp = (log_pi.float() * m).sum(-1)
+    out: dict[str, float] = {}
+    if pair_index is not None and len(pair_index):
+        c, r = pair_index[:, 0], pair_index[:, 1]
+        out["logps/chosen"] = float(seq_logp[c].mean())
+        out["logps/rejected"] = float(seq_logp[r].mean())
+    if ref_log_pi is None:
+        return out
+    ratio = ((log_pi.float() - ref_log_pi.float()) * m).sum(-1)
+    out["log_ratio_ref"] = float(ratio.mean())
+    if on_policy is not None and bool(on_policy.any()):
+        out["kl_ref"] = float(ratio[on_policy.to(ratio.device)].mean())
+    if pair_index is not None and len(pair_index):
+        chosen, rejected = tau * ratio[c], tau * ratio[r]
+        out["rewards/chosen"] = float(chosen.mean())
+        out["rewards/rejected"] = float(rejected.mean())
+        out["rewards/margins"] = float((chosen - rejected).mean())
+        out["rewards/accuracies"] = float((chosen > rejected).float().mean())
+    return out
 
 
 def _is_peft(model) -> bool:

@@ -195,10 +195,11 @@ def test_every_baseline_recipe_matches_its_sqlm_online_pair(path):
     _, s, c, m = _command(path.parent.name).parse([str(path), *CPU])
     assert a.mode in ("online", "mixed")
     online = a.mix_ratio if a.mode == "mixed" else 1.0
-    # grpo / rloo: num_generations, batch in completions; online DPO: always 2, batch in prompts
+    # grpo / rloo: num_generations, batch in completions, as sqlm's online batch; online DPO: always 2,
+    # batch in prompts
     gens, per_prompt = (c.num_generations, 1) if hasattr(c, "num_generations") else (2, 2)
     assert gens == a.num_generations
-    assert c.per_device_train_batch_size * per_prompt == a.per_device_train_batch_size * a.num_generations * online
+    assert c.per_device_train_batch_size * per_prompt == a.per_device_train_batch_size * online
     assert c.num_train_epochs == a.num_train_epochs * online  # a TRL epoch rolls out every prompt once
     assert getattr(c, "max_completion_length", getattr(c, "max_new_tokens", None)) == a.max_completion_length
     assert getattr(s, "max_length", getattr(c, "max_length", None)) == a.max_length

@@ -86,13 +86,13 @@ def test_every_mode_trains_every_parameter(tmp_path, tokenizer, mode, loss_type)
     unchanged = [n for n in before if torch.equal(before[n], after[n])]
     assert not unchanged, f"{mode}: parameters did not change: {unchanged}"
     logged = {k for entry in trainer.state.log_history for k in entry}
-    for key in ("loss", "consistency", "v_start", "entropy", "kl_ref", "rewards/good_reward/mean",
+    for key in ("loss", "consistency", "v_start", "entropy", "log_ratio_ref", "rewards/good_reward/mean",
                 "completions/mean_length"):
         assert key in logged, (mode, key, logged)
     if mode != "offline":
-        assert "completions/online_fraction" in logged
+        assert "completions/online_fraction" in logged and "kl_ref" in logged
     else:
-        assert "rewards/implied_margin" in logged
+        assert "rewards/margins" in logged and "kl_ref" not in logged
     if mode == "online":
         assert len(trainer.replay_buffer) > 0
         # the target network moved towards the policy but is not the policy
@@ -182,7 +182,7 @@ def test_resume_restores_target_network_and_optimizer(tmp_path, tokenizer):
 
 
 def test_replay_buffer_is_saved_and_restored(tmp_path, tokenizer):
-    args = config(tmp_path, mode="online", max_steps=2, replay_buffer_size=16)
+    args = config(tmp_path, mode="online", max_steps=2, replay_buffer_size=16, per_device_train_batch_size=4)
     trainer = SoftQTrainer(make_model(tokenizer), args, train_dataset=pref_data(),
                            processing_class=tokenizer, reward_funcs=[good_reward])
     trainer.train()
@@ -243,7 +243,7 @@ def test_online_conversational_prompts_and_prompt_completion_labels(tmp_path, to
                            train_dataset=kto, processing_class=tokenizer)
     trainer.train()
     logged = {k for entry in trainer.state.log_history for k in entry}
-    assert {"rewards/completion", "rewards/data/mean"} <= logged
+    assert {"task_reward/completion", "rewards/data/mean"} <= logged
 
 
 def test_reference_log_pi_through_fused_head_equals_full_logits(tmp_path, tokenizer):
@@ -279,3 +279,39 @@ def test_reference_anchored_values_start_at_the_zero_reward_optimum(tmp_path, to
         losses[anchor] = out["per_step_loss"].abs().max().item()
     assert losses["reference"] < 1e-9
     assert losses["none"] > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["online", "mixed"])
+def test_online_batch_counts_completions(tmp_path, tokenizer, mode):
+    """As in TRL's GRPO: per_device_train_batch_size 4 with num_generations 2 is 2 prompts x 2
+    completions (mixed: 1 prompt rolled out twice + 1 pair), and an epoch rolls out every prompt once."""
+    args = config(tmp_path, mode=mode, per_device_train_batch_size=4, max_steps=-1, num_train_epochs=1,
+                  mix_ratio=0.5)  # fmt: skip
+    trainer = SoftQTrainer(make_model(tokenizer), args, train_dataset=pref_data(8), processing_class=tokenizer,
+                           reward_funcs=[good_reward])  # fmt: skip
+    seen = []
+    build = trainer.build_batch
+
+    def spy(examples, train=True):
+        batch = build(examples, train)
+        seen.append((len(examples), int(batch["input_ids"].shape[0]), batch["sqlm_metrics"].get("completions/online_fraction")))
+        return batch
+
+    trainer.build_batch = spy
+    trainer.train()
+    assert trainer.state.global_step == 8 * 2 // 4  # 8 prompts x 2 completions, 4 a step
+    assert all(rows == 4 and seqs == 4 for rows, seqs, _ in seen), seen
+    if mode == "mixed":  # one prompt group online (2 completions), one pair offline (2 sequences)
+        assert all(frac == 0.5 for _, _, frac in seen), seen
+
+
+def test_online_batch_must_hold_whole_groups(tmp_path):
+    from sqlm.errors import SqlmError
+
+    with pytest.raises(SqlmError, match=r"per_device_train_batch_size.*num_generations' \(2\)"):
+        config(tmp_path, mode="online", per_device_train_batch_size=3)
+    with pytest.raises(SqlmError, match=r"per_device_train_batch_size' \(3\) must be divisible by 'num_generations'"):
+        config(tmp_path, mode="mixed", per_device_train_batch_size=3)
+    # the global batch counts, as in GRPO: 3 x 2 accumulation steps = 6 completions
+    config(tmp_path, mode="online", per_device_train_batch_size=3, gradient_accumulation_steps=2)
+    config(tmp_path, mode="offline", per_device_train_batch_size=3)  # offline batches count rows

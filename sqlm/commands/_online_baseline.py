@@ -13,8 +13,8 @@ Like for like with ``sqlm train --mode online``:
   ``sqlm train``: the sum of its per-token rewards. ``reward_scale`` multiplies the total reward, as
   in sqlm (it is folded into TRL's ``reward_weights``).
 * **Model**: loaded as ``sqlm dpo`` loads it (``tiny:...`` gives the same cached weights and tokenizer).
-* **Budget**: TRL's ``per_device_train_batch_size`` counts completions, sqlm's counts prompts: a pair
-  has ``trl_batch = sqlm_batch * num_generations``, the same ``num_generations``,
+* **Budget**: GRPO's and RLOO's ``per_device_train_batch_size`` counts completions, as sqlm's online
+  batch: a pair has ``trl_batch = sqlm_batch`` (online DPO counts prompts: half), the same ``num_generations``,
   ``max_completion_length``, ``temperature``, ``max_steps``, ``learning_rate`` and ``seed``.
 
 Every run writes ``run_stats.json`` to ``output_dir``: generated completions and tokens, optimizer
@@ -124,7 +124,7 @@ class SqlmRewardFunction:
 
     def __call__(self, prompts, completions, completion_ids, prompt_ids=None, **kwargs) -> list[float]:
         from ..data import TEXT_COLUMNS, TOKEN_COLUMNS, Trajectory
-        from ..rollout import score_trajectories
+        from ..rewards.scoring import score_trajectories
 
         if prompt_ids is None:
             raise SqlmError(f"reward '{self.__name__}' got no prompt_ids column (the dataset was not prepared by sqlm)")
@@ -147,7 +147,7 @@ class SqlmRewardFunction:
 
 def _is_sqlm_reward(name: str) -> bool:
     from ..rewards.registry import NAMES
-    from ..rollout import BUILTIN_REWARDS
+    from ..rewards.builtin import BUILTIN_REWARDS
 
     return name in BUILTIN_REWARDS or name in NAMES or ":" in name
 
@@ -172,7 +172,7 @@ def build_reward_funcs(script_args: PromptRewardArguments, tokenizer, trust_remo
     """``(reward_funcs, reward_processing_classes)`` for a TRL online trainer from the recipe's
     ``reward_funcs`` / ``reward_kwargs`` / ``allow_code_rewards`` (see the module docstring)."""
     from ..config import _as_dict
-    from ..rollout import resolve_reward_funcs
+    from ..rewards.registry import resolve_reward_funcs
 
     names = list(script_args.reward_funcs or [])
     if not names:

@@ -4,7 +4,7 @@ of a paired sqlm online recipe.
 An online baseline of sqlm. A GRPO recipe sits beside its sqlm recipe (``recipes/<task>/grpo/``
 next to ``recipes/<task>/sqlm/``) and repeats its model, prompts, ``num_generations``,
 ``max_completion_length``, temperature, steps, learning rate and seed; TRL's
-``per_device_train_batch_size`` counts completions (sqlm's batch times ``num_generations``).
+``per_device_train_batch_size`` counts completions (as sqlm's online batch).
 ``beta`` is GRPO's KL coefficient (TRL's default 0.0: no reference model).
 
 The recipe's keys are the fields of ``OnlineScriptArguments`` (data and reward, as ``sqlm train``

@@ -258,6 +258,11 @@ def stage_run(args: PipelineArguments, method: str, tau: float, prefs: Path, bas
     kind = "dpo" if method == "dpo" else "sqlm"
     recipe = _recipe(args, kind)
     flags = _train_flags(args)
+    if kind == "sqlm" and args.sqlm_mode != "offline":
+        # online and mixed batches count sequences (a row = num_generations of them, 2 by default):
+        # the same rows a step as DPO's pairs
+        flags[flags.index("--per_device_train_batch_size") + 1] = str(2 * args.batch_size)
+        flags += ["--num_generations", "2"]
     key = dict(method=method, tau=tau, prefs=prefs.name, base=base.name, flags=flags, recipe=Path(recipe).read_text(),
                loss=args.loss_type if kind == "sqlm" else None, rm=rm.name if kind == "sqlm" else None,
                mode=args.sqlm_mode if kind == "sqlm" else None,
