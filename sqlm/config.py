@@ -214,8 +214,9 @@ class SoftQConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Reward functions by name: a built-in ('keyword', 'length'), a rewarder known to "
-            "sqlm.rewards.build_rewarder, or 'module:function' with TRL's reward signature (needs "
-            "allow_code_rewards)."
+            "sqlm.rewards.build_rewarder, 'module:function' with TRL's reward signature (needs "
+            "allow_code_rewards), or 'bradley_terry': a reward model fitted on the training pairs first "
+            "(sqlm.rewards.auto; cached)."
         },
     )
     reward_weights: list[float] | None = field(

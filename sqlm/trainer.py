@@ -183,6 +183,10 @@ class SoftQTrainer(Trainer):
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = processing_class.pad_token_id
 
+        # reward_funcs: [bradley_terry] fits its reward model from the initial policy (before PEFT)
+        reward_funcs, reward_kwargs = self._auto_reward(model, processing_class, train_dataset, args, reward_funcs)
+        explicit_ref = ref_model is not None
+
         # Reference: explicit; the PEFT base (adapter disabled); a frozen copy; or none.
         self._ref_is_base = False
         if not args.use_reference:
@@ -218,7 +222,12 @@ class SoftQTrainer(Trainer):
         # Rewards
         self.rewarders: list[TokenRewarder]
         self.rewarders, self.reward_weights = resolve_rewarders(
-            args, processing_class, reward_funcs, search_dirs=reward_search_dirs or ()
+            args, processing_class, reward_funcs, search_dirs=reward_search_dirs or (), reward_kwargs=reward_kwargs
+        )
+        # no reward, and the reference is the initial policy: the soft optimum is that policy itself
+        self._no_reward_signal = (
+            not self.rewarders and not data_has_rewards(train_dataset, args) and args.use_reference
+            and not explicit_ref and not args.ref_model_name_or_path
         )
 
         # Dense rewards of model-based rewarders on offline data: computed once, cached as columns
@@ -268,6 +277,29 @@ class SoftQTrainer(Trainer):
             self.model.add_model_tags(self._tag_names)
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _auto_reward(self, model, tokenizer, train_dataset, args, reward_funcs):
+        """``(reward_funcs, reward_kwargs)`` with ``bradley_terry`` replaced by the token rewarder on a
+        reward model fitted on the training pairs (:mod:`sqlm.rewards.auto`); its held-out accuracy
+        goes into the first log."""
+        from .rewards.auto import AUTO_REWARD, bradley_terry_rewarder
+
+        self._auto_reward_log: dict[str, float] = {}
+        funcs = args.reward_funcs if reward_funcs is None else reward_funcs
+        funcs = list(funcs) if isinstance(funcs, (list, tuple)) else ([] if funcs is None else [funcs])
+        if AUTO_REWARD not in funcs:
+            return reward_funcs, None
+        cache_root = args.reward_cache_dir or sqlm_cache_dir("rewards")
+        rewarder, report = bradley_terry_rewarder(model, tokenizer, train_dataset, args, cache_root)
+        how = "fitted" if report["fitted"] else "from the cache"
+        if args.should_log:
+            print(f"{AUTO_REWARD} reward model ({how}, {report['path']}): held-out accuracy "
+                  f"{report['eval_accuracy']:.3f} on {report['eval_pairs']} pairs it was not fitted on")
+        self._auto_reward_log = {"reward_model/eval_accuracy": report["eval_accuracy"],
+                                 "reward_model/eval_pairs": report["eval_pairs"]}  # fmt: skip
+        self.auto_reward_report = report
+        kwargs = {k: v for k, v in (args.reward_kwargs or {}).items() if k != AUTO_REWARD}
+        return [rewarder if f == AUTO_REWARD else f for f in funcs], kwargs
 
     def _cache_dense_rewards(self, dataset, tokenizer, args):
         """Move the model-based rewarders (not Python callables) into cached dataset columns.
@@ -562,6 +594,9 @@ class SoftQTrainer(Trainer):
         logs.update(metrics)
         if mode == "train" and self._skipped_steps:
             logs["nonfinite/skipped_steps"] = self._skipped_steps
+        if mode == "train" and self._auto_reward_log:  # once, in the first log
+            logs.update(self._auto_reward_log)
+            self._auto_reward_log = {}
         super().log(logs, start_time)
         self._metrics[mode].clear()
 
@@ -571,6 +606,8 @@ class SoftQTrainer(Trainer):
         """``Trainer.train``, resuming only from complete checkpoints: ``True`` / ``"latest"`` picks the
         newest complete one of ``output_dir`` (a folder half-written by a killed run is skipped), a
         path must be complete (see :mod:`sqlm.guards`)."""
+        if self._no_reward_signal:
+            raise SqlmError(no_reward_message(self.args.mode))
         checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         self._rng_pending = checkpoint
         return super().train(
@@ -660,6 +697,35 @@ class SoftQTrainer(Trainer):
                 state = json.load(f)
             self._mix_credit = float(state.get("mix_credit", 0.0))
             self._skipped_steps = int(state.get("skipped_steps", 0))
+
+
+# ----------------------------------------------------------------------------- reward signal
+
+
+def data_has_rewards(dataset, args) -> bool:
+    """Whether the training rows carry rewards of their own for the paths sqlm trains on (online
+    rollouts are scored by reward functions only)."""
+    from .rewards.cache import ALL_COLUMNS
+
+    if args.mode == "online":
+        return False
+    cols = set(getattr(dataset, "column_names", None) or [])
+    named = {c for c in (args.chosen_score_column, args.rejected_score_column) if c}
+    return bool(cols & ({"reward", "label", *ALL_COLUMNS} | named))
+
+
+def no_reward_message(mode: str) -> str:
+    """Why a run without any reward (and with the initial policy as reference) would train nothing:
+    for ``r = 0`` the soft optimum ``pi* ~ pi_ref exp(0)`` is the reference, the policy it starts at."""
+    fixes = ("reward_funcs (e.g. [keyword], or [terminal] with a reward model), or reward_funcs: [bradley_terry] to "
+             "fit a reward model on preference pairs")
+    if mode == "online":
+        return f"no reward signal: mode 'online' scores its samples with reward_funcs only and there are none. Add {fixes}"
+    return (
+        "no reward signal: no reward_funcs and no reward column in the data, so training would change nothing "
+        "(chosen/rejected labels alone are not a reward). Add a reward column (reward, label, chosen_score_column / "
+        f"rejected_score_column, token rewards), {fixes}; or train on the pairs with `sqlm dpo`"
+    )
 
 
 # ----------------------------------------------------------------------------- batches and metrics

@@ -131,7 +131,8 @@ def test_nan_values_name_the_network(tmp_path, which, source):
                        report_to="none", use_cpu=True, save_strategy="no", loss_type="soft_q", reward_scale=1.0)
     model = tiny_model_for_tokenizer(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      num_key_value_heads=1)
-    trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+    trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(ROWS), processing_class=tok,
+                           reward_funcs=["length"])
     net = trainer.target_model if which == "target" else trainer.model
     with torch.no_grad():
         net.model.norm.weight[0] = float("nan")

@@ -91,7 +91,7 @@ def test_trust_remote_code_is_off_by_default_and_custom_code_never_runs(work, ca
 def test_weights_are_written_and_read_as_safetensors_only(work, capsys):
     from sqlm.train import run
 
-    trainer = run([_recipe(work, steps=2, extra="loss_type: soft_q\n"), "--output_dir", "out"])
+    trainer = run([_recipe(work, steps=2, extra="loss_type: soft_q\nreward_funcs: [length]\n"), "--output_dir", "out"])
     files = sorted(str(p.relative_to(work / "out")) for p in (work / "out").rglob("*") if p.is_file())
     assert "model.safetensors" in files and "checkpoint-2/model.safetensors" in files
     assert "checkpoint-2/target_model.safetensors" in files
@@ -116,11 +116,12 @@ def test_weights_are_written_and_read_as_safetensors_only(work, capsys):
 def test_resume_refuses_a_checkpoint_with_code_in_its_pickles(work, capsys):
     from sqlm.train import run
 
-    run([_recipe(work, steps=2), "--output_dir", "out"])
+    run([_recipe(work, steps=2, extra="reward_funcs: [length]\n"), "--output_dir", "out"])
     ckpt = work / "out" / "checkpoint-2"
     torch.save({"state": {}, "param_groups": [], "x": _Payload(work / "UNPICKLED")}, ckpt / "optimizer.pt")
     before = sorted(p.name for p in (work / "out").iterdir())
-    rc = cli.main(["train", _recipe(work, steps=4), "--output_dir", "out", "--resume_from_checkpoint", str(ckpt)])
+    rc = cli.main(["train", _recipe(work, steps=4, extra="reward_funcs: [length]\n"), "--output_dir", "out",
+                   "--resume_from_checkpoint", str(ckpt)])
     assert rc == 2
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("sqlm train: error:")]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import SqlmError
+from .auto import AUTO_REWARD
 from .base import CallableRewarder, TokenRewarder, WeightedSum, as_rewarder
 from .builtin import BUILTIN_REWARDS
 from .models import (
@@ -39,7 +40,7 @@ REWARD_MODEL_REWARDERS = {
     "abc": ABCRewarder,
     "prefix": PrefixRewarder,
 }
-NAMES = (*BUILTIN_REWARDS, *REWARD_MODEL_REWARDERS, "implicit", "callable", "weighted")
+NAMES = (*BUILTIN_REWARDS, *REWARD_MODEL_REWARDERS, "implicit", "callable", "weighted", AUTO_REWARD)
 
 
 def unknown_name_error(name: Any) -> str | None:
@@ -123,6 +124,9 @@ def build_rewarder(
     models = {} if _models is None else _models
     if not isinstance(name, str) or name not in NAMES:
         raise SqlmError(unknown_name_error(name))
+    if name == AUTO_REWARD:
+        raise SqlmError(f"rewarder '{AUTO_REWARD}' is fitted by the trainer on its training pairs: use it in "
+                        "reward_funcs of sqlm train")
     try:
         if name in BUILTIN_REWARDS:
             kwargs.pop("policy_tokenizer", None)
@@ -254,19 +258,20 @@ def _names_code(name: str, kw: dict) -> bool:
 
 
 def resolve_rewarders(
-    args, tokenizer, reward_funcs=None, search_dirs: Sequence[str] = ()
+    args, tokenizer, reward_funcs=None, search_dirs: Sequence[str] = (), reward_kwargs: dict | None = None
 ) -> tuple[list[TokenRewarder], list[float]]:
     """A trainer's rewarders and their weights, from ``reward_funcs`` (default ``args.reward_funcs``):
     names are resolved with ``args.reward_kwargs`` / ``args.allow_code_rewards`` (see
     :func:`resolve_reward_funcs`), rewarders and TRL-style callables are used as they are.
-    ``tokenizer`` is the policy's."""
+    ``tokenizer`` is the policy's; ``reward_kwargs`` replaces ``args.reward_kwargs`` when given."""
     if reward_funcs is None:
         reward_funcs = args.reward_funcs
     if reward_funcs is not None and not isinstance(reward_funcs, (list, tuple)):
         reward_funcs = [reward_funcs]
     funcs = list(reward_funcs or [])
     names = [r for r in funcs if isinstance(r, str)]
-    named = iter(resolve_reward_funcs(names, args.reward_kwargs, args.allow_code_rewards, tokenizer, search_dirs))
+    kwargs = args.reward_kwargs if reward_kwargs is None else reward_kwargs
+    named = iter(resolve_reward_funcs(names, kwargs, args.allow_code_rewards, tokenizer, search_dirs))
     rewarders = [next(named) if isinstance(r, str) else as_rewarder(r) for r in funcs]
     weights = list(args.reward_weights or [1.0] * len(rewarders))
     if len(weights) != len(rewarders):

@@ -1,0 +1,74 @@
+"""Preference pairs without a reward: an error naming the fixes, or `reward_funcs: [bradley_terry]`, a
+reward model fitted on the pairs (held-out accuracy logged), cached and reused."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+from sqlm.cli import main as cli
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "recipes" / "quickstart" / "sqlm" / "config.yaml"
+
+
+@pytest.fixture
+def pairs_only_recipe(tmp_path) -> Path:
+    """The quickstart recipe minus its reward (reward_funcs, reward_kwargs)."""
+    text = QUICKSTART.read_text()
+    text = text[: text.index("# rewards")] + text[text.index("# training"):]
+    text = text.replace("../reviews.jsonl", str(ROOT / "recipes" / "quickstart" / "reviews.jsonl"))
+    assert "reward_funcs" not in text
+    path = tmp_path / "pairs_only.yaml"
+    path.write_text(text)
+    return path
+
+
+def logs(out: str) -> list[dict]:
+    """The training logs printed by `sqlm train` (values printed as short strings)."""
+    rows = [ast.literal_eval(line) for line in out.splitlines() if line.startswith("{'loss'")]
+    return [{k: float(v) for k, v in row.items()} for row in rows]
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_pairs_without_reward_is_an_error_naming_the_fixes(pairs_only_recipe, tmp_path, capsys, mode):
+    flags = ["--mode", mode, "--per_device_train_batch_size", "32", "--max_completion_length", "16"]
+    assert cli(["train", str(pairs_only_recipe), "--output_dir", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no reward signal" in err and "reward_funcs: [bradley_terry]" in err and "reward_funcs (e.g." in err
+    assert ("sqlm dpo" in err and "reward column" in err) if mode == "offline" else "online" in err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_bradley_terry_reward_is_fitted_once_and_the_margin_grows(pairs_only_recipe, tmp_path, capsys, monkeypatch):
+    import sqlm.rewards.auto as auto
+
+    fits = []
+    fit = auto.fit_reward_model
+
+    def counted(*args, **kwargs):
+        fits.append(1)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(auto, "fit_reward_model", counted)
+    cache = tmp_path / "cache"
+    base = ["train", str(pairs_only_recipe), "--reward_funcs", "bradley_terry", "--reward_cache_dir", str(cache),
+            "--disable_tqdm", "true"]  # fmt: skip
+    assert cli([*base, "--max_steps", "40", "--logging_steps", "10", "--output_dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert len(fits) == 1 and "bradley_terry reward model (fitted" in out
+    first, *_, last = logs(out)
+    assert first["reward_model/eval_accuracy"] >= 0.8 and first["reward_model/eval_pairs"] == 13  # 10% of 128
+    assert "reward_model/eval_accuracy" not in last
+    assert first["rewards/margins"] < 1.5 < last["rewards/margins"], (first, last)
+    assert (cache / "bradley_terry").is_dir() and len(list((cache / "bradley_terry").iterdir())) == 1
+
+    # the same pairs and settings: read from the cache, not fitted again, with the same accuracy
+    assert cli([*base, "--max_steps", "2", "--logging_steps", "1", "--output_dir", str(tmp_path / "b")]) == 0
+    again = capsys.readouterr().out
+    assert len(fits) == 1 and "bradley_terry reward model (from the cache" in again
+    assert logs(again)[0]["reward_model/eval_accuracy"] == first["reward_model/eval_accuracy"]
