@@ -100,14 +100,24 @@ def _looks_like_path(name: str) -> bool:
     return Path(name).suffix in _FILE_BUILDERS or name.startswith((".", "/", "~"))
 
 
+def _is_saved_dataset(path: Path | None) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk``."""
+    return path is not None and path.is_dir() and any(
+        (path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")
+    )
+
+
 def load_split(
     name: str,
     split: str,
     config: str | None = None,
     base_dir: str | os.PathLike | None = None,
+    missing_ok: bool = False,
 ):
-    """Load one split with ``datasets``: a local .json/.jsonl/.parquet/.csv file (its only split),
-    a local folder, or a hub id. ``split`` may itself be a file path (e.g. a held-out jsonl).
+    """Load one split with ``datasets``: a local .json/.jsonl/.parquet/.csv file (its only split,
+    ``train``), a folder written by ``save_to_disk``, another local folder, or a hub id. ``split`` may
+    itself be a file path (e.g. a held-out jsonl). With ``missing_ok`` a split the dataset does not
+    have is None instead of an error.
 
     Errors are one line naming the file or id: a missing file, a file that is not UTF-8 or not valid
     JSON/CSV/Parquet, a hub id that is neither local nor cached (with ``HF_HUB_OFFLINE=1``)."""
@@ -126,17 +136,28 @@ def load_split(
             raise SqlmError(f"dataset file {path} has an unknown extension; use one of {', '.join(_FILE_BUILDERS)}")
         if path.stat().st_size == 0:
             raise SqlmError(f"dataset file {path} is empty")
+        if missing_ok and split != "train":
+            return None
         if builder in ("json", "csv"):
             check_utf8(path)
     try:
         if path is not None and path.is_file():
             return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if _is_saved_dataset(path):
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.Dataset):
+                data = datasets.DatasetDict({"train": data})
+            if split not in data:
+                raise ValueError(f'Unknown split "{split}". Should be one of {list(data)}.')
+            return data[split]
         if path is not None:
             return datasets.load_dataset(str(path), config, split=split)
         return datasets.load_dataset(name, config, split=split)
     except SqlmError:
         raise
     except Exception as e:  # offline hub misses, malformed files, unknown splits
+        if missing_ok and isinstance(e, ValueError) and str(e).startswith("Unknown split"):
+            return None
         what = f"dataset file {path}" if path is not None and path.is_file() else f"dataset '{name}'"
         hint = ""
         if path is None and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
@@ -144,19 +165,30 @@ def load_split(
         raise SqlmError(f"could not load split '{split}' of {what}{hint}: {_one_line(e)}") from None
 
 
+def take_first(ds, limit: int | None):
+    """The first ``limit`` rows of ``ds`` (all with None; None stays None)."""
+    return ds if ds is None or limit is None else ds.select(range(min(limit, len(ds))))
 
-def load_train_eval(args, base_dir: str | None = None):
+
+def load_train_eval(args, base_dir: str | None = None, optional_test_split: bool = False):
     """``(train, eval or None)`` from a config's ``dataset_name``, ``dataset_config``,
     ``dataset_train_split`` / ``dataset_test_split`` and ``max_train_samples`` / ``max_eval_samples``
-    (sqlm train and the paired sqlm dpo read their data through this one function)."""
+    (sqlm train, sqlm dpo and sqlm reward read their data through this one function).
 
-    def split(name: str, limit: int | None):
-        ds = load_split(args.dataset_name, name, args.dataset_config, base_dir)
-        return ds if limit is None else ds.select(range(min(limit, len(ds))))
+    With ``optional_test_split`` a test split the dataset lacks means no evaluation data; then an
+    ``eval_fraction`` > 0 in ``args`` holds out that fraction of the train split instead (before the
+    sample limits)."""
+    train = load_split(args.dataset_name, args.dataset_train_split, args.dataset_config, base_dir)
+    evals = None
+    if args.dataset_test_split:
+        evals = load_split(args.dataset_name, args.dataset_test_split, args.dataset_config, base_dir,
+                           missing_ok=optional_test_split)
+    fraction = getattr(args, "eval_fraction", 0.0) or 0.0
+    if evals is None and fraction > 0:
+        parts = train.train_test_split(test_size=fraction, seed=0)
+        train, evals = parts["train"], parts["test"]
+    return take_first(train, args.max_train_samples), take_first(evals, args.max_eval_samples)
 
-    train = split(args.dataset_train_split, args.max_train_samples)
-    evals = split(args.dataset_test_split, args.max_eval_samples) if args.dataset_test_split else None
-    return train, evals
 
 def detect_format(columns: list[str] | dict) -> str:
     cols = set(columns)
