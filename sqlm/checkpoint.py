@@ -4,8 +4,8 @@
   ``sqlm_checkpoint.json`` into it, after every file of every process is on disk (fsynced). A kill
   while saving leaves a folder without the marker, which :func:`latest_complete_checkpoint` (what
   ``--resume_from_checkpoint true`` resumes from) skips and :func:`resolve_resume` refuses by path.
-  :func:`finish_checkpoint` marks a folder complete and only then rotates old ones out
-  (``save_total_limit``); :func:`clear_partial` removes a half-written folder of the step first.
+  :func:`rotate` removes old ones (``save_total_limit``), called only once the new one is
+  complete; :func:`clear_partial` removes a half-written folder of the step first.
 * **Auxiliary state.** :func:`save_aux_state` / :func:`load_aux_state` write and read what the HF
   checkpoint lacks: the target network (safetensors), each process's replay buffer and the trainer's
   counters (JSON; no pickles).
@@ -118,13 +118,11 @@ def clear_partial(folder: str | os.PathLike) -> None:
         shutil.rmtree(folder)
 
 
-def finish_checkpoint(folder: str | os.PathLike, step: int, run_dir: str | os.PathLike, save_total_limit: int | None,
-                      best_model_checkpoint: str | None = None) -> None:
-    """Mark ``folder`` complete, then rotate old checkpoints of ``run_dir`` out (``save_total_limit``).
-    Call on the main process once every process has written ``folder``."""
+def rotate(run_dir: str | os.PathLike, save_total_limit: int | None, best_model_checkpoint: str | None = None) -> None:
+    """Remove the oldest checkpoints of ``run_dir`` beyond ``save_total_limit`` (the newest and the best
+    are kept). Call only after the newest one is marked complete."""
     from transformers.trainer_utils import rotate_checkpoints
 
-    mark_complete(folder, step)
     rotate_checkpoints(str(run_dir), save_total_limit, best_model_checkpoint, use_mtime=True)
 
 

@@ -40,6 +40,7 @@ from .data import (
 )
 from . import checkpoint as ckpt
 from . import fused
+from .checkpoint import mark_complete
 from .errors import SqlmError
 from .guards import NonFiniteError, nonfinite_reward_source, nonfinite_value_source
 from .losses import LOSSES
@@ -720,7 +721,8 @@ class SoftQTrainer(Trainer):
         self.save_aux_state(folder)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            ckpt.finish_checkpoint(folder, self.state.global_step, run_dir, limit, self.state.best_model_checkpoint)
+            mark_complete(folder, self.state.global_step)
+            ckpt.rotate(run_dir, limit, self.state.best_model_checkpoint)
 
     def save_aux_state(self, folder: str) -> None:
         """Save what the HF checkpoint lacks into ``folder``: the target network (safetensors), this

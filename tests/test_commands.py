@@ -218,15 +218,16 @@ def test_aux_state_round_trip_and_missing_target(tmp_path):
         load_aux_state(tmp_path / "empty", target_model=other)
 
 
-def test_finish_checkpoint_marks_then_rotates(tmp_path):
-    from sqlm.checkpoint import clear_partial, finish_checkpoint, is_complete, latest_complete_checkpoint
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    from sqlm.checkpoint import clear_partial, is_complete, latest_complete_checkpoint, mark_complete, rotate
 
     for step in (1, 2, 3):
         folder = tmp_path / f"checkpoint-{step}"
         clear_partial(folder)
         folder.mkdir()
         (folder / "w.txt").write_text(str(step))
-        finish_checkpoint(folder, step, tmp_path, save_total_limit=2)
+        mark_complete(folder, step)
+        rotate(tmp_path, 2)
         assert is_complete(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
     assert latest_complete_checkpoint(tmp_path).name == "checkpoint-3"
