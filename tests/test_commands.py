@@ -83,6 +83,17 @@ def test_library_modules_have_no_main(module):
     assert not hasattr(importlib.import_module(module), "main")
 
 
+def test_the_library_never_imports_the_commands():
+    pattern = re.compile(r"^\s*(from|import)\s+(sqlm\.commands|\.+commands)\b", re.M)
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "sqlm").rglob("*.py")
+        if "commands" not in p.relative_to(ROOT / "sqlm").parts[:-1] and p.name != "cli.py"
+        and pattern.search(p.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
+
+
 @pytest.mark.parametrize("command", TRAINING_COMMANDS)
 def test_every_training_command_takes_the_model_keys_of_trl_model_config(command):
     """dtype, model_revision, attn_implementation, use_peft, lora_*: the same keys, read the same way."""
@@ -152,11 +163,13 @@ def test_errors_print_once_under_a_launcher_and_every_rank_exits_2(tmp_path, mon
 
 
 def test_split_argv_takes_the_recipe_positionally_or_by_config():
-    assert cli.split_argv(["--config", "r.yaml", "--tau", "1"]) == ("r.yaml", ["--tau", "1"])
-    assert cli.split_argv(["r.yaml", "--tau", "1"]) == ("r.yaml", ["--tau", "1"])
-    assert cli.split_argv(["--tau", "1"]) == (None, ["--tau", "1"])
+    from sqlm.recipe import split_argv
+
+    assert split_argv(["--config", "r.yaml", "--tau", "1"]) == ("r.yaml", ["--tau", "1"])
+    assert split_argv(["r.yaml", "--tau", "1"]) == ("r.yaml", ["--tau", "1"])
+    assert split_argv(["--tau", "1"]) == (None, ["--tau", "1"])
     with pytest.raises(SqlmError, match="--config"):
-        cli.split_argv(["--config"])
+        split_argv(["--config"])
 
 
 # ----------------------------------------------------------------------------- loading

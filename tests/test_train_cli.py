@@ -12,7 +12,7 @@ import torch
 
 from sqlm import cli
 from sqlm.errors import SqlmError
-from sqlm.cli import split_argv
+from sqlm.recipe import split_argv
 from sqlm.tiny import build_tiny_model, parse_tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 from trl import DPOConfig, DPOTrainer
 
-from ..cli import split_argv, wants_help
+from ..recipe import split_argv, wants_help
 from ..config import _accelerator_supports_bf16, _as_dict
 from ..errors import SqlmError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..cli import split_argv, wants_help
+from ..recipe import split_argv, wants_help
 from ..errors import SqlmError
 
 

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SqlmError
-from ..cli import split_argv, wants_help
+from ..recipe import split_argv, wants_help
 from ..evaluation.gold import GoldTaskConfig, default_cache_dir, fingerprint
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "gold"

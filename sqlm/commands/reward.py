@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import split_argv, wants_help
+from ..recipe import split_argv, wants_help
 from ..config import ModelConfig
 from ..errors import SqlmError
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cli import split_argv, wants_help
+from ..recipe import split_argv, wants_help
 from ..errors import SqlmError
 
 QUICKSTART = "recipes/quickstart/sqlm/config.yaml"
