@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 
 from .errors import SqlmError
 from .losses import LOSSES, REDUCTIONS
+from .recipe import choice_error
 
 MODES = ("offline", "online", "mixed")
 TARGET_LOSSES = ("soft_q", "advantage_pcl", "multistep_pcl")  # losses that read a target network
@@ -28,6 +29,15 @@ def _accelerator_supports_bf16() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def _as_dict(value: Any, name: str) -> dict | None:
@@ -256,7 +266,20 @@ class SoftQConfig(TrainingArguments):
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(
-        default=None, metadata={"help": "Split to evaluate on; None = no evaluation set."}
+        default=None,
+        metadata={
+            "help": "Split to evaluate on (a split name, a slice such as 'train[90%:]', or a held-out file); None = "
+            "no evaluation set. A single data file has only the split 'train'."
+        },
+    )
+    dataset_test_size: float | None = field(
+        default=None,
+        metadata={
+            "help": "Hold out this fraction (0 < x < 1) or number of rows (>= 1) of the training split as the "
+            "evaluation set, as datasets' train_test_split(test_size=...), when there is no dataset_test_split. The "
+            "rows are drawn with a fixed seed (the same rows on every run, whatever `seed`) before "
+            "max_train_samples / max_eval_samples apply, so training never sees them."
+        },
     )
     dataset_column_map: dict | str | None = field(
         default=None,
@@ -333,10 +356,17 @@ class SoftQConfig(TrainingArguments):
     logging_steps: float = field(
         default=10, metadata={"help": "Log every this many optimizer steps (or a fraction of them)."}
     )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Pin data loader memory for faster host-to-device copies. None = on only when an "
+                  "accelerator is used (pinning has no use on a CPU run)."},
+    )
 
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = (not self.fp16) and (not self.use_cpu) and _accelerator_supports_bf16()
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = (not self.use_cpu) and _accelerator_available()
         if self.beta is not None:
             self.tau = self.beta
         for name in ("generation_kwargs", "reward_kwargs", "dataset_column_map", "model_init_kwargs"):
@@ -349,7 +379,7 @@ class SoftQConfig(TrainingArguments):
             return SqlmError(f"key '{key}' {msg}")
 
         if self.loss_type not in LOSSES:
-            raise bad("loss_type", f"must be one of {', '.join(LOSSES)}, got {self.loss_type!r}")
+            raise choice_error("loss_type", self.loss_type, LOSSES)
         if not (self.tau > 0 and math.isfinite(self.tau)):
             raise bad("tau" if self.beta is None else "beta", f"must be a finite number > 0, got {self.tau!r}")
         if not 0 < self.gamma <= 1:
@@ -357,9 +387,9 @@ class SoftQConfig(TrainingArguments):
         if self.rollout_length is not None and self.rollout_length < 1:
             raise bad("rollout_length", f"must be >= 1 or null, got {self.rollout_length!r}")
         if self.reduction not in REDUCTIONS or self.reduction in ("sum", "none"):
-            raise bad("reduction", f"must be token, sequence or sequence_mean, got {self.reduction!r}")
+            raise choice_error("reduction", self.reduction, ("token", "sequence", "sequence_mean"))
         if self.mode not in MODES:
-            raise bad("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise choice_error("mode", self.mode, MODES)
         if not 0 <= self.mix_ratio <= 1:
             raise bad("mix_ratio", f"must be in [0, 1], got {self.mix_ratio!r}")
         if not 0 < self.target_model_mixup_alpha <= 1:
@@ -367,7 +397,7 @@ class SoftQConfig(TrainingArguments):
         if self.target_model_sync_steps < 1:
             raise bad("target_model_sync_steps", f"must be >= 1, got {self.target_model_sync_steps!r}")
         if self.value_anchor not in ("reference", "none"):
-            raise bad("value_anchor", f"must be 'reference' or 'none', got {self.value_anchor!r}")
+            raise choice_error("value_anchor", self.value_anchor, ("reference", "none"))
         if self.value_head is False and self.loss_type == "pcl":
             raise bad("value_head", "must be on for loss_type 'pcl' (its V comes from a separate value head)")
         if self.value_head and self.loss_type != "pcl":
@@ -380,6 +410,12 @@ class SoftQConfig(TrainingArguments):
             raise bad("replay_buffer_size", f"must be >= 0, got {self.replay_buffer_size!r}")
         if self.temperature <= 0:
             raise bad("temperature", f"must be > 0, got {self.temperature!r}")
+        for name in self.reward_funcs or []:
+            if isinstance(name, str) and ":" not in name:
+                from .rewards.registry import unknown_name_error
+
+                if msg := unknown_name_error(name):
+                    raise SqlmError(f"key 'reward_funcs': {msg}")
         if self.reward_weights is not None:
             n = len(self.reward_funcs or [])
             if len(self.reward_weights) != n:
@@ -402,9 +438,55 @@ class SoftQConfig(TrainingArguments):
             if not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise bad("reward_weights", f"must be finite numbers, got {w!r} at position {i}")
         if self.nan_policy not in ("stop", "skip"):
-            raise bad("nan_policy", f"must be 'stop' or 'skip', got {self.nan_policy!r}")
+            raise choice_error("nan_policy", self.nan_policy, ("stop", "skip"))
         if self.remove_unused_columns:
             raise bad("remove_unused_columns", "must be false: rewards and rollouts read the raw columns")
+        size = self.dataset_test_size
+        if size is not None:
+            if not (math.isfinite(size) and size > 0 and (size < 1 or size == int(size))):
+                raise bad("dataset_test_size", f"must be a fraction in (0, 1) or a whole number of rows >= 1, got {size!r}")
+            if self.dataset_test_split:
+                raise SqlmError("keys 'dataset_test_split' and 'dataset_test_size' cannot both be set: choose one eval set")
+        self._validate_training_ranges(bad)
+
+    def _validate_training_ranges(self, bad) -> None:
+        """The TrainingArguments fields users set most, checked before transformers or torch trip over them."""
+
+        def number(key: str) -> float:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(key, f"must be a finite number, got {value!r}")
+            return value
+
+        if number("learning_rate") <= 0:
+            raise bad("learning_rate", f"must be > 0, got {self.learning_rate!r}")
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if number(key) < 1:
+                raise bad(key, f"must be >= 1, got {getattr(self, key)!r}")
+        if number("max_steps") < 1 and self.max_steps != -1:
+            raise bad("max_steps", f"must be >= 1, or -1 to train for num_train_epochs, got {self.max_steps!r}")
+        if number("num_train_epochs") <= 0:
+            raise bad("num_train_epochs", f"must be > 0, got {self.num_train_epochs!r}")
+        warmup = number("warmup_steps")
+        if warmup < 0 or (warmup >= 1 and warmup != int(warmup)):
+            raise bad("warmup_steps", f"must be a whole number of steps >= 0 or a ratio in [0, 1) of the steps, got {warmup!r}")
+        for key in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, key)
+            if (value is None and key != "logging_steps") or getattr(self, key.replace("_steps", "_strategy")) == "no":
+                continue
+            value = number(key)
+            if value <= 0 or (value > 1 and value != int(value)):
+                raise bad(key, f"must be a whole number of steps >= 1 or a fraction in (0, 1] of the steps, got {value!r}")
+        for key in ("weight_decay", "max_grad_norm"):
+            if number(key) < 0:
+                raise bad(key, f"must be >= 0, got {getattr(self, key)!r}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= number(key) < 1:
+                raise bad(key, f"must be in [0, 1), got {getattr(self, key)!r}")
+        if number("adam_epsilon") <= 0:
+            raise bad("adam_epsilon", f"must be > 0, got {self.adam_epsilon!r}")
+        if self.dataloader_num_workers < 0:
+            raise bad("dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers!r}")
 
     @property
     def uses_target_model(self) -> bool:
@@ -428,6 +510,12 @@ class ModelConfig(trl.ModelConfig):
         # type (the recipe checker reads it) and collapse it when building the LoraConfig.
         if self.load_in_8bit and self.load_in_4bit:
             raise SqlmError("keys 'load_in_8bit' and 'load_in_4bit' cannot both be true")
+
+
+def check_train_args(args: SoftQConfig, model_args: ModelConfig) -> None:
+    """Checks across the two dataclasses of a ``sqlm train`` recipe."""
+    if args.merge_adapter and not model_args.use_peft:
+        raise SqlmError("key 'merge_adapter' needs use_peft: true (there is no LoRA adapter to merge without it)")
 
 
 def get_peft_config(model_args: ModelConfig):

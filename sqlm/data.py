@@ -21,6 +21,7 @@ same chat-template calls, same common-prefix split, same ``keep_start`` truncati
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -31,11 +32,11 @@ import torch
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational, maybe_extract_prompt
 
 from .errors import SqlmError
+from .rewards.cache import TOKEN_REWARD_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 PREFERENCE, PROMPT_COMPLETION, PROMPT_ONLY = "preference", "prompt_completion", "prompt"
-TOKEN_REWARD_COLUMNS = {"chosen": "chosen_token_rewards", "rejected": "rejected_token_rewards", "completion": "token_rewards"}
 # columns added by tokenisation; everything else is passed to reward functions
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "row_index")
 TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion")
@@ -107,6 +108,51 @@ def _is_saved_dataset(path: Path | None) -> bool:
     )
 
 
+def _is_train_split(split: str | None) -> bool:
+    """``train`` or a slice of it (``train[:90%]``): the only split a single data file has."""
+    return not split or split == "train" or split.startswith("train[")
+
+
+def _json_messages(value: Any) -> list | None:
+    """``value`` parsed as a JSON list of ``{role, content}`` messages, or None when it is not one."""
+    if not isinstance(value, str) or not value.lstrip().startswith("["):
+        return None
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(out, list) and out and all(isinstance(m, dict) and "role" in m and "content" in m for m in out):
+        return out
+    return None
+
+
+def decode_message_columns(dataset, where: str):
+    """Parse the text columns whose cells are JSON-encoded lists of ``{role, content}`` messages (how
+    a CSV file holds conversations) into lists of messages, so they go through the chat template
+    instead of training as raw JSON text. A column that holds messages in some rows and other text in
+    others is an error naming both rows."""
+    from datasets import Value
+
+    for col in list(dataset.column_names):
+        feature = dataset.features[col]
+        if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+            continue
+        values = dataset[col]
+        decoded = [_json_messages(v) for v in values]
+        hits = [i for i, d in enumerate(decoded) if d is not None]
+        if not hits:
+            continue
+        misses = [i for i, (v, d) in enumerate(zip(values, decoded)) if d is None and _nonempty(v)]
+        if misses:
+            raise SqlmError(
+                f"row {misses[0]} of {where}: column '{col}' is not a JSON list of {{role, content}} messages, "
+                f"but row {hits[0]} is (conversations in a CSV file must be JSON-encoded in every row)"
+            )
+        order = dataset.column_names
+        dataset = dataset.remove_columns(col).add_column(col, decoded).select_columns(order)
+    return dataset
+
+
 def load_split(
     name: str,
     split: str,
@@ -114,18 +160,25 @@ def load_split(
     base_dir: str | os.PathLike | None = None,
     missing_ok: bool = False,
 ):
-    """Load one split with ``datasets``: a local .json/.jsonl/.parquet/.csv file (its only split,
-    ``train``), a folder written by ``save_to_disk``, another local folder, or a hub id. ``split`` may
-    itself be a file path (e.g. a held-out jsonl). With ``missing_ok`` a split the dataset does not
-    have is None instead of an error.
+    """Load one split with ``datasets``: a local .json/.jsonl/.parquet/.csv file, a folder written by
+    ``save_to_disk``, another local folder, or a hub id. ``split`` may itself be a file path (e.g. a
+    held-out jsonl). With ``missing_ok`` a split the dataset does not have is None, not an error.
+
+    A single file has one split, ``train`` (or a slice of it such as ``train[:90%]``); any other split
+    name is an error (hold rows out with :func:`hold_out` / ``dataset_test_size`` instead). In a CSV
+    file, columns of JSON-encoded messages are parsed into conversations (:func:`decode_message_columns`).
 
     Errors are one line naming the file or id: a missing file, a file that is not UTF-8 or not valid
-    JSON/CSV/Parquet, a hub id that is neither local nor cached (with ``HF_HUB_OFFLINE=1``)."""
+    JSON/CSV/Parquet, an unknown split (naming the splits that exist), a hub id that is neither local
+    nor cached (with ``HF_HUB_OFFLINE=1``)."""
     import datasets
 
     split_path = _resolve_path(split, base_dir) if split else None
     if split_path is not None and split_path.suffix in _FILE_BUILDERS:
         name, split = str(split_path), "train"
+    elif split and split_path is None and Path(split).suffix in _FILE_BUILDERS:
+        where = f" (looked in {os.getcwd()}" + (f" and beside the recipe, in {base_dir})" if base_dir else ")")
+        raise SqlmError(f"could not load split file '{split}': no such file{where}")
     path = _resolve_path(name, base_dir)
     if path is None and _looks_like_path(name):
         where = f" (looked in {os.getcwd()}" + (f" and beside the recipe, in {base_dir})" if base_dir else ")")
@@ -134,15 +187,21 @@ def load_split(
         builder = _FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise SqlmError(f"dataset file {path} has an unknown extension; use one of {', '.join(_FILE_BUILDERS)}")
+        if not _is_train_split(split):
+            if missing_ok:
+                return None
+            raise SqlmError(
+                f"unknown split '{split}' of dataset file {path}: a single file has one split, 'train'; name a "
+                "held-out file as the split, or hold rows out with dataset_test_size"
+            )
         if path.stat().st_size == 0:
             raise SqlmError(f"dataset file {path} is empty")
-        if missing_ok and split != "train":
-            return None
         if builder in ("json", "csv"):
             check_utf8(path)
     try:
         if path is not None and path.is_file():
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            ds = datasets.load_dataset(builder, data_files=str(path), split=split or "train")
+            return decode_message_columns(ds, f"dataset file {path}") if builder == "csv" else ds
         if _is_saved_dataset(path):
             data = datasets.load_from_disk(str(path))
             if isinstance(data, datasets.Dataset):
@@ -165,6 +224,32 @@ def load_split(
         raise SqlmError(f"could not load split '{split}' of {what}{hint}: {_one_line(e)}") from None
 
 
+HOLD_OUT_SEED = 0
+"""Seed of :func:`hold_out`: the same rows are held out on every run, whatever the training ``seed``."""
+
+
+def hold_out_indices(n_rows: int, size: float, seed: int = HOLD_OUT_SEED) -> tuple[list[int], list[int]]:
+    """``(train, test)`` row indices, each in file order: ``size`` rows (``>= 1``) or that fraction of
+    the rows (``0 < size < 1``, rounded, at least one) drawn at random with ``seed``."""
+    import random
+
+    n_test = int(size) if size >= 1 else max(1, round(size * n_rows))
+    if size >= 1 and size != int(size):
+        raise SqlmError(f"key 'dataset_test_size' must be a fraction in (0, 1) or a whole number of rows, got {size!r}")
+    if not 1 <= n_test < n_rows:
+        raise SqlmError(
+            f"key 'dataset_test_size' holds out {n_test} of {n_rows} rows; it must leave at least one row on each side"
+        )
+    test = set(random.Random(seed).sample(range(n_rows), n_test))
+    return [i for i in range(n_rows) if i not in test], sorted(test)
+
+
+def hold_out(dataset, size: float, seed: int = HOLD_OUT_SEED):
+    """``(train, test)``: ``dataset`` split by :func:`hold_out_indices` (rows keep their order)."""
+    train_idx, test_idx = hold_out_indices(len(dataset), size, seed)
+    return dataset.select(train_idx), dataset.select(test_idx)
+
+
 def take_first(ds, limit: int | None):
     """The first ``limit`` rows of ``ds`` (all with None; None stays None)."""
     return ds if ds is None or limit is None else ds.select(range(min(limit, len(ds))))
@@ -172,17 +257,24 @@ def take_first(ds, limit: int | None):
 
 def load_train_eval(args, base_dir: str | None = None, optional_test_split: bool = False):
     """``(train, eval or None)`` from a config's ``dataset_name``, ``dataset_config``,
-    ``dataset_train_split`` / ``dataset_test_split`` and ``max_train_samples`` / ``max_eval_samples``
-    (sqlm train, sqlm dpo and sqlm reward read their data through this one function).
+    ``dataset_train_split`` / ``dataset_test_split``, ``dataset_test_size`` (rows held out of the
+    training split when there is no test split) and ``max_train_samples`` / ``max_eval_samples``
+    (sqlm train, sqlm dpo and sqlm reward read their data through this one function). The held-out
+    rows are drawn before the sample limits, so the two sets never share a row.
 
     With ``optional_test_split`` a test split the dataset lacks means no evaluation data; then an
-    ``eval_fraction`` > 0 in ``args`` holds out that fraction of the train split instead (before the
-    sample limits)."""
+    ``eval_fraction`` > 0 in ``args`` (``sqlm reward``'s key) holds out that fraction of the train
+    split with ``datasets``' ``train_test_split`` (seed 0)."""
+    test_size = getattr(args, "dataset_test_size", None)
     train = load_split(args.dataset_name, args.dataset_train_split, args.dataset_config, base_dir)
     evals = None
     if args.dataset_test_split:
+        if test_size is not None:
+            raise SqlmError("keys 'dataset_test_split' and 'dataset_test_size' cannot both be set: choose one eval set")
         evals = load_split(args.dataset_name, args.dataset_test_split, args.dataset_config, base_dir,
                            missing_ok=optional_test_split)
+    elif test_size is not None:
+        train, evals = hold_out(train, test_size)
     fraction = getattr(args, "eval_fraction", 0.0) or 0.0
     if evals is None and fraction > 0:
         parts = train.train_test_split(test_size=fraction, seed=0)
@@ -208,8 +300,6 @@ def detect_format(columns: list[str] | dict) -> str:
 
 
 def _template_kwargs(example: dict[str, Any]) -> dict[str, Any]:
-    import json
-
     tools = example.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
     return {"tools": tools, **(example.get("chat_template_kwargs") or {})}
@@ -219,6 +309,44 @@ def _with_eos(text: Any, eos_token: str | None) -> Any:
     if isinstance(text, str) and eos_token and not text.endswith(eos_token):
         return text + eos_token
     return text
+
+
+_TURN_END_PROBE = "sqlm-turn-end-probe"
+_turn_end_cache: dict[tuple, bool] = {}
+
+
+def template_ends_turns(tokenizer) -> bool:
+    """Whether the tokenizer's chat template closes an assistant turn with a special token (an
+    end-of-turn marker such as ``<|im_end|>``, ``<|eot_id|>`` or the EOS), which a chat model's
+    generation stops on. Templates that write nothing special after the assistant's content give
+    completions that never teach the model to stop; :func:`tokenize_preference` then appends the EOS
+    to conversational completions. A template that cannot render the probe counts as closing turns."""
+    template = getattr(tokenizer, "chat_template", None)
+    key = (template, getattr(tokenizer, "eos_token", None), getattr(tokenizer, "name_or_path", None))
+    if key not in _turn_end_cache:
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_END_PROBE}], tokenize=False
+            )
+            tail = text[text.rindex(_TURN_END_PROBE) + len(_TURN_END_PROBE) :]
+            specials = set(getattr(tokenizer, "all_special_tokens", [])) | {
+                str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+            }
+            _turn_end_cache[key] = any(s and s in tail for s in specials)
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            # no template, or one that rejects the probe: leave its output as it is
+            _turn_end_cache[key] = True
+    return _turn_end_cache[key]
+
+
+def _end_turn(ids: list[int], tokenizer) -> list[int]:
+    """A conversational completion's ids, ending with the EOS when the template has no end-of-turn token."""
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None or template_ends_turns(tokenizer) or (ids and ids[-1] == eos_id):
+        return ids
+    return [*ids, eos_id]
 
 
 def _truncate(prompt_ids, completions, max_length, max_prompt_length, max_completion_length):
@@ -253,7 +381,9 @@ def tokenize_preference(
 
     As TRL's DPOTrainer: standard text gets the EOS token appended to each completion; conversational
     rows go through the chat template (the prompt with ``add_generation_prompt=True``); the
-    completion starts where the tokenised prompt and prompt+completion diverge. Then truncation:
+    completion starts where the tokenised prompt and prompt+completion diverge. A conversational
+    completion ends with the template's end-of-turn token; when the template writes none (see
+    :func:`template_ends_turns`), the EOS is appended, so the model learns to stop. Then truncation:
     the prompt keeps its end (``max_prompt_length``), completions their start
     (``max_completion_length``), and prompt+completion its start (``max_length``).
     """
@@ -272,10 +402,10 @@ def tokenize_preference(
         chosen = _tokenize(tokenizer, example["prompt"] + _with_eos(example["chosen"], eos))["input_ids"]
         rejected = _tokenize(tokenizer, example["prompt"] + _with_eos(example["rejected"], eos))["input_ids"]
     n = min(common_prefix_length(prompt_ids, chosen), common_prefix_length(prompt_ids, rejected))
-    p, (c, r) = _truncate(
-        list(prompt_ids[:n]), [list(chosen[n:]), list(rejected[n:])],
-        max_length, max_prompt_length, max_completion_length,
-    )
+    c, r = list(chosen[n:]), list(rejected[n:])
+    if is_conversational(example):
+        c, r = _end_turn(c, tokenizer), _end_turn(r, tokenizer)
+    p, (c, r) = _truncate(list(prompt_ids[:n]), [c, r], max_length, max_prompt_length, max_completion_length)
     return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
 
 
@@ -297,7 +427,10 @@ def tokenize_prompt_completion(
         prompt_ids = _tokenize(tokenizer, example["prompt"])["input_ids"]
         full = _tokenize(tokenizer, example["prompt"] + _with_eos(example["completion"], eos))["input_ids"]
     n = common_prefix_length(prompt_ids, full)
-    p, (c,) = _truncate(list(prompt_ids[:n]), [list(full[n:])], max_length, max_prompt_length, max_completion_length)
+    c = list(full[n:])
+    if is_conversational(example):
+        c = _end_turn(c, tokenizer)
+    p, (c,) = _truncate(list(prompt_ids[:n]), [c], max_length, max_prompt_length, max_completion_length)
     return {"prompt_ids": p, "completion_ids": c}
 
 
@@ -384,6 +517,7 @@ def _check_token_rewards(example: dict[str, Any], out: dict[str, Any], idx: int)
 
 
 SKIP_IDENTICAL, SKIP_LONG_PROMPT = "chosen identical to rejected", "prompt fills max_length"
+SKIP_TRUNCATED = "chosen and rejected identical only after truncation to {limits}"
 _SKIP, _KIND = "sqlm_skip", "sqlm_row_kind"  # temporary columns
 
 
@@ -395,10 +529,11 @@ def prepare_dataset(dataset, tokenizer, args, mode: str | None = None, name: str
 
     Bad rows are errors that name the row: missing or empty text, an empty prompt, a row of another
     format, messages mixed with plain text, non-numeric reward columns, token-reward columns shorter
-    than the completion. Two kinds of rows are skipped instead, with a logged count: preference rows
-    whose chosen and rejected completions tokenise identically (no preference between them), and
-    rows whose prompt alone fills ``max_length`` (as TRL's DPO drops them). If every row is skipped,
-    that is an error.
+    than the completion. Rows are skipped instead, with a logged count and reason: preference rows
+    whose chosen and rejected completions tokenise identically (no preference between them), pairs
+    that differ but become identical once truncated (reported as such, naming ``max_length`` /
+    ``max_completion_length``), and rows whose prompt alone fills ``max_length`` (as TRL's DPO drops
+    them). If every row is skipped, that is an error.
     """
     mode = mode or args.mode
     if args.dataset_column_map:
@@ -426,6 +561,8 @@ def prepare_dataset(dataset, tokenizer, args, mode: str | None = None, name: str
         max_prompt_length=args.max_prompt_length,
         max_completion_length=args.max_completion_length,
     )
+
+    truncated = SKIP_TRUNCATED.format(limits=", ".join(f"{k}={v}" for k, v in lengths.items() if v is not None))
 
     def tokenize(example, idx):
         try:
@@ -460,7 +597,8 @@ def prepare_dataset(dataset, tokenizer, args, mode: str | None = None, name: str
         if args.max_length is not None and len(out["prompt_ids"]) >= args.max_length:
             skip = SKIP_LONG_PROMPT
         elif fmt == PREFERENCE and out["chosen_ids"] == out["rejected_ids"]:
-            skip = SKIP_IDENTICAL
+            full = tokenize_preference(example, tokenizer)
+            skip = SKIP_IDENTICAL if full["chosen_ids"] == full["rejected_ids"] else truncated
         out[_SKIP] = skip
         out[_KIND] = _kind(example["prompt"] if fmt == PROMPT_ONLY else example[{PREFERENCE: "chosen"}.get(fmt, "completion")])
         return out
@@ -486,7 +624,8 @@ def prepare_dataset(dataset, tokenizer, args, mode: str | None = None, name: str
         )
         n_skipped = sum(len(v) for v in skipped.values())
         if n_skipped == len(dataset):
-            raise SqlmError(f"every row of the {name} dataset was skipped: {detail} (max_length={args.max_length})")
+            limits = "" if "max_length=" in detail else f" (max_length={args.max_length})"
+            raise SqlmError(f"every row of the {name} dataset was skipped: {detail}{limits}")
         logger.warning("skipped %d of %d rows of the %s dataset: %s", n_skipped, len(dataset), name, detail)
         dataset = dataset.filter(lambda why: not why, input_columns=[_SKIP], **kwargs)
     return dataset.remove_columns([_SKIP, _KIND])

@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import checkpoint_step, is_complete
 from .errors import SqlmError
+from .rewards.cache import TOKEN_REWARD_COLUMNS
 
 NAN_POLICIES = ("stop", "skip")
 
@@ -64,7 +65,7 @@ def nonfinite_reward_source(trajectories: Iterable[Any], per_source: Mapping[str
         if t.token_rewards is not None and not all(math.isfinite(float(v)) for v in t.token_rewards):
             if t.source == "replay":
                 return "reward of a replayed sample"
-            col = {"chosen": "chosen_token_rewards", "rejected": "rejected_token_rewards"}.get(t.source, "token_rewards")
+            col = TOKEN_REWARD_COLUMNS.get(t.source, TOKEN_REWARD_COLUMNS["completion"])
             return f"reward in dataset column '{col}'"
         if t.sequence_reward is not None and not math.isfinite(float(t.sequence_reward)):
             return "sequence reward in the dataset (column 'reward', 'label' or a score column)"

@@ -70,10 +70,71 @@ def field_names(dataclass_types: Sequence[type]) -> list[str]:
     return [f.name for dc in dataclass_types for f in dataclasses.fields(dc) if f.init]
 
 
+# keys of older TRL / transformers versions that users still write, and what replaced them
+RENAMED_KEYS = {
+    "warmup_ratio": "warmup_steps (transformers 5 merged them: a value in [0, 1) is a ratio of the steps)",
+    "evaluation_strategy": "eval_strategy",
+    "max_new_tokens": "max_completion_length",
+}
+
+
+def _did_you_mean(value: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(value, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def unknown_key_error(key: str, valid: Sequence[str], where: str) -> SqlmError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return SqlmError(f"unknown key '{key}' in {where}{hint}")
+    if key in RENAMED_KEYS and RENAMED_KEYS[key].split()[0] in valid:
+        return SqlmError(f"unknown key '{key}' in {where}; use {RENAMED_KEYS[key]}")
+    return SqlmError(f"unknown key '{key}' in {where}{_did_you_mean(key, valid)}")
+
+
+def choice_error(key: str, value: Any, choices: Sequence[Any]) -> SqlmError:
+    """The one-line error of a value that is not one of a key's choices, with the closest choice."""
+    names = [str(getattr(c, "value", c)) for c in choices]
+    return SqlmError(f"key '{key}' must be one of {', '.join(names)}, got {value!r}{_did_you_mean(str(value), names)}")
+
+
+class _FlagError(Exception):
+    pass
+
+
+def _raise_flag_error(message: str):
+    raise _FlagError(message)
+
+
+def _flag_message(message: str) -> str:
+    """argparse's "argument --max_steps/--max-steps: invalid int value: 'x'" -> "flag --max_steps: ..."."""
+    import re
+
+    message = " ".join(message.split())
+    m = re.match(r"argument (--[\w]+)(?:/--[\w-]+)?: (.*)", message)
+    return f"flag {m.group(1)}: {m.group(2)}" if m else f"invalid command-line flags: {message}"
+
+
+def check_flag_choices(parser, args: Sequence[str]) -> None:
+    """Reject a flag value outside its key's choices (``--mode onlne``) with :func:`choice_error`,
+    before argparse would print its whole usage."""
+    actions = parser._option_string_actions
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        action = actions.get(flag) if arg.startswith("--") else None
+        if action is not None and action.choices is not None and action.nargs in (None, "?"):
+            if not eq:
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    i += 1
+                    continue
+                value = args[i + 1]
+                i += 1
+            try:
+                converted = action.type(value) if action.type is not None else value
+            except (TypeError, ValueError):
+                converted = value
+            if converted not in action.choices:
+                raise choice_error(action.dest, value, list(action.choices))
+        i += 1
 
 
 def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
@@ -164,6 +225,7 @@ def parse_recipe(
         os.environ[str(key)] = str(value)
 
     parser = HfArgumentParser(list(dataclass_types))
+    parser.error = _raise_flag_error  # one line, not argparse's usage dump and exit
     for action in parser._actions:
         if action.dest in config:
             action.default = config[action.dest]
@@ -175,8 +237,11 @@ def parse_recipe(
             key = arg[2:].split("=", 1)[0].replace("-", "_")
             if key not in valid:
                 raise unknown_key_error(key, valid, "the command-line flags")
+    check_flag_choices(parser, args)
     try:
         outputs = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    except _FlagError as e:
+        raise SqlmError(_flag_message(str(e))) from None
     except SystemExit:
         raise SqlmError(f"could not parse the flags {' '.join(args)}") from None
     except (ValueError, TypeError) as e:

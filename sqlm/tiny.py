@@ -27,9 +27,10 @@ from .errors import SqlmError
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
 
-# A minimal chat template (role: content lines), enough for TRL's conversational helpers.
+# A minimal chat template, enough for TRL's conversational helpers: "role: content" turns, each
+# closed by the EOS token, as a chat model's turns end with the token its generation stops on.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 
@@ -168,8 +169,9 @@ def dataset_texts(dataset, columns: Sequence[str] = ("prompt", "chosen", "reject
 
 
 def tiny_cache_dir() -> Path:
-    root = os.environ.get("SQLM_CACHE") or os.path.join(Path.home(), ".cache", "sqlm")
-    return Path(root) / "tiny"
+    from .paths import cache_dir
+
+    return cache_dir("tiny")
 
 
 def build_tiny_model(spec: str, texts: Sequence[str], cache_dir: str | os.PathLike | None = None):

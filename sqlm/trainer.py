@@ -44,8 +44,11 @@ from .checkpoint import mark_complete
 from .errors import SqlmError
 from .guards import NonFiniteError, nonfinite_reward_source, nonfinite_value_source
 from .losses import LOSSES
-from .rewards.base import TokenRewarder, as_rewarder
-from .rollout import ReplayBuffer, generate_completions, resolve_reward_funcs, score_trajectories
+from .paths import cache_dir as sqlm_cache_dir
+from .rewards.base import TokenRewarder
+from .rewards.registry import resolve_rewarders
+from .rewards.scoring import score_trajectories
+from .rollout import ReplayBuffer, generate_completions
 from .soft import SoftOutputs, path_mask, soft_outputs
 
 logger = logging.getLogger(__name__)
@@ -240,7 +243,9 @@ class SoftQTrainer(Trainer):
             already tokenised with :func:`sqlm.data.prepare_dataset`.
         processing_class: the tokenizer (default: loaded from the model's path).
         reward_funcs: rewarders (``TokenRewarder``), TRL-signature callables, or names resolved by
-            :func:`sqlm.rollout.resolve_reward_funcs`; default ``args.reward_funcs``.
+            :func:`sqlm.rewards.resolve_rewarders`; default ``args.reward_funcs``.
+        reward_search_dirs: folders where ``module:function`` reward modules are looked up before the
+            current directory and the Python path (``sqlm train`` passes the recipe's folder).
         ref_model: explicit reference policy. Without it: with PEFT, the base model with the adapter
             disabled; otherwise a frozen copy of the initial policy (``args.use_reference=False``:
             no reference, plain max-entropy RL).
@@ -263,6 +268,7 @@ class SoftQTrainer(Trainer):
         peft_config=None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers=(None, None),
+        reward_search_dirs: list[str] | None = None,
     ):
         from transformers import set_seed
         from trl.trainer.utils import disable_dropout_in_model
@@ -332,18 +338,10 @@ class SoftQTrainer(Trainer):
                     disable_dropout_in_model(m)
 
         # Rewards
-        if reward_funcs is None:
-            reward_funcs = args.reward_funcs
-        if reward_funcs is not None and not isinstance(reward_funcs, (list, tuple)):
-            reward_funcs = [reward_funcs]
-        names = [r for r in (reward_funcs or []) if isinstance(r, str)]
-        named = iter(resolve_reward_funcs(names, args.reward_kwargs, args.allow_code_rewards, processing_class))
-        self.rewarders: list[TokenRewarder] = [
-            next(named) if isinstance(r, str) else as_rewarder(r) for r in (reward_funcs or [])
-        ]
-        self.reward_weights = list(args.reward_weights or [1.0] * len(self.rewarders))
-        if len(self.reward_weights) != len(self.rewarders):
-            raise SqlmError(f"got {len(self.reward_weights)} reward_weights for {len(self.rewarders)} reward functions")
+        self.rewarders: list[TokenRewarder]
+        self.rewarders, self.reward_weights = resolve_rewarders(
+            args, processing_class, reward_funcs, search_dirs=reward_search_dirs or ()
+        )
 
         # Dense rewards of model-based rewarders on offline data: computed once, cached as columns
         self._offline_only_rewarders: set[int] = set()
@@ -412,9 +410,7 @@ class SoftQTrainer(Trainer):
         if not cached or cols is None or "prompt_ids" in cols or any(c in cols for c in ALL_COLUMNS):
             return dataset
         combined = WeightedSum([self.rewarders[i] for i in cached], [self.reward_weights[i] for i in cached])
-        cache_dir = args.reward_cache_dir or os.path.join(
-            os.environ.get("SQLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sqlm"), "rewards"
-        )
+        cache_dir = args.reward_cache_dir or sqlm_cache_dir("rewards")
         with PartialState().main_process_first():
             dataset = add_token_rewards(dataset, combined, tokenizer, cache_dir=cache_dir)
         # offline trajectories now carry these rewards; online ones still need the rewarders live

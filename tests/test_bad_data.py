@@ -63,6 +63,24 @@ RECIPE_CASES = [
     (None, ["--taau", "1"], "unknown key 'taau'"),
     (None, ["--gamma", "2"], "key 'gamma'"),
     (None, ["--max_prompt_length", "40"], "key 'max_prompt_length' must be < max_length"),
+    # flags: one line with the closest choice, never argparse's usage
+    (None, ["--mode", "onlne"], "key 'mode' must be one of offline, online, mixed, got 'onlne'; did you mean 'online'?"),
+    (None, ["--loss_type", "softq"], "got 'softq'; did you mean 'soft_q'?"),
+    (None, ["--max_steps", "many"], "flag --max_steps: invalid int value: 'many'"),
+    (None, ["--learning_rate", "-1"], "key 'learning_rate' must be > 0"),
+    (None, ["--merge_adapter", "true"], "key 'merge_adapter' needs use_peft: true"),
+    # TrainingArguments ranges
+    ("learning_rate_negative.yaml", [], "key 'learning_rate' must be > 0, got -0.0001"),
+    ("batch_size_zero.yaml", [], "key 'per_device_train_batch_size' must be >= 1"),
+    ("grad_accum_zero.yaml", [], "key 'gradient_accumulation_steps' must be >= 1"),
+    ("max_steps_zero.yaml", [], "key 'max_steps' must be >= 1, or -1"),
+    ("epochs_zero.yaml", [], "key 'num_train_epochs' must be > 0"),
+    ("warmup_negative.yaml", [], "key 'warmup_steps' must be a whole number of steps >= 0"),
+    ("warmup_ratio.yaml", [], "unknown key 'warmup_ratio' in recipe"),
+    ("logging_steps_zero.yaml", [], "key 'logging_steps' must be a whole number of steps >= 1"),
+    ("max_completion_length_zero.yaml", [], "key 'max_completion_length' must be >= 1"),
+    ("mode_typo.yaml", [], "did you mean 'online'?"),
+    ("test_split_and_size.yaml", [], "keys 'dataset_test_split' and 'dataset_test_size' cannot both be set"),
 ]
 
 # (data file in tests/bad_inputs/data or a name, extra flags, text the error must contain)
@@ -90,6 +108,19 @@ DATA_CASES = [
     ("chosen_equals_rejected.jsonl", ["--model_name_or_path", "tiny:hiden_size=8"], "bad tiny model setting 'hiden_size=8'"),
     ("chosen_equals_rejected.jsonl", ["--resume_from_checkpoint", "no-such-checkpoint"], "no checkpoint folder at no-such-checkpoint"),
     ("mixed_formats.jsonl", ["--reward_funcs", "os.path:exists"], "allow_code_rewards"),
+    # one file has one split: no silent evaluation on the training rows
+    ("chosen_equals_rejected.jsonl", ["--dataset_test_split", "test"],
+     "unknown split 'test' of dataset file"),
+    ("chosen_equals_rejected.jsonl", ["--dataset_test_split", "heldout.jsonl"],
+     "could not load split file 'heldout.jsonl': no such file"),
+    ("chosen_equals_rejected.jsonl", ["--dataset_test_size", "2"],
+     "key 'dataset_test_size' holds out 2 of 2 rows"),
+    # CSV conversations: JSON-encoded messages in every row of a column, or a clear refusal
+    ("csv_messages_and_text.csv", [],
+     "row 1 of dataset file {data}/csv_messages_and_text.csv: column 'chosen' is not a JSON list of {{role, content}} messages"),
+    ("identical_after_truncation.jsonl", ["--max_completion_length", "1"],
+     ("every row of the train dataset was skipped: 2 with chosen and rejected identical only after truncation to "
+      "max_length=32, max_completion_length=1")),
 ]
 
 
@@ -109,6 +140,7 @@ def _assert_one_clean_error(rc, err, needle, work):
     assert rc == 2, err
     lines = [line for line in err.splitlines() if line.startswith("sqlm train: error:")]
     assert len(lines) == 1, err
+    assert "usage:" not in err, err
     assert needle in lines[0], lines[0]
     assert "Traceback" not in err
     assert sorted(p.name for p in work.iterdir()) == ["base.yaml"], "something was written"
@@ -125,7 +157,7 @@ def test_bad_recipe(sandbox, capsys, recipe, flags, needle):
 def test_bad_data(sandbox, capsys, data, flags, needle):
     name = str(DATA / data) if (DATA / data).exists() else data
     rc = cli.main(["train", "base.yaml", "--dataset_name", name, "--output_dir", str(sandbox / "out"), *flags])
-    _assert_one_clean_error(rc, capsys.readouterr().err, needle, sandbox)
+    _assert_one_clean_error(rc, capsys.readouterr().err, needle.format(data=DATA), sandbox)
 
 
 def test_debug_shows_the_traceback(sandbox):

@@ -92,3 +92,105 @@ def test_peft_config_from_model_args():
     assert lora.r == 4 and lora.target_modules == "all-linear"
     lora = get_peft_config(ModelConfig(use_peft=True, lora_target_modules=["q_proj", "v_proj"]))
     assert set(lora.target_modules) == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("learning_rate", -1e-4, "must be > 0"),
+        ("learning_rate", 0.0, "must be > 0"),
+        ("learning_rate", float("nan"), "must be a finite number"),
+        ("per_device_train_batch_size", 0, "must be >= 1"),
+        ("per_device_eval_batch_size", -2, "must be >= 1"),
+        ("gradient_accumulation_steps", 0, "must be >= 1"),
+        ("max_steps", 0, "must be >= 1, or -1"),
+        ("max_steps", -5, "must be >= 1, or -1"),
+        ("num_train_epochs", 0.0, "must be > 0"),
+        ("num_train_epochs", float("inf"), "must be a finite number"),
+        ("warmup_steps", -1, "must be a whole number of steps >= 0 or a ratio in [0, 1)"),
+        ("warmup_steps", 2.5, "must be a whole number of steps >= 0 or a ratio in [0, 1)"),
+        ("logging_steps", 0, "must be a whole number of steps >= 1 or a fraction"),
+        ("logging_steps", 2.5, "must be a whole number of steps >= 1 or a fraction"),
+        ("save_steps", -1, "must be a whole number of steps >= 1 or a fraction"),
+        ("weight_decay", -0.1, "must be >= 0"),
+        ("max_grad_norm", -1.0, "must be >= 0"),
+        ("adam_beta2", 1.0, "must be in [0, 1)"),
+        ("adam_epsilon", 0.0, "must be > 0"),
+        ("max_length", 0, "must be >= 1 or null"),
+        ("max_prompt_length", -3, "must be >= 1 or null"),
+        ("max_completion_length", 0, "must be >= 1 or null"),
+        ("dataset_test_size", 0.0, "must be a fraction in (0, 1) or a whole number of rows"),
+        ("dataset_test_size", 2.5, "must be a fraction in (0, 1) or a whole number of rows"),
+    ],
+)
+def test_training_argument_ranges_are_one_line_errors(key, value, needle):
+    # a negative learning rate used to be a torch traceback
+    with pytest.raises(SqlmError, match=rf"^key '{key}' {__import__('re').escape(needle)}"):
+        cfg(**{key: value})
+
+
+def test_training_argument_ranges_accept_the_usual_values():
+    c = cfg(learning_rate=1e-6, max_steps=-1, num_train_epochs=0.5, warmup_steps=0.1, logging_steps=0.25,
+            eval_steps=None, dataset_test_size=0.1)
+    assert c.warmup_steps == 0.1 and c.dataset_test_size == 0.1
+    assert cfg(warmup_steps=10, save_strategy="no", save_steps=0).warmup_steps == 10
+    assert cfg(dataset_test_size=20).dataset_test_size == 20
+
+
+@pytest.mark.parametrize(
+    "kw,hint",
+    [
+        ({"mode": "onlne"}, "did you mean 'online'?"),
+        ({"loss_type": "softq"}, "did you mean 'soft_q'?"),
+        ({"reduction": "tokens"}, "did you mean 'token'?"),
+        ({"nan_policy": "skp"}, "did you mean 'skip'?"),
+    ],
+)
+def test_a_bad_choice_in_a_recipe_names_the_closest(kw, hint):
+    with pytest.raises(SqlmError, match=__import__("re").escape(hint)):
+        cfg(**kw)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--mode", "onlne"], "key 'mode' must be one of offline, online, mixed, got 'onlne'; did you mean 'online'?"),
+        (["--mode=onlne"], "key 'mode' must be one of offline, online, mixed, got 'onlne'; did you mean 'online'?"),
+        (["--loss_type", "softq"], "got 'softq'; did you mean 'soft_q'?"),
+        (["--lr_scheduler_type", "cosin"], "did you mean 'cosine'?"),
+        (["--learning_rate", "fast"], "flag --learning_rate: invalid float value: 'fast'"),
+        (["--use_peft", "maybe"], "flag --use_peft: Truthy value expected"),
+        (["--mode"], "flag --mode: expected one argument"),
+        (["--warmup_ratio", "0.1"], "unknown key 'warmup_ratio' in the command-line flags; use warmup_steps"),
+    ],
+)
+def test_a_bad_flag_is_one_line_without_usage(capsys, flags, message):
+    # argparse used to print its whole usage (157 lines) before the error
+    with pytest.raises(SqlmError) as e:
+        parse_recipe(TRAIN_DATACLASSES, None, ["--output_dir", "unused", *flags])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+
+
+def test_merge_adapter_without_peft_is_an_error():
+    from sqlm.config import check_train_args
+
+    args, model_args = parse_recipe(TRAIN_DATACLASSES, None, ["--output_dir", "unused", "--merge_adapter", "true"])
+    with pytest.raises(SqlmError, match="key 'merge_adapter' needs use_peft: true"):
+        check_train_args(args, model_args)
+    args, model_args = parse_recipe(TRAIN_DATACLASSES, None,
+                                    ["--output_dir", "unused", "--merge_adapter", "true", "--use_peft", "true"])
+    check_train_args(args, model_args)
+
+
+def test_pin_memory_is_off_without_an_accelerator(recwarn):
+    import torch
+
+    assert cfg(use_cpu=True).dataloader_pin_memory is False
+    assert cfg().dataloader_pin_memory is torch.cuda.is_available()
+    assert cfg(use_cpu=True, dataloader_pin_memory=True).dataloader_pin_memory is False  # transformers: use_cpu wins
+    if not torch.cuda.is_available():  # pinning on a CPU run warns once per data loader
+        loader = torch.utils.data.DataLoader([1, 2], pin_memory=cfg().dataloader_pin_memory)
+        list(loader)
+        assert not [w for w in recwarn if "pin_memory" in str(w.message)]

@@ -13,15 +13,20 @@ from sqlm.config import SoftQConfig
 from sqlm.data import (
     Trajectory,
     detect_format,
+    hold_out_indices,
     load_split,
+    load_train_eval,
     offline_trajectories,
     pack_trajectories,
     prepare_dataset,
+    template_ends_turns,
     tokenize_preference,
     tokenize_prompt_completion,
 )
 from sqlm.errors import SqlmError
-from sqlm.rollout import ReplayBuffer, resolve_reward_funcs, score_trajectories
+from sqlm.rewards.registry import resolve_reward_funcs
+from sqlm.rewards.scoring import score_trajectories
+from sqlm.rollout import ReplayBuffer
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,6 +175,136 @@ def test_load_split_from_local_files(tmp_path, ext):
         load_split(str(tmp_path / "missing-dir-name"), "train")
 
 
+QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart", "reviews.jsonl")
+
+
+@pytest.mark.parametrize("split", ["test", "tset", "validation"])
+def test_a_single_file_has_no_other_split(split):
+    # it used to return the 128 training rows for any split name: evaluation on the training data
+    with pytest.raises(SqlmError, match=rf"unknown split '{split}' of dataset file .*reviews.jsonl: .* one split, 'train'"):
+        load_split(QUICKSTART, split)
+    assert len(load_split(QUICKSTART, "train")) == 128
+    assert len(load_split(QUICKSTART, "train[:25%]")) == 32  # a slice of train is still train
+
+
+def test_an_unknown_split_of_a_folder_names_the_splits(tmp_path):
+    for split, n in (("train", 3), ("test", 2)):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (ROWS * 2)[:n]))
+    assert len(load_split(str(tmp_path), "test")) == 2
+    with pytest.raises(SqlmError, match=r"could not load split 'tset' .*Should be one of \['train', 'test'\]"):
+        load_split(str(tmp_path), "tset")
+
+
+def test_a_missing_split_file_is_named(tmp_path):
+    with pytest.raises(SqlmError, match="could not load split file 'heldout.jsonl': no such file"):
+        load_split(QUICKSTART, "heldout.jsonl", base_dir=tmp_path)
+
+
+def test_hold_out_is_disjoint_fixed_and_keeps_file_order():
+    train, test = hold_out_indices(128, 0.25)
+    assert len(test) == 32 and len(train) == 96 and not set(train) & set(test)
+    assert sorted(train + test) == list(range(128)) and train == sorted(train) and test == sorted(test)
+    assert hold_out_indices(128, 0.25) == (train, test)  # fixed seed: the same rows every run
+    assert test != list(range(96, 128))  # drawn at random, not the file's tail
+    assert len(hold_out_indices(128, 10)[1]) == 10  # a whole number is a row count
+    assert len(hold_out_indices(3, 0.01)[1]) == 1  # at least one row
+    for bad in (128, 1.5):
+        with pytest.raises(SqlmError, match="dataset_test_size"):
+            hold_out_indices(128, bad)
+
+
+def test_load_train_eval_holds_out_rows_of_one_file():
+    a = args(dataset_name=QUICKSTART, dataset_test_size=0.25, max_eval_samples=8)
+    train, evals = load_train_eval(a)
+    assert (len(train), len(evals)) == (96, 8)
+    pairs = [{(r["prompt"], r["chosen"]) for r in ds} for ds in (train, evals)]
+    assert not pairs[0] & pairs[1]
+    assert load_train_eval(args(dataset_name=QUICKSTART))[1] is None  # no eval set unless asked for
+    with pytest.raises(SqlmError, match="'dataset_test_split' and 'dataset_test_size' cannot both be set"):
+        args(dataset_name=QUICKSTART, dataset_test_split="train[:10%]", dataset_test_size=0.25)
+
+
+def _csv(path, rows):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: v if isinstance(v, str) else json.dumps(v) for k, v in r.items()})
+
+
+def test_csv_with_json_encoded_messages_is_conversational(tok, tmp_path):
+    # message lists JSON-encoded in CSV cells used to train as raw JSON text
+    path = tmp_path / "conv.csv"
+    _csv(path, CONV + [{**CONV[0], "rejected": [{"role": "assistant", "content": "dull"}]}])
+    ds = load_split(str(path), "train")
+    assert ds[0]["prompt"] == CONV[0]["prompt"] and ds[0]["chosen"] == CONV[0]["chosen"]
+    prepared = prepare_dataset(ds, tok, args())
+    assert prepared[0]["chosen_ids"] == tokenize_preference(CONV[0], tok)["chosen_ids"]
+    assert "role" not in tok.decode(prepared[0]["chosen_ids"])
+
+
+def test_csv_column_of_messages_and_text_is_refused(tmp_path):
+    path = tmp_path / "mixed.csv"
+    _csv(path, CONV + [{**CONV[0], "chosen": "plain text"}])
+    with pytest.raises(SqlmError, match=r"row 1 of dataset file .*mixed.csv: column 'chosen' is not a JSON list of "
+                       r"\{role, content\} messages, but row 0 is"):
+        load_split(str(path), "train")
+
+
+def test_pairs_identical_only_after_truncation_are_reported_as_such(tok, caplog):
+    import logging
+
+    rows = [
+        {"prompt": "Rate the film:", "chosen": " good and fun.", "rejected": " good and bad."},  # differ late
+        {"prompt": "Rate the book:", "chosen": " fun.", "rejected": " fun."},  # identical in the data
+        {"prompt": "Rate the song:", "chosen": " fun.", "rejected": " bad."},
+    ]
+    with caplog.at_level(logging.WARNING, logger="sqlm.data"):
+        ds = prepare_dataset(Dataset.from_list(rows), tok, args(max_completion_length=2))
+    assert ds["row_index"] == [2]
+    (msg,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "1 with chosen and rejected identical only after truncation to max_length=64, max_completion_length=2 " \
+           "(rows 0)" in msg
+    assert "1 with chosen identical to rejected (rows 1)" in msg
+
+
+@pytest.mark.parametrize("fmt", ["preference", "prompt_completion"])
+def test_conversational_completions_end_with_eos(tok, fmt):
+    # the tiny chat template closes every turn with the EOS, so a chat model learns to stop
+    assert template_ends_turns(tok)
+    if fmt == "preference":
+        out = tokenize_preference(CONV[0], tok)
+        ends = [out["chosen_ids"], out["rejected_ids"]]
+    else:
+        row = {"prompt": CONV[0]["prompt"], "completion": CONV[0]["chosen"]}
+        ends = [tokenize_prompt_completion(row, tok)["completion_ids"]]
+    for ids in ends:
+        assert ids[-1] == tok.eos_token_id and tok.eos_token_id not in ids[:-1]
+
+
+def test_a_template_without_end_of_turn_gets_the_eos_appended(tok):
+    import copy
+
+    bare = copy.deepcopy(tok)
+    bare.chat_template = (  # turns end with a newline only: nothing to stop on
+        "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    assert not template_ends_turns(bare)
+    out = tokenize_preference(CONV[0], bare)
+    assert out["chosen_ids"][-1] == bare.eos_token_id and out["rejected_ids"][-1] == bare.eos_token_id
+    assert tokenize_preference(CONV[0], bare, max_completion_length=1)["chosen_ids"] == out["chosen_ids"][:1]
+    # a template that closes turns with its own special token (as <|im_end|>) is left as TRL tokenises it
+    marked = copy.deepcopy(tok)
+    marked.add_special_tokens({"additional_special_tokens": ["<end>"]})
+    marked.chat_template = bare.chat_template.replace("\n{% endfor %}", "<end>\n{% endfor %}")
+    assert template_ends_turns(marked)
+    ids = tokenize_preference(CONV[0], marked)["chosen_ids"]
+    assert ids[-2] == marked.convert_tokens_to_ids("<end>") and marked.eos_token_id not in ids
+
+
 def test_pack_layout():
     t1 = Trajectory(prompt_ids=[5, 6], completion_ids=[7, 8, 9])
     t2 = Trajectory(prompt_ids=[5], completion_ids=[7])
@@ -211,3 +346,30 @@ def test_replay_buffer_fifo_and_state():
     a, b = buf.sample(4), other.sample(4)
     assert [t.completion_ids for t in a] == [t.completion_ids for t in b]
     assert all(t.scored and t.token_rewards == [float(t.completion_ids[0])] for t in a)
+
+
+def test_a_tiny_chat_model_trained_on_conversations_learns_to_stop(tmp_path):
+    # completions of conversational data used to carry no EOS: sampled completions ran to the limit
+    from sqlm.trainer import SoftQTrainer
+
+    prompts = ["Rate the film", "Rate the book", "Rate the song", "Rate the game"]
+    chat_tok = train_tokenizer([f"user: {p}assistant: good and fun." for p in prompts] * 4, vocab_size=300)
+    model = tiny_model_for_tokenizer(chat_tok, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1)
+    rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": "good"}],
+             "reward": 1.0} for p in prompts] * 4
+    limit = 12
+    cfg = args(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=10, learning_rate=1e-2,
+               lr_scheduler_type="constant", save_strategy="no", seed=0, max_length=32,
+               max_completion_length=limit, tau=0.1)
+    trainer = SoftQTrainer(model, cfg, train_dataset=Dataset.from_list(rows), processing_class=chat_tok)
+    trainer.train()
+    prompt = chat_tok.apply_chat_template([{"role": "user", "content": "Rate the film"}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+    torch.manual_seed(0)
+    out = trainer.model.eval().generate(**prompt, do_sample=True, max_new_tokens=limit, num_return_sequences=32,
+                                        pad_token_id=chat_tok.pad_token_id, eos_token_id=chat_tok.eos_token_id)
+    ended = (out[:, prompt["input_ids"].shape[1]:] == chat_tok.eos_token_id)
+    lengths = torch.where(ended.any(1), ended.float().argmax(1) + 1, torch.tensor(limit))
+    assert ended.any(1).float().mean() > 0.9  # (before: 0 of 32 stopped, mean length 12 of 12)
+    assert lengths.float().mean() < limit / 2

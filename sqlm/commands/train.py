@@ -32,10 +32,12 @@ def recipe_dataclasses():
 
 def parse_train_args(argv: Sequence[str]):
     """Recipe + flags -> ``(SoftQConfig, ModelConfig, recipe_dir)``."""
+    from ..config import check_train_args
     from ..recipe import parse_recipe
 
     recipe, overrides = split_argv(argv)
     args, model_args = parse_recipe(recipe_dataclasses(), recipe, overrides)
+    check_train_args(args, model_args)
     recipe_dir = str(Path(recipe).resolve().parent) if recipe else None
     return args, model_args, recipe_dir
 
@@ -59,6 +61,7 @@ def build_trainer(args, model_args, recipe_dir: str | None = None):
         eval_dataset=evals,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        reward_search_dirs=[recipe_dir] if recipe_dir else None,
     )
 
 

@@ -28,13 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SqlmError
-
-CACHE_ENV = "SQLM_CACHE"
-
-
-def default_cache_dir() -> Path:
-    """``$SQLM_CACHE`` or ``~/.cache/sqlm``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sqlm")
+from ..paths import cache_dir as default_cache_dir  # $SQLM_CACHE or ~/.cache/sqlm
 
 
 def fingerprint(obj) -> str:

@@ -1,7 +1,9 @@
 """Per-token rewards from reward models, policies and Python functions.
 
-``build_rewarder(name, **kwargs)`` makes one by name (terminal, uniform, abc, prefix, implicit,
-callable, weighted); :func:`add_token_rewards` stores them as columns of offline preference data.
+``build_rewarder(name, **kwargs)`` makes one by name (keyword, length, terminal, uniform, abc,
+prefix, implicit, callable, weighted); :func:`resolve_rewarders` turns a config's ``reward_funcs``
+into a trainer's rewarders; :func:`score_trajectories` gives trajectories their per-token rewards;
+:func:`add_token_rewards` stores them as columns of offline preference data.
 Heavy modules (transformers models) are imported only when used.
 """
 
@@ -29,7 +31,9 @@ __all__ = [
     "as_rewarder",
     "build_rewarder",
     "last_token_index",
+    "resolve_rewarders",
     "rewarder_from_spec",
+    "score_trajectories",
     "terminal_rewards",
 ]
 
@@ -41,7 +45,9 @@ _LAZY = {
     "UniformRewarder": "models",
     "add_token_rewards": "cache",
     "build_rewarder": "registry",
+    "resolve_rewarders": "registry",
     "rewarder_from_spec": "registry",
+    "score_trajectories": "scoring",
 }
 
 

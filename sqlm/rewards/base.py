@@ -37,6 +37,45 @@ class RewardBatch:
     columns: dict[str, list[Any]] = field(default_factory=dict)  # other dataset columns, per row
 
 
+def pad_rows(rows: list[list[int]], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists to ``(ids, mask)`` of shape ``[N, longest]`` (at least 1 wide), padded on ``side``."""
+    n, length = len(rows), max([len(r) for r in rows] + [1])
+    ids = torch.full((n, length), pad, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if not r:
+            continue
+        sl = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def make_batch(
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    pad_id: int,
+    prompts: list[Any] | None = None,
+    completions: list[Any] | None = None,
+    columns: dict[str, list[Any]] | None = None,
+    prompt_padding_side: str = "left",
+) -> RewardBatch:
+    """A :class:`RewardBatch` from lists of ids (prompts padded on ``prompt_padding_side``,
+    completions on the right), as a trainer would build it."""
+    n = len(prompt_ids)
+    p, pm = pad_rows(prompt_ids, pad_id, prompt_padding_side)
+    c, cm = pad_rows(completion_ids, pad_id, "right")
+    return RewardBatch(
+        prompt_ids=p,
+        prompt_mask=pm,
+        completion_ids=c,
+        completion_mask=cm,
+        prompts=list(prompts) if prompts is not None else [None] * n,
+        completions=list(completions) if completions is not None else [None] * n,
+        columns=columns or {},
+    )
+
+
 class TokenRewarder:
     """Base class: subclasses implement :meth:`token_rewards`."""
 

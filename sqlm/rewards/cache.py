@@ -23,17 +23,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import SqlmError
-from .base import RewardBatch, TokenRewarder
+from .base import TokenRewarder, make_batch
 from .models import tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")
-COMPLETION_COLUMN = "token_rewards"  # prompt-completion data
+# the dense-reward column of each side of a row; the trainer reads them, this module writes them
+TOKEN_REWARD_COLUMNS = {
+    "chosen": "chosen_token_rewards",
+    "rejected": "rejected_token_rewards",
+    "completion": "token_rewards",
+}
+COLUMNS = (TOKEN_REWARD_COLUMNS["chosen"], TOKEN_REWARD_COLUMNS["rejected"])
+COMPLETION_COLUMN = TOKEN_REWARD_COLUMNS["completion"]  # prompt-completion data
 ALL_COLUMNS = (*COLUMNS, COMPLETION_COLUMN)
 
 
@@ -65,41 +69,6 @@ def reward_sides(column_names) -> list[tuple[str, str]]:
     raise SqlmError(
         f"dense rewards need preference data (chosen, rejected) or prompt-completion data (completion); "
         f"the dataset has columns {list(column_names)}"
-    )
-
-
-def make_batch(
-    prompt_ids: list[list[int]],
-    completion_ids: list[list[int]],
-    pad_id: int,
-    prompts: list[Any] | None = None,
-    completions: list[Any] | None = None,
-    columns: dict[str, list[Any]] | None = None,
-    prompt_padding_side: str = "left",
-) -> RewardBatch:
-    """A :class:`RewardBatch` from lists of ids (prompts padded on ``prompt_padding_side``,
-    completions on the right), as a trainer would build it."""
-    n = len(prompt_ids)
-    p_len = max([len(p) for p in prompt_ids] + [1])
-    c_len = max([len(c) for c in completion_ids] + [1])
-    p = torch.full((n, p_len), pad_id, dtype=torch.long)
-    pm = torch.zeros(n, p_len, dtype=torch.long)
-    c = torch.full((n, c_len), pad_id, dtype=torch.long)
-    cm = torch.zeros(n, c_len, dtype=torch.long)
-    for i, (pi, ci) in enumerate(zip(prompt_ids, completion_ids)):
-        off = p_len - len(pi) if prompt_padding_side == "left" else 0
-        p[i, off : off + len(pi)] = torch.tensor(pi, dtype=torch.long)
-        pm[i, off : off + len(pi)] = 1
-        c[i, : len(ci)] = torch.tensor(ci, dtype=torch.long)
-        cm[i, : len(ci)] = 1
-    return RewardBatch(
-        prompt_ids=p,
-        prompt_mask=pm,
-        completion_ids=c,
-        completion_mask=cm,
-        prompts=list(prompts) if prompts is not None else [None] * n,
-        completions=list(completions) if completions is not None else [None] * n,
-        columns=columns or {},
     )
 
 
