@@ -2,7 +2,7 @@
 
 For logits ``[B, T, V]`` (default 8 x 512 x 32000, fp32) every case runs forward and backward down to
 the logits: ``cross_entropy`` is ``torch.nn.functional.cross_entropy`` on them; every other case is
-``sqlm.soft.soft_outputs`` followed by that loss from ``sqlm.losses.LOSSES``.
+``sqlm.soft.soft_outputs`` followed by that loss from ``sqlm.losses.LOSS_SPECS``.
 
 Time: all cases run in this one process, round-robin for ``--repeats`` rounds after one warm-up
 each, so load from other processes hits every case alike; the table gives the median time and the
@@ -34,13 +34,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sqlm.losses import LOSSES
+from sqlm.losses import LOSS_SPECS
 from sqlm.soft import soft_outputs
 
 TAU = 0.5
 GAMMA = 0.99
 BASELINE = "cross_entropy"
-CASES = (BASELINE, *LOSSES)
+CASES = (BASELINE, *LOSS_SPECS)
 
 
 # ----------------------------------------------------------------------------- inputs and cases
@@ -70,13 +70,10 @@ def run_case(name: str, x: dict) -> None:
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), x["actions"].view(-1))
     else:
         out = soft_outputs(logits, x["actions"], TAU)
-        common = {"tau": TAU, "gamma": GAMMA, "ref_log_pi": x["ref_log_pi"]}
-        if name == "pcl":
-            loss, _ = LOSSES[name](out.log_pi, x["values"], x["rewards"], x["mask"], **common)
-        elif name == "unified_pcl":
-            loss, _ = LOSSES[name](out.q, out.v, x["rewards"], x["mask"], **common)
-        else:
-            loss, _ = LOSSES[name](out.q, out.v, x["target_v"], x["rewards"], x["mask"], **common)
+        loss, _ = LOSS_SPECS[name](
+            out, x["rewards"], x["mask"], value=x["values"], target_v=x["target_v"], tau=TAU, gamma=GAMMA,
+            ref_log_pi=x["ref_log_pi"],
+        )
     loss.backward()
 
 

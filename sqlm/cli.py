@@ -22,7 +22,7 @@ COMMANDS = {
     "dpo": ("sqlm.commands.dpo", "train TRL's DPO baseline on the data of a paired sqlm recipe"),
     "eval": ("sqlm.commands.eval", "score models: gold reward, KL, win rate, diversity"),
     "pipeline": ("sqlm.commands.pipeline", "run the embedded gold-reward task end to end vs DPO"),
-    "oracle": ("sqlm.oracle", "solve a tiny token MDP exactly and train a tiny LM towards it"),
+    "oracle": ("sqlm.commands.oracle", "solve a tiny token MDP exactly and train a tiny LM towards it"),
 }
 
 

@@ -18,11 +18,10 @@ import trl
 from transformers import TrainingArguments
 
 from .errors import SqlmError
-from .losses import LOSSES, REDUCTIONS
+from .losses import LOSS_SPECS, REDUCTIONS
 from .recipe import choice_error
 
 MODES = ("offline", "online", "mixed")
-TARGET_LOSSES = ("soft_q", "advantage_pcl", "multistep_pcl")  # losses that read a target network
 
 
 def _accelerator_supports_bf16() -> bool:
@@ -66,10 +65,10 @@ class SoftQConfig(TrainingArguments):
     loss_type: str = field(
         default="unified_pcl",
         metadata={
-            "help": "Path-consistency loss (sqlm.losses.LOSSES): 'pcl' (value head), 'unified_pcl' (V from the "
+            "help": "Path-consistency loss (sqlm.losses.LOSS_SPECS): 'pcl' (value head), 'unified_pcl' (V from the "
             "logits), 'soft_q' (one-step Bellman, target network), 'advantage_pcl' (Guo et al. 2021 eq. 9), "
             "'multistep_pcl' (Guo et al. 2021 eq. 10).",
-            "choices": list(LOSSES),
+            "choices": list(LOSS_SPECS),
         },
     )
     tau: float = field(
@@ -378,8 +377,8 @@ class SoftQConfig(TrainingArguments):
         def bad(key: str, msg: str) -> SqlmError:
             return SqlmError(f"key '{key}' {msg}")
 
-        if self.loss_type not in LOSSES:
-            raise choice_error("loss_type", self.loss_type, LOSSES)
+        if self.loss_type not in LOSS_SPECS:
+            raise choice_error("loss_type", self.loss_type, LOSS_SPECS)
         if not (self.tau > 0 and math.isfinite(self.tau)):
             raise bad("tau" if self.beta is None else "beta", f"must be a finite number > 0, got {self.tau!r}")
         if not 0 < self.gamma <= 1:
@@ -398,10 +397,14 @@ class SoftQConfig(TrainingArguments):
             raise bad("target_model_sync_steps", f"must be >= 1, got {self.target_model_sync_steps!r}")
         if self.value_anchor not in ("reference", "none"):
             raise choice_error("value_anchor", self.value_anchor, ("reference", "none"))
-        if self.value_head is False and self.loss_type == "pcl":
-            raise bad("value_head", "must be on for loss_type 'pcl' (its V comes from a separate value head)")
-        if self.value_head and self.loss_type != "pcl":
-            raise bad("value_head", f"is used only by loss_type 'pcl', not '{self.loss_type}' (V comes from the logits)")
+        needs_head = LOSS_SPECS[self.loss_type].needs_value_head
+        if self.value_head is False and needs_head:
+            raise bad("value_head", f"must be on for loss_type '{self.loss_type}' (its V comes from a separate "
+                      "value head)")
+        if self.value_head and not needs_head:
+            users = " or ".join(f"'{n}'" for n, s in LOSS_SPECS.items() if s.needs_value_head)
+            raise bad("value_head", f"is used only by loss_type {users}, not '{self.loss_type}' (V comes from the "
+                      "logits)")
         if self.num_generations < 1:
             raise bad("num_generations", f"must be >= 1, got {self.num_generations!r}")
         if self.mode != "offline" and not self.max_completion_length:
@@ -491,12 +494,12 @@ class SoftQConfig(TrainingArguments):
     @property
     def uses_target_model(self) -> bool:
         if self.use_target_model is None:
-            return self.loss_type in TARGET_LOSSES
+            return LOSS_SPECS[self.loss_type].needs_target
         return bool(self.use_target_model)
 
     @property
     def uses_value_head(self) -> bool:
-        return self.loss_type == "pcl" if self.value_head is None else bool(self.value_head)
+        return LOSS_SPECS[self.loss_type].needs_value_head if self.value_head is None else bool(self.value_head)
 
 
 @dataclass

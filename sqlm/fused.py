@@ -20,7 +20,8 @@ divides) and Gemma 2/3's ``final_logit_softcapping`` (``z = c * tanh(z / c)``). 
 plain ``nn.Linear`` (e.g. LoRA on ``lm_head``) raises ``SqlmError``; use the plain path there.
 
 Only the rows of ``mask`` (the path steps) are projected; the other rows of every output are 0,
-which is what every loss in ``sqlm.losses`` reads there anyway.
+which is what every loss in ``sqlm.losses`` reads there anyway. ``sqlm.forward`` runs a model
+through this path when ``supports_fused_head`` says it can, and through its logits otherwise.
 """
 
 from __future__ import annotations
@@ -89,8 +90,15 @@ def backbone_of(model) -> torch.nn.Module:
     return backbone
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM under any DDP / DeepSpeed / PEFT wrapper takes ``logits_to_keep``."""
+    key = type(_unwrap(model))
+    if key not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[key] = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+    return _LOGITS_TO_KEEP[key]
 
 
 def decoder_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -113,18 +121,13 @@ def decoder_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     handle = backbone.register_forward_hook(hook)
     try:
-        if _accepts_logits_to_keep(inner):
+        if accepts_logits_to_keep(inner):
             out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, **kwargs)
         else:
             out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     finally:
         handle.remove()
     return out, captured[-1]
-
-
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-    """Final hidden states ``[B, L, H]`` of a causal LM, without its logits (see ``decoder_forward``)."""
-    return decoder_forward(model, input_ids, attention_mask, **kwargs)[1]
 
 
 def supports_fused_head(model) -> bool:
@@ -354,57 +357,3 @@ def fused_log_probs(
     Rows outside ``mask`` are 0."""
     lse, z_a = _stats_no_grad(hidden, head, actions, mask, chunk_size)
     return (z_a - lse, lse) if return_lse else z_a - lse
-
-
-def model_soft_outputs(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    tau: float,
-    *,
-    mask: torch.Tensor | None = None,
-    with_entropy: bool = False,
-    chunk_size: int | None = None,
-    **model_kwargs,
-) -> SoftOutputs:
-    """Soft outputs of a causal LM on ``input_ids`` ``[B, L]``, aligned as ``[B, L-1]``.
-
-    Step ``t`` is state ``input_ids[:, :t+1]`` taking action ``input_ids[:, t+1]``; ``mask``
-    (``[B, L-1]``, optional) selects the steps to compute. Runs the decoder, then the fused head.
-    """
-    h = hidden_states(model, input_ids, attention_mask, **model_kwargs)[:, :-1]
-    return fused_soft_outputs(
-        h, lm_head_of(model), input_ids[:, 1:], tau, mask=mask, with_entropy=with_entropy, chunk_size=chunk_size
-    )
-
-
-@torch.no_grad()
-def model_values(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    tau: float,
-    *,
-    mask: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    **model_kwargs,
-) -> torch.Tensor:
-    """``V(s_t)`` ``[B, L-1]`` of a causal LM (e.g. the target network), without autograd: the
-    decoder keeps no activations and only one chunk of logits exists at a time."""
-    h = hidden_states(model, input_ids, attention_mask, **model_kwargs)[:, :-1]
-    return fused_values(h, lm_head_of(model), tau, mask=mask, chunk_size=chunk_size)
-
-
-@torch.no_grad()
-def model_log_probs(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    *,
-    mask: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    **model_kwargs,
-) -> torch.Tensor:
-    """``log pi(input_ids[:, t+1] | input_ids[:, :t+1])`` ``[B, L-1]`` (e.g. the reference), no autograd."""
-    h = hidden_states(model, input_ids, attention_mask, **model_kwargs)[:, :-1]
-    return fused_log_probs(h, lm_head_of(model), input_ids[:, 1:], mask=mask, chunk_size=chunk_size)

@@ -21,6 +21,14 @@ Reductions (they change the length bias; choose with ``reduction``):
 * ``"sum"``: the plain sum over all steps (for callers that normalise across micro-batches).
 * ``"none"``: the masked ``1/2 * C^2`` per step, ``[B, T]``.
 
+The means are ``reduced_sum(per_step, mask) / normaliser(mask)``; a caller that splits a
+batch (gradient accumulation, several processes) divides each part's sum by the normalisers of all
+parts added up.
+
+``LOSS_SPECS`` registers every loss with what it reads (a target network, a value head, the rollout
+length ``d``); calling an entry takes the same inputs for every loss,
+``(soft, rewards, mask, *, value, target_v, d, tau, gamma, ref_log_pi, reduction)``.
+
 The d-step sums are O(T): a discounted reverse cumulative sum ``G_t = u_t + gamma * G_{t+1}`` then
 ``sum_{j<d} gamma^j u_{t+j} = G_t - gamma^d G_{t+d}``.
 """
@@ -29,10 +37,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from .soft import check_tau, shaped_rewards
+from .soft import SoftOutputs, check_tau, shaped_rewards
 
 REDUCTIONS = ("token", "sequence", "sequence_mean", "sum", "none")
 
@@ -145,22 +155,38 @@ def path_consistency(
 # ----------------------------------------------------------------------------- reduction and stats
 
 
-def reduce_loss(per_step: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce a masked per-step loss ``[B, T]`` (see the module docstring)."""
+def normaliser(mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """What the summed loss (:func:`reduced_sum`) of a batch is divided by: its path steps
+    (``"token"``) or its paths (``"sequence"``, ``"sequence_mean"``; rows with no step do not count).
+    Counts add up over micro-batches and processes, so dividing the sum of every part by the sum of
+    their normalisers is the loss of the one big batch."""
     m = mask.float()
-    per_step = per_step * m
     if reduction == "token":
-        return per_step.sum() / m.sum().clamp(min=1.0)
-    paths = (m.sum(-1) > 0).sum().clamp(min=1)  # rows with no step (e.g. padding rows) do not count
-    if reduction == "sequence":
-        return per_step.sum() / paths
+        return m.sum()
+    if reduction in ("sequence", "sequence_mean"):
+        return (m.sum(-1) > 0).sum().float()
+    raise ValueError(f"the normaliser's reduction must be token, sequence or sequence_mean, got {reduction!r}")
+
+
+def reduced_sum(per_step: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The numerator of a reduction: the sum of a masked per-step loss ``[B, T]`` (for
+    ``"sequence_mean"`` the sum of each path's mean)."""
+    per_step = per_step * mask.float()
     if reduction == "sequence_mean":
-        return (per_step.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / paths
-    if reduction == "sum":
-        return per_step.sum()
+        return (per_step.sum(-1) / mask.float().sum(-1).clamp(min=1.0)).sum()
+    return per_step.sum()
+
+
+def reduce_loss(per_step: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce a masked per-step loss ``[B, T]`` (see the module docstring):
+    ``reduced_sum / normaliser``, or the masked ``[B, T]`` itself for ``"none"``."""
     if reduction == "none":
-        return per_step
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        return per_step * mask.float()
+    if reduction == "sum":
+        return reduced_sum(per_step, mask, reduction)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduced_sum(per_step, mask, reduction) / normaliser(mask, reduction).clamp(min=1.0)
 
 
 @torch.no_grad()
@@ -343,10 +369,60 @@ def multistep_pcl_loss(
     return loss, _stats(residual, mask, v, adv.detach() / tau, ref_log_pi, entropy, rewards)
 
 
-LOSSES = {
-    "pcl": pcl_loss,
-    "unified_pcl": unified_pcl_loss,
-    "soft_q": soft_q_loss,
-    "advantage_pcl": advantage_pcl_loss,
-    "multistep_pcl": multistep_pcl_loss,
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss of :data:`LOSS_SPECS` and what it reads; calling it gives every loss one signature.
+
+    ``needs_target``: ``V_bar`` from a target network (``target_v``; without one the online ``V``,
+    detached). ``needs_value_head``: ``V`` from a separate value head (``value``) rather than the
+    logits, with ``log pi`` from the logits. ``uses_d``: takes the rollout length ``d``.
+    """
+
+    fn: Callable[..., tuple[torch.Tensor, dict[str, float]]]
+    needs_target: bool = False
+    needs_value_head: bool = False
+    uses_d: bool = False
+
+    def __call__(
+        self,
+        soft: SoftOutputs,
+        rewards: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        value: torch.Tensor | None = None,
+        target_v: torch.Tensor | None = None,
+        d: int | None = None,
+        tau: float,
+        gamma: float = 1.0,
+        ref_log_pi: torch.Tensor | None = None,
+        reduction: str = "token",
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``(loss, stats)`` from the policy's soft outputs (``q``, ``v``, ``log_pi``, ``entropy``),
+        the per-step rewards and path mask, and what the loss reads besides."""
+        kw = dict(tau=tau, gamma=gamma, ref_log_pi=ref_log_pi, entropy=soft.entropy, reduction=reduction)
+        if self.uses_d:
+            kw["d"] = d
+        if self.needs_value_head:
+            if value is None:
+                raise ValueError(f"{self.fn.__name__} needs value, the value head's V_phi(s_t)")
+            return self.fn(soft.log_pi, value, rewards, mask, **kw)
+        if self.needs_target:
+            return self.fn(soft.q, soft.v, target_v, rewards, mask, **kw)
+        return self.fn(soft.q, soft.v, rewards, mask, **kw)
+
+
+LOSS_SPECS: dict[str, LossSpec] = {
+    "pcl": LossSpec(pcl_loss, needs_value_head=True, uses_d=True),
+    "unified_pcl": LossSpec(unified_pcl_loss, uses_d=True),
+    "soft_q": LossSpec(soft_q_loss, needs_target=True),
+    "advantage_pcl": LossSpec(advantage_pcl_loss, needs_target=True),
+    "multistep_pcl": LossSpec(multistep_pcl_loss, needs_target=True),
 }
+LOSSES = {name: spec.fn for name, spec in LOSS_SPECS.items()}  # the loss functions by name
+
+
+def loss_spec(loss_type: str) -> LossSpec:
+    """The registry entry of ``loss_type``; ``ValueError`` naming the known losses otherwise."""
+    if loss_type not in LOSS_SPECS:
+        raise ValueError(f"loss_type must be one of {sorted(LOSS_SPECS)}, got {loss_type!r}")
+    return LOSS_SPECS[loss_type]

@@ -30,16 +30,15 @@ Vocabulary 8 and horizon 5 (2801 states, 19608 sequences) solve in well under a 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .losses import LOSSES, check_gamma
+from .forward import polyak_update
+from .losses import check_gamma, loss_spec
 from .soft import check_tau, path_mask, soft_outputs
 
 Tables = list[torch.Tensor]
@@ -432,7 +431,7 @@ def enumerate_sequences(mdp: TokenMDP, tables: Tables | None = None) -> Sequence
     """Every complete sequence of the MDP with its log-probability under ``tables`` (default:
     uniform) and its total raw reward. ``len == mdp.num_sequences``."""
     tables = mdp.uniform_log_probs() if tables is None else tables
-    h, k = mdp.horizon, mdp.k
+    h = mdp.horizon
     toks, lens, lps, rews = [], [], [], []
     cum_lp = torch.zeros(1, dtype=torch.float64)
     cum_r = torch.zeros(1, dtype=torch.float64)
@@ -500,13 +499,6 @@ def _hidden_size(model) -> int:
     return int(getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size)
 
 
-@torch.no_grad()
-def polyak_update(target: torch.nn.Module, online: torch.nn.Module, rate: float) -> None:
-    """``theta_bar <- (1 - rate) * theta_bar + rate * theta`` (after each optimizer step)."""
-    for pt, p in zip(target.parameters(), online.parameters()):
-        pt.lerp_(p.detach(), rate)
-
-
 def train_towards_oracle(
     model,
     solution: OracleSolution,
@@ -525,32 +517,31 @@ def train_towards_oracle(
     value_head: torch.nn.Module | None = None,
     progress: bool = False,
 ) -> TrainResult:
-    """Train ``model`` with ``sqlm.losses.LOSSES[loss_type]`` on paths of ``solution.mdp``.
+    """Train ``model`` with the loss ``sqlm.losses.LOSS_SPECS[loss_type]`` on paths of ``solution.mdp``.
 
     On-policy paths are sampled from the current model, off-policy paths from ``pi_ref`` (uniform
-    without a reference). ``pcl`` learns a linear value head on the last hidden states (created
-    zero-initialised unless given); ``soft_q``, ``advantage_pcl`` and ``multistep_pcl`` read
-    ``V_bar`` from a Polyak target copy updated after each optimizer step. ``d`` is the rollout
+    without a reference). A loss that needs a value head (``pcl``) learns a linear one on the last
+    hidden states (created zero-initialised unless given); one that needs a target network
+    (``soft_q``, ``advantage_pcl``, ``multistep_pcl``) reads ``V_bar`` from a Polyak target copy
+    updated after each optimizer step. ``d`` is the rollout
     length of ``pcl`` / ``unified_pcl`` (None: to the end). The learning rate decays linearly from
     ``lr`` to ``final_lr`` (default ``lr / 10``). Returns the exact KL curve, measured
     before the first step and every ``eval_every`` steps (and after the last).
     """
-    if loss_type not in LOSSES:
-        raise ValueError(f"loss_type must be one of {sorted(LOSSES)}, got {loss_type!r}")
+    spec = loss_spec(loss_type)
     mdp = solution.mdp
     tau, gamma = mdp.tau, mdp.gamma
-    loss_fn = LOSSES[loss_type]
     gen = torch.Generator().manual_seed(seed)
     device = _model_device(model)
     params = list(model.parameters())
-    if loss_type == "pcl":
+    if spec.needs_value_head:
         if value_head is None:
             value_head = torch.nn.Linear(_hidden_size(model), 1).to(device)
             torch.nn.init.zeros_(value_head.weight)
             torch.nn.init.zeros_(value_head.bias)
         params += list(value_head.parameters())
     target = None
-    if loss_type in ("soft_q", "advantage_pcl", "multistep_pcl"):
+    if spec.needs_target:
         target = copy.deepcopy(model)
         target.requires_grad_(False)
     opt = torch.optim.Adam(params, lr=lr)
@@ -582,26 +573,26 @@ def train_towards_oracle(
         ref = None if ref is None else ref.to(device)
         _, cols, _ = mdp.path_indices(tokens)
         cols = cols.to(device)
-        if loss_type == "pcl":
+        value = target_v = None
+        if spec.needs_value_head:
             logits, hidden = restricted_logits(model, mdp, tokens, output_hidden_states=True)
-            values = value_head(hidden.float()).squeeze(-1)
+            value = value_head(hidden.float()).squeeze(-1)
         else:
             logits = restricted_logits(model, mdp, tokens)
         so = soft_outputs(logits, cols, tau)
-        if loss_type == "pcl":
-            loss, _ = loss_fn(so.log_pi, values, rewards, mask, tau=tau, gamma=gamma, d=d, ref_log_pi=ref, reduction=reduction)
-        elif loss_type == "unified_pcl":
-            loss, _ = loss_fn(so.q, so.v, rewards, mask, tau=tau, gamma=gamma, d=d, ref_log_pi=ref, reduction=reduction)
-        else:
+        if target is not None:
             with torch.no_grad():
                 target_v = soft_outputs(restricted_logits(target, mdp, tokens), cols, tau).v
-            loss, _ = loss_fn(so.q, so.v, target_v, rewards, mask, tau=tau, gamma=gamma, ref_log_pi=ref, reduction=reduction)
+        loss, _ = spec(
+            so, rewards, mask, value=value, target_v=target_v, d=d, tau=tau, gamma=gamma, ref_log_pi=ref,
+            reduction=reduction,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if target is not None:
-            polyak_update(target, model, target_rate)
+            polyak_update(model, target, target_rate)
         result.losses.append(loss.item())
         if bar is not None:
             bar.update(1)
@@ -610,7 +601,7 @@ def train_towards_oracle(
     return result
 
 
-# ----------------------------------------------------------------------------- demo and CLI
+# ----------------------------------------------------------------------------- demo MDPs and models
 
 
 def random_mdp(
@@ -652,72 +643,3 @@ def tiny_reference_lm(vocab_size: int = 8, seed: int = 1, sharpness: float = 5.0
     with torch.no_grad():
         lm.model.norm.weight.fill_(sharpness)
     return lm
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sqlm oracle",
-        description=(
-            "Solve a tiny random token MDP exactly (V*, pi* by the soft Bellman recursion) and train a "
-            "tiny randomly initialised LM towards pi*, printing the exact KL(pi_theta || pi*)."
-        ),
-    )
-    p.add_argument("--loss", default="unified_pcl", choices=sorted(LOSSES), help="loss to train with")
-    p.add_argument("--actions", type=int, default=4, help="size of the action subset, EOS included")
-    p.add_argument("--horizon", type=int, default=3, help="length limit H")
-    p.add_argument("--reward", default="token", choices=["token", "terminal"], help="per-token or sequence reward")
-    p.add_argument("--scale", type=float, default=1.5, help="standard deviation of the random rewards")
-    p.add_argument("--tau", type=float, default=1.0, help="temperature")
-    p.add_argument("--gamma", type=float, default=1.0, help="discount in (0, 1]")
-    p.add_argument("--no-reference", action="store_true", help="pure max-entropy RL (no pi_ref)")
-    p.add_argument("--off-policy", action="store_true", help="train on samples from pi_ref only")
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=128, help="paths per step")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (decays linearly to lr/10)")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between exact KL evaluations")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .errors import SqlmError
-    from .tiny import tiny_causal_lm
-
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # --help, or argparse's own usage error (already printed)
-        return int(e.code or 0)
-    if not 2 <= args.actions <= 7:
-        raise SqlmError(f"--actions must be in 2..7 (the tiny LM has 8 tokens), got {args.actions}")
-    if not 1 <= args.horizon <= 6:
-        raise SqlmError(f"--horizon must be in 1..6, got {args.horizon}")
-    if args.steps < 0 or args.batch_size < 1 or args.eval_every < 1:
-        raise SqlmError("--steps must be >= 0, --batch-size and --eval-every >= 1")
-    torch.manual_seed(args.seed)
-    vocab = 8
-    ref = None if args.no_reference else tiny_reference_lm(vocab, seed=args.seed + 1)
-    try:
-        mdp = random_mdp(
-            num_actions=args.actions, horizon=args.horizon, reward=args.reward, scale=args.scale,
-            tau=args.tau, gamma=args.gamma, ref_model=ref, prompt=(vocab - 1,), seed=args.seed,
-        )
-    except ValueError as e:
-        raise SqlmError(str(e)) from None
-    sol = solve(mdp)
-    print(
-        f"token MDP: {mdp.num_actions} actions (EOS={mdp.eos}), horizon {mdp.horizon}, "
-        f"{mdp.num_states} states, {mdp.num_sequences} sequences; tau={mdp.tau} gamma={mdp.gamma} "
-        f"reference={'none' if ref is None else 'tiny LM'} reward={args.reward}"
-    )
-    print(f"V*(s0) = {sol.v0:.4f}")
-    model = tiny_causal_lm(vocab, seed=args.seed + 2, hidden_size=32, num_hidden_layers=1)
-    res = train_towards_oracle(
-        model, sol, args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        on_policy=not args.off_policy, eval_every=args.eval_every, seed=args.seed, progress=True,
-    )
-    print(f"\nKL(pi_theta || pi*) in nats, {args.loss}, {'off' if args.off_policy else 'on'}-policy")
-    print(f"{'step':>6}  {'KL':>10}")
-    for step, kl in res.curve:
-        print(f"{step:>6}  {kl:>10.4f}")
-    sys.stdout.flush()
-    return 0

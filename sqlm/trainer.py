@@ -7,9 +7,9 @@ Per optimizer step:
    scores them into per-token rewards ``r[t]`` and packs them (``sqlm.data.pack_trajectories``);
    it also counts the normaliser of the loss over the whole optimizer batch (all micro-batches and
    all processes), so gradient accumulation and data parallelism give the gradient of one big batch.
-2. ``compute_loss`` runs :func:`policy_soft_outputs` (Q, V, log pi of the taken tokens from the
-   logits), the reference ``log pi_ref`` and the target network's ``V_bar`` when used, and calls the
-   loss of ``sqlm.losses.LOSSES`` with per-step tensors.
+2. ``compute_loss`` reads the model through ``sqlm.forward`` (Q, V, log pi of the taken tokens, the
+   reference ``log pi_ref`` and the target network's ``V_bar`` when used) and calls the loss's entry
+   of ``sqlm.losses.LOSS_SPECS`` with per-step tensors, reduced by ``sqlm.losses.normaliser``.
 3. :class:`TargetNetworkCallback` moves the target network towards the policy after the step
    (Polyak averaging), never inside ``compute_loss``.
 """
@@ -17,7 +17,6 @@ Per optimizer step:
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import math
 import os
@@ -39,138 +38,19 @@ from .data import (
     prepare_dataset,
 )
 from . import checkpoint as ckpt
-from . import fused
 from .checkpoint import mark_complete
 from .errors import SqlmError
+from .forward import VALUE_HEAD_ATTR, attach_value_head, model_log_pi, model_values, policy_soft_outputs, polyak_update
 from .guards import NonFiniteError, nonfinite_reward_source, nonfinite_value_source
-from .losses import LOSSES
+from .losses import loss_spec, normaliser, reduced_sum
 from .paths import cache_dir as sqlm_cache_dir
 from .rewards.base import TokenRewarder
 from .rewards.registry import resolve_rewarders
 from .rewards.scoring import score_trajectories
 from .rollout import ReplayBuffer, generate_completions
-from .soft import SoftOutputs, path_mask, soft_outputs
+from .soft import SoftOutputs, path_mask
 
 logger = logging.getLogger(__name__)
-VALUE_HEAD_ATTR = "sqlm_value_head"
-
-
-# ----------------------------------------------------------------------------- the model -> SoftOutputs seam
-
-
-def _forward(model, batch: dict[str, Any], start: int, hidden: bool = False):
-    ids = batch["input_ids"]
-    kwargs = {"input_ids": ids, "attention_mask": batch["attention_mask"], "use_cache": False}
-    if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = ids.shape[1] - start
-    if hidden:
-        kwargs["output_hidden_states"] = True
-    out = model(**kwargs)
-    logits = out.logits[:, -(ids.shape[1] - start) :]
-    return out, logits[:, :-1]  # logits of states start .. L-2
-
-
-_LOGITS_TO_KEEP: dict[type, bool] = {}
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    """Whether the causal LM under any DDP / DeepSpeed / PEFT wrapper takes ``logits_to_keep``."""
-    m = getattr(model, "module", model)
-    if hasattr(m, "get_base_model"):
-        m = m.get_base_model()
-    key = type(m)
-    if key not in _LOGITS_TO_KEEP:
-        _LOGITS_TO_KEEP[key] = "logits_to_keep" in inspect.signature(m.forward).parameters
-    return _LOGITS_TO_KEEP[key]
-
-
-def policy_soft_outputs(
-    model: nn.Module,
-    batch: dict[str, Any],
-    tau: float,
-    *,
-    with_entropy: bool = True,
-    with_values: bool = False,
-) -> tuple[SoftOutputs, torch.Tensor | None]:
-    """Per-step soft quantities of the policy on a packed batch: ``Q(s_t, a_t) = tau z``,
-    ``V(s_t) = tau logsumexp z``, ``log pi(a_t|s_t)`` (and the entropy, detached), ``[N, T]`` over
-    the actions ``input_ids[:, start+1:]`` with ``start = batch["logits_start"]``; plus, with
-    ``with_values``, the separate value head's ``V_phi(s_t)`` (computed inside the model's forward
-    by :func:`attach_value_head`, so data parallelism sees it). The one place a model becomes
-    SoftOutputs."""
-    start = int(batch["logits_start"])
-    actions = batch["input_ids"][:, start + 1 :]
-    if fused.supports_fused_head(model):
-        # Q, V, log pi straight from the final hidden states, the LM head applied a chunk of rows at
-        # a time (sqlm.fused): no [N, T, V] logits, only the path steps are projected
-        kwargs = {"output_hidden_states": True} if with_values else {}
-        out, hidden = fused.decoder_forward(model, batch["input_ids"], batch["attention_mask"], **kwargs)
-        mask = batch["path_mask"][:, start:] if "path_mask" in batch else None
-        soft = fused.fused_soft_outputs(
-            hidden[:, start:-1], fused.lm_head_of(model), actions, tau, mask=mask, with_entropy=with_entropy
-        )
-    else:  # e.g. LoRA on the LM head: the plain path
-        out, logits = _forward(model, batch, start, hidden=with_values)
-        soft = soft_outputs(logits, actions, tau, with_entropy=with_entropy)
-    head_v = None
-    if with_values:
-        values = out.get("sqlm_values") if hasattr(out, "get") else None
-        if values is None:
-            raise SqlmError("the model has no value head (loss_type 'pcl' needs value_head: true)")
-        head_v = values[:, start:-1]
-    return soft, head_v
-
-
-def _value_head_hook(module, args, output):
-    hs = getattr(output, "hidden_states", None)
-    if hs is not None:
-        head = getattr(module, VALUE_HEAD_ATTR)
-        output["sqlm_values"] = head(hs[-1].to(head.weight.dtype)).squeeze(-1).float()
-    return output
-
-
-def attach_value_head(model: nn.Module) -> nn.Module:
-    """Add a zero-initialised linear value head ``V_phi(s) = w . h(s) + b`` on the last hidden state
-    (seed Algorithm 1's separate critic). Its output joins the model's forward output as
-    ``sqlm_values`` when hidden states are requested."""
-    hidden = model.config.get_text_config().hidden_size
-    head = nn.Linear(hidden, 1)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    setattr(model, VALUE_HEAD_ATTR, head.to(next(model.parameters()).device))
-    model.register_forward_hook(_value_head_hook)
-    return model
-
-
-@torch.no_grad()
-def model_log_pi(model: nn.Module, batch: dict[str, Any], return_lse: bool = False):
-    """``log pi(a_t|s_t)`` of the batch's actions under ``model`` (no grad), ``[N, T]``, and with
-    ``return_lse`` also ``logsumexp z(s_t)``; through the fused head only one chunk of logits exists at
-    a time (0 off the path steps)."""
-    start = int(batch["logits_start"])
-    actions = batch["input_ids"][:, start + 1 :]
-    if fused.supports_fused_head(model):
-        _, hidden = fused.decoder_forward(model, batch["input_ids"], batch["attention_mask"])
-        mask = batch["path_mask"][:, start:] if "path_mask" in batch else None
-        return fused.fused_log_probs(
-            hidden[:, start:-1], fused.lm_head_of(model), actions, mask=mask, return_lse=return_lse
-        )
-    _, logits = _forward(model, batch, start)
-    soft = soft_outputs(logits, actions, 1.0)
-    return (soft.log_pi, soft.v) if return_lse else soft.log_pi
-
-
-@torch.no_grad()
-def model_values(model: nn.Module, batch: dict[str, Any], tau: float) -> torch.Tensor:
-    """``V(s_t) = tau logsumexp z(s_t, .)`` under ``model`` (no grad), ``[N, T]``; through the fused
-    head, only one chunk of logits exists at a time and nothing is kept (0 off the path steps)."""
-    start = int(batch["logits_start"])
-    if fused.supports_fused_head(model):
-        _, hidden = fused.decoder_forward(model, batch["input_ids"], batch["attention_mask"])
-        mask = batch["path_mask"][:, start:] if "path_mask" in batch else None
-        return fused.fused_values(hidden[:, start:-1], fused.lm_head_of(model), tau, mask=mask)
-    _, logits = _forward(model, batch, start)
-    return soft_outputs(logits, batch["input_ids"][:, start + 1 :], tau).v
 
 
 # ----------------------------------------------------------------------------- target network
@@ -178,15 +58,6 @@ def model_values(model: nn.Module, batch: dict[str, Any], tau: float) -> torch.T
 
 def _trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and VALUE_HEAD_ATTR not in n]
-
-
-@torch.no_grad()
-def polyak_update(policy: nn.Module, target: nn.Module, alpha: float, names: list[str]) -> None:
-    """``target <- (1 - alpha) * target + alpha * policy`` on the named parameters."""
-    src = dict(policy.named_parameters())
-    dst = dict(target.named_parameters())
-    for n in names:
-        dst[n].data.mul_(1.0 - alpha).add_(src[n].data.to(dst[n].dtype), alpha=alpha)
 
 
 class TargetNetworkCallback(TrainerCallback):
@@ -543,12 +414,6 @@ class SoftQTrainer(Trainer):
         batch["sqlm_metrics"] = metrics
         return batch
 
-    def _num_items(self, batch: dict[str, Any]) -> torch.Tensor:
-        m = batch["path_mask"]
-        if self.args.reduction == "token":
-            return m.sum()
-        return (m.sum(-1) > 0).sum().float()
-
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Build every micro-batch of the optimizer step and count the loss normaliser over all of
         them and all processes (so accumulation and data parallelism match one big batch)."""
@@ -561,7 +426,7 @@ class SoftQTrainer(Trainer):
         batches = [self.build_batch(b["examples"], train=True) for b in raw]
         if not batches:
             return batches, None
-        total = sum(self._num_items(b) for b in batches).float().to(self.args.device)
+        total = sum(normaliser(b["path_mask"], self.args.reduction) for b in batches).float().to(self.args.device)
         if self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
         return batches, total
@@ -587,42 +452,30 @@ class SoftQTrainer(Trainer):
         if "examples" in inputs:  # raw rows (e.g. from a custom loop): build the batch here
             inputs = self._prepare_inputs(self.build_batch(inputs["examples"], train=mode == "train"))
         start = int(inputs["logits_start"])
-        soft, head_v = policy_soft_outputs(model, inputs, args.tau, with_values=args.loss_type == "pcl")
+        spec = loss_spec(args.loss_type)
+        soft, head_v = policy_soft_outputs(model, inputs, args.tau, with_values=spec.needs_value_head)
         mask = inputs["path_mask"][:, start:].float()
         rewards = inputs["token_rewards"][:, start + 1 :]
 
         ref_log_pi, ref_lse = self.reference_log_pi(model, inputs, return_lse=True)
         target_v = model_values(self.target_model, inputs, args.tau) if self.target_model is not None else None
-        if args.value_anchor == "reference" and ref_lse is not None and args.loss_type != "pcl":
+        if args.value_anchor == "reference" and ref_lse is not None and not spec.needs_value_head:
             # values measured from the reference's logsumexp: pi is unchanged, V = 0 where pi = pi_ref
             anchor = args.tau * ref_lse * mask
             soft = SoftOutputs(q=soft.q - anchor, v=soft.v - anchor, log_pi=soft.log_pi, entropy=soft.entropy)
             if target_v is not None:
                 target_v = target_v - anchor
 
-        common = dict(
-            rewards=rewards, mask=mask, tau=args.tau, gamma=args.gamma, ref_log_pi=ref_log_pi,
-            entropy=soft.entropy, reduction="none",
+        per_step, stats = spec(
+            soft, rewards, mask, value=head_v, target_v=target_v, d=args.rollout_length, tau=args.tau,
+            gamma=args.gamma, ref_log_pi=ref_log_pi, reduction="none",
         )
-        lt = args.loss_type
-        if lt == "pcl":
-            per_step, stats = LOSSES[lt](soft.log_pi, head_v, d=args.rollout_length, **common)
-        elif lt == "unified_pcl":
-            per_step, stats = LOSSES[lt](soft.q, soft.v, d=args.rollout_length, **common)
-        else:
-            per_step, stats = LOSSES[lt](soft.q, soft.v, target_v, **common)
-
-        if args.reduction == "sequence_mean":
-            numerator = (per_step.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
-        else:
-            numerator = per_step.sum()
-        if num_items_in_batch is None:
-            local = mask.sum() if args.reduction == "token" else (mask.sum(-1) > 0).sum()
-            loss = numerator / local.clamp(min=1.0)
-        else:
-            loss = numerator / torch.as_tensor(num_items_in_batch, device=numerator.device).clamp(min=1.0)
-            if args.world_size > 1:  # DDP averages gradients over processes
-                loss = loss * args.world_size
+        # the normaliser of the whole optimizer batch (get_batch_samples), else of this batch alone
+        total = normaliser(mask, args.reduction) if num_items_in_batch is None else num_items_in_batch
+        numerator = reduced_sum(per_step, mask, args.reduction)
+        loss = numerator / torch.as_tensor(total, device=numerator.device).clamp(min=1.0)
+        if num_items_in_batch is not None and args.world_size > 1:  # DDP averages gradients over processes
+            loss = loss * args.world_size
 
         if mode == "train" and not bool(torch.isfinite(loss.detach())):
             if self._nonfinite is None:  # name the first non-finite input of the loss

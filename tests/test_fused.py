@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sqlm import fused as fused_module
 from sqlm.errors import SqlmError
+from sqlm.forward import model_log_pi, model_values, policy_soft_outputs
 from sqlm.fused import (
     LMHead,
     decoder_forward,
@@ -13,9 +15,6 @@ from sqlm.fused import (
     fused_soft_outputs,
     fused_values,
     lm_head_of,
-    model_log_probs,
-    model_soft_outputs,
-    model_values,
     supports_fused_head,
 )
 from sqlm.soft import soft_outputs
@@ -35,6 +34,18 @@ def _plain_logits(h, head: LMHead):
 def _objective(out, w1, w2, w3):
     """A scalar that weighs every output differently, so every gradient path is checked."""
     return (out.q * w1).sum() + (out.v * w2).sum() + (out.log_pi * w3).sum()
+
+
+def _batch(ids, attn=None, start=0, path_mask=None):
+    """A packed batch as ``sqlm.forward`` reads it (states ``start .. L-2``)."""
+    batch = {"input_ids": ids, "attention_mask": attn, "logits_start": start}
+    if path_mask is not None:
+        batch["path_mask"] = path_mask
+    return batch
+
+
+def model_soft_outputs(model, ids, attn, tau):
+    return policy_soft_outputs(model, _batch(ids, attn), tau, with_entropy=False)[0]
 
 
 def _leaves(b=3, t=7, h=16, v=50, bias=False, seed=0):
@@ -123,7 +134,8 @@ def test_no_grad_variants_equal_plain_and_keep_no_graph():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_model_path_equals_model_logits_with_all_parameter_gradients(tied):
+def test_model_path_equals_model_logits_with_all_parameter_gradients(tied, monkeypatch):
+    monkeypatch.setattr(fused_module, "_ELEMENTS_CPU", 5 * 64)  # chunks of 5 rows
     model = tiny_causal_lm(64, seed=1, hidden_size=16, tie_word_embeddings=tied)
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -136,7 +148,8 @@ def test_model_path_equals_model_logits_with_all_parameter_gradients(tied):
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
-    out = model_soft_outputs(model, ids, attn, TAU, chunk_size=5)
+    assert supports_fused_head(model)
+    out = model_soft_outputs(model, ids, attn, TAU)
     _objective(out, *ws).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[n], atol=ATOL, rtol=1e-4, msg=lambda m: f"{n}: {m}")
@@ -144,8 +157,8 @@ def test_model_path_equals_model_logits_with_all_parameter_gradients(tied):
     with torch.no_grad():
         ref = soft_outputs(logits, ids[:, 1:], TAU)
     torch.testing.assert_close(out.v, ref.v, atol=ATOL, rtol=0)
-    torch.testing.assert_close(model_values(model, ids, attn, TAU), ref.v, atol=ATOL, rtol=0)
-    torch.testing.assert_close(model_log_probs(model, ids, attn), ref.log_pi, atol=ATOL, rtol=0)
+    torch.testing.assert_close(model_values(model, _batch(ids, attn), TAU), ref.v, atol=ATOL, rtol=0)
+    torch.testing.assert_close(model_log_pi(model, _batch(ids, attn)), ref.log_pi, atol=ATOL, rtol=0)
 
 
 def test_softcap_family_is_read_from_the_config():
@@ -224,3 +237,32 @@ def test_bad_shapes_name_the_argument():
         fused_values(hidden, LMHead(weight), 0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_values(hidden, LMHead(weight), TAU, chunk_size=0)
+
+
+def test_forward_reads_a_packed_batch_the_same_through_the_fused_head_and_the_plain_logits():
+    """``sqlm.forward`` takes the fused path for a plain head and the logits for a LoRA head; on the
+    path steps of a batch with a prompt (``logits_start > 0``) both give the same readings."""
+    from peft import LoraConfig, get_peft_model
+
+    plain_model = get_peft_model(tiny_causal_lm(64, seed=8, hidden_size=16, tie_word_embeddings=False),
+                                 LoraConfig(r=2, target_modules=["lm_head"]))  # LoRA B = 0: same function
+    fused_model = tiny_causal_lm(64, seed=8, hidden_size=16, tie_word_embeddings=False)
+    assert supports_fused_head(fused_model) and not supports_fused_head(plain_model)
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(9))
+    attn = torch.ones_like(ids)
+    attn[2, -3:] = 0
+    path = torch.zeros(3, 8)
+    path[:, 2:] = 1
+    path[2, -3:] = 0
+    batch = _batch(ids, attn, start=2, path_mask=path)
+    on = path[:, 2:].bool()
+
+    got = {}
+    for name, model in (("fused", fused_model), ("plain", plain_model)):
+        soft, _ = policy_soft_outputs(model, batch, TAU)
+        log_pi, lse = model_log_pi(model, batch, return_lse=True)
+        got[name] = [soft.q, soft.v, soft.log_pi, soft.entropy, log_pi, lse, model_values(model, batch, TAU)]
+        assert all(x.shape == (3, 6) for x in got[name])
+    for f, p in zip(got["fused"], got["plain"]):
+        torch.testing.assert_close(f[on], p[on], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got["plain"][6], TAU * got["plain"][5])  # V = tau logsumexp z

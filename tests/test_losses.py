@@ -336,3 +336,60 @@ def test_d_accepts_numpy_integers():
     assert check_d(np.int64(3)) == 3 and type(check_d(np.int64(3))) is int
     with pytest.raises(ValueError, match="d"):
         check_d(np.float64(2.0))
+
+
+# ----------------------------------------------------------------------------- registry and normaliser
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_every_registry_entry_takes_one_signature_and_equals_its_loss(loss_type):
+    """``LOSS_SPECS[name](soft, rewards, mask, value=, target_v=, d=, ...)`` is the loss called with
+    exactly what it reads: the value head's V for pcl, the target's V_bar for the target losses, d
+    only where the loss uses it."""
+    from sqlm.losses import LOSS_SPECS
+
+    gen = torch.Generator().manual_seed(3)
+    b, t, vocab, tau = 3, 6, 7, 0.7
+    logits = torch.randn(b, t, vocab, generator=gen)
+    actions = torch.randint(0, vocab, (b, t), generator=gen)
+    mask = contiguous_mask([6, 4, 2], t, starts=[0, 1, 3])
+    rewards, ref = torch.randn(b, t, generator=gen), -torch.rand(b, t, generator=gen)
+    vbar, values = torch.randn(b, t, generator=gen), torch.randn(b, t, generator=gen)
+    so = soft_outputs(logits, actions, tau, with_entropy=True)
+    kw = dict(tau=tau, gamma=0.9, reduction="sequence")
+    direct = _loss_inputs(logits, actions, mask, tau, ref, rewards, vbar, values)[loss_type]
+    spec = LOSS_SPECS[loss_type]
+    assert spec.fn is LOSSES[loss_type]
+    got, stats = spec(so, rewards, mask, value=values, target_v=vbar, d=2, ref_log_pi=ref, **kw)
+    want, want_stats = direct(d=2, **kw) if spec.uses_d else direct(**kw)
+    torch.testing.assert_close(got, want)
+    assert "entropy" in stats and {k: stats[k] for k in want_stats} == pytest.approx(want_stats)
+    assert spec.needs_value_head == (loss_type == "pcl")
+    if spec.needs_value_head:
+        with pytest.raises(ValueError, match="value"):
+            spec(so, rewards, mask, tau=tau)
+
+
+def test_loss_spec_names_the_known_losses():
+    from sqlm.losses import loss_spec
+
+    assert loss_spec("soft_q").needs_target and not loss_spec("unified_pcl").needs_target
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        loss_spec("dpo")
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence", "sequence_mean"])
+def test_summed_parts_over_summed_normalisers_equal_the_whole_batch(reduction):
+    """How the trainer splits a batch (gradient accumulation, processes): the sum of every part's
+    ``reduced_sum`` over the sum of their ``normaliser`` is ``reduce_loss`` of the whole batch."""
+    from sqlm.losses import normaliser, reduced_sum
+
+    gen = torch.Generator().manual_seed(4)
+    per_step = torch.rand(5, 6, generator=gen)
+    mask = contiguous_mask([6, 3, 2, 0, 4], 6, starts=[0, 2, 1, 0, 2])  # row 3: no step
+    parts = [slice(0, 2), slice(2, 5)]
+    total = sum(normaliser(mask[p], reduction) for p in parts)
+    split = sum(reduced_sum(per_step[p], mask[p], reduction) for p in parts) / total
+    torch.testing.assert_close(split, reduce_loss(per_step, mask, reduction))
+    with pytest.raises(ValueError, match="reduction"):
+        normaliser(mask, "sum")

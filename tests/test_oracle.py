@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
+from sqlm.commands.oracle import main
 from sqlm.losses import path_consistency
 from sqlm.oracle import (
     TokenMDP,
     enumerate_sequences,
-    main,
     policy_log_probs,
     random_mdp,
     sample_paths,
@@ -339,3 +339,12 @@ def test_cli_bad_arguments_exit_2(capsys):
     assert sqlm_main(["oracle", "--horizon", "9"]) == 2
     assert "--horizon" in capsys.readouterr().err
     assert sqlm_main(["oracle", "--loss", "nope"]) == 2
+
+
+def test_cli_takes_underscore_and_dashed_flags():
+    from sqlm.commands.oracle import _parser
+
+    for argv in (["--batch_size", "8", "--eval_every", "3", "--off_policy", "--no_reference", "--max_steps", "5"],
+                 ["--batch-size", "8", "--eval-every", "3", "--off-policy", "--no-reference", "--steps", "5"]):
+        args = _parser().parse_args(argv)
+        assert (args.batch_size, args.eval_every, args.off_policy, args.no_reference, args.steps) == (8, 3, True, True, 5)

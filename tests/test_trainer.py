@@ -10,8 +10,9 @@ import torch
 from datasets import Dataset
 
 from sqlm.config import SoftQConfig
+from sqlm.forward import model_log_pi
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
-from sqlm.trainer import SoftQTrainer, model_log_pi
+from sqlm.trainer import SoftQTrainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,0 +1,154 @@
+"""The model -> soft outputs seam: one forward of a causal LM on a packed batch, read as per-step
+soft-Q quantities (DESIGN.md section 1).
+
+A packed batch (``sqlm.data.pack_trajectories``) has ``input_ids`` / ``attention_mask`` ``[N, L]``,
+``logits_start`` (the first state whose logits are needed) and, optionally, ``path_mask``. Step
+``t`` is the state ``s_t = input_ids[:, :start+t+1]`` taking the action ``input_ids[:, start+t+1]``;
+every output is ``[N, L-1-start]``.
+
+:func:`_forward` chooses, in this one place, between the fused LM head (``sqlm.fused``: the head is
+applied a chunk of path rows at a time, no ``[N, T, V]`` logits) and the plain logits (e.g. LoRA
+on the LM head). The three readings of a model are built on it:
+
+* :func:`policy_soft_outputs`: ``Q``, ``V``, ``log pi`` (with gradient) of the policy, and its
+  value head's ``V_phi`` (:func:`attach_value_head`);
+* :func:`model_log_pi`: ``log pi_ref`` and ``logsumexp z_ref`` of a reference (no gradient);
+* :func:`model_values`: ``V_bar = tau logsumexp z`` of a target network (no gradient), which
+  :func:`polyak_update` moves towards the policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import fused
+from .errors import SqlmError
+from .soft import SoftOutputs, check_tau, soft_outputs
+
+VALUE_HEAD_ATTR = "sqlm_value_head"
+
+
+class _PlainSteps:
+    """The per-step view of one forward through the model's own logits ``[N, T, V]``."""
+
+    def __init__(self, logits: torch.Tensor, actions: torch.Tensor):
+        self.logits, self.actions = logits, actions
+
+    def soft(self, tau: float, with_entropy: bool = False) -> SoftOutputs:
+        return soft_outputs(self.logits, self.actions, tau, with_entropy=with_entropy)
+
+    def log_probs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        soft = soft_outputs(self.logits, self.actions, 1.0)
+        return soft.log_pi, soft.v
+
+
+class _FusedSteps:
+    """The per-step view of one forward through the fused LM head: final hidden states ``[N, T, H]``
+    and the head, projected only on the path rows (0 elsewhere)."""
+
+    def __init__(self, hidden: torch.Tensor, head: fused.LMHead, actions: torch.Tensor, mask: torch.Tensor | None):
+        self.hidden, self.head, self.actions, self.mask = hidden, head, actions, mask
+
+    def soft(self, tau: float, with_entropy: bool = False) -> SoftOutputs:
+        return fused.fused_soft_outputs(
+            self.hidden, self.head, self.actions, tau, mask=self.mask, with_entropy=with_entropy
+        )
+
+    def log_probs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused.fused_log_probs(self.hidden, self.head, self.actions, mask=self.mask, return_lse=True)
+
+
+def _forward(model: nn.Module, batch: dict[str, Any], hidden: bool = False):
+    """``(output, steps)``: run ``model`` on the batch once and view its states ``start .. L-2``
+    through the fused head when the model has one, else through its logits. With ``hidden`` the
+    output also carries the hidden states (and so the value head's ``sqlm_values``)."""
+    ids = batch["input_ids"]
+    start = int(batch["logits_start"])
+    actions = ids[:, start + 1 :]
+    kwargs = {"output_hidden_states": True} if hidden else {}
+    if fused.supports_fused_head(model):
+        out, h = fused.decoder_forward(model, ids, batch["attention_mask"], **kwargs)
+        mask = batch["path_mask"][:, start:] if "path_mask" in batch else None
+        return out, _FusedSteps(h[:, start:-1], fused.lm_head_of(model), actions, mask)
+    keep = ids.shape[1] - start
+    if fused.accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+    out = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
+    return out, _PlainSteps(out.logits[:, -keep:][:, :-1], actions)
+
+
+def policy_soft_outputs(
+    model: nn.Module,
+    batch: dict[str, Any],
+    tau: float,
+    *,
+    with_entropy: bool = True,
+    with_values: bool = False,
+) -> tuple[SoftOutputs, torch.Tensor | None]:
+    """Per-step soft quantities of the policy on a packed batch: ``Q(s_t, a_t) = tau z``,
+    ``V(s_t) = tau logsumexp z``, ``log pi(a_t|s_t)`` (and the entropy, detached), ``[N, T]``; plus,
+    with ``with_values``, the separate value head's ``V_phi(s_t)`` (computed inside the model's
+    forward by :func:`attach_value_head`, so data parallelism sees it)."""
+    out, steps = _forward(model, batch, hidden=with_values)
+    soft = steps.soft(tau, with_entropy)
+    head_v = None
+    if with_values:
+        values = out.get("sqlm_values") if hasattr(out, "get") else None
+        if values is None:
+            raise SqlmError("the model has no value head (loss_type 'pcl' needs value_head: true)")
+        head_v = values[:, int(batch["logits_start"]) : -1]
+    return soft, head_v
+
+
+@torch.no_grad()
+def model_log_pi(model: nn.Module, batch: dict[str, Any], return_lse: bool = False):
+    """``log pi(a_t|s_t)`` of the batch's actions under ``model`` (no grad), ``[N, T]``, and with
+    ``return_lse`` also ``logsumexp z(s_t)``; through the fused head only one chunk of logits exists at
+    a time (0 off the path steps)."""
+    log_pi, lse = _forward(model, batch)[1].log_probs()
+    return (log_pi, lse) if return_lse else log_pi
+
+
+@torch.no_grad()
+def model_values(model: nn.Module, batch: dict[str, Any], tau: float) -> torch.Tensor:
+    """``V(s_t) = tau logsumexp z(s_t, .)`` under ``model`` (no grad), ``[N, T]``; through the fused
+    head, only one chunk of logits exists at a time and nothing is kept (0 off the path steps)."""
+    tau = check_tau(tau)
+    return tau * _forward(model, batch)[1].log_probs()[1]
+
+
+# ----------------------------------------------------------------------------- value head and target network
+
+
+def _value_head_hook(module, args, output):
+    hs = getattr(output, "hidden_states", None)
+    if hs is not None:
+        head = getattr(module, VALUE_HEAD_ATTR)
+        output["sqlm_values"] = head(hs[-1].to(head.weight.dtype)).squeeze(-1).float()
+    return output
+
+
+def attach_value_head(model: nn.Module) -> nn.Module:
+    """Add a zero-initialised linear value head ``V_phi(s) = w . h(s) + b`` on the last hidden state
+    (seed Algorithm 1's separate critic). Its output joins the model's forward output as
+    ``sqlm_values`` when hidden states are requested."""
+    hidden = model.config.get_text_config().hidden_size
+    head = nn.Linear(hidden, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    setattr(model, VALUE_HEAD_ATTR, head.to(next(model.parameters()).device))
+    model.register_forward_hook(_value_head_hook)
+    return model
+
+
+@torch.no_grad()
+def polyak_update(policy: nn.Module, target: nn.Module, alpha: float, names: list[str] | None = None) -> None:
+    """``target <- (1 - alpha) * target + alpha * policy`` on the named parameters (default: all of
+    the policy's); the target is a copy of the policy, so names match."""
+    src = dict(policy.named_parameters())
+    dst = dict(target.named_parameters())
+    for n in src if names is None else names:
+        dst[n].data.mul_(1.0 - alpha).add_(src[n].data.to(dst[n].dtype), alpha=alpha)
