@@ -55,7 +55,9 @@ def model_init_kwargs(args, model_args=None) -> dict[str, Any]:
     extra = _as_dict(getattr(args, "model_init_kwargs", None), "model_init_kwargs")
     kwargs.update(extra or {})
     if kwargs.get("use_safetensors", True) is not True:
-        raise SqlmError("key 'model_init_kwargs' sets use_safetensors: false; sqlm loads weights from safetensors only")
+        raise SqlmError(
+            "key 'model_init_kwargs' sets use_safetensors: false; sqlm loads weights from safetensors only"
+        )
     kwargs["use_safetensors"] = True  # never unpickle weights
     return kwargs
 
@@ -128,7 +130,7 @@ def load_policy(path: str | os.PathLike):
             from peft import AutoPeftModelForCausalLM
 
             if not (p / "adapter_model.safetensors").is_file():
-                raise SqlmError(f"adapter folder {path} has no adapter_model.safetensors (sqlm reads safetensors only)")
+                raise SqlmError(f"adapter folder {path} has no adapter_model.safetensors (safetensors only)")
             model = AutoPeftModelForCausalLM.from_pretrained(str(path)).merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)

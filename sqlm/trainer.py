@@ -169,7 +169,8 @@ class SoftQTrainer(Trainer):
             raise SqlmError("model and ref_model must be different objects (omit ref_model to copy the policy)")
 
         if processing_class is None:
-            processing_class = load_tokenizer(model.config._name_or_path, trust_remote_code=init_kwargs["trust_remote_code"])
+            trust = init_kwargs["trust_remote_code"]
+            processing_class = load_tokenizer(model.config._name_or_path, trust_remote_code=trust)
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         model.config.pad_token_id = processing_class.pad_token_id
@@ -597,7 +598,10 @@ class SoftQTrainer(Trainer):
     def load_aux_state(self, folder: str) -> None:
         """Restore the target network, replay buffer and trainer counters saved by :meth:`save_aux_state`."""
         counters = ckpt.load_aux_state(
-            folder, target_model=self.target_model, replay_buffer=self.replay_buffer, process_index=self.args.process_index
+            folder,
+            target_model=self.target_model,
+            replay_buffer=self.replay_buffer,
+            process_index=self.args.process_index,
         )
         if counters:
             self._mix_credit = float(counters.get("mix_credit", 0.0))

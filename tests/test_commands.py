@@ -78,7 +78,8 @@ def test_each_command_is_a_module_of_sqlm_commands(command):
 
 @pytest.mark.parametrize(
     "module",
-    ["sqlm.rewards.train", "sqlm.evaluation.evaluate", "sqlm.evaluation.gold", "sqlm.trainer", "sqlm.data", "sqlm.oracle"],
+    ["sqlm.rewards.train", "sqlm.evaluation.evaluate", "sqlm.evaluation.gold", "sqlm.trainer", "sqlm.data",
+     "sqlm.oracle"],
 )
 def test_library_modules_have_no_main(module):
     assert not hasattr(importlib.import_module(module), "main")

@@ -239,8 +239,8 @@ def _train_flags(args: PipelineArguments) -> list[str]:
 
 # sqlm's own training code: a cached run is redone when any of it changes (a changed default or fix
 # must not hide behind an old result)
-_TRAINING_CODE = ("soft.py", "losses.py", "fused.py", "forward.py", "trainer.py", "data.py", "rollout.py", "config.py",
-                  "tiny.py", "loading.py", "rewards", "commands/train.py", "commands/dpo.py",
+_TRAINING_CODE = ("soft.py", "losses.py", "fused.py", "forward.py", "trainer.py", "data.py", "rollout.py",
+                  "config.py", "tiny.py", "loading.py", "rewards", "commands/train.py", "commands/dpo.py",
                   "commands/reward.py")  # fmt: skip
 
 
