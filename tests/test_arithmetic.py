@@ -27,8 +27,8 @@ from sqlm.evaluation.arithmetic import (
     wrong_trace,
 )
 
-TINY = dict(max_digits=2, long_digits=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-            lm_steps=4, lm_batch_size=8, corpus_problems=64)  # fmt: skip
+TINY = {"max_digits": 2, "long_digits": 3, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "lm_steps": 4, "lm_batch_size": 8, "corpus_problems": 64}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- format
@@ -112,6 +112,8 @@ CHECKS = [
     ("37+85:", "= 122", 1.0),  # no trace: only the answer counts
     ("37+85:", " 7+5+0=12 3+8+1=12 = 122  \n", 1.0),  # trailing whitespace
     ("37+85:", " 7+5+0=12 3+8+1=12 = 122<eos>", 1.0),  # an EOS the decoder kept
+    ("37+85:", " 7+5+0=12 3+8+1=12 = 122<eos><pad><pad>", 1.0),
+    ("37+85:", " 7+5+0=12 3+8+1=12 = 12<eos>2", 0.0),  # text after EOS is not the answer
     ("37+85:", " 7+5+0=13 3+8+1=12 = 123", 0.0),  # wrong but well formed
     ("37+85:", " 7+5+0=12 3+8+1=12 = 122 ", 1.0),
     ("37+85:", " 7+5+0=12 3+8+1=12 = 122 7", 0.0),  # extra text after the answer
@@ -131,6 +133,7 @@ CHECKS = [
     ("37+85:", " 7+5+0=12 3+8+1=12 = -122", 0.0),
     ("37+85:", " 7+5+0=12 3+8+1=12 = 122.0", 0.0),
     ("37+85:", " 7+5+0=12 3+8+1=12 = ١٢٢", 0.0),  # non-ASCII digits
+    ("37+85:", " 7+5+0=12 3+8+1=12 = 1٢2", 0.0),
 ]
 
 
@@ -150,10 +153,10 @@ def test_reward_function_signature_and_conversations():
 
 
 def test_recipe_reward_resolves_to_the_checker():
-    from sqlm.rollout import resolve_reward_funcs
-    from sqlm.recipe import load_yaml
-
     from pathlib import Path
+
+    from sqlm.recipe import load_yaml
+    from sqlm.rollout import resolve_reward_funcs
 
     recipe = load_yaml(Path(__file__).resolve().parents[1] / "recipes/arithmetic/sqlm/config_online.yaml")
     (rewarder,) = resolve_reward_funcs(recipe["reward_funcs"], None, recipe["allow_code_rewards"])
@@ -204,7 +207,7 @@ def test_base_model_is_cached_by_its_settings(tmp_path, monkeypatch):
     path = ar.build_base_model(cfg, tmp_path, progress=False)
     meta = json.loads((path / "base_lm.json").read_text())
     assert meta["settings"] == cfg.base_key()
-    model, tok = ar.load_base(path)
+    model, _ = ar.load_base(path)
     assert ar.weights_digest(model) == meta["weights_sha256"]
     monkeypatch.setattr(ar, "pretrain_base", lambda *a, **k: pytest.fail("pretrained again"))
     assert ar.build_base_model(ArithTaskConfig(**TINY), tmp_path) == path

@@ -4,16 +4,17 @@ A verifiable-reasoning task (the setting of GRPO, OREO, DQO): the reward is 1 wh
 is exactly right, else 0, read by a checker; no reward model is needed.
 
 **Format** (one character per token, see :func:`char_tokenizer`). The prompt is ``A+B:``. The
-completion works the columns from the least significant digit, each step ``x+y=s`` with the incoming
-carry as a third term ``+1`` when there is one (a column past a shorter operand's end reads ``0``),
-then the answer after `` = ``::
+completion works the columns from the least significant digit, one fixed-width step ``x+y+c=ss`` per
+column (the digits, the incoming carry, and the column sum as two digits: the next carry, then the
+answer digit; a column past a shorter operand's end reads ``0``), then the answer after `` = ``::
 
     prompt      37+85:
-    completion   7+5=12 3+8+1=12 = 122<eos>
+    completion   7+5+0=12 3+8+1=12 = 122<eos>
 
-A step's sum ``s`` holds the next carry as its tens digit, and the answer is the last carry followed
-by the steps' units digits read backwards. Steps write ``=`` with no spaces, the answer ``" = "`` with
-spaces, so a completion cut off after a step never reads as an answer.
+The answer is the last carry (when 1) followed by the steps' units digits read backwards. Steps write
+``=`` with no spaces, the answer ``" = "`` with spaces, so a completion cut off after a step never
+reads as an answer. Fixed-width steps keep the offsets the model attends over regular, which helps a
+tiny model (measured once: greedy accuracy 0.63 against 0.56 with variable-width steps, same budget).
 
 **Base LM** (``pi_ref``): a tiny Qwen2-shaped LM pretrained here on ``prompt + completion`` texts of
 problems with operands of 1 to ``max_digits`` digits, ``wrong_share`` of them WRONG (see
@@ -49,14 +50,7 @@ import torch
 from ..errors import SqlmError
 from .gold import completion_text, default_cache_dir, fingerprint, load_base, preference_pairs
 
-__all__ = [
-    "ArithTaskConfig", "trace", "wrong_trace", "prompt_of", "parse_prompt", "final_answer", "answer_reward",
-    "arith_reward", "split_of", "sample_problems", "char_tokenizer", "build_base_model", "load_base",
-    "task_prompts", "greedy_completions", "checked_pairs", "sample_pairs", "evaluate_model", "build_task_data",
-]  # fmt: skip
-
 CHARS = "0123456789+=: "
-SPLITS = ("pretrain", "train", "eval")
 
 
 # ----------------------------------------------------------------------------- format
@@ -73,7 +67,7 @@ def _columns(a: int, b: int) -> list[tuple[int, int]]:
 
 
 def _render(cols: list[tuple[int, int]], sums: list[int], answer: str) -> str:
-    """`` x+y[+c]=s ... = answer`` from the columns and the written sums (the carries follow from them)."""
+    """`` x+y+c=ss ... = answer`` from the columns and the written sums (the carries follow from them)."""
     steps, carry = [], 0
     for (x, y), s in zip(cols, sums):
         steps.append(f" {x}+{y}+{carry}={s:02d}")
@@ -125,8 +119,9 @@ def wrong_trace(a: int, b: int, rng: random.Random) -> str:
 
 # ----------------------------------------------------------------------------- checker
 
-_PROMPT = re.compile(r"\s*(\d+)\+(\d+):\s*")
-_ANSWER = re.compile(r"(?:^|.* )= (0|[1-9]\d*)", re.DOTALL)
+_PROMPT = re.compile(r"\s*(\d+)\+(\d+):\s*", re.ASCII)
+_ANSWER = re.compile(r"(?:^|.* )= (0|[1-9]\d*)", re.ASCII | re.DOTALL)
+_TAIL = re.compile(r"(?:<eos>|<pad>|\s)+$")
 
 
 def _text(x) -> str:
@@ -149,8 +144,9 @@ def parse_prompt(prompt) -> tuple[int, int]:
 def final_answer(completion) -> int | None:
     """The integer after the completion's final `` = `` (or a leading ``= ``), or None when the
     completion does not end that way: empty, no ``=``, text after the answer, a non-digit or a
-    leading zero in the answer. Trailing whitespace (and an EOS the decoder left) is ignored."""
-    text = _text(completion).replace("<eos>", "").rstrip()
+    leading zero in the answer (ASCII digits only). Trailing whitespace, EOS and padding tokens are
+    ignored."""
+    text = _TAIL.sub("", _text(completion))
     m = _ANSWER.fullmatch(text)
     return int(m.group(1)) if m else None
 
@@ -370,13 +366,25 @@ def build_base_model(cfg: ArithTaskConfig, cache_dir: str | os.PathLike | None =
     out = base_model_dir(cfg, cache_dir)
     if (out / "base_lm.json").is_file():
         return out
+    import time
+
+    wall, cpu = time.perf_counter(), time.process_time()
     model, tokenizer, losses = pretrain_base(cfg, progress=progress)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tail = losses[-100:]
-    meta = {"settings": cfg.base_key(), "final_loss": sum(tail) / len(tail), "losses": losses[::10], "weights_sha256": weights_digest(model)}
+    meta = {
+        "settings": cfg.base_key(),
+        "final_loss": sum(tail) / len(tail),
+        "losses": losses[::10],
+        "weights_sha256": weights_digest(model),
+        "pretrain_seconds": wall,
+        "pretrain_cpu_seconds": cpu,
+        "torch": torch.__version__,
+    }
     (tmp / "base_lm.json").write_text(json.dumps(meta))
     if out.exists():  # another process finished first
         import shutil
@@ -565,8 +573,10 @@ def build_task_data(
     (preference pairs of the ``train`` prompts, for DPO and offline sqlm), ``prompts.jsonl``
     (the ``train`` prompts, prompt-only, for online runs), ``eval_prompts.json`` and
     ``long_prompts.json`` (held out), and ``data.json`` (settings and pair statistics)."""
-    settings = dict(base=Path(base).name, n_train=n_train, n_eval=n_eval, n_long=n_long, k=samples_per_prompt,
-                    max_pairs=max_pairs_per_prompt, max_new_tokens=cfg.max_new_tokens, long_digits=cfg.long_digits)  # fmt: skip
+    settings = {
+        "base": Path(base).name, "n_train": n_train, "n_eval": n_eval, "n_long": n_long, "k": samples_per_prompt,
+        "max_pairs": max_pairs_per_prompt, "max_new_tokens": cfg.max_new_tokens, "long_digits": cfg.long_digits,
+    }  # fmt: skip
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out = root / "arithmetic" / f"data-{fingerprint(settings)}"
     if (out / "data.json").is_file():
