@@ -1,8 +1,8 @@
 """Every recipe under recipes/ parses into its command's config classes (none is run here).
 
 A recipe's command comes from its path: a folder named ``accelerate`` holds launch configs; a folder
-named after a ``sqlm`` command (``dpo``, ``reward``, ``eval``, ``pipeline``, ``oracle``) holds that
-command's recipes; every other recipe (e.g. ``recipes/<model>/sqlm/config_lora.yaml``) is for
+named after a ``sqlm`` command (``dpo``, ``grpo``, ``rloo``, ``online_dpo``, ``reward``, ``eval``,
+``pipeline``, ``oracle``) holds that command's recipes; every other recipe (e.g. ``recipes/<model>/sqlm/config_lora.yaml``) is for
 ``sqlm train``. A command module names its config classes with ``recipe_dataclasses()``.
 """
 
@@ -72,12 +72,33 @@ def test_the_recipes_this_project_documents_exist():
         "recipes/qwen2.5-0.5b-instruct/sqlm/config_full.yaml",
         "recipes/qwen2.5-0.5b-instruct/sqlm/config_lora.yaml",
         "recipes/llama-3.2-1b-instruct/sqlm/config_lora.yaml",
+        "recipes/quickstart/grpo/config.yaml",
+        "recipes/quickstart/rloo/config.yaml",
+        "recipes/gold/grpo/config.yaml",
+        "recipes/gold/rloo/config.yaml",
+        "recipes/qwen2.5-0.5b-instruct/grpo/config_lora.yaml",
+        "recipes/qwen2.5-0.5b-instruct/rloo/config_lora.yaml",
+        "recipes/llama-3.2-1b-instruct/grpo/config_lora.yaml",
+        "recipes/llama-3.2-1b-instruct/rloo/config_lora.yaml",
+        "recipes/quickstart/online_dpo/config.yaml",
+        "recipes/gold/online_dpo/config.yaml",
         "recipes/accelerate/ddp.yaml",
         "recipes/accelerate/zero2.yaml",
         "recipes/accelerate/zero3.yaml",
         "recipes/accelerate/fsdp.yaml",
     ):
         assert name in rel, name
+
+
+def test_a_recipe_folder_names_its_command():
+    assert command_of(ROOT / "recipes/quickstart/sqlm/config.yaml") == "train"
+    for command in ("dpo", "grpo", "rloo", "online_dpo", "reward"):
+        assert command_of(ROOT / f"recipes/qwen2.5-0.5b-instruct/{command}/config_full.yaml") == command
+    assert command_of(ROOT / "recipes/accelerate/ddp.yaml") == "accelerate"
+    # the online baselines parse with their own commands' config classes
+    for command in ("grpo", "rloo", "online_dpo"):
+        names = {f.name for c in dataclasses_for(command) for f in __import__("dataclasses").fields(c)}
+        assert {"temperature", "beta", "reward_funcs", "model_name_or_path"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
