@@ -156,7 +156,7 @@ def test_recipe_reward_resolves_to_the_checker():
     from pathlib import Path
 
     from sqlm.recipe import load_yaml
-    from sqlm.rollout import resolve_reward_funcs
+    from sqlm.rewards.registry import resolve_reward_funcs
 
     recipe = load_yaml(Path(__file__).resolve().parents[1] / "recipes/arithmetic/sqlm/config_online.yaml")
     (rewarder,) = resolve_reward_funcs(recipe["reward_funcs"], None, recipe["allow_code_rewards"])
