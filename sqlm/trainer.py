@@ -17,18 +17,16 @@ Per optimizer step:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
-import shutil
 from collections import defaultdict
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import SoftQConfig
 from .data import (
@@ -39,9 +37,11 @@ from .data import (
     pack_trajectories,
     prepare_dataset,
 )
+from . import checkpoint as ckpt
+from .checkpoint import mark_complete
 from .errors import SqlmError
 from .forward import VALUE_HEAD_ATTR, attach_value_head, model_log_pi, model_values, policy_soft_outputs, polyak_update
-from .guards import NonFiniteError, mark_complete, nonfinite_reward_source, nonfinite_value_source, resolve_resume
+from .guards import NonFiniteError, nonfinite_reward_source, nonfinite_value_source
 from .losses import loss_spec, normaliser, reduced_sum
 from .paths import cache_dir as sqlm_cache_dir
 from .rewards.base import TokenRewarder
@@ -50,8 +50,6 @@ from .rewards.scoring import score_trajectories
 from .rollout import ReplayBuffer, generate_completions
 from .soft import SoftOutputs, path_mask
 
-TARGET_FILE = "target_model.safetensors"
-STATE_FILE = "sqlm_state.json"  # trainer state outside the HF TrainerState (mixed-mode credit, skip count)
 logger = logging.getLogger(__name__)
 
 
@@ -143,8 +141,10 @@ class SoftQTrainer(Trainer):
         optimizers=(None, None),
         reward_search_dirs: list[str] | None = None,
     ):
-        from transformers import AutoTokenizer, set_seed
-        from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
+        from transformers import set_seed
+        from trl.trainer.utils import disable_dropout_in_model
+
+        from .loading import load_model, load_tokenizer, model_init_kwargs
 
         if args is None:
             args = SoftQConfig(output_dir="sqlm-output")
@@ -154,17 +154,10 @@ class SoftQTrainer(Trainer):
             raise SqlmError("SoftQTrainer needs a train_dataset")
         set_seed(args.seed)
 
-        init_kwargs = dict(args.model_init_kwargs or {})
-        init_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
-        init_kwargs.setdefault("trust_remote_code", bool(args.trust_remote_code))
+        init_kwargs = model_init_kwargs(args)  # safetensors only; remote code only when asked
 
         def load(name: str):
-            try:
-                return create_model_from_path(name, **init_kwargs)
-            except (OSError, ValueError, ImportError) as e:
-                from .data import _one_line
-
-                raise SqlmError(f"could not load model '{name}': {_one_line(e)}") from None
+            return load_model(name, init_kwargs)
 
         if isinstance(model, str):
             model = load(model)
@@ -176,7 +169,8 @@ class SoftQTrainer(Trainer):
             raise SqlmError("model and ref_model must be different objects (omit ref_model to copy the policy)")
 
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+            trust = init_kwargs["trust_remote_code"]
+            processing_class = load_tokenizer(model.config._name_or_path, trust_remote_code=trust)
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         model.config.pad_token_id = processing_class.pad_token_id
@@ -605,13 +599,13 @@ class SoftQTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train``, resuming only from complete checkpoints: ``True`` / ``"latest"`` picks the
         newest complete one of ``output_dir`` (a folder half-written by a killed run is skipped), a
-        path must be complete (see :mod:`sqlm.guards`)."""
+        path must be complete (see :mod:`sqlm.checkpoint`)."""
         if self._no_reward_signal:
             raise SqlmError(no_reward_message(self.args.mode))
-        checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
-        self._rng_pending = checkpoint
+        folder = ckpt.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        self._rng_pending = folder
         return super().train(
-            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            resume_from_checkpoint=folder, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
 
     def _load_rng_state(self, checkpoint):
@@ -628,8 +622,8 @@ class SoftQTrainer(Trainer):
         the marker, and only then are old checkpoints rotated out (``save_total_limit``)."""
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save and os.path.isdir(folder):
-            shutil.rmtree(folder)  # e.g. half-written by a run that was killed while saving it
+        if self.args.should_save:
+            ckpt.clear_partial(folder)  # e.g. half-written by a run that was killed while saving it
         self.accelerator.wait_for_everyone()
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotate only once this checkpoint is complete
@@ -641,26 +635,16 @@ class SoftQTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             mark_complete(folder, self.state.global_step)
-            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
+            ckpt.rotate(run_dir, limit, self.state.best_model_checkpoint)
 
     def save_aux_state(self, folder: str) -> None:
         """Save what the HF checkpoint lacks into ``folder``: the target network (safetensors), this
         process's replay buffer and the mixed-mode credit / skip count (JSON; no pickles)."""
-        os.makedirs(folder, exist_ok=True)
-        if self.target_model is not None and self.args.should_save:
-            from safetensors.torch import save_file
-
-            target = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
-            save_file(
-                {n: target[n].detach().contiguous().cpu() for n in self._target_names},
-                os.path.join(folder, TARGET_FILE),
-            )
-        if self.replay_buffer.size > 0:
-            with open(os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.json"), "w") as f:
-                json.dump(self.replay_buffer.state_dict(), f, default=str)
-        if self.args.should_save:
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump({"mix_credit": self._mix_credit, "skipped_steps": self._skipped_steps}, f)
+        ckpt.save_aux_state(
+            folder, target_model=self.target_model, target_names=getattr(self, "_target_names", []),
+            replay_buffer=self.replay_buffer, process_index=self.args.process_index, is_main=self.args.should_save,
+            counters={"mix_credit": self._mix_credit, "skipped_steps": self._skipped_steps},
+        )
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         import pickle
@@ -676,27 +660,15 @@ class SoftQTrainer(Trainer):
 
     def load_aux_state(self, folder: str) -> None:
         """Restore the target network, replay buffer and trainer counters saved by :meth:`save_aux_state`."""
-        path = os.path.join(folder, TARGET_FILE)
-        if self.target_model is not None:
-            if not os.path.exists(path):
-                raise SqlmError(f"checkpoint {folder} has no {TARGET_FILE}; it was saved without a target network")
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-            target = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
-            with torch.no_grad():
-                for n, t in state.items():
-                    target[n].data.copy_(t.to(target[n].device, target[n].dtype))
-        rb = os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.json")
-        if self.replay_buffer.size > 0 and os.path.exists(rb):
-            with open(rb) as f:
-                self.replay_buffer.load_state_dict(json.load(f))
-        state_file = os.path.join(folder, STATE_FILE)
-        if os.path.exists(state_file):
-            with open(state_file) as f:
-                state = json.load(f)
-            self._mix_credit = float(state.get("mix_credit", 0.0))
-            self._skipped_steps = int(state.get("skipped_steps", 0))
+        counters = ckpt.load_aux_state(
+            folder,
+            target_model=self.target_model,
+            replay_buffer=self.replay_buffer,
+            process_index=self.args.process_index,
+        )
+        if counters:
+            self._mix_credit = float(counters.get("mix_credit", 0.0))
+            self._skipped_steps = int(counters.get("skipped_steps", 0))
 
 
 # ----------------------------------------------------------------------------- reward signal

@@ -45,7 +45,7 @@ def test_pairs_without_reward_is_an_error_naming_the_fixes(pairs_only_recipe, tm
 
 
 def test_bradley_terry_reward_is_fitted_once_and_the_margin_grows(pairs_only_recipe, tmp_path, capsys, monkeypatch):
-    import sqlm.rewards.auto as auto
+    from sqlm.rewards import auto
 
     fits = []
     fit = auto.fit_reward_model

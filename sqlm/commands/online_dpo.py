@@ -4,8 +4,8 @@ the prompts, reward and budget of a paired sqlm online recipe.
 An online baseline of sqlm, beside ``sqlm grpo`` and ``sqlm rloo`` (what they share is in
 ``sqlm/commands/_online_baseline.py``): each step samples two completions per prompt from the
 policy, the reward picks the chosen one, and the pair takes a DPO step with ``beta`` against the
-initial model. Its batch counts prompts (sqlm's online batch counts completions: twice as many);
-it always samples 2 completions per prompt (sqlm's default ``num_generations``); its generation limit is TRL's ``max_new_tokens`` (sqlm's
+initial model. Its batch counts prompts, as sqlm's; it always samples 2 completions per prompt (sqlm's
+default ``num_generations``); its generation limit is TRL's ``max_new_tokens`` (sqlm's
 ``max_completion_length``) and ``max_length`` is both TRL's prompt+completion limit and sqlm's
 long-prompt filter. Set ``temperature: 1.0`` (TRL's default is 0.9) to sample as sqlm does.
 
@@ -59,7 +59,7 @@ def trainer_class():
     from trl.experimental.utils import truncate_right
     from trl.models import unwrap_model_for_generation
 
-    from ..rewards.base import pad_rows as _pad_rows
+    from ..rewards.base import pad_rows
 
     class SqlmOnlineDPOTrainer(OnlineDPOTrainer):
         def __init__(self, *args, **kwargs):
@@ -81,7 +81,7 @@ def trainer_class():
                 out = super()._generate(model, prompts, images)
             else:  # TRL's generation (non-vision, no vLLM) from sqlm's prompt tokens
                 pad = self._tokenizer.pad_token_id
-                ids, mask = _pad_rows([list(r) for r in rows], pad, "left")
+                ids, mask = pad_rows([list(r) for r in rows], pad, "left")
                 device = next(model.parameters()).device
                 prompt_ids, prompt_mask = ids.to(device).repeat(2, 1), mask.to(device).repeat(2, 1)
                 with (

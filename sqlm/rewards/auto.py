@@ -110,11 +110,12 @@ def init_reward_model(policy):
 
 
 def fit_reward_model(rm, tokenizer, train, evaluation, settings: AutoRewardSettings, args, out: Path) -> dict:
-    """Fit ``rm`` on ``train`` with TRL's ``RewardTrainer``, save it to ``out`` and return
-    ``{"train_pairs", "eval_pairs", "eval_accuracy"}`` (the held-out pairs)."""
-    from trl import RewardConfig, RewardTrainer
+    """Fit ``rm`` on ``train`` with ``sqlm reward``'s :func:`sqlm.rewards.train.train_reward_model`
+    (TRL's ``RewardTrainer``), save it to ``out`` and return ``{"train_pairs", "eval_pairs",
+    "eval_accuracy"}`` (``evaluation``: the held-out pairs)."""
+    from trl import RewardConfig
 
-    from .train import pairwise_accuracy
+    from .train import train_reward_model
 
     config = RewardConfig(
         output_dir=str(out),
@@ -134,13 +135,7 @@ def fit_reward_model(rm, tokenizer, train, evaluation, settings: AutoRewardSetti
         logging_strategy="no",
         seed=SPLIT_SEED,
     )
-    trainer = RewardTrainer(model=rm, args=config, train_dataset=train, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(str(out))  # safetensors + the tokenizer
-    model = trainer.model.eval()
-    report = {"train_pairs": len(train), "eval_pairs": len(evaluation),
-              "eval_accuracy": pairwise_accuracy(model, tokenizer, evaluation)}  # fmt: skip
-    (out / "reward_eval.json").write_text(json.dumps(report, indent=1))
+    _, report = train_reward_model(rm, tokenizer, train, evaluation, config)  # writes out/reward_eval.json
     return report
 
 
@@ -151,11 +146,13 @@ def bradley_terry_rewarder(policy, tokenizer, train_dataset, args, cache_root: s
     from accelerate import PartialState
 
     from .registry import build_rewarder
+    from .train import check_pad_token
 
     settings = AutoRewardSettings.from_kwargs((args.reward_kwargs or {}).get(AUTO_REWARD), args)
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise SqlmError(f"reward_funcs '{AUTO_REWARD}': the tokenizer pads with EOS; a reward model reads its score at "
-                        "the last non-pad token, so give the tokenizer a pad token distinct from EOS")
+    try:
+        check_pad_token(tokenizer)
+    except SqlmError as e:
+        raise SqlmError(f"reward_funcs '{AUTO_REWARD}': {e}") from None
     pairs = pairs_only(train_dataset)
     if len(pairs) < 4:
         raise SqlmError(f"reward_funcs '{AUTO_REWARD}' needs at least 4 training pairs (a split is held out), got {len(pairs)}")
