@@ -81,6 +81,12 @@ RECIPE_CASES = [
     ("max_completion_length_zero.yaml", [], "key 'max_completion_length' must be >= 1"),
     ("mode_typo.yaml", [], "did you mean 'online'?"),
     ("test_split_and_size.yaml", [], "keys 'dataset_test_split' and 'dataset_test_size' cannot both be set"),
+    # online batches count completions, as TRL's GRPO: whole groups of num_generations
+    (None, ["--mode", "online", "--per_device_train_batch_size", "3"], "must be divisible by 'num_generations' (2)"),
+    (None, ["--mode", "mixed", "--per_device_train_batch_size", "3"], "'num_generations' (2) in mixed mode"),
+    # pairs with no reward train nothing: an error naming the fixes
+    ("no_reward.yaml", [], "no reward signal"),
+    ("no_reward.yaml", ["--mode", "online"], "no reward signal: mode 'online' scores its samples with reward_funcs only"),
 ]
 
 # (data file in tests/bad_inputs/data or a name, extra flags, text the error must contain)
