@@ -336,6 +336,7 @@ def make_trainer(name: str, args, base_model, tokenizer, rows, out_dir: str):
     elif name == "sqlm_online":
         data = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
         kw.update(loss_type="unified_pcl", mode="online", num_generations=2, generation_kwargs={"min_new_tokens": new})
+        common["per_device_train_batch_size"] = 2 * args.pairs  # online batches count completions: pairs x 2
 
         def length_reward(completions, **_):
             return [len(c) / 100.0 for c in completions]
