@@ -413,8 +413,8 @@ class SoftQTrainer(Trainer):
         mode = self.args.mode
         if mode == "online":
             return list(examples), []
-        if mode == "offline" or not train:
-            return [], [g[0] for g in _groups(examples, self.args.num_generations)]
+        if mode == "offline" or not train:  # rows as they come (no repeating sampler)
+            return [], list(examples)
         groups = _groups(examples, self.args.num_generations)
         k = self._n_online(len(groups))
         return [r for g in groups[:k] for r in g], [g[0] for g in groups[k:]]

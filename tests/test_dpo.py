@@ -105,6 +105,9 @@ def test_every_dpo_recipe_parses_and_matches_its_sqlm_pair(path):
         pytest.skip(f"no paired sqlm recipe {pair.relative_to(ROOT)} yet")
     a, b = yaml.safe_load(pair.read_text()), yaml.safe_load(path.read_text())
     shared = (set(a) & set(b)) - UNPAIRED
+    if a.get("mode", "offline") != "offline":  # sqlm's online/mixed batch counts sequences: a row = num_generations
+        shared.discard("per_device_train_batch_size")
+        assert a["per_device_train_batch_size"] == b["per_device_train_batch_size"] * a.get("num_generations", 2)
     assert {k: a[k] for k in shared} == {k: b[k] for k in shared}
     missing = {"model_name_or_path", "dataset_name", "max_length", "seed", "learning_rate"} & (set(a) ^ set(b))
     assert not missing, f"{path.name}: {missing} set on one side only"
