@@ -15,10 +15,17 @@ on the LM head). The three readings of a model are built on it:
 * :func:`model_log_pi`: ``log pi_ref`` and ``logsumexp z_ref`` of a reference (no gradient);
 * :func:`model_values`: ``V_bar = tau logsumexp z`` of a target network (no gradient), which
   :func:`polyak_update` moves towards the policy.
+
+With PEFT the target network is a second adapter on the same frozen base
+(:func:`add_target_adapter`); :func:`adapter_active` runs the model with one adapter (or none, the
+reference) active, and :func:`adapter_pairs` pairs the policy adapter's parameters with the target's
+for the Polyak step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -145,10 +152,92 @@ def attach_value_head(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def polyak_update(policy: nn.Module, target: nn.Module, alpha: float, names: list[str] | None = None) -> None:
+def polyak_update(
+    policy: nn.Module,
+    target: nn.Module,
+    alpha: float,
+    names: list[str] | None = None,
+    pairs: list[tuple[str, str]] | None = None,
+) -> None:
     """``target <- (1 - alpha) * target + alpha * policy`` on the named parameters (default: all of
-    the policy's); the target is a copy of the policy, so names match."""
+    the policy's; the target is a copy of the policy, so names match), or on ``pairs`` of (policy
+    name, target name) (e.g. two adapters of one model, :func:`adapter_pairs`)."""
     src = dict(policy.named_parameters())
-    dst = dict(target.named_parameters())
-    for n in src if names is None else names:
-        dst[n].data.mul_(1.0 - alpha).add_(src[n].data.to(dst[n].dtype), alpha=alpha)
+    dst = src if target is policy else dict(target.named_parameters())
+    if pairs is None:
+        pairs = [(n, n) for n in (src if names is None else names)]
+    for s, d in pairs:
+        dst[d].data.mul_(1.0 - alpha).add_(src[s].data.to(dst[d].dtype), alpha=alpha)
+
+
+# ----------------------------------------------------------------------------- adapters (PEFT)
+
+TARGET_ADAPTER = "target"
+
+
+def adapter_pairs(model: nn.Module, src: str, dst: str) -> list[tuple[str, str]]:
+    """``(name of a parameter of adapter src, name of the same parameter of adapter dst)`` for every
+    parameter of adapter ``src`` of a PEFT model (``...lora_A.default.weight`` ->
+    ``...lora_A.target.weight``; also ``modules_to_save``)."""
+    names = [n for n, _ in model.named_parameters()]
+    have = set(names)
+    pairs, missing = [], []
+    for n in names:
+        parts = n.split(".")
+        if src not in parts:
+            continue
+        i = parts.index(src)
+        other = ".".join(parts[:i] + [dst] + parts[i + 1 :])
+        (pairs if other in have else missing).append((n, other))
+    if missing or not pairs:
+        what = missing[0][1] if missing else f"any parameter of adapter '{src}'"
+        raise SqlmError(f"adapter '{dst}' does not mirror adapter '{src}': no {what}")
+    return pairs
+
+
+@torch.no_grad()
+def add_target_adapter(model: nn.Module, name: str = TARGET_ADAPTER) -> list[tuple[str, str]]:
+    """Add a frozen adapter ``name`` to a PEFT model, on the same base, with the active (policy)
+    adapter's config and a copy of its weights: the target network without a second copy of the
+    base. The policy adapter stays active and trainable; the random numbers PEFT draws to
+    initialise the new adapter do not move the global RNG. Returns :func:`adapter_pairs`."""
+    import copy
+
+    policy = model.active_adapter
+    if name in model.peft_config:
+        raise SqlmError(f"the model already has an adapter named '{name}' (the target network's adapter)")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with torch.random.fork_rng(devices=[]):
+        model.add_adapter(name, copy.deepcopy(model.peft_config[policy]))
+    pairs = adapter_pairs(model, policy, name)
+    params = dict(model.named_parameters())
+    for s, d in pairs:
+        params[d].data.copy_(params[s].data)
+    for n, p in params.items():  # exactly the trainable set of before: the new adapter is frozen
+        p.requires_grad_(n in trainable)
+    return pairs
+
+
+@contextmanager
+def adapter_active(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
+    """Run a PEFT model with adapter ``name`` active (None: every adapter disabled, i.e. the base
+    model), in eval mode; the previously active adapter, which parameters require gradients, and
+    train/eval mode are restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    try:
+        if name is None:
+            with model.disable_adapter():
+                yield model
+        else:
+            previous = model.active_adapter
+            model.set_adapter(name)
+            try:
+                yield model
+            finally:
+                model.set_adapter(previous)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)

@@ -40,7 +40,17 @@ from .data import (
     prepare_dataset,
 )
 from .errors import SqlmError
-from .forward import VALUE_HEAD_ATTR, attach_value_head, model_log_pi, model_values, policy_soft_outputs, polyak_update
+from .forward import (
+    TARGET_ADAPTER,
+    VALUE_HEAD_ATTR,
+    adapter_active,
+    add_target_adapter,
+    attach_value_head,
+    model_log_pi,
+    model_values,
+    policy_soft_outputs,
+    polyak_update,
+)
 from .guards import NonFiniteError, mark_complete, nonfinite_reward_source, nonfinite_value_source, resolve_resume
 from .losses import loss_spec, normaliser, reduced_sum
 from .paths import cache_dir as sqlm_cache_dir
@@ -200,9 +210,14 @@ class SoftQTrainer(Trainer):
                 raise SqlmError("model already has a PEFT adapter; pass its base model with peft_config")
             model = get_peft_model(model, peft_config)
 
+        # Target network: with PEFT a second adapter on the same frozen base; else a frozen copy
         self.target_model = None
+        self._target_pairs: list[tuple[str, str]] | None = None  # (policy adapter, target adapter) names
         if args.uses_target_model:
-            self.target_model = copy.deepcopy(model)
+            if _is_peft(model):
+                self._target_pairs = add_target_adapter(model, TARGET_ADAPTER)
+            else:
+                self.target_model = copy.deepcopy(model)
         if args.uses_value_head:
             attach_value_head(model)
 
@@ -247,6 +262,7 @@ class SoftQTrainer(Trainer):
         self.target_model = self._prepare_aux(self.target_model)
         if self.target_model is not None:
             self._target_names = _trainable_names(self.model)
+        if self.has_target:
             self.add_callback(TargetNetworkCallback(self))
 
         tok = processing_class
@@ -312,13 +328,57 @@ class SoftQTrainer(Trainer):
             return prepare_fsdp(m, self.accelerator)
         return self.accelerator.prepare_model(m, evaluation_mode=True)
 
+    @property
+    def has_target(self) -> bool:
+        """A target network is kept: a frozen copy (``target_model``) or, with PEFT, the adapter ``target``."""
+        return self.target_model is not None or self._target_pairs is not None
+
     def update_target_model(self) -> None:
-        """Polyak step of the target network towards the policy (the TargetNetworkCallback calls it)."""
-        if self.target_model is None:
-            return
-        target = getattr(self.target_model, "module", self.target_model)
+        """Polyak step of the target network towards the policy (the TargetNetworkCallback calls it);
+        with a target adapter only the adapter weights move."""
         policy = self.accelerator.unwrap_model(self.model)
-        polyak_update(policy, target, self.args.target_model_mixup_alpha, self._target_names)
+        alpha = self.args.target_model_mixup_alpha
+        if self._target_pairs is not None:
+            polyak_update(policy, policy, alpha, pairs=self._target_pairs)
+        elif self.target_model is not None:
+            target = getattr(self.target_model, "module", self.target_model)
+            polyak_update(policy, target, alpha, self._target_names)
+
+    def target_values(self, model, inputs) -> torch.Tensor | None:
+        """``V_bar(s_t)`` of the target network ``[N, T]`` (no grad), or None without one. A target
+        adapter is made active for this forward (eval mode); the policy adapter comes back after."""
+        if self.target_model is not None:
+            return model_values(self.target_model, inputs, self.args.tau)
+        if self._target_pairs is None:
+            return None
+        unwrapped = self.accelerator.unwrap_model(model)
+        with torch.no_grad(), adapter_active(unwrapped, TARGET_ADAPTER):
+            return model_values(unwrapped, inputs, self.args.tau)
+
+    def target_state_dict(self) -> dict[str, torch.Tensor]:
+        """The target network's own weights (what a checkpoint must keep): the trainable parameters
+        of the copy, or the target adapter's parameters."""
+        if self._target_pairs is not None:
+            params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+            return {d: params[d].detach() for _, d in self._target_pairs}
+        if self.target_model is None:
+            return {}
+        target = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
+        return {n: target[n].detach() for n in self._target_names}
+
+    @torch.no_grad()
+    def load_target_state_dict(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Copy ``state`` (:meth:`target_state_dict`'s names) into the target network."""
+        if self._target_pairs is not None:
+            params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        else:
+            params = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
+        expected = set(self.target_state_dict())
+        if set(state) != expected:
+            odd = sorted(set(state) ^ expected)[0]
+            raise SqlmError(f"{where}: the saved target network does not match this one (parameter '{odd}')")
+        for n, t in state.items():
+            params[n].data.copy_(t.to(params[n].device, params[n].dtype))
 
     # ------------------------------------------------------------------ trajectories
 
@@ -446,10 +506,8 @@ class SoftQTrainer(Trainer):
         if self.ref_model is not None:
             return model_log_pi(self.ref_model, inputs, return_lse)
         if self._ref_is_base:
-            from trl.trainer.utils import use_adapter
-
             unwrapped = self.accelerator.unwrap_model(model)
-            with use_adapter(unwrapped, None):
+            with adapter_active(unwrapped, None):
                 return model_log_pi(unwrapped, inputs, return_lse)
         return (None, None) if return_lse else None
 
@@ -465,7 +523,7 @@ class SoftQTrainer(Trainer):
         rewards = inputs["token_rewards"][:, start + 1 :]
 
         ref_log_pi, ref_lse = self.reference_log_pi(model, inputs, return_lse=True)
-        target_v = model_values(self.target_model, inputs, args.tau) if self.target_model is not None else None
+        target_v = self.target_values(model, inputs)
         if args.value_anchor == "reference" and ref_lse is not None and not spec.needs_value_head:
             # values measured from the reference's logsumexp: pi is unchanged, V = 0 where pi = pi_ref
             anchor = args.tau * ref_lse * mask
@@ -584,14 +642,11 @@ class SoftQTrainer(Trainer):
         """Save what the HF checkpoint lacks into ``folder``: the target network (safetensors), this
         process's replay buffer and the mixed-mode credit / skip count (JSON; no pickles)."""
         os.makedirs(folder, exist_ok=True)
-        if self.target_model is not None and self.args.should_save:
+        if self.has_target and self.args.should_save:
             from safetensors.torch import save_file
 
-            target = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
-            save_file(
-                {n: target[n].detach().contiguous().cpu() for n in self._target_names},
-                os.path.join(folder, TARGET_FILE),
-            )
+            state = self.target_state_dict()
+            save_file({n: t.contiguous().cpu() for n, t in state.items()}, os.path.join(folder, TARGET_FILE))
         if self.replay_buffer.size > 0:
             with open(os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.json"), "w") as f:
                 json.dump(self.replay_buffer.state_dict(), f, default=str)
@@ -614,16 +669,12 @@ class SoftQTrainer(Trainer):
     def load_aux_state(self, folder: str) -> None:
         """Restore the target network, replay buffer and trainer counters saved by :meth:`save_aux_state`."""
         path = os.path.join(folder, TARGET_FILE)
-        if self.target_model is not None:
+        if self.has_target:
             if not os.path.exists(path):
                 raise SqlmError(f"checkpoint {folder} has no {TARGET_FILE}; it was saved without a target network")
             from safetensors.torch import load_file
 
-            state = load_file(path)
-            target = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
-            with torch.no_grad():
-                for n, t in state.items():
-                    target[n].data.copy_(t.to(target[n].device, target[n].dtype))
+            self.load_target_state_dict(load_file(path), f"checkpoint {folder}")
         rb = os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.json")
         if self.replay_buffer.size > 0 and os.path.exists(rb):
             with open(rb) as f:

@@ -1,0 +1,189 @@
+"""Scaling out: the LoRA target network as a second adapter, precomputed reference log-probs, the
+vLLM generation switch, and the checks that run before any model is loaded."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from sqlm.config import SoftQConfig
+from sqlm.forward import TARGET_ADAPTER, model_values
+from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
+from sqlm.trainer import SoftQTrainer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = ["Rate the film:", "Rate the book:", "Rate the song:", "Rate the game:"]
+GOOD, BAD = " good and fun.", " bad and dull."
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [p + GOOD for p in PROMPTS] + [p + BAD for p in PROMPTS]
+    return train_tokenizer(texts * 4, vocab_size=300)
+
+
+def make_model(tokenizer, seed=0):
+    return tiny_model_for_tokenizer(
+        tokenizer, seed=seed, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
+
+
+def pref_data(n=8):
+    rows = [{"prompt": PROMPTS[i % 4], "chosen": GOOD, "rejected": BAD} for i in range(n)]
+    return Dataset.from_list(rows)
+
+
+def good_reward(prompts, completions, **kwargs):
+    return [1.0 if "good" in c else -1.0 for c in completions]
+
+
+def config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        seed=0, max_length=32, max_completion_length=6, num_generations=2, dataloader_num_workers=0,
+    )
+    base.update(kw)
+    return SoftQConfig(**base)
+
+
+def lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def adapter_params(model, adapter):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
+
+
+# ----------------------------------------------------------------------------- LoRA target adapter
+
+
+def lora_trainer(tmp_path, tokenizer, monkeypatch=None, **kw):
+    kw = {"loss_type": "soft_q", "target_model_mixup_alpha": 0.3, **kw}
+    return SoftQTrainer(
+        make_model(tokenizer), config(tmp_path, **kw), train_dataset=pref_data(), processing_class=tokenizer,
+        reward_funcs=[good_reward], peft_config=lora(),
+    )
+
+
+def test_lora_target_is_an_adapter_on_the_same_base(tmp_path, tokenizer, monkeypatch):
+    import sqlm.trainer as trainer_module
+
+    copied = []
+    real_deepcopy = copy.deepcopy
+
+    def spy(obj, *a, **k):
+        if isinstance(obj, torch.nn.Module):
+            copied.append(type(obj).__name__)
+        return real_deepcopy(obj, *a, **k)
+
+    monkeypatch.setattr(trainer_module.copy, "deepcopy", spy)
+    base_count = sum(p.numel() for p in make_model(tokenizer).parameters())
+    trainer = lora_trainer(tmp_path, tokenizer)
+    assert copied == [], f"a model was deep-copied: {copied}"
+    assert trainer.target_model is None and trainer.has_target
+    model = trainer.model
+    assert set(model.peft_config) == {"default", TARGET_ADAPTER} and model.active_adapter == "default"
+    policy, target = adapter_params(model, "default"), adapter_params(model, TARGET_ADAPTER)
+    n_adapter = sum(p.numel() for p in policy.values())
+    assert n_adapter > 0
+    # the whole model = one base + two adapters: no second copy of the base
+    assert sum(p.numel() for p in model.parameters()) == base_count + 2 * n_adapter
+    # the target starts as the policy adapter, frozen; only the policy adapter trains
+    for n, t in target.items():
+        assert torch.equal(t, policy[n.replace(f".{TARGET_ADAPTER}.", ".default.")])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(policy)
+
+
+def test_lora_target_adapter_moves_by_exactly_the_polyak_rule(tmp_path, tokenizer):
+    alpha = 0.3
+    trainer = lora_trainer(tmp_path, tokenizer, max_steps=3, target_model_mixup_alpha=alpha)
+    model = trainer.model
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    calls = []
+    update = trainer.update_target_model
+
+    def checked_update():
+        before_t = adapter_params(model, TARGET_ADAPTER)
+        policy = adapter_params(model, "default")
+        update()
+        calls.append((before_t, policy, adapter_params(model, TARGET_ADAPTER)))
+
+    trainer.update_target_model = checked_update
+    trainer.train()
+    assert len(calls) == 3
+    for before_t, policy, after_t in calls:
+        assert set(after_t) == set(before_t) and len(after_t) == len(policy)
+        for n, t in after_t.items():
+            p = policy[n.replace(f".{TARGET_ADAPTER}.", ".default.")]
+            assert torch.equal(t, before_t[n].mul(1 - alpha).add(p, alpha=alpha)), n
+    last_policy, last_target = calls[-1][1], calls[-1][2]
+    assert any(not torch.equal(t, last_policy[n.replace(f".{TARGET_ADAPTER}.", ".default.")])
+               for n, t in last_target.items()), "the target should lag the policy"
+    for n, p in model.named_parameters():  # the frozen base never moved
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), n
+
+
+def _merged_copy(base, peft_model, adapter):
+    """The base model with ``adapter``'s LoRA deltas added to its weights by hand: W + s * B @ A."""
+    merged = copy.deepcopy(base)
+    weights = dict(merged.named_parameters())
+    params = dict(peft_model.named_parameters())
+    scale = peft_model.peft_config[adapter].lora_alpha / peft_model.peft_config[adapter].r
+    with torch.no_grad():
+        for n in params:
+            if n.endswith(f"lora_A.{adapter}.weight"):
+                layer = n[: -len(f".lora_A.{adapter}.weight")].removeprefix("base_model.model.")
+                a, b = params[n], params[n.replace("lora_A", "lora_B")]
+                weights[layer + ".weight"].add_(scale * b @ a)
+    return merged
+
+
+def test_lora_target_values_equal_a_manual_merge(tmp_path, tokenizer):
+    trainer = lora_trainer(tmp_path, tokenizer, max_steps=2, learning_rate=5e-2)
+    base = make_model(tokenizer)  # the same seed: the frozen base's weights
+    trainer.train()
+    model = trainer.model
+    model.train()
+    batch = trainer._prepare_inputs(trainer.build_batch([dict(r) for r in trainer.train_dataset.select(range(2))]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    got = trainer.target_values(model, batch)
+    expected = model_values(_merged_copy(base, model, TARGET_ADAPTER), batch, trainer.args.tau)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    policy_v = model_values(_merged_copy(base, model, "default"), batch, trainer.args.tau)
+    assert not torch.allclose(got, policy_v, atol=1e-4)  # the target adapter, not the policy's, was active
+    # the policy adapter is back: active, trainable, and the model in train mode
+    assert model.active_adapter == "default" and model.training
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    soft_policy = model_values(model, batch, trainer.args.tau)
+    torch.testing.assert_close(soft_policy, policy_v, rtol=1e-5, atol=1e-5)
+    # and the reference is still the base with every adapter disabled
+    from sqlm.forward import model_log_pi
+
+    torch.testing.assert_close(trainer.reference_log_pi(model, batch), model_log_pi(base, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_target_adapter_resumes_exactly(tmp_path, tokenizer):
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, learning_rate=5e-3)
+    full = lora_trainer(tmp_path, tokenizer, **kw)
+    full.train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    assert (ckpt / "target_model.safetensors").exists()
+    resumed = lora_trainer(tmp_path, tokenizer, **{**kw, "output_dir": str(tmp_path / "r")})
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    a, b = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    assert {n for n, p in resumed.model.named_parameters() if p.requires_grad} == set(
+        adapter_params(resumed.model, "default"))
