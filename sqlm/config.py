@@ -148,6 +148,23 @@ class SoftQConfig(TrainingArguments):
     disable_dropout: bool = field(
         default=True, metadata={"help": "Disable dropout in the policy, reference and target models."}
     )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Offline data (mode offline, or the offline rows of mode mixed): compute log pi_ref(a_t|s_t) and "
+            "the reference logsumexp (for value_anchor) of every completion token in one pass before training, "
+            "store them as dataset columns (cached under $SQLM_CACHE/reference, keyed by the tokenised data and "
+            "the reference weights), and train without a reference model in memory (mode offline; mixed keeps it "
+            "for the online samples). TRL's DPO name."
+        },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows per batch of the precompute_ref_log_probs pass; None = per_device_train_batch_size for the "
+            "training data and per_device_eval_batch_size for the evaluation data."
+        },
+    )
 
     # ------------------------------------------------------------------ trajectories
     mode: str = field(
@@ -405,6 +422,16 @@ class SoftQConfig(TrainingArguments):
             users = " or ".join(f"'{n}'" for n, s in LOSS_SPECS.items() if s.needs_value_head)
             raise bad("value_head", f"is used only by loss_type {users}, not '{self.loss_type}' (V comes from the "
                       "logits)")
+        if self.precompute_ref_log_probs:
+            if self.mode == "online":
+                raise SqlmError("key 'precompute_ref_log_probs' needs offline data, but mode is 'online' (online samples "
+                                "are scored by a live reference): use mode 'offline' or 'mixed', or turn "
+                                "precompute_ref_log_probs off")
+            if not self.use_reference:
+                raise SqlmError("key 'precompute_ref_log_probs' needs use_reference: true (there is no reference to "
+                                "precompute)")
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            raise bad("precompute_ref_batch_size", f"must be >= 1 or null, got {self.precompute_ref_batch_size!r}")
         if self.num_generations < 1:
             raise bad("num_generations", f"must be >= 1, got {self.num_generations!r}")
         if self.mode != "offline" and not self.max_completion_length:

@@ -16,6 +16,7 @@ Per optimizer step:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -193,13 +194,18 @@ class SoftQTrainer(Trainer):
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = processing_class.pad_token_id
 
-        # Reference: explicit; the PEFT base (adapter disabled); a frozen copy; or none.
+        # Reference: explicit; the PEFT base (adapter disabled); a frozen copy; or none. Precomputed
+        # offline (precompute_ref_log_probs, mode offline), the initial policy itself is read once
+        # before training instead of a copy.
         self._ref_is_base = False
+        ref_is_policy = False
         if not args.use_reference:
             ref_model = None
         elif ref_model is None:
             if peft_config is not None or _is_peft(model):
                 self._ref_is_base = True
+            elif args.precompute_ref_log_probs and args.mode == "offline":
+                ref_is_policy = True
             else:
                 ref_model = copy.deepcopy(model)
 
@@ -246,6 +252,19 @@ class SoftQTrainer(Trainer):
             train_dataset = prepare_dataset(train_dataset, processing_class, args, name="train")
         if eval_dataset is not None and "prompt_ids" not in eval_dataset.column_names:
             eval_dataset = prepare_dataset(eval_dataset, processing_class, args, name="eval")
+
+        # Reference values of the offline rows: one pass, cached columns; mode offline then keeps no
+        # reference model at all (mixed keeps it for the online samples)
+        self._ref_precomputed = False
+        if args.precompute_ref_log_probs and (ref_model is not None or self._ref_is_base or ref_is_policy):
+            reader = model if ref_model is None else ref_model
+            pad = processing_class.pad_token_id
+            train_dataset = self._precompute_reference(reader, train_dataset, args, pad, args.per_device_train_batch_size)
+            if eval_dataset is not None:
+                eval_dataset = self._precompute_reference(reader, eval_dataset, args, pad, args.per_device_eval_batch_size)
+            self._ref_precomputed = True
+            if args.mode == "offline":
+                ref_model, self._ref_is_base = None, False
 
         super().__init__(
             model=model,
@@ -310,6 +329,41 @@ class SoftQTrainer(Trainer):
         # offline trajectories now carry these rewards; online ones still need the rewarders live
         self._offline_only_rewarders = {id(self.rewarders[i]) for i in cached}
         return dataset
+
+    def _precompute_reference(self, reader, dataset, args: SoftQConfig, pad_token_id: int, batch_size: int):
+        """``dataset`` with the reference columns of :mod:`sqlm.reference` (computed once by the main
+        process, then read from the cache by the others). ``reader`` is the explicit reference, or the
+        policy before its first step: with PEFT read with every adapter disabled, else as it is (the
+        initial policy is the reference)."""
+        from accelerate import PartialState
+
+        from .reference import add_ref_columns, reference_fingerprint
+
+        peft_base = self._ref_is_base  # reader is the PEFT policy; its base is the reference
+        device = args.device
+        reader.to(device)
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "float32"
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+        def ref_fn(batch):
+            with contextlib.ExitStack() as stack:
+                if amp is not None:
+                    stack.enter_context(torch.autocast(device_type=device.type, dtype=amp))
+                if peft_base:
+                    stack.enter_context(adapter_active(reader, None))
+                else:
+                    was_training = reader.training
+                    reader.eval()
+                    stack.callback(reader.train, was_training)
+                return model_log_pi(reader, batch, return_lse=True)
+
+        with PartialState().main_process_first():
+            return add_ref_columns(
+                dataset, ref_fn, ref_fingerprint=reference_fingerprint(reader, skip_adapters=peft_base),
+                pad_token_id=pad_token_id,
+                batch_size=args.precompute_ref_batch_size or batch_size, precision=precision,
+                cache_dir=sqlm_cache_dir("reference"), device=device,
+            )
 
     def _prepare_aux(self, m):
         if m is None:
@@ -502,7 +556,26 @@ class SoftQTrainer(Trainer):
 
     def reference_log_pi(self, model, inputs, return_lse: bool = False):
         """``log pi_ref(a_t|s_t)`` ``[N, T]`` (with ``return_lse`` also ``logsumexp z_ref(s_t)``): the
-        explicit reference model, the PEFT base model with the adapter disabled, or None (no reference)."""
+        precomputed columns of the rows that carry them (``precompute_ref_log_probs``), and for the
+        others the explicit reference model, the PEFT base model with the adapter disabled, or None
+        (no reference)."""
+        pre = inputs.get("ref_precomputed")
+        if pre is None or not bool(pre.any()):
+            return self._live_reference_log_pi(model, inputs, return_lse)
+        start = int(inputs["logits_start"])
+        log_pi, lse = inputs["ref_log_probs"][:, start + 1 :], inputs["ref_logsumexp"][:, start + 1 :]
+        if not bool(pre.all()):  # e.g. mixed mode: the online rows need the live reference
+            rows = (~pre).nonzero().squeeze(-1)
+            sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "path_mask") if k in inputs}
+            live = self._live_reference_log_pi(model, {**sub, "logits_start": start}, True)
+            if live[0] is None:
+                raise SqlmError("a batch has rows without precomputed reference log-probs (precompute_ref_log_probs) "
+                                "and no reference model is loaded")
+            log_pi, lse = log_pi.clone(), lse.clone()
+            log_pi[rows], lse[rows] = live[0].to(log_pi.dtype), live[1].to(lse.dtype)
+        return (log_pi, lse) if return_lse else log_pi
+
+    def _live_reference_log_pi(self, model, inputs, return_lse: bool = False):
         if self.ref_model is not None:
             return model_log_pi(self.ref_model, inputs, return_lse)
         if self._ref_is_base:

@@ -187,3 +187,88 @@ def test_lora_target_adapter_resumes_exactly(tmp_path, tokenizer):
         assert torch.equal(a[n], b[n]), n
     assert {n for n, p in resumed.model.named_parameters() if p.requires_grad} == set(
         adapter_params(resumed.model, "default"))
+
+
+# ----------------------------------------------------------------------------- precomputed reference
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _module_copies(monkeypatch):
+    import sqlm.trainer as trainer_module
+
+    copied = []
+    real_deepcopy = copy.deepcopy
+
+    def spy(obj, *a, **k):
+        if isinstance(obj, torch.nn.Module):
+            copied.append(type(obj).__name__)
+        return real_deepcopy(obj, *a, **k)
+
+    monkeypatch.setattr(trainer_module.copy, "deepcopy", spy)
+    return copied
+
+
+@pytest.mark.parametrize(
+    "mode,loss_type,peft",
+    [("offline", "unified_pcl", False), ("offline", "soft_q", True), ("mixed", "soft_q", False)],
+)
+def test_precomputed_reference_gives_the_same_losses(tmp_path, tokenizer, monkeypatch, mode, loss_type, peft):
+    monkeypatch.setenv("SQLM_CACHE", str(tmp_path / "cache"))
+    rows = [{"prompt": PROMPTS[i % 4], "chosen": GOOD if i % 3 else " good.", "rejected": BAD} for i in range(8)]
+    kw = dict(mode=mode, loss_type=loss_type, max_steps=3, eval_strategy="no", mix_ratio=0.5)
+
+    def run(precompute):
+        copied = _module_copies(monkeypatch)
+        trainer = SoftQTrainer(
+            make_model(tokenizer), config(tmp_path / str(precompute), precompute_ref_log_probs=precompute, **kw),
+            train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:3]),
+            processing_class=tokenizer, reward_funcs=[good_reward], peft_config=lora() if peft else None,
+        )
+        trainer.train()
+        monkeypatch.undo()
+        monkeypatch.setenv("SQLM_CACHE", str(tmp_path / "cache"))
+        return trainer, copied, trainer.evaluate()["eval_loss"]
+
+    live, _, live_eval = run(False)
+    pre, copied, pre_eval = run(True)
+    assert "chosen_ref_log_probs" in pre.train_dataset.column_names
+    assert "rejected_ref_logsumexp" in pre.eval_dataset.column_names
+    if mode == "offline":  # no reference model is held, and none was ever copied
+        assert pre.ref_model is None and not pre._ref_is_base and copied == []
+    else:  # mixed: the online samples still need the live reference
+        assert pre.ref_model is not None
+    assert len(_losses(live)) == 3
+    torch.testing.assert_close(torch.tensor(_losses(pre)), torch.tensor(_losses(live)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(pre_eval), torch.tensor(live_eval), rtol=1e-5, atol=1e-6)
+    for (n, a), b in zip(live.model.named_parameters(), pre.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_precomputed_reference_columns_are_cached(tmp_path, tokenizer, monkeypatch):
+    import sqlm.reference as reference
+
+    monkeypatch.setenv("SQLM_CACHE", str(tmp_path / "cache"))
+    args = config(tmp_path, precompute_ref_log_probs=True, max_steps=1)
+    first = SoftQTrainer(make_model(tokenizer), args, train_dataset=pref_data(), processing_class=tokenizer)
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed although nothing changed")
+
+    monkeypatch.setattr(reference, "compute_ref_columns", fail)
+    again = SoftQTrainer(make_model(tokenizer), args, train_dataset=pref_data(), processing_class=tokenizer)
+    for c in ("chosen_ref_log_probs", "chosen_ref_logsumexp", "rejected_ref_log_probs", "rejected_ref_logsumexp"):
+        assert again.train_dataset[c] == first.train_dataset[c]
+    with pytest.raises(AssertionError, match="recomputed"):  # other reference weights: a new key
+        SoftQTrainer(make_model(tokenizer, seed=1), args, train_dataset=pref_data(), processing_class=tokenizer)
+
+
+def test_precompute_ref_log_probs_with_online_mode_names_both_keys(tmp_path):
+    from sqlm.errors import SqlmError
+
+    with pytest.raises(SqlmError, match=r"'precompute_ref_log_probs'.*mode is 'online'"):
+        config(tmp_path, precompute_ref_log_probs=True, mode="online")
+    with pytest.raises(SqlmError, match=r"'precompute_ref_log_probs' needs use_reference"):
+        config(tmp_path, precompute_ref_log_probs=True, use_reference=False)
