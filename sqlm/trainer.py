@@ -429,7 +429,7 @@ class SoftQTrainer(Trainer):
             params = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
         expected = set(self.target_state_dict())
         if set(state) != expected:
-            odd = sorted(set(state) ^ expected)[0]
+            odd = min(set(state) ^ expected)
             raise SqlmError(f"{where}: the saved target network does not match this one (parameter '{odd}')")
         for n, t in state.items():
             params[n].data.copy_(t.to(params[n].device, params[n].dtype))
