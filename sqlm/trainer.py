@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -58,7 +59,7 @@ from .paths import cache_dir as sqlm_cache_dir
 from .rewards.base import TokenRewarder
 from .rewards.registry import resolve_rewarders
 from .rewards.scoring import score_trajectories
-from .rollout import ReplayBuffer, generate_completions
+from .rollout import ReplayBuffer, generate_completions, generate_completions_vllm, vllm_generation
 from .soft import SoftOutputs, path_mask
 
 TARGET_FILE = "target_model.safetensors"
@@ -299,6 +300,9 @@ class SoftQTrainer(Trainer):
         self._rng_pending: str | None = None  # checkpoint whose RNG state is restored before the next batch
         self.add_callback(NonFiniteCallback(self))
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # vLLM rollouts (use_vllm, checked in SoftQConfig): weights pushed before the first rollout of each step
+        self.vllm_generation = vllm_generation(self) if args.use_vllm else None
+        self._vllm_synced_step = -1
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -447,23 +451,38 @@ class SoftQTrainer(Trainer):
         return k
 
     def _rollout(self, rows: list[dict[str, Any]]) -> list[Trajectory]:
+        """Sample ``num_generations`` completions per row's prompt from the current policy (vLLM with
+        ``use_vllm``, else HF generate) and log which generator ran and how fast."""
         from trl.data_utils import is_conversational
 
         g = self.args.num_generations
         prompts = [r["prompt_ids"] for r in rows for _ in range(g)]
-        completions = generate_completions(
-            self.model_wrapped,
-            self.accelerator,
-            prompts,
-            pad_token_id=self.pad_token_id,
-            eos_token_ids=self.eos_token_ids,
-            max_new_tokens=self.args.max_completion_length,
-            temperature=self.args.temperature,
-            top_p=self.args.top_p,
-            top_k=self.args.top_k,
-            generation_kwargs=self.args.generation_kwargs,
-            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-        )
+        started = time.perf_counter()
+        if self.vllm_generation is not None:
+            if self.state.global_step != self._vllm_synced_step:  # the policy moved since the last push
+                self.vllm_generation.sync_weights()
+                self._vllm_synced_step = self.state.global_step
+            completions = generate_completions_vllm(self.vllm_generation, prompts, g, self.eos_token_ids)
+            generator = f"vllm_{self.args.vllm_mode}"
+        else:
+            completions = generate_completions(
+                self.model_wrapped,
+                self.accelerator,
+                prompts,
+                pad_token_id=self.pad_token_id,
+                eos_token_ids=self.eos_token_ids,
+                max_new_tokens=self.args.max_completion_length,
+                temperature=self.args.temperature,
+                top_p=self.args.top_p,
+                top_k=self.args.top_k,
+                generation_kwargs=self.args.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            )
+            generator = "hf"
+        seconds = time.perf_counter() - started
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics[f"generation/{generator}/seconds"].append(seconds)
+        metrics[f"generation/{generator}/tokens_per_second"].append(sum(map(len, completions)) / max(seconds, 1e-9))
         out = []
         for i, ids in enumerate(completions):
             row = rows[i // g]

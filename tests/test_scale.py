@@ -272,3 +272,92 @@ def test_precompute_ref_log_probs_with_online_mode_names_both_keys(tmp_path):
         config(tmp_path, precompute_ref_log_probs=True, mode="online")
     with pytest.raises(SqlmError, match=r"'precompute_ref_log_probs' needs use_reference"):
         config(tmp_path, precompute_ref_log_probs=True, use_reference=False)
+
+
+# ----------------------------------------------------------------------------- vLLM generation
+
+
+def test_use_vllm_without_vllm_or_gpu_is_one_line_naming_what_is_missing(tmp_path, monkeypatch):
+    import sqlm.config as config_module
+    from sqlm.errors import SqlmError
+
+    kw = dict(mode="online", use_vllm=True)
+    monkeypatch.setattr(config_module, "_vllm_available", lambda: False)
+    with pytest.raises(SqlmError, match=r"^key 'use_vllm' needs the vllm package .* and a CUDA GPU, but use_cpu is true") as e:
+        config(tmp_path, **kw)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(config_module, "_vllm_available", lambda: True)
+    monkeypatch.setattr(config_module, "_cuda_available", lambda: False)
+    with pytest.raises(SqlmError, match=r"^key 'use_vllm' needs a CUDA GPU, and none is visible") as e:
+        config(tmp_path, **{**kw, "use_cpu": False})
+    assert "vllm package" not in str(e.value)
+    monkeypatch.setattr(config_module, "_vllm_available", lambda: False)
+    monkeypatch.setattr(config_module, "_cuda_available", lambda: True)
+    with pytest.raises(SqlmError, match=r"^key 'use_vllm' needs the vllm package \(pip install 'trl\[vllm\]'\)") as e:
+        config(tmp_path, **{**kw, "use_cpu": False})
+    assert "GPU" not in str(e.value)
+    with pytest.raises(SqlmError, match=r"key 'use_vllm' is for mode 'online' or 'mixed'"):
+        config(tmp_path, use_vllm=True, mode="offline")
+
+
+def test_on_this_machine_use_vllm_fails_before_any_model_is_loaded(tmp_path):
+    from sqlm.errors import SqlmError
+    from sqlm.train import run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: /nonexistent/model\ndataset_name: /nonexistent.jsonl\nmode: online\n"
+                      f"use_vllm: true\nuse_cpu: true\noutput_dir: {tmp_path / 'o'}\nreport_to: none\n")
+    with pytest.raises(SqlmError, match="key 'use_vllm' needs .*CUDA GPU"):
+        run([str(recipe)])
+
+
+class FakeVLLMGeneration:
+    """Stands in for TRL's VLLMGeneration: returns fixed token ids, with tokens after the EOS."""
+
+    def __init__(self, completion):
+        self.completion, self.syncs, self.calls = completion, 0, []
+
+    def sync_weights(self):
+        self.syncs += 1
+
+    def generate(self, prompts, images, num_generations):
+        self.calls.append((len(prompts), num_generations))
+        return prompts, [list(self.completion) for _ in prompts], None, None
+
+
+def test_vllm_tokens_are_exactly_what_the_loss_trains_on(tmp_path, tokenizer):
+    trainer = SoftQTrainer(
+        make_model(tokenizer), config(tmp_path, mode="online", max_steps=2, loss_type="soft_q"),
+        train_dataset=pref_data(), processing_class=tokenizer, reward_funcs=[good_reward],
+    )
+    good = tokenizer(GOOD, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    fake = FakeVLLMGeneration(good + [eos] + good)  # what follows the EOS must be dropped
+    trainer.vllm_generation = fake
+    trainer.args.vllm_mode = "colocate"
+    batches = []
+    build = trainer.build_batch
+
+    def spy(examples, train=True):
+        batch = build(examples, train)
+        batches.append(batch)
+        return batch
+
+    trainer.build_batch = spy
+    trainer.train()
+    assert fake.syncs == 2 and fake.calls == [(4, 2), (4, 2)]  # one push per optimizer step, 2 prompts x 2
+    for batch in batches:
+        for ids, mask in zip(batch["input_ids"], batch["completion_mask"]):
+            assert ids[mask.bool()].tolist() == good + [eos]
+    logged = {k for h in trainer.state.log_history for k in h}
+    assert "generation/vllm_colocate/seconds" in logged and "generation/hf/seconds" not in logged
+
+
+def test_hf_generation_is_named_in_the_logs(tmp_path, tokenizer):
+    trainer = SoftQTrainer(
+        make_model(tokenizer), config(tmp_path, mode="online", max_steps=1),
+        train_dataset=pref_data(), processing_class=tokenizer, reward_funcs=[good_reward],
+    )
+    trainer.train()
+    logged = {k for h in trainer.state.log_history for k in h}
+    assert {"generation/hf/seconds", "generation/hf/tokens_per_second"} <= logged
