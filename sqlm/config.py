@@ -495,6 +495,7 @@ class SoftQConfig(TrainingArguments):
             raise bad("max_completion_length", f"must be set for mode '{self.mode}' (the generation limit)")
         if self.use_vllm:
             self._check_vllm()
+        self._check_engine()
         if self.replay_buffer_size < 0:
             raise bad("replay_buffer_size", f"must be >= 0, got {self.replay_buffer_size!r}")
         if self.temperature <= 0:
@@ -537,6 +538,38 @@ class SoftQConfig(TrainingArguments):
             if self.dataset_test_split:
                 raise SqlmError("keys 'dataset_test_split' and 'dataset_test_size' cannot both be set: choose one eval set")
         self._validate_training_ranges(bad)
+
+    def sharding_engine(self) -> tuple[str, int] | None:
+        """``("deepspeed", zero stage)``, ``("fsdp", version)`` or None: from this config's ``deepspeed`` /
+        ``fsdp`` keys or, under ``accelerate launch``, from the variables its config file sets."""
+        import os
+
+        ds = self.deepspeed
+        if isinstance(ds, str) and ds.endswith(".json") and os.path.isfile(ds):
+            with open(ds) as f:
+                ds = json.load(f)
+        if isinstance(ds, dict):
+            return "deepspeed", int((ds.get("zero_optimization") or {}).get("stage", 0) or 0)
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            return "deepspeed", int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
+        if self.fsdp:
+            return "fsdp", int((self.fsdp_config or {}).get("version", 1) if isinstance(self.fsdp_config, dict) else 1)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            return "fsdp", int(os.environ.get("FSDP_VERSION", "1") or 1)
+        return None
+
+    def _check_engine(self) -> None:
+        """What ZeRO-3 / FSDP cannot run yet, refused before any model is loaded."""
+        engine = self.sharding_engine()
+        if engine is None:
+            return
+        name = "DeepSpeed ZeRO-3" if engine == ("deepspeed", 3) else f"FSDP{engine[1]}" if engine[0] == "fsdp" else None
+        if engine == ("fsdp", 1) and self.uses_target_model:
+            raise SqlmError(f"loss_type '{self.loss_type}' keeps a target network, which needs FSDP2 (fsdp_version: 2 in "
+                            "the accelerate config) or DeepSpeed; FSDP1 is not supported")
+        if name is not None and self.precompute_ref_log_probs:
+            raise SqlmError(f"key 'precompute_ref_log_probs' is not supported under {name} (the pass reads the whole "
+                            "reference on one process): use DDP or ZeRO-2, or precompute_ref_log_probs: false")
 
     def _check_vllm(self) -> None:
         """``use_vllm`` needs rollouts, a known vllm_mode, the vllm package and a CUDA GPU: checked here,

@@ -116,6 +116,7 @@ def model_log_pi(model: nn.Module, batch: dict[str, Any], return_lse: bool = Fal
     ``return_lse`` also ``logsumexp z(s_t)``; through the fused head only one chunk of logits exists at
     a time (0 off the path steps)."""
     log_pi, lse = _forward(model, batch)[1].log_probs()
+    _reshard(model)
     return (log_pi, lse) if return_lse else log_pi
 
 
@@ -124,7 +125,21 @@ def model_values(model: nn.Module, batch: dict[str, Any], tau: float) -> torch.T
     """``V(s_t) = tau logsumexp z(s_t, .)`` under ``model`` (no grad), ``[N, T]``; through the fused
     head, only one chunk of logits exists at a time and nothing is kept (0 off the path steps)."""
     tau = check_tau(tau)
-    return tau * _forward(model, batch)[1].log_probs()[1]
+    values = tau * _forward(model, batch)[1].log_probs()[1]
+    _reshard(model)
+    return values
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free the gathered parameters of an FSDP2 model after a forward with no backward: its root
+    module keeps them otherwise (it expects a backward), which would hold a whole reference or target
+    network per process and leave the target's parameters unsharded for the Polyak update."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 # ----------------------------------------------------------------------------- value head and target network
@@ -151,6 +166,15 @@ def attach_value_head(model: nn.Module) -> nn.Module:
     return model
 
 
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """The piece of a parameter this process holds: a DTensor's local shard (FSDP2), a DeepSpeed
+    ZeRO-3 parameter's partition (``ds_tensor``), or the parameter itself."""
+    if hasattr(p, "ds_tensor"):  # ZeRO-3: p.data is empty outside a gather; the partition is ds_tensor
+        return p.ds_tensor
+    to_local = getattr(p, "to_local", None)
+    return to_local() if to_local is not None else p.data
+
+
 @torch.no_grad()
 def polyak_update(
     policy: nn.Module,
@@ -161,13 +185,24 @@ def polyak_update(
 ) -> None:
     """``target <- (1 - alpha) * target + alpha * policy`` on the named parameters (default: all of
     the policy's; the target is a copy of the policy, so names match), or on ``pairs`` of (policy
-    name, target name) (e.g. two adapters of one model, :func:`adapter_pairs`)."""
+    name, target name) (e.g. two adapters of one model, :func:`adapter_pairs`).
+
+    Sharded models (FSDP2 DTensors, ZeRO-3 partitions) are updated piece by piece on each process's
+    local shards (:func:`local_shard`), with no all-gather: policy and target are sharded the same
+    way (same shapes, same mesh), so the local pieces line up element for element."""
     src = dict(policy.named_parameters())
     dst = src if target is policy else dict(target.named_parameters())
     if pairs is None:
         pairs = [(n, n) for n in (src if names is None else names)]
     for s, d in pairs:
-        dst[d].data.mul_(1.0 - alpha).add_(src[s].data.to(dst[d].dtype), alpha=alpha)
+        a, b = local_shard(src[s]), local_shard(dst[d])
+        if a.shape != b.shape:
+            raise SqlmError(f"target parameter '{d}' is sharded unlike the policy's '{s}' (local shapes "
+                            f"{tuple(b.shape)} vs {tuple(a.shape)}); shard both with the same engine and mesh")
+        if alpha == 1.0:  # a hard copy, whatever the target held (even non-finite values)
+            b.copy_(a)
+        else:
+            b.mul_(1.0 - alpha).add_(a.to(b.dtype), alpha=alpha)
 
 
 # ----------------------------------------------------------------------------- adapters (PEFT)

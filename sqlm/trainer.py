@@ -46,6 +46,7 @@ from .forward import (
     TARGET_ADAPTER,
     VALUE_HEAD_ATTR,
     adapter_active,
+    local_shard,
     add_target_adapter,
     attach_value_head,
     model_log_pi,
@@ -79,6 +80,23 @@ class TargetNetworkCallback(TrainerCallback):
 
     def __init__(self, trainer: SoftQTrainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A sharded target starts as an exact copy of the sharded policy, made shard by shard: ranks
+        # that loaded no weights (e.g. FSDP's cpu_ram_efficient_loading) got theirs by broadcast only
+        # into the policy. A resumed run keeps the target it loaded.
+        t = self.trainer
+        if t.target_is_sharded and not t._target_loaded:
+            policy = t.accelerator.unwrap_model(t.model)
+            target = getattr(t.target_model, "module", t.target_model)
+            if any(p.is_meta for p in target.parameters()):
+                target.to_empty(device=t.accelerator.device)
+            polyak_update(policy, target, 1.0, t._target_names)
+            buffers = dict(policy.named_buffers())
+            with torch.no_grad():
+                for n, b in target.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n])
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer._step_skipped:  # nan_policy skip: the step changed nothing
@@ -220,6 +238,7 @@ class SoftQTrainer(Trainer):
         # Target network: with PEFT a second adapter on the same frozen base; else a frozen copy
         self.target_model = None
         self._target_pairs: list[tuple[str, str]] | None = None  # (policy adapter, target adapter) names
+        self._target_loaded = False  # restored from a checkpoint
         if args.uses_target_model:
             if _is_peft(model):
                 self._target_pairs = add_target_adapter(model, TARGET_ADAPTER)
@@ -372,19 +391,34 @@ class SoftQTrainer(Trainer):
     def _prepare_aux(self, m):
         if m is None:
             return None
+        # the target network is sharded exactly as the reference (TRL's prepare_deepspeed / prepare_fsdp),
+        # so its pieces line up with the policy's for the shard-by-shard Polyak update
         if self.is_deepspeed_enabled:
-            if m is self.target_model and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-                raise SqlmError("a target network is not supported with DeepSpeed ZeRO-3; use zero2 or ddp")
             from trl.models import prepare_deepspeed
 
             return prepare_deepspeed(m, self.accelerator)
         if self.is_fsdp_enabled:
-            if m is self.target_model:
-                raise SqlmError("a target network is not supported with FSDP; use ddp or zero2")
+            if m is self.target_model and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+                raise SqlmError("a target network needs FSDP2 (fsdp_version: 2 in the accelerate config)")
             from trl.models import prepare_fsdp
 
             return prepare_fsdp(m, self.accelerator)
         return self.accelerator.prepare_model(m, evaluation_mode=True)
+
+    @property
+    def target_is_sharded(self) -> bool:
+        """The target network is a separate model sharded by ZeRO-3 or FSDP (saved per process)."""
+        if self.target_model is None:
+            return False
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        return zero3 or self.is_fsdp_enabled
+
+    def _target_file(self, folder: str) -> str | None:
+        """Where this process saves / loads the target network: every process its own shards
+        (``target_model_rank{i}.safetensors``) when sharded, else the main process the whole of it."""
+        if self.target_is_sharded:
+            return os.path.join(folder, TARGET_FILE.replace(".safetensors", f"_rank{self.args.process_index}.safetensors"))
+        return os.path.join(folder, TARGET_FILE) if self.args.should_save else None
 
     @property
     def has_target(self) -> bool:
@@ -418,11 +452,11 @@ class SoftQTrainer(Trainer):
         of the copy, or the target adapter's parameters."""
         if self._target_pairs is not None:
             params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-            return {d: params[d].detach() for _, d in self._target_pairs}
+            return {d: local_shard(params[d]).detach() for _, d in self._target_pairs}
         if self.target_model is None:
             return {}
         target = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
-        return {n: target[n].detach() for n in self._target_names}
+        return {n: local_shard(target[n]).detach() for n in self._target_names}
 
     @torch.no_grad()
     def load_target_state_dict(self, state: dict[str, torch.Tensor], where: str) -> None:
@@ -436,7 +470,12 @@ class SoftQTrainer(Trainer):
             odd = min(set(state) ^ expected)
             raise SqlmError(f"{where}: the saved target network does not match this one (parameter '{odd}')")
         for n, t in state.items():
-            params[n].data.copy_(t.to(params[n].device, params[n].dtype))
+            piece = local_shard(params[n])
+            if piece.shape != t.shape:
+                raise SqlmError(f"{where}: target parameter '{n}' was saved with shape {tuple(t.shape)}, this process "
+                                f"holds {tuple(piece.shape)} (a sharded checkpoint resumes on the same number of processes)")
+            piece.copy_(t.to(piece.device, piece.dtype))
+        self._target_loaded = True
 
     # ------------------------------------------------------------------ trajectories
 
@@ -734,11 +773,12 @@ class SoftQTrainer(Trainer):
         """Save what the HF checkpoint lacks into ``folder``: the target network (safetensors), this
         process's replay buffer and the mixed-mode credit / skip count (JSON; no pickles)."""
         os.makedirs(folder, exist_ok=True)
-        if self.has_target and self.args.should_save:
+        target_file = self._target_file(folder) if self.has_target else None
+        if target_file is not None:
             from safetensors.torch import save_file
 
             state = self.target_state_dict()
-            save_file({n: t.contiguous().cpu() for n, t in state.items()}, os.path.join(folder, TARGET_FILE))
+            save_file({n: t.contiguous().cpu() for n, t in state.items()}, target_file)
         if self.replay_buffer.size > 0:
             with open(os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.json"), "w") as f:
                 json.dump(self.replay_buffer.state_dict(), f, default=str)
@@ -760,10 +800,11 @@ class SoftQTrainer(Trainer):
 
     def load_aux_state(self, folder: str) -> None:
         """Restore the target network, replay buffer and trainer counters saved by :meth:`save_aux_state`."""
-        path = os.path.join(folder, TARGET_FILE)
+        path = os.path.join(folder, TARGET_FILE) if not self.target_is_sharded else self._target_file(folder)
         if self.has_target:
             if not os.path.exists(path):
-                raise SqlmError(f"checkpoint {folder} has no {TARGET_FILE}; it was saved without a target network")
+                raise SqlmError(f"checkpoint {folder} has no {os.path.basename(path)}; it was saved without a target "
+                                "network (or by another number of processes)")
             from safetensors.torch import load_file
 
             self.load_target_state_dict(load_file(path), f"checkpoint {folder}")

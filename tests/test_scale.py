@@ -361,3 +361,36 @@ def test_hf_generation_is_named_in_the_logs(tmp_path, tokenizer):
     trainer.train()
     logged = {k for h in trainer.state.log_history for k in h}
     assert {"generation/hf/seconds", "generation/hf/tokens_per_second"} <= logged
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 / FSDP checks before loading
+
+
+@pytest.mark.parametrize(
+    "env,kw,match",
+    [
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, {"loss_type": "soft_q"}, r"needs FSDP2"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+         {"precompute_ref_log_probs": True}, r"'precompute_ref_log_probs' is not supported under DeepSpeed ZeRO-3"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+         {"precompute_ref_log_probs": True}, r"'precompute_ref_log_probs' is not supported under FSDP2"),
+    ],
+)
+def test_unsupported_sharding_is_refused_by_the_config(tmp_path, monkeypatch, env, kw, match):
+    from sqlm.errors import SqlmError
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SqlmError, match=match) as e:
+        SoftQConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kw)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("env", [{"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+                                 {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
+def test_a_target_network_is_accepted_under_fsdp2_and_zero3(tmp_path, monkeypatch, env):
+    args = SoftQConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", loss_type="soft_q")
+    for k, v in env.items():  # (TrainingArguments itself needs the deepspeed package to be built under ZeRO-3)
+        monkeypatch.setenv(k, v)
+    args._check_engine()  # no error
+    assert args.uses_target_model and args.sharding_engine() in (("fsdp", 2), ("deepspeed", 3))
