@@ -1,28 +1,46 @@
 """The ``sqlm`` command: ``sqlm <command> [RECIPE.yaml] [--key value ...]``.
 
-Each command lives in its own module and exposes ``main(argv) -> int``; it is imported only when
-run, so ``sqlm --help`` stays fast. Errors a user can act on (:class:`sqlm.errors.SqlmError`) print
-as one line and exit with code 2; ``--debug`` shows the traceback instead.
+Each command lives in its own module of :mod:`sqlm.commands` and exposes ``main(argv) -> int``; it
+is imported only when run, so ``sqlm --help`` stays fast. Errors a user can act on
+(:class:`sqlm.errors.SqlmError`) print as one line and exit with code 2; ``--debug`` shows the
+traceback instead. Under a launcher (``accelerate launch``, ``torchrun``) every process exits with
+that code and only the main one (rank 0) prints the line.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from collections.abc import Mapping
 
 from .errors import SqlmError
 
 COMMANDS = {
-    "train": ("sqlm.train", "fine-tune a causal LM with a soft-Q / path-consistency loss"),
-    "reward": ("sqlm.rewards.train", "train a Bradley-Terry reward model on preference data"),
-    "dpo": ("sqlm.evaluation.dpo", "train TRL's DPO baseline on the data of a paired sqlm recipe"),
+    "train": ("sqlm.commands.train", "fine-tune a causal LM with a soft-Q / path-consistency loss"),
+    "reward": ("sqlm.commands.reward", "train a Bradley-Terry reward model on preference data"),
+    "dpo": ("sqlm.commands.dpo", "train TRL's DPO baseline on the data of a paired sqlm recipe"),
     "grpo": ("sqlm.commands.grpo", "train TRL's GRPO baseline on the prompts and reward of a paired sqlm recipe"),
     "rloo": ("sqlm.commands.rloo", "train TRL's RLOO baseline on the prompts and reward of a paired sqlm recipe"),
     "online_dpo": ("sqlm.commands.online_dpo", "train TRL's online DPO baseline on the prompts and reward of a paired sqlm recipe"),
-    "eval": ("sqlm.evaluation.evaluate", "score models: gold reward, KL, win rate, diversity"),
-    "pipeline": ("sqlm.evaluation.pipeline", "run the embedded gold-reward task end to end vs DPO"),
+    "eval": ("sqlm.commands.eval", "score models: gold reward, KL, win rate, diversity"),
+    "pipeline": ("sqlm.commands.pipeline", "run the embedded gold-reward task end to end vs DPO"),
     "oracle": ("sqlm.commands.oracle", "solve a tiny token MDP exactly and train a tiny LM towards it"),
 }
+
+
+def is_main_process(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this is the main process of a launch: global rank 0 (``RANK``, else ``LOCAL_RANK``), or
+    not launched by a distributed launcher at all."""
+    env = os.environ if environ is None else environ
+    for key in ("RANK", "LOCAL_RANK"):
+        value = str(env.get(key, "")).strip()
+        if value:
+            try:
+                return int(value) == 0
+            except ValueError:
+                return True
+    return True
 
 
 def _usage() -> str:
@@ -59,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     except SqlmError as e:
         if debug:
             raise
-        print(f"sqlm {name}: error: {e}", file=sys.stderr)
+        if is_main_process():  # every process of a launch fails alike: say it once
+            print(f"sqlm {name}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"sqlm {name}: interrupted", file=sys.stderr)
+        if is_main_process():
+            print(f"sqlm {name}: interrupted", file=sys.stderr)
         return 130
 
 

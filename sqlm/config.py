@@ -647,7 +647,7 @@ class SoftQConfig(TrainingArguments):
 class ModelConfig(trl.ModelConfig):
     """TRL's model arguments (``model_name_or_path``, ``dtype``, ``attn_implementation``,
     ``use_peft``, ``lora_*``; ``trust_remote_code`` is a :class:`SoftQConfig` key, off by default).
-    ``model_name_or_path: tiny:...`` builds a tiny model offline (see :func:`sqlm.train.build_tiny_model`)."""
+    ``model_name_or_path: tiny:...`` builds a tiny model offline (see :func:`sqlm.tiny.build_tiny_model`)."""
 
     def __post_init__(self):
         # TRL collapses a one-element lora_target_modules list to a string; keep the declared list

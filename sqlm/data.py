@@ -113,6 +113,13 @@ def _looks_like_path(name: str) -> bool:
     return Path(name).suffix in _FILE_BUILDERS or name.startswith((".", "/", "~"))
 
 
+def _is_saved_dataset(path: Path | None) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk``."""
+    return path is not None and path.is_dir() and any(
+        (path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")
+    )
+
+
 def _is_train_split(split: str | None) -> bool:
     """``train`` or a slice of it (``train[:90%]``): the only split a single data file has."""
     return not split or split == "train" or split.startswith("train[")
@@ -163,9 +170,11 @@ def load_split(
     split: str,
     config: str | None = None,
     base_dir: str | os.PathLike | None = None,
+    missing_ok: bool = False,
 ):
-    """Load one split with ``datasets``: a local .json/.jsonl/.parquet/.csv file, a local folder, or a
-    hub id. ``split`` may itself be a file path (e.g. a held-out jsonl).
+    """Load one split with ``datasets``: a local .json/.jsonl/.parquet/.csv file, a folder written by
+    ``save_to_disk``, another local folder, or a hub id. ``split`` may itself be a file path (e.g. a
+    held-out jsonl). With ``missing_ok`` a split the dataset does not have is None, not an error.
 
     A single file has one split, ``train`` (or a slice of it such as ``train[:90%]``); any other split
     name is an error (hold rows out with :func:`hold_out` / ``dataset_test_size`` instead). In a CSV
@@ -191,6 +200,8 @@ def load_split(
         if builder is None:
             raise SqlmError(f"dataset file {path} has an unknown extension; use one of {', '.join(_FILE_BUILDERS)}")
         if not _is_train_split(split):
+            if missing_ok:
+                return None
             raise SqlmError(
                 f"unknown split '{split}' of dataset file {path}: a single file has one split, 'train'; name a "
                 "held-out file as the split, or hold rows out with dataset_test_size"
@@ -203,12 +214,21 @@ def load_split(
         if path is not None and path.is_file():
             ds = datasets.load_dataset(builder, data_files=str(path), split=split or "train")
             return decode_message_columns(ds, f"dataset file {path}") if builder == "csv" else ds
+        if _is_saved_dataset(path):
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.Dataset):
+                data = datasets.DatasetDict({"train": data})
+            if split not in data:
+                raise ValueError(f'Unknown split "{split}". Should be one of {list(data)}.')
+            return data[split]
         if path is not None:
             return datasets.load_dataset(str(path), config, split=split)
         return datasets.load_dataset(name, config, split=split)
     except SqlmError:
         raise
     except Exception as e:  # offline hub misses, malformed files, unknown splits
+        if missing_ok and isinstance(e, ValueError) and str(e).startswith("Unknown split"):
+            return None
         what = f"dataset file {path}" if path is not None and path.is_file() else f"dataset '{name}'"
         hint = ""
         if path is None and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
@@ -242,30 +262,36 @@ def hold_out(dataset, size: float, seed: int = HOLD_OUT_SEED):
     return dataset.select(train_idx), dataset.select(test_idx)
 
 
-def load_train_eval(args, base_dir: str | None = None):
+def take_first(ds, limit: int | None):
+    """The first ``limit`` rows of ``ds`` (all with None; None stays None)."""
+    return ds if ds is None or limit is None else ds.select(range(min(limit, len(ds))))
+
+
+def load_train_eval(args, base_dir: str | None = None, optional_test_split: bool = False):
     """``(train, eval or None)`` from a config's ``dataset_name``, ``dataset_config``,
     ``dataset_train_split`` / ``dataset_test_split``, ``dataset_test_size`` (rows held out of the
     training split when there is no test split) and ``max_train_samples`` / ``max_eval_samples``
-    (sqlm train and the paired sqlm dpo read their data through this one function). The held-out
-    rows are drawn before the sample limits, so the two sets never share a row."""
+    (sqlm train, sqlm dpo and sqlm reward read their data through this one function). The held-out
+    rows are drawn before the sample limits, so the two sets never share a row.
 
-    def split(name: str):
-        return load_split(args.dataset_name, name, args.dataset_config, base_dir)
-
-    def limit(ds, n: int | None):
-        return ds if ds is None or n is None else ds.select(range(min(n, len(ds))))
-
+    With ``optional_test_split`` a test split the dataset lacks means no evaluation data; then an
+    ``eval_fraction`` > 0 in ``args`` (``sqlm reward``'s key) holds out that fraction of the train
+    split with ``datasets``' ``train_test_split`` (seed 0)."""
     test_size = getattr(args, "dataset_test_size", None)
-    train = split(args.dataset_train_split)
+    train = load_split(args.dataset_name, args.dataset_train_split, args.dataset_config, base_dir)
+    evals = None
     if args.dataset_test_split:
         if test_size is not None:
             raise SqlmError("keys 'dataset_test_split' and 'dataset_test_size' cannot both be set: choose one eval set")
-        evals = split(args.dataset_test_split)
+        evals = load_split(args.dataset_name, args.dataset_test_split, args.dataset_config, base_dir,
+                           missing_ok=optional_test_split)
     elif test_size is not None:
         train, evals = hold_out(train, test_size)
-    else:
-        evals = None
-    return limit(train, args.max_train_samples), limit(evals, args.max_eval_samples)
+    fraction = getattr(args, "eval_fraction", 0.0) or 0.0
+    if evals is None and fraction > 0:
+        parts = train.train_test_split(test_size=fraction, seed=0)
+        train, evals = parts["train"], parts["test"]
+    return take_first(train, args.max_train_samples), take_first(evals, args.max_eval_samples)
 
 
 def detect_format(columns: list[str] | dict) -> str:

@@ -1,13 +1,9 @@
-"""Guards of a training run: non-finite numbers, complete checkpoints, and no half-written output.
+"""Guards of a training run: non-finite numbers and no half-written output (checkpoints: :mod:`sqlm.checkpoint`).
 
 * **Non-finite numbers.** :func:`nonfinite_reward_source` and :func:`nonfinite_value_source` name
   where a NaN/inf came from (a reward function, a dataset column, the policy's values, the reference,
   the target network, the value head). :class:`NonFiniteError` is the one-line error of
   ``nan_policy: stop``; it names the step and the source.
-* **Complete checkpoints.** A checkpoint folder counts only once :func:`mark_complete` has written
-  ``sqlm_checkpoint.json`` into it, after every file of every process is on disk (fsynced). A kill
-  while saving leaves a folder without the marker, which :func:`latest_complete_checkpoint` (what
-  ``--resume_from_checkpoint true`` resumes from) skips and :func:`resolve_resume` refuses by path.
 * **No half-written output.** :class:`OutputDirGuard` removes, when a run fails, whatever that run
   added to ``output_dir`` except complete checkpoints (and the folder itself if the run created it
   and nothing is left).
@@ -15,10 +11,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -26,11 +20,10 @@ from typing import Any
 
 import torch
 
+from .checkpoint import checkpoint_step, is_complete
 from .errors import SqlmError
 from .rewards.cache import TOKEN_REWARD_COLUMNS
 
-COMPLETE_MARKER = "sqlm_checkpoint.json"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -89,89 +82,6 @@ def nonfinite_value_source(named: Mapping[str, torch.Tensor | None], mask: torch
         if x is not None and not _finite(x.detach(), mask if mask is not None and mask.shape == x.shape else None):
             return name
     return None
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    m = _CHECKPOINT_RE.match(Path(path).name)
-    return int(m.group(1)) if m else None
-
-
-def is_complete(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / COMPLETE_MARKER).is_file()
-
-
-def _fsync(path: Path, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def mark_complete(folder: str | os.PathLike, step: int) -> None:
-    """Flush every file of ``folder`` to disk, then write the completion marker atomically
-    (temporary name, fsync, rename). Call once every process has finished writing ``folder``."""
-    folder = Path(folder)
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            _fsync(p)
-    _fsync(folder, directory=True)
-    tmp = folder / (COMPLETE_MARKER + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"step": int(step), "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                                                      if p.is_file() and p != tmp)}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / COMPLETE_MARKER)
-    _fsync(folder, directory=True)
-
-
-def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """``checkpoint-N`` folders of ``output_dir``, by step."""
-    d = Path(output_dir)
-    if not d.is_dir():
-        return []
-    found = [p for p in d.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
-
-
-def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step (half-written ones are skipped)."""
-    done = [p for p in checkpoints(output_dir) if is_complete(p)]
-    return done[-1] if done else None
-
-
-def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> str | None:
-    """``resume_from_checkpoint`` -> a complete checkpoint folder, or None (start fresh).
-
-    ``true`` / ``latest`` / ``last``: the newest complete checkpoint of ``output_dir`` (an error when
-    there is none); a path: that folder, which must be a complete checkpoint."""
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false", "none")):
-        return None
-    if value is True or str(value).strip().lower() in ("true", "latest", "last"):
-        found = latest_complete_checkpoint(output_dir)
-        if found is None:
-            partial = [p.name for p in checkpoints(output_dir)]
-            extra = f" ({', '.join(partial)} never finished saving)" if partial else ""
-            raise SqlmError(f"resume_from_checkpoint: no complete checkpoint in output_dir {output_dir}{extra}")
-        return str(found)
-    path = Path(str(value))
-    if not path.is_dir():
-        raise SqlmError(f"resume_from_checkpoint: no checkpoint folder at {path}")
-    if not is_complete(path):
-        raise SqlmError(
-            f"resume_from_checkpoint: {path} is not a complete checkpoint (no {COMPLETE_MARKER}: the run "
-            f"stopped while saving it); resume from 'latest' or an older checkpoint"
-        )
-    return str(path)
 
 
 # ----------------------------------------------------------------------------- output folder

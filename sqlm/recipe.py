@@ -252,3 +252,25 @@ def parse_recipe(
     for obj in objs:
         check_types(obj, where)
     return tuple(objs)
+
+
+def split_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``[RECIPE] [--config RECIPE] [--key value ...]`` -> (recipe, overrides)."""
+    argv = list(argv)
+    recipe = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise SqlmError("--config needs a recipe path")
+        recipe = argv[i + 1]
+        del argv[i : i + 2]
+    elif any(a.startswith("--config=") for a in argv):
+        i = next(i for i, a in enumerate(argv) if a.startswith("--config="))
+        recipe = argv.pop(i).split("=", 1)[1]
+    if recipe is None and argv and not argv[0].startswith("-"):
+        recipe = argv.pop(0)
+    return recipe, argv
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)

@@ -2,13 +2,28 @@
 
 Nothing here downloads anything: models come from a config with random weights, tokenizers are
 trained locally with ``tokenizers`` on the text given.
+
+``model_name_or_path: tiny[:key=value,...]`` in a recipe builds (or loads from the cache) a tiny
+Qwen2-shaped model and a byte-level BPE tokenizer trained on the training set's text
+(:func:`build_tiny_model`); keys are ``vocab_size``, ``hidden_size``, ``num_hidden_layers``,
+``num_attention_heads``, ``num_key_value_heads``, ``seed``. The cache is ``$SQLM_CACHE/tiny``
+(default ``~/.cache/sqlm/tiny``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from .errors import SqlmError
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
 
@@ -94,3 +109,94 @@ def tiny_model_for_tokenizer(tokenizer, seed: int = 0, **config_kwargs):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+# ----------------------------------------------------------------------------- ``tiny:...`` model specs
+
+TINY_DEFAULTS = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "seed": 0,
+}
+
+
+def is_tiny_spec(name: str) -> bool:
+    """Whether ``model_name_or_path`` names a tiny model built offline (``tiny`` or ``tiny:...``)."""
+    return name == "tiny" or name.startswith("tiny:")
+
+
+def parse_tiny_spec(spec: str) -> dict[str, int]:
+    """``tiny:hidden_size=32,num_hidden_layers=1`` -> the tiny model's settings (with defaults)."""
+    if not is_tiny_spec(spec):
+        raise SqlmError(f"not a tiny model spec: {spec!r} (expected 'tiny' or 'tiny:key=value,...')")
+    out = dict(TINY_DEFAULTS)
+    body = spec[5:] if spec.startswith("tiny:") else ""
+    for part in filter(None, (p.strip() for p in body.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in TINY_DEFAULTS:
+            raise SqlmError(
+                f"bad tiny model setting {part!r} in {spec!r}; keys: {', '.join(TINY_DEFAULTS)}"
+            )
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise SqlmError(f"tiny model setting '{key}' must be an integer, got {value!r}") from None
+    return out
+
+
+def _texts(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _texts(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _texts(v)
+
+
+def dataset_texts(dataset, columns: Sequence[str] = ("prompt", "chosen", "rejected", "completion")) -> list[str]:
+    """All text of the given columns (conversations flattened), in row order."""
+    out: list[str] = []
+    for col in columns:
+        if col in dataset.column_names:
+            for v in dataset[col]:
+                out.extend(_texts(v))
+    return out
+
+
+def tiny_cache_dir() -> Path:
+    from .paths import cache_dir
+
+    return cache_dir("tiny")
+
+
+def build_tiny_model(spec: str, texts: Sequence[str], cache_dir: str | os.PathLike | None = None):
+    """A tiny causal LM and a tokenizer trained on ``texts`` (deterministic), cached on disk by a hash
+    of the spec and the texts. Returns ``(model, tokenizer, path)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = parse_tiny_spec(spec)
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "replace") + b"\0")
+    path = Path(cache_dir) if cache_dir is not None else tiny_cache_dir() / h.hexdigest()[:16]
+    if not (path / "config.json").exists():
+        s = dict(settings)
+        vocab, seed = s.pop("vocab_size"), s.pop("seed")
+        tok = train_tokenizer(texts, vocab_size=vocab)
+        model = tiny_model_for_tokenizer(tok, seed=seed, intermediate_size=2 * s["hidden_size"], **s)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, path)  # atomic; another process may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, path

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections import defaultdict
 from typing import Any
@@ -30,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import SoftQConfig
 from .data import (
@@ -41,20 +39,22 @@ from .data import (
     pack_trajectories,
     prepare_dataset,
 )
+from . import checkpoint as ckpt
+from .checkpoint import mark_complete
 from .errors import SqlmError
 from .forward import (
     TARGET_ADAPTER,
     VALUE_HEAD_ATTR,
     adapter_active,
-    local_shard,
     add_target_adapter,
     attach_value_head,
+    local_shard,
     model_log_pi,
     model_values,
     policy_soft_outputs,
     polyak_update,
 )
-from .guards import NonFiniteError, mark_complete, nonfinite_reward_source, nonfinite_value_source, resolve_resume
+from .guards import NonFiniteError, nonfinite_reward_source, nonfinite_value_source
 from .losses import loss_spec, normaliser, reduced_sum
 from .paths import cache_dir as sqlm_cache_dir
 from .rewards.base import TokenRewarder
@@ -63,8 +63,6 @@ from .rewards.scoring import score_trajectories
 from .rollout import ReplayBuffer, generate_completions, generate_completions_vllm, vllm_generation
 from .soft import SoftOutputs, path_mask
 
-TARGET_FILE = "target_model.safetensors"
-STATE_FILE = "sqlm_state.json"  # trainer state outside the HF TrainerState (mixed-mode credit, skip count)
 logger = logging.getLogger(__name__)
 
 
@@ -173,8 +171,10 @@ class SoftQTrainer(Trainer):
         optimizers=(None, None),
         reward_search_dirs: list[str] | None = None,
     ):
-        from transformers import AutoTokenizer, set_seed
-        from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
+        from transformers import set_seed
+        from trl.trainer.utils import disable_dropout_in_model
+
+        from .loading import load_model, load_tokenizer, model_init_kwargs
 
         if args is None:
             args = SoftQConfig(output_dir="sqlm-output")
@@ -184,17 +184,10 @@ class SoftQTrainer(Trainer):
             raise SqlmError("SoftQTrainer needs a train_dataset")
         set_seed(args.seed)
 
-        init_kwargs = dict(args.model_init_kwargs or {})
-        init_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
-        init_kwargs.setdefault("trust_remote_code", bool(args.trust_remote_code))
+        init_kwargs = model_init_kwargs(args)  # safetensors only; remote code only when asked
 
         def load(name: str):
-            try:
-                return create_model_from_path(name, **init_kwargs)
-            except (OSError, ValueError, ImportError) as e:
-                from .data import _one_line
-
-                raise SqlmError(f"could not load model '{name}': {_one_line(e)}") from None
+            return load_model(name, init_kwargs)
 
         if isinstance(model, str):
             model = load(model)
@@ -206,7 +199,8 @@ class SoftQTrainer(Trainer):
             raise SqlmError("model and ref_model must be different objects (omit ref_model to copy the policy)")
 
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+            trust = init_kwargs["trust_remote_code"]
+            processing_class = load_tokenizer(model.config._name_or_path, trust_remote_code=trust)
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         model.config.pad_token_id = processing_class.pad_token_id
@@ -417,8 +411,9 @@ class SoftQTrainer(Trainer):
         """Where this process saves / loads the target network: every process its own shards
         (``target_model_rank{i}.safetensors``) when sharded, else the main process the whole of it."""
         if self.target_is_sharded:
-            return os.path.join(folder, TARGET_FILE.replace(".safetensors", f"_rank{self.args.process_index}.safetensors"))
-        return os.path.join(folder, TARGET_FILE) if self.args.should_save else None
+            name = ckpt.TARGET_FILE.replace(".safetensors", f"_rank{self.args.process_index}.safetensors")
+            return os.path.join(folder, name)
+        return os.path.join(folder, ckpt.TARGET_FILE) if self.args.should_save else None
 
     @property
     def has_target(self) -> bool:
@@ -733,11 +728,11 @@ class SoftQTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train``, resuming only from complete checkpoints: ``True`` / ``"latest"`` picks the
         newest complete one of ``output_dir`` (a folder half-written by a killed run is skipped), a
-        path must be complete (see :mod:`sqlm.guards`)."""
-        checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
-        self._rng_pending = checkpoint
+        path must be complete (see :mod:`sqlm.checkpoint`)."""
+        folder = ckpt.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        self._rng_pending = folder
         return super().train(
-            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            resume_from_checkpoint=folder, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
 
     def _load_rng_state(self, checkpoint):
@@ -754,8 +749,8 @@ class SoftQTrainer(Trainer):
         the marker, and only then are old checkpoints rotated out (``save_total_limit``)."""
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save and os.path.isdir(folder):
-            shutil.rmtree(folder)  # e.g. half-written by a run that was killed while saving it
+        if self.args.should_save:
+            ckpt.clear_partial(folder)  # e.g. half-written by a run that was killed while saving it
         self.accelerator.wait_for_everyone()
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotate only once this checkpoint is complete
@@ -767,24 +762,21 @@ class SoftQTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             mark_complete(folder, self.state.global_step)
-            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
+            ckpt.rotate(run_dir, limit, self.state.best_model_checkpoint)
 
     def save_aux_state(self, folder: str) -> None:
         """Save what the HF checkpoint lacks into ``folder``: the target network (safetensors), this
         process's replay buffer and the mixed-mode credit / skip count (JSON; no pickles)."""
-        os.makedirs(folder, exist_ok=True)
+        ckpt.save_aux_state(
+            folder, replay_buffer=self.replay_buffer, process_index=self.args.process_index,
+            is_main=self.args.should_save, counters={"mix_credit": self._mix_credit, "skipped_steps": self._skipped_steps},
+        )
+        # the target network (a copy, an adapter, or this process's shards of a sharded one)
         target_file = self._target_file(folder) if self.has_target else None
         if target_file is not None:
             from safetensors.torch import save_file
 
-            state = self.target_state_dict()
-            save_file({n: t.contiguous().cpu() for n, t in state.items()}, target_file)
-        if self.replay_buffer.size > 0:
-            with open(os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.json"), "w") as f:
-                json.dump(self.replay_buffer.state_dict(), f, default=str)
-        if self.args.should_save:
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump({"mix_credit": self._mix_credit, "skipped_steps": self._skipped_steps}, f)
+            save_file({n: t.contiguous().cpu() for n, t in self.target_state_dict().items()}, target_file)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         import pickle
@@ -800,24 +792,18 @@ class SoftQTrainer(Trainer):
 
     def load_aux_state(self, folder: str) -> None:
         """Restore the target network, replay buffer and trainer counters saved by :meth:`save_aux_state`."""
-        path = os.path.join(folder, TARGET_FILE) if not self.target_is_sharded else self._target_file(folder)
         if self.has_target:
+            path = self._target_file(folder) if self.target_is_sharded else os.path.join(folder, ckpt.TARGET_FILE)
             if not os.path.exists(path):
                 raise SqlmError(f"checkpoint {folder} has no {os.path.basename(path)}; it was saved without a target "
                                 "network (or by another number of processes)")
             from safetensors.torch import load_file
 
             self.load_target_state_dict(load_file(path), f"checkpoint {folder}")
-        rb = os.path.join(folder, f"replay_buffer_rank{self.args.process_index}.json")
-        if self.replay_buffer.size > 0 and os.path.exists(rb):
-            with open(rb) as f:
-                self.replay_buffer.load_state_dict(json.load(f))
-        state_file = os.path.join(folder, STATE_FILE)
-        if os.path.exists(state_file):
-            with open(state_file) as f:
-                state = json.load(f)
-            self._mix_credit = float(state.get("mix_credit", 0.0))
-            self._skipped_steps = int(state.get("skipped_steps", 0))
+        counters = ckpt.load_aux_state(folder, replay_buffer=self.replay_buffer, process_index=self.args.process_index)
+        if counters:
+            self._mix_credit = float(counters.get("mix_credit", 0.0))
+            self._skipped_steps = int(counters.get("skipped_steps", 0))
 
 
 def _is_peft(model) -> bool:

@@ -32,7 +32,7 @@ def cache(tmp_path_factory):
 def tiny(cache, monkeypatch):
     """The quickstart's tiny model (cached weights, tokenizer and folder)."""
     from sqlm.data import load_split
-    from sqlm.train import build_tiny_model, dataset_texts
+    from sqlm.tiny import build_tiny_model, dataset_texts
 
     monkeypatch.setenv("SQLM_CACHE", str(cache))
     texts = dataset_texts(load_split("../reviews.jsonl", "train", None, str(Path(QS["grpo"]).parent)))
@@ -86,8 +86,8 @@ def test_prompts_are_the_tokens_sqlm_online_generates_from(tiny, tmp_path):
     own tokenisation of the prompt text."""
     from sqlm.commands import grpo
     from sqlm.commands._online_baseline import build_trainer
-    from sqlm.train import build_trainer as build_sqlm
-    from sqlm.train import parse_train_args
+    from sqlm.commands.train import build_trainer as build_sqlm
+    from sqlm.commands.train import parse_train_args
 
     cut = ["--max_prompt_length", "3"]
     args, model_args, recipe_dir = parse_train_args(
@@ -187,7 +187,7 @@ def test_every_baseline_recipe_matches_its_sqlm_online_pair(path):
     """Each recipe names its sqlm pair (`#   sqlm train RECIPE FLAGS`); both give the same model, prompts,
     reward, num_generations, max_completion_length, temperature 1, optimizer steps, learning rate, seed,
     and as many generated completions per step."""
-    from sqlm.train import parse_train_args
+    from sqlm.commands.train import parse_train_args
 
     line = next(x for x in path.read_text().splitlines() if x.startswith("#   sqlm train "))
     sqlm_recipe, *flags = shlex.split(line[len("#   sqlm train "):])

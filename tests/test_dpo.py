@@ -23,8 +23,8 @@ def _col(ds, name):
 
 
 def _build_both(tmp_path, monkeypatch, extra=()):
-    from sqlm.evaluation import dpo
-    from sqlm.train import build_trainer, parse_train_args
+    from sqlm.commands import dpo
+    from sqlm.commands.train import build_trainer, parse_train_args
 
     monkeypatch.setenv("SQLM_CACHE", str(tmp_path / "cache"))
     args, model_args, recipe_dir = parse_train_args([SQLM_QS, "--output_dir", str(tmp_path / "s"), *extra])
@@ -63,7 +63,7 @@ def test_truncation_settings_reach_both_sides(tmp_path, monkeypatch):
 def test_sqlm_dpo_trains_and_saves_a_loadable_model(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from sqlm.evaluation.dpo import main
+    from sqlm.commands.dpo import main
 
     monkeypatch.setenv("SQLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "dpo"
@@ -72,7 +72,7 @@ def test_sqlm_dpo_trains_and_saves_a_loadable_model(tmp_path, monkeypatch):
     summary = json.loads((out / "dpo_summary.json").read_text())
     assert summary["steps"] == 3 and summary["beta"] == 0.1
     # the policy moved away from its initial (cached tiny) weights
-    from sqlm.train import build_tiny_model, dataset_texts
+    from sqlm.tiny import build_tiny_model, dataset_texts
     from sqlm.data import load_split
 
     texts = dataset_texts(load_split("../reviews.jsonl", "train", None, str(Path(DPO_QS).parent)))
@@ -82,7 +82,7 @@ def test_sqlm_dpo_trains_and_saves_a_loadable_model(tmp_path, monkeypatch):
 
 
 def test_missing_dataset_is_a_named_error(tmp_path):
-    from sqlm.evaluation.dpo import main
+    from sqlm.commands.dpo import main
 
     with pytest.raises(SqlmError, match="dataset_name"):
         main(["--model_name_or_path", "tiny", "--output_dir", str(tmp_path)])
@@ -94,7 +94,7 @@ def _dpo_recipes():
 
 @pytest.mark.parametrize("path", _dpo_recipes(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_dpo_recipe_parses_and_matches_its_sqlm_pair(path):
-    from sqlm.evaluation.dpo import parse
+    from sqlm.commands.dpo import parse
 
     _, script_args, config, model_args = parse([str(path), "--bf16", "false", "--use_cpu", "true"])
     assert config.beta > 0

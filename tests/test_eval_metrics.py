@@ -142,7 +142,7 @@ def check_report_matches(report_dir, results):
 def test_sqlm_eval_cli_writes_a_report_from_the_run(tmp_path):
     """`sqlm eval` on a reference and two perturbed copies: KL 0 for the reference, > 0 for the
     others; the report is the run's numbers."""
-    from sqlm.evaluation.evaluate import main
+    from sqlm.commands.eval import main
     from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
 
     texts = ["a good day", "a bad day", "the best film", "the worst film", "it was fine"] * 4

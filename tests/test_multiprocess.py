@@ -19,7 +19,7 @@ QUICKSTART = ROOT / "recipes" / "quickstart" / "sqlm" / "config.yaml"
 WORKER = textwrap.dedent(
     """
     import hashlib, os, sys
-    from sqlm.train import run
+    from sqlm.commands.train import run
 
     def digest(module):
         h = hashlib.sha256()

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from sqlm import cli
 from sqlm.config import SoftQConfig
-from sqlm.guards import COMPLETE_MARKER, NonFiniteError
+from sqlm.checkpoint import COMPLETE_MARKER
+from sqlm.guards import NonFiniteError
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
 from sqlm.trainer import SoftQTrainer
 
@@ -94,7 +95,7 @@ def test_inf_reward_is_caught_too_and_a_fresh_output_dir_is_removed(work, capsys
 
 
 def test_skip_makes_no_update_for_the_bad_step_and_counts_it(work, caplog):
-    from sqlm.train import run
+    from sqlm.commands.train import run
 
     trainer = run(["recipe.yaml", "--output_dir", "out", "--nan_policy", "skip", *_kwargs(3)])
     assert trainer.state.global_step == 6 and trainer._skipped_steps == 1

@@ -5,7 +5,7 @@ import json
 import re
 
 from sqlm.evaluation.gold import GoldTaskConfig
-from sqlm.evaluation.pipeline import PipelineArguments, apply_reduced, main, run_pipeline
+from sqlm.commands.pipeline import PipelineArguments, apply_reduced, main, run_pipeline
 
 from test_eval_metrics import check_report_matches  # tests/ is on sys.path (pytest rootdir import)
 
@@ -60,17 +60,17 @@ def test_reduced_pipeline_end_to_end(tmp_path, capsys):
 
 def test_training_runs_are_keyed_by_the_training_code(tmp_path, monkeypatch):
     """A cached sqlm/DPO run must not survive a change to sqlm's training code."""
-    from sqlm.evaluation import pipeline
+    from sqlm.commands import pipeline
 
     before = pipeline.training_code_fingerprint()
     assert before == pipeline.training_code_fingerprint()  # stable
     fake = tmp_path / "sqlm"
-    (fake / "evaluation").mkdir(parents=True)
+    (fake / "commands").mkdir(parents=True)
     for name in pipeline._TRAINING_CODE:
         if not name.endswith(".py"):
             continue
         (fake / name).write_text("x = 1\n")
-    monkeypatch.setattr(pipeline, "__file__", str(fake / "evaluation" / "pipeline.py"))
+    monkeypatch.setattr(pipeline, "__file__", str(fake / "commands" / "pipeline.py"))
     one = pipeline.training_code_fingerprint()
     (fake / "losses.py").write_text("x = 2\n")
     assert pipeline.training_code_fingerprint() != one

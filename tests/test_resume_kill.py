@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from sqlm.errors import SqlmError
-from sqlm.guards import COMPLETE_MARKER, latest_complete_checkpoint, resolve_resume
-from sqlm.train import build_trainer, parse_train_args, run
+from sqlm.checkpoint import COMPLETE_MARKER, latest_complete_checkpoint, resolve_resume
+from sqlm.commands.train import build_trainer, parse_train_args, run
 
 MAX_STEPS, SAVE_STEPS = 10, 2
 WORDS = ["good", "fun", "bad", "dull", "film", "book", "song", "game"]

@@ -14,7 +14,7 @@ import torch
 
 from sqlm.errors import SqlmError
 from sqlm.recipe import parse_recipe
-from sqlm.rewards.train import RewardScriptArguments, _check_pad
+from sqlm.commands.reward import RewardScriptArguments, _check_pad
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [

@@ -15,7 +15,7 @@ from sqlm.errors import SqlmError
 from sqlm.rewards import build_rewarder
 from sqlm.rewards.registry import NAMES, resolve_reward_funcs
 from sqlm.rewards.scoring import score_trajectories
-from sqlm.train import build_trainer, parse_train_args
+from sqlm.commands.train import build_trainer, parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart" / "sqlm" / "config.yaml"

@@ -66,7 +66,8 @@ def _tiny_folder(path):
 
 def test_trust_remote_code_is_off_by_default_and_custom_code_never_runs(work, capsys):
     from sqlm.config import SoftQConfig
-    from sqlm.train import model_init_kwargs, parse_train_args
+    from sqlm.commands.train import parse_train_args
+    from sqlm.loading import model_init_kwargs
 
     args, model_args, _ = parse_train_args([str(QUICKSTART)])
     assert SoftQConfig(output_dir="x").trust_remote_code is False and args.trust_remote_code is False
@@ -89,7 +90,7 @@ def test_trust_remote_code_is_off_by_default_and_custom_code_never_runs(work, ca
 
 
 def test_weights_are_written_and_read_as_safetensors_only(work, capsys):
-    from sqlm.train import run
+    from sqlm.commands.train import run
 
     trainer = run([_recipe(work, steps=2, extra="loss_type: soft_q\n"), "--output_dir", "out"])
     files = sorted(str(p.relative_to(work / "out")) for p in (work / "out").rglob("*") if p.is_file())
@@ -114,7 +115,7 @@ def test_weights_are_written_and_read_as_safetensors_only(work, capsys):
 
 
 def test_resume_refuses_a_checkpoint_with_code_in_its_pickles(work, capsys):
-    from sqlm.train import run
+    from sqlm.commands.train import run
 
     run([_recipe(work, steps=2), "--output_dir", "out"])
     ckpt = work / "out" / "checkpoint-2"

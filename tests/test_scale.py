@@ -302,7 +302,7 @@ def test_use_vllm_without_vllm_or_gpu_is_one_line_naming_what_is_missing(tmp_pat
 
 def test_on_this_machine_use_vllm_fails_before_any_model_is_loaded(tmp_path):
     from sqlm.errors import SqlmError
-    from sqlm.train import run
+    from sqlm.commands.train import run
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model_name_or_path: /nonexistent/model\ndataset_name: /nonexistent.jsonl\nmode: online\n"

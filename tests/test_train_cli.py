@@ -12,7 +12,8 @@ import torch
 
 from sqlm import cli
 from sqlm.errors import SqlmError
-from sqlm.train import build_tiny_model, parse_tiny_spec, split_argv
+from sqlm.recipe import split_argv
+from sqlm.tiny import build_tiny_model, parse_tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart" / "sqlm" / "config.yaml"

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..config import _accelerator_supports_bf16, get_peft_config
 from ..errors import SqlmError
+from ..recipe import wants_help
 
 # keyword arguments TRL adds to a reward function's call that are not dataset columns
 _TRL_CALL_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
@@ -124,7 +125,7 @@ class SqlmRewardFunction:
 
     def __call__(self, prompts, completions, completion_ids, prompt_ids=None, **kwargs) -> list[float]:
         from ..data import TEXT_COLUMNS, TOKEN_COLUMNS, Trajectory
-        from ..rollout import score_trajectories
+        from ..rewards.scoring import score_trajectories
 
         if prompt_ids is None:
             raise SqlmError(f"reward '{self.__name__}' got no prompt_ids column (the dataset was not prepared by sqlm)")
@@ -147,7 +148,7 @@ class SqlmRewardFunction:
 
 def _is_sqlm_reward(name: str) -> bool:
     from ..rewards.registry import NAMES
-    from ..rollout import BUILTIN_REWARDS
+    from ..rewards.builtin import BUILTIN_REWARDS
 
     return name in BUILTIN_REWARDS or name in NAMES or ":" in name
 
@@ -172,7 +173,7 @@ def build_reward_funcs(script_args: PromptRewardArguments, tokenizer, trust_remo
     """``(reward_funcs, reward_processing_classes)`` for a TRL online trainer from the recipe's
     ``reward_funcs`` / ``reward_kwargs`` / ``allow_code_rewards`` (see the module docstring)."""
     from ..config import _as_dict
-    from ..rollout import resolve_reward_funcs
+    from ..rewards.registry import resolve_reward_funcs
 
     names = list(script_args.reward_funcs or [])
     if not names:
@@ -218,12 +219,12 @@ def scaled_reward_weights(weights: list[float] | None, scale: float, n: int) -> 
 def prompt_dataset(dataset, tokenizer, script_args: PromptRewardArguments, max_length: int | None, name: str = "train"):
     """The rows with sqlm's ``prompt_ids`` (``sqlm.data.prepare_dataset`` in online mode, as ``sqlm
     train --mode online`` prepares them); the text columns stay for the reward functions."""
+    from ..config import _as_dict
     from ..data import prepare_dataset
-    from ..evaluation.dpo import _column_map
 
     args = SimpleNamespace(
         mode="online",
-        dataset_column_map=_column_map(script_args.dataset_column_map),
+        dataset_column_map=_as_dict(script_args.dataset_column_map, "dataset_column_map"),
         chosen_score_column=None,
         rejected_score_column=None,
         max_length=max_length,
@@ -273,20 +274,22 @@ def make_trainer_class(base: type) -> type:
 def build_trainer(trainer_cls: type, script_args, config, model_args, recipe: str | None = None):
     """A ready ``trainer_cls`` (made by :func:`make_trainer_class`, or ``sqlm online_dpo``'s) from the
     parsed recipe."""
-    from ..evaluation.dpo import load_datasets, load_model_and_tokenizer
+    from ..config import _as_dict
+    from ..data import load_train_eval
+    from ..loading import check_model_args, load_model_and_tokenizer
 
     if script_args.dataset_name is None:
         raise SqlmError("set dataset_name (the prompts: a hub id or a local .jsonl/.json/.parquet/.csv)")
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        raise SqlmError("load_in_4bit / load_in_8bit are not supported (as sqlm train)")
+    check_model_args(model_args, "the online baselines")
     if config.temperature != 1.0:
         import logging
 
         logging.getLogger(__name__).warning(
             "temperature %s: sqlm samples at 1.0 (the soft policy); this run is not paired", config.temperature
         )
-    train, evaluation = load_datasets(script_args, recipe)
-    model, tokenizer = load_model_and_tokenizer(model_args, script_args, config, train)
+    train, evaluation = load_train_eval(script_args, str(Path(recipe).resolve().parent) if recipe else None)
+    column_map = _as_dict(script_args.dataset_column_map, "dataset_column_map")
+    model, tokenizer = load_model_and_tokenizer(model_args, config, train, column_map, script_args.tokenizer_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     funcs, processing = build_reward_funcs(script_args, tokenizer, bool(getattr(config, "trust_remote_code", False)))
@@ -311,9 +314,9 @@ def build_trainer(trainer_cls: type, script_args, config, model_args, recipe: st
 
 
 def parse(dataclass_types, argv: list[str]):
-    from ..recipe import parse_recipe
+    from ..recipe import parse_recipe, split_argv
 
-    recipe, overrides = (argv[0], argv[1:]) if argv and not argv[0].startswith("--") else (None, argv)
+    recipe, overrides = split_argv(argv)
     try:
         script_args, config, model_args = parse_recipe(dataclass_types, recipe, overrides)
     except ValueError as e:  # a TRL config's own checks (__post_init__)
@@ -351,7 +354,7 @@ def main(name: str, dataclass_types, trainer_cls, doc: str, argv: list[str] | No
     ``trainer_cls()`` gives the trainer class (imported only when the command runs)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(argv or [])
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or wants_help(argv):
         print(f"usage: sqlm {name} RECIPE.yaml [--key value ...]\n\n{doc}")
         return 0
     start = time.time()

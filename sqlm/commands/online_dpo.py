@@ -59,7 +59,7 @@ def trainer_class():
     from trl.experimental.utils import truncate_right
     from trl.models import unwrap_model_for_generation
 
-    from ..rollout import _pad_rows
+    from ..rewards.base import pad_rows
 
     class SqlmOnlineDPOTrainer(OnlineDPOTrainer):
         def __init__(self, *args, **kwargs):
@@ -81,7 +81,7 @@ def trainer_class():
                 out = super()._generate(model, prompts, images)
             else:  # TRL's generation (non-vision, no vLLM) from sqlm's prompt tokens
                 pad = self._tokenizer.pad_token_id
-                ids, mask = _pad_rows([list(r) for r in rows], pad, "left")
+                ids, mask = pad_rows([list(r) for r in rows], pad, "left")
                 device = next(model.parameters()).device
                 prompt_ids, prompt_mask = ids.to(device).repeat(2, 1), mask.to(device).repeat(2, 1)
                 with (

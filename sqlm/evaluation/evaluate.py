@@ -1,4 +1,4 @@
-"""``sqlm eval RECIPE.yaml [--key value ...]``: score models against a reference on held-out prompts.
+"""Scoring models against a reference on held-out prompts (``sqlm eval``, :mod:`sqlm.commands.eval`).
 
 For each model (``METHOD@PARAM=PATH``, e.g. ``dpo@0.1=outputs/dpo-b0.1``; or ``NAME=PATH``):
 
@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SqlmError
+from ..loading import load_policy
 
 
 @dataclass
@@ -53,54 +54,7 @@ class ModelSpec:
         return cls(name=name, path=path, method=method, param=param)
 
 
-@dataclass
-class EvalArguments:
-    """Arguments of ``sqlm eval``."""
-
-    models: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Models to score, each METHOD@PARAM=PATH (e.g. dpo@0.1=out/dpo) or NAME=PATH."},
-    )
-    ref_model: str | None = field(default=None, metadata={"help": "The reference policy pi_ref (path)."})
-    prompts_file: str | None = field(
-        default=None, metadata={"help": "Held-out prompts: .json list of strings or .jsonl with a 'prompt' column."}
-    )
-    gold: str = field(
-        default="sentiment",
-        metadata={"help": "Gold reward: 'sentiment' (VADER compound) or 'module:function' (TRL signature)."},
-    )
-    baseline_method: str = field(default="dpo", metadata={"help": "Method the win rates are measured against."})
-    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
-    samples_per_prompt: int = field(default=1, metadata={"help": "Completions sampled per prompt and model."})
-    max_new_tokens: int = field(default=24, metadata={"help": "Completion length limit (tokens)."})
-    batch_size: int = field(default=64, metadata={"help": "Prompts per sampling / scoring batch."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed (shared by all models)."})
-    output_dir: str = field(default="outputs/eval", metadata={"help": "Where report.md and frontier.png go."})
-    title: str = field(default="Gold reward vs KL", metadata={"help": "Title of the report and the plot."})
-
-
 # ----------------------------------------------------------------------------- loading
-
-
-def load_policy(path: str):
-    """A causal LM from a folder (a LoRA adapter folder is merged into its base)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(path)
-    if not p.exists():
-        raise SqlmError(f"model folder not found: {path}")
-    try:
-        if (p / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise SqlmError(f"could not load model '{path}': {e}") from None
-    model.eval()
-    return model, tokenizer
 
 
 def load_prompts(path: str) -> list[str]:
@@ -150,21 +104,12 @@ def score_model(
 ) -> dict:
     """Sample, then per completion: gold score, exact sequence KL, sampled log-ratio, length, text."""
     from .gold import completion_text
-    from .sampling import exact_sequence_kl, sample_completions
+    from .sampling import exact_sequence_kl, sample_k_per_prompt
 
-    prompt_ids = tokenizer(prompts)["input_ids"]
-    flat = [p for p in prompt_ids for _ in range(samples_per_prompt)]
-    comps = sample_completions(
-        model,
-        flat,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        seed=seed,
-        batch_size=batch_size,
-        desc=desc,
-        progress=progress,
-    )
+    flat, comps = sample_k_per_prompt(
+        model, tokenizer, prompts, samples_per_prompt, max_new_tokens=max_new_tokens, seed=seed,
+        batch_size=batch_size, desc=desc, progress=progress,
+    )  # fmt: skip
     kl, ratio = exact_sequence_kl(model, ref_model, flat, comps, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
     texts = [completion_text(tokenizer, c) for c in comps]
     lengths = [len(c) - (1 if c and c[-1] == tokenizer.eos_token_id else 0) for c in comps]
@@ -442,42 +387,3 @@ def write_report(
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return out / "report.md"
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = list(argv or [])
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: sqlm eval RECIPE.yaml [--key value ...]\n\n" + (__doc__ or ""))
-        return 0
-    from ..recipe import parse_recipe
-
-    recipe, overrides = (argv[0], argv[1:]) if argv and not argv[0].startswith("--") else (None, argv)
-    (args,) = parse_recipe([EvalArguments], recipe, overrides)
-    if not args.models:
-        raise SqlmError("set models: a list of METHOD@PARAM=PATH entries")
-    if args.ref_model is None:
-        raise SqlmError("set ref_model: the reference policy the KL is measured against")
-    if args.prompts_file is None:
-        raise SqlmError("set prompts_file: held-out prompts (.json list or .jsonl with 'prompt')")
-    specs = [ModelSpec.parse(m) for m in args.models]
-    prompts = load_prompts(args.prompts_file)
-    if args.num_prompts is not None:
-        prompts = prompts[: args.num_prompts]
-    results = evaluate_models(
-        specs,
-        args.ref_model,
-        prompts,
-        gold=gold_scorer(args.gold),
-        baseline_method=args.baseline_method,
-        samples_per_prompt=args.samples_per_prompt,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
-    report = write_report(results, args.output_dir, title=args.title)
-    print(f"sqlm eval: report at {report}")
-    return 0

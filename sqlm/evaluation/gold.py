@@ -215,13 +215,10 @@ def build_base_model(
 
 
 def load_base(path: str | os.PathLike):
-    """(model, tokenizer) of a cached base LM folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of a cached base LM folder, in eval mode (:func:`sqlm.loading.load_policy`)."""
+    from ..loading import load_policy
 
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model.eval()
-    return model, tokenizer
+    return load_policy(path)
 
 
 # ----------------------------------------------------------------------------- prompts and pairs
@@ -304,18 +301,10 @@ def sample_preferences(
     progress: bool = True,
 ) -> list[dict]:
     """``k`` base-model samples per prompt, scored by the gold reward, paired (see :func:`preference_pairs`)."""
-    from .sampling import sample_completions
+    from .sampling import sample_k_per_prompt
 
-    prompt_ids = tokenizer(prompts)["input_ids"]
-    flat = [p for p in prompt_ids for _ in range(k)]
-    comp = sample_completions(
-        model,
-        flat,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        seed=seed,
-        desc="sampling preference data",
+    _, comp = sample_k_per_prompt(
+        model, tokenizer, prompts, k, max_new_tokens=max_new_tokens, seed=seed, desc="sampling preference data",
         progress=progress,
     )
     texts = [completion_text(tokenizer, c) for c in comp]

@@ -9,7 +9,7 @@ base LM -> preference data -> reward model -> sqlm and DPO sweeps over tau = bet
 4. **Sweeps**: for every tau in ``taus``, ``sqlm train recipes/gold/sqlm/config.yaml`` once per
    rewarder in ``rewarders`` (reward model -> per-token rewards), and ``sqlm dpo
    recipes/gold/dpo/config.yaml`` with beta = tau -- the same pairs, tokens, model, seed, steps.
-5. **Eval**: ``sqlm.evaluation.evaluate`` on ``n_eval_prompts`` other held-out prefixes.
+5. **Eval**: ``sqlm eval`` (:mod:`sqlm.evaluation.evaluate`) on ``n_eval_prompts`` other held-out prefixes.
 6. **Exact oracle**: KL(pi || pi*) against the number of pairs (``oracle_compare``).
 
 Every artefact is cached under ``cache_dir`` (default ``$SQLM_CACHE`` or ``~/.cache/sqlm``) in a
@@ -25,13 +25,13 @@ import io
 import json
 import os
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SqlmError
-from .gold import GoldTaskConfig, default_cache_dir, fingerprint
+from ..recipe import split_argv, wants_help
+from ..evaluation.gold import GoldTaskConfig, default_cache_dir, fingerprint
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "gold"
 
@@ -144,7 +144,7 @@ def _fmt_param(x: float) -> str:
 
 
 def stage_base(gold: GoldTaskConfig, cache: Path, progress: bool) -> Path:
-    from .gold import base_model_dir, build_base_model
+    from ..evaluation.gold import base_model_dir, build_base_model
 
     if (base_model_dir(gold, cache) / "base_lm.json").is_file():
         _log(f"base LM: cached at {base_model_dir(gold, cache)}")
@@ -157,7 +157,7 @@ def stage_base(gold: GoldTaskConfig, cache: Path, progress: bool) -> Path:
 
 
 def stage_preferences(args: PipelineArguments, gold: GoldTaskConfig, base: Path, cache: Path) -> Path:
-    from .gold import load_base, sample_preferences, split_prompts
+    from ..evaluation.gold import load_base, sample_preferences, split_prompts
 
     key = dict(base=base.name, n_train=args.n_train_prompts, n_eval=args.n_eval_prompts, k=args.samples_per_prompt,
                max_pairs=args.max_pairs_per_prompt, seed=gold.seed, new=gold.max_new_tokens, words=gold.prompt_words)  # fmt: skip
@@ -205,7 +205,7 @@ def stage_reward_model(args: PipelineArguments, prefs: Path, base: Path, cache: 
     if _done(out):
         _log(f"reward model: cached at {out}")
         return out
-    from ..rewards.train import main as reward_main
+    from .reward import main as reward_main
 
     _fresh(out)
     t = time.time()
@@ -223,7 +223,7 @@ def stage_reward_model(args: PipelineArguments, prefs: Path, base: Path, cache: 
 
 def _train_sqlm(argv: list[str]) -> int:
     """``sqlm train`` in this process."""
-    from ..train import main as train_main
+    from .train import main as train_main
 
     return train_main(argv)
 
@@ -239,8 +239,9 @@ def _train_flags(args: PipelineArguments) -> list[str]:
 
 # sqlm's own training code: a cached run is redone when any of it changes (a changed default or fix
 # must not hide behind an old result)
-_TRAINING_CODE = ("soft.py", "losses.py", "fused.py", "trainer.py", "data.py", "rollout.py", "config.py",
-                  "train.py", "rewards", "evaluation/dpo.py")  # fmt: skip
+_TRAINING_CODE = ("soft.py", "losses.py", "fused.py", "forward.py", "trainer.py", "data.py", "rollout.py",
+                  "config.py", "tiny.py", "loading.py", "rewards", "commands/train.py", "commands/dpo.py",
+                  "commands/reward.py")  # fmt: skip
 
 
 def training_code_fingerprint() -> str:
@@ -285,7 +286,7 @@ def stage_run(args: PipelineArguments, method: str, tau: float, prefs: Path, bas
 
 
 def stage_eval(args: PipelineArguments, gold: GoldTaskConfig, runs: dict, base: Path, prefs: Path) -> dict:
-    from .evaluate import ModelSpec, evaluate_models
+    from ..evaluation.evaluate import ModelSpec, evaluate_models
 
     prompts = json.loads((prefs / "eval_prompts.json").read_text())
     settings = dict(n=len(prompts), k=args.eval_samples_per_prompt, seed=args.eval_seed, new=gold.max_new_tokens)
@@ -314,7 +315,7 @@ def stage_eval(args: PipelineArguments, gold: GoldTaskConfig, runs: dict, base: 
 
 
 def stage_oracle(args: PipelineArguments, cache: Path) -> dict:
-    from .oracle_compare import OracleCompareConfig, run_oracle_comparison
+    from ..evaluation.oracle_compare import OracleCompareConfig, run_oracle_comparison
 
     cfg = OracleCompareConfig(pair_counts=list(args.oracle_pairs), seeds=list(args.oracle_seeds), steps=args.oracle_steps,
                               rm_steps=args.oracle_steps)  # fmt: skip
@@ -358,8 +359,8 @@ def run_pipeline(args: PipelineArguments, gold: GoldTaskConfig) -> dict:
     results = stage_eval(args, gold, runs, base, prefs)
     oracle = stage_oracle(args, cache) if args.oracle else None
 
-    from .evaluate import write_report
-    from .oracle_compare import oracle_section
+    from ..evaluation.evaluate import write_report
+    from ..evaluation.oracle_compare import oracle_section
 
     info = json.loads((prefs / "done.json").read_text())
     rm_info = json.loads((rm / "done.json").read_text())
@@ -384,15 +385,20 @@ def run_pipeline(args: PipelineArguments, gold: GoldTaskConfig) -> dict:
     return {"report": str(report), "results": results, "oracle": oracle, "seconds": elapsed}
 
 
+def recipe_dataclasses():
+    """The config classes a ``sqlm pipeline`` recipe parses into."""
+    return PipelineArguments, GoldTaskConfig
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
-    if argv and argv[0] in ("-h", "--help"):
+    if wants_help(argv):
         print("usage: sqlm pipeline [RECIPE.yaml] [--key value ...]\n\n" + (__doc__ or ""))
         return 0
     from ..recipe import load_yaml, parse_recipe
 
-    recipe, overrides = (argv[0], argv[1:]) if argv and not argv[0].startswith("--") else (None, argv)
-    args, gold = parse_recipe([PipelineArguments, GoldTaskConfig], recipe, overrides)
+    recipe, overrides = split_argv(argv)
+    args, gold = parse_recipe(recipe_dataclasses(), recipe, overrides)
     if args.reduced:
         explicit = {a[2:].split("=", 1)[0].replace("-", "_") for a in overrides if a.startswith("--")}
         if recipe is not None:
@@ -401,6 +407,3 @@ def main(argv: list[str] | None = None) -> int:
     run_pipeline(args, gold)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

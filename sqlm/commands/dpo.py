@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from trl import DPOConfig
+from trl import DPOConfig, DPOTrainer
 
-from ..config import _accelerator_supports_bf16
+from ..recipe import split_argv, wants_help
+from ..config import _accelerator_supports_bf16, _as_dict
 from ..errors import SqlmError
 
 
@@ -70,26 +71,15 @@ class SqlmDPOConfig(DPOConfig):
         super().__post_init__()
 
 
-def dpo_config_class():
-    return SqlmDPOConfig
-
-
-def _dataclasses():
+def recipe_dataclasses():
+    """The config classes a ``sqlm dpo`` recipe parses into (data, TRL's DPOConfig, TRL's ModelConfig)."""
     from ..config import ModelConfig
 
-    return DPOScriptArguments, dpo_config_class(), ModelConfig
+    return DPOScriptArguments, SqlmDPOConfig, ModelConfig
 
 
 def _column_map(value):
-    if value is None or isinstance(value, dict):
-        return value
-    try:
-        out = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise SqlmError(f"key 'dataset_column_map' must be a mapping or a JSON object string: {e}") from None
-    if not isinstance(out, dict):
-        raise SqlmError("key 'dataset_column_map' must be a mapping")
-    return out
+    return _as_dict(value, "dataset_column_map")
 
 
 def data_args(script_args: DPOScriptArguments, config) -> SimpleNamespace:
@@ -106,80 +96,36 @@ def data_args(script_args: DPOScriptArguments, config) -> SimpleNamespace:
     )
 
 
-def _make_trainer_class():
-    from trl import DPOTrainer
+class SqlmDPOTrainer(DPOTrainer):
+    """``DPOTrainer`` whose datasets are tokenised by ``sqlm.data.prepare_dataset`` (as sqlm's)."""
 
-    from ..data import prepare_dataset
+    def __init__(self, *args, sqlm_data_args=None, **kwargs):
+        self._sqlm_data_args = sqlm_data_args
+        super().__init__(*args, **kwargs)
 
-    class SqlmDPOTrainer(DPOTrainer):
-        """``DPOTrainer`` whose datasets are tokenised by ``sqlm.data.prepare_dataset`` (as sqlm's)."""
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        from ..data import prepare_dataset
 
-        def __init__(self, *args, sqlm_data_args=None, **kwargs):
-            self._sqlm_data_args = sqlm_data_args
-            super().__init__(*args, **kwargs)
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            if self._sqlm_data_args is None:
-                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            return prepare_dataset(dataset, tokenizer, self._sqlm_data_args, mode="offline", name=dataset_name)
-
-    return SqlmDPOTrainer
-
-
-def load_model_and_tokenizer(model_args, script_args, config, train_dataset):
-    """The policy and tokenizer, loaded as ``sqlm train`` loads them: a hub id / local path with the
-    same init kwargs, or ``tiny:...`` built offline from the training text (the same cached model
-    ``sqlm train`` builds for the same recipe)."""
-    name = model_args.model_name_or_path
-    if not name:
-        raise SqlmError("the recipe sets no 'model_name_or_path' (a hub id, a local path, or 'tiny')")
-    if name == "tiny" or name.startswith("tiny:"):
-        from ..train import build_tiny_model, dataset_texts
-
-        cmap = _column_map(script_args.dataset_column_map)
-        texts = dataset_texts(train_dataset.rename_columns(cmap) if cmap else train_dataset)
-        model, tokenizer, _ = build_tiny_model(name, texts)
-        return model, tokenizer
-    from transformers import AutoTokenizer
-    from trl.trainer.utils import create_model_from_path
-
-    trust = bool(getattr(config, "trust_remote_code", False))
-    kwargs = {
-        "revision": model_args.model_revision,
-        "dtype": model_args.dtype,
-        "attn_implementation": model_args.attn_implementation,
-        "trust_remote_code": trust,
-    }
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    kwargs.update(_column_map(config.model_init_kwargs) or {})
-    tok_name = script_args.tokenizer_name_or_path or name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_name, revision=model_args.model_revision, trust_remote_code=trust)
-        model = create_model_from_path(name, **kwargs)
-    except OSError as e:
-        raise SqlmError(f"could not load model or tokenizer '{name}': {e}") from None
-    return model, tokenizer
-
-
-def load_datasets(script_args: DPOScriptArguments, recipe: str | None):
-    from ..data import load_train_eval
-
-    if script_args.dataset_name is None:
-        raise SqlmError("set dataset_name (a preference dataset: prompt, chosen, rejected)")
-    return load_train_eval(script_args, str(Path(recipe).resolve().parent) if recipe else None)
+        if self._sqlm_data_args is None:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        return prepare_dataset(dataset, tokenizer, self._sqlm_data_args, mode="offline", name=dataset_name)
 
 
 def build_trainer(script_args, config, model_args, recipe: str | None = None):
     """A ready :class:`SqlmDPOTrainer` from the three parsed dataclasses."""
     from ..config import get_peft_config
+    from ..data import load_train_eval
+    from ..loading import check_model_args, load_model_and_tokenizer
 
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        raise SqlmError("load_in_4bit / load_in_8bit are not supported by sqlm dpo (as sqlm train)")
-    train, evaluation = load_datasets(script_args, recipe)
-    model, tokenizer = load_model_and_tokenizer(model_args, script_args, config, train)
-    trainer_cls = _make_trainer_class()
-    return trainer_cls(
+    if script_args.dataset_name is None:
+        raise SqlmError("set dataset_name (a preference dataset: prompt, chosen, rejected)")
+    check_model_args(model_args, "sqlm dpo")
+    train, evaluation = load_train_eval(script_args, str(Path(recipe).resolve().parent) if recipe else None)
+    model, tokenizer = load_model_and_tokenizer(
+        model_args, config, train, _column_map(script_args.dataset_column_map), script_args.tokenizer_name_or_path
+    )
+    return SqlmDPOTrainer(
         model=model,
         args=config,
         train_dataset=train,
@@ -193,15 +139,15 @@ def build_trainer(script_args, config, model_args, recipe: str | None = None):
 def parse(argv: list[str]):
     from ..recipe import parse_recipe
 
-    recipe, overrides = (argv[0], argv[1:]) if argv and not argv[0].startswith("--") else (None, argv)
-    script_args, config, model_args = parse_recipe(_dataclasses(), recipe, overrides)
+    recipe, overrides = split_argv(argv)
+    script_args, config, model_args = parse_recipe(recipe_dataclasses(), recipe, overrides)
     return recipe, script_args, config, model_args
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(argv or [])
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or wants_help(argv):
         print("usage: sqlm dpo RECIPE.yaml [--key value ...]\n\n" + (__doc__ or ""))
         return 0
     recipe, script_args, config, model_args = parse(argv)
