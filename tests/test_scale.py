@@ -394,3 +394,48 @@ def test_a_target_network_is_accepted_under_fsdp2_and_zero3(tmp_path, monkeypatc
         monkeypatch.setenv(k, v)
     args._check_engine()  # no error
     assert args.uses_target_model and args.sharding_engine() in (("fsdp", 2), ("deepspeed", 3))
+
+
+# ----------------------------------------------------------------------------- memory accounting
+
+
+def _bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_memory"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_memory_parameter_formula_matches_a_built_model():
+    from peft import LoraConfig, get_peft_model
+
+    from sqlm.tiny import tiny_causal_lm
+
+    bench = _bench()
+    shape = bench.Shape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=300, tied=True, qkv_bias=True)
+    model = tiny_causal_lm(300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, tie_word_embeddings=True)
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    lora = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
+    assert shape.lora_params(16) == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+
+
+def test_bench_memory_formulas():
+    bench = _bench()
+    shape = bench.SHAPES["7B"]
+    p = shape.params()
+    assert 6.7e9 < p < 6.8e9  # Llama-2-7B
+    assert bench.formula_gb(shape, "ddp") == pytest.approx(20 * p / 1e9)
+    assert bench.formula_gb(shape, "zero3") == pytest.approx(20 * p / 8 / 1e9)
+    assert bench.formula_gb(shape, "zero3_precomputed_reference") == pytest.approx(18 * p / 8 / 1e9)
+    # the adapter target saves one whole bf16 copy of the base
+    saved = bench.formula_gb(shape, "lora_ddp_target_copy") - bench.formula_gb(shape, "lora_ddp_adapter_target")
+    assert saved == pytest.approx(2 * p / 1e9)
+    table = bench.formula_table()
+    assert "| ZeRO-3, full fine-tune | 16.8 fits | 172.4 does not fit |" in table
