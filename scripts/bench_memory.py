@@ -97,7 +97,6 @@ def formula_gb(shape: Shape, setup: str, n_gpus: int = 8, r: int = 16) -> float:
         "zero2": 2 * p + 14 * p / n + 2 * p + 2 * p,  # weights replicated; grads + optimizer sharded
         "zero3": (16 * p + 2 * p + 2 * p) / n,  # everything partitioned (reference and target too)
         "fsdp2": (16 * p + 2 * p + 2 * p) / n,  # everything sharded
-        "zero3_precomputed_reference": (16 * p + 2 * p) / n,
         "ddp_precomputed_reference": 16 * p + 2 * p,
         "lora_ddp_target_copy": 2 * p + 16 * a + (2 * p + 4 * a),  # the old way: the target copies the base
         "lora_ddp_adapter_target": 2 * p + 16 * a + 4 * a,  # reference = base, target = an adapter
@@ -111,7 +110,6 @@ FORMULA_ROWS = [
     ("ddp_precomputed_reference", "DDP, precomputed reference"),
     ("zero2", "ZeRO-2, full fine-tune"),
     ("zero3", "ZeRO-3, full fine-tune"),
-    ("zero3_precomputed_reference", "ZeRO-3, precomputed reference"),
     ("fsdp2", "FSDP2, full fine-tune"),
     ("lora_ddp_target_copy", "LoRA r=16, DDP, target = copy of the model"),
     ("lora_ddp_adapter_target", "LoRA r=16, DDP, target = adapter"),
@@ -121,7 +119,7 @@ FORMULA_ROWS = [
 
 def formula_table(n_gpus: int = 8, gpu_gb: float = 80.0) -> str:
     """A Markdown table: GB per GPU (model state only) for 7B and 70B, and whether it leaves room."""
-    head = f"| setup (soft_q: policy + reference + target + Adam) | 7B: GB/GPU | 70B: GB/GPU |\n|---|---:|---:|\n"
+    head = "| setup (soft_q: policy + reference + target + Adam) | 7B: GB/GPU | 70B: GB/GPU |\n|---|---:|---:|\n"
     rows = []
     for key, label in FORMULA_ROWS:
         cells = []
