@@ -28,10 +28,10 @@ def _runs(acc_by_knob: dict, kl_by_knob: dict, units, n_prompts=200, seed=0, noi
     """knob -> unit -> (per-prompt 0/1 accuracy with the given rate, per-prompt KL around the given mean)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for k in acc_by_knob:
+    for k, rate in acc_by_knob.items():
         out[k] = {}
         for u in units:
-            p = min(max(acc_by_knob[k] + noise * rng.standard_normal(), 0.0), 1.0)
+            p = min(max(rate + noise * rng.standard_normal(), 0.0), 1.0)
             acc = (rng.random(n_prompts) < p).astype(float)
             kl = rng.exponential(kl_by_knob[k], n_prompts)
             out[k][u] = (acc.tolist(), kl.tolist())
@@ -70,9 +70,14 @@ def test_matched_kl_difference_no_extrapolation():
     assert (lo, hi) == (2.0, 3.0)  # only where both frontiers exist
     # on [2, 3]: a = 0.6..0.7, b = 0.4..0.5 -> a - b = 0.2 everywhere
     assert d == pytest.approx(0.2)
-    assert matched_kl_difference([(1.0, 0.5), (2.0, 0.6)], [(3.0, 0.4), (4.0, 0.6)]) is None
+    assert (
+        matched_kl_difference([(1.0, 0.5), (2.0, 0.6)], [(3.0, 0.4), (4.0, 0.6)])
+        is None
+    )
     # with the base model at KL 0 both cover [0, 2]
-    d, (lo, hi) = matched_kl_difference([(1.0, 0.5), (2.0, 0.6)], [(3.0, 0.4), (4.0, 0.6)], reference=0.3)
+    d, (lo, hi) = matched_kl_difference(
+        [(1.0, 0.5), (2.0, 0.6)], [(3.0, 0.4), (4.0, 0.6)], reference=0.3
+    )
     assert (lo, hi) == (0.0, 2.0) and d > 0
 
 
@@ -121,15 +126,29 @@ def test_reduced_driver_end_to_end(tmp_path):
     """1 base LM, 1 seed, a few steps, 3 methods: the report, plots and cached runs appear; a rerun resumes."""
     env = {**os.environ, "SQLM_CACHE": os.environ.get("SQLM_CACHE", str(Path.home() / ".cache" / "sqlm")),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # fmt: skip
-    cmd = [sys.executable, str(ROOT / "scripts" / "exp_arithmetic_compare.py"), "--reduced", "--output_dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "exp_arithmetic_compare.py"),
+        "--reduced",
+        "--output_dir",
+        str(tmp_path),
+    ]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=900)
     report = (tmp_path / "report_arithmetic.md").read_text()
     assert "| method |" in report
     assert (tmp_path / "frontier_arithmetic.png").stat().st_size > 0
     assert (tmp_path / "efficiency_arithmetic.png").stat().st_size > 0
-    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")]
+    runs = [
+        json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")
+    ]
     assert {r["method"] for r in runs} >= {"sqlm-online", "grpo", "dpo"}
     for r in runs:
-        assert r["optimizer_steps"] > 0 and r["wall_time_s"] > 0 and 0.0 <= r["eval"]["accuracy"] <= 1.0
-    out = subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+        assert (
+            r["optimizer_steps"] > 0
+            and r["wall_time_s"] > 0
+            and 0.0 <= r["eval"]["accuracy"] <= 1.0
+        )
+    out = subprocess.run(
+        cmd, check=True, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True
+    )
     assert "cached" in out.stdout

@@ -46,7 +46,13 @@ def cell_summary(runs: Mapping[tuple, Scores]) -> dict:
     acc = [float(np.mean(a)) for a, _ in runs.values()]
     kl = [float(np.mean(k)) for _, k in runs.values()]
     (am, ase), (km, kse) = seed_summary(acc), seed_summary(kl)
-    return {"accuracy": am, "accuracy_se": ase, "kl": km, "kl_se": kse, "n_runs": len(runs)}
+    return {
+        "accuracy": am,
+        "accuracy_se": ase,
+        "kl": km,
+        "kl_se": kse,
+        "n_runs": len(runs),
+    }
 
 
 def matched_kl_difference(
@@ -58,7 +64,11 @@ def matched_kl_difference(
     """``(mean of frontier A - frontier B over the KL range both cover, that range)`` from each
     method's points ``(kl, accuracy)``; ``reference`` (the base model's accuracy) adds the point
     ``(0, reference)`` to both. None when the ranges do not overlap (no extrapolation)."""
-    rows = [{"method": m, "kl": float(k), "gold": float(g)} for m, pts in (("a", points_a), ("b", points_b)) for k, g in pts]
+    rows = [
+        {"method": m, "kl": float(k), "gold": float(g)}
+        for m, pts in (("a", points_a), ("b", points_b))
+        for k, g in pts
+    ]
     if reference is not None:
         rows += [{"method": m, "kl": 0.0, "gold": float(reference)} for m in ("a", "b")]
     cmp = matched_kl_comparison(rows, ["a", "b"], n=n)
@@ -97,8 +107,13 @@ def _stack(runs: MethodRuns, units: list[tuple]) -> _Stacked:
     return _Stacked(knobs, acc, kl)
 
 
-def _points(s: _Stacked, rows: np.ndarray, cols: np.ndarray) -> list[tuple[float, float]]:
-    return [(float(k[rows, cols].mean()), float(a[rows, cols].mean())) for a, k in zip(s.acc, s.kl)]
+def _points(
+    s: _Stacked, rows: np.ndarray, cols: np.ndarray
+) -> list[tuple[float, float]]:
+    return [
+        (float(k[rows, cols].mean()), float(a[rows, cols].mean()))
+        for a, k in zip(s.acc, s.kl)
+    ]
 
 
 def bootstrap_matched_kl(
@@ -117,9 +132,15 @@ def bootstrap_matched_kl(
     ``reference``: unit -> the base model's per-prompt accuracy (adds the point at KL 0, see the
     module docstring). Returns ``diff`` (on all the data), ``kl_range``, ``ci``, ``verdict``,
     ``n_boot`` and ``n_valid`` (replicates whose KL ranges overlapped; the interval uses those)."""
-    units = sorted({u for r in (runs_a, runs_b) for per_knob in r.values() for u in per_knob})
+    units = sorted(
+        {u for r in (runs_a, runs_b) for per_knob in r.values() for u in per_knob}
+    )
     a, b = _stack(runs_a, units), _stack(runs_b, units)
-    ref = None if reference is None else np.asarray([reference[u] for u in units], dtype=np.float64)
+    ref = (
+        None
+        if reference is None
+        else np.asarray([reference[u] for u in units], dtype=np.float64)
+    )
     n_prompts = a.acc[0].shape[1]
     bases = sorted({u[0] for u in units})
     base_of = np.asarray([bases.index(u[0]) for u in units])
@@ -129,7 +150,9 @@ def bootstrap_matched_kl(
         return matched_kl_difference(_points(a, rows, cols), _points(b, rows, cols), r)
 
     all_rows = np.arange(len(units))[:, None]
-    full = diff(all_rows, np.broadcast_to(np.arange(n_prompts), (len(units), n_prompts)))
+    full = diff(
+        all_rows, np.broadcast_to(np.arange(n_prompts), (len(units), n_prompts))
+    )
     rng = np.random.default_rng(seed)
     reps = []
     for _ in range(n_boot):
@@ -138,7 +161,14 @@ def bootstrap_matched_kl(
         d = diff(unit_idx[:, None], prompt_idx[base_of[unit_idx]])
         if d is not None:
             reps.append(d[0])
-    out = {"diff": None, "kl_range": None, "ci": None, "verdict": "no overlap", "n_boot": n_boot, "n_valid": len(reps)}
+    out = {
+        "diff": None,
+        "kl_range": None,
+        "ci": None,
+        "verdict": "no overlap",
+        "n_boot": n_boot,
+        "n_valid": len(reps),
+    }
     if full is None:
         return out
     out["diff"], out["kl_range"] = full[0], list(full[1])
