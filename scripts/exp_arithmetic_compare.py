@@ -53,31 +53,17 @@ OFFLINE = ["sqlm-offline", "dpo"]
 # Section-4 attempts: extra sqlm variants, each compared like the method it varies
 # (kind, recipe, knob, values, extra overrides, the baselines it is compared with)
 ATTEMPTS: dict[str, tuple] = {
-    "sqlm-online-softq": (
-        "sqlm",
-        "sqlm/config_online.yaml",
-        "tau",
-        [0.1, 0.3],
-        ["--loss_type", "soft_q"],
-        ["grpo", "rloo"],
+    "sqlm-online-softq": ("sqlm", "sqlm/config_online.yaml", "tau", [0.1, 0.3], ["--loss_type", "soft_q"], ["grpo", "rloo"]),
+    "sqlm-online-d8": ("sqlm", "sqlm/config_online.yaml", "tau", [0.1, 0.3], ["--rollout_length", "8"], ["grpo", "rloo"]),
+    "sqlm-offline-d8": ("sqlm", "sqlm/config_offline.yaml", "tau", [0.1, 0.3], ["--rollout_length", "8"], ["dpo"]),
+    # a smaller tau than the sweep (towards larger KL); one point, so compared with the base at KL 0
+    "sqlm-online-tau0.03": ("sqlm", "sqlm/config_online.yaml", "tau", [0.03], [], ["grpo", "rloo"]),
+    # fairness check of the offline verdict: both methods at a 3x smaller learning rate (the later flag wins)
+    "dpo-lr3e-5": ("dpo", "dpo/config.yaml", "beta", [0.1, 0.3], ["--learning_rate", "3e-5"], []),
+    "sqlm-offline-lr3e-5": (
+        "sqlm", "sqlm/config_offline.yaml", "tau", [0.1, 0.3], ["--learning_rate", "3e-5"], ["dpo-lr3e-5"],
     ),
-    "sqlm-online-d8": (
-        "sqlm",
-        "sqlm/config_online.yaml",
-        "tau",
-        [0.1, 0.3],
-        ["--rollout_length", "8"],
-        ["grpo", "rloo"],
-    ),
-    "sqlm-offline-d8": (
-        "sqlm",
-        "sqlm/config_offline.yaml",
-        "tau",
-        [0.1, 0.3],
-        ["--rollout_length", "8"],
-        ["dpo"],
-    ),
-}
+}  # fmt: skip
 COMPARISONS = [
     ("sqlm-online", "grpo"),
     ("sqlm-online", "rloo"),
@@ -170,7 +156,7 @@ def run_argv(
     method: str, spec: tuple, knob, base: Path, data: Path, seed: int, args, out: Path
 ) -> tuple[str, list[str]]:
     """``(command, argv)`` of one training run."""
-    kind, recipe, knob_name, _, extra = spec
+    kind, recipe, knob_name, _, extra = spec[:5]
     online = method in ONLINE or (kind == "sqlm" and "online" in recipe)
     argv = [str(RECIPES / recipe), "--model_name_or_path", str(base), f"--{knob_name}", str(knob),
             "--max_steps", str(args.steps), "--seed", str(seed), "--output_dir", str(out),
@@ -508,6 +494,7 @@ def plot(table, base_res, root: Path, methods):
 
     base_acc = sum(r["accuracy"] for r in base_res.values()) / len(base_res)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for m in methods:
         rows = sorted(
             (r for (mm, _), r in table.items() if mm == m), key=lambda r: r["kl"]
@@ -535,6 +522,7 @@ def plot(table, base_res, root: Path, methods):
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for (m, knob), r in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         if m not in ONLINE and "online" not in m:
             continue
@@ -572,6 +560,7 @@ def write_report(
 ):
     lines = ["# sqlm vs GRPO, RLOO and DPO on the arithmetic gold task", ""]
     units = sorted({(r["base"], r["seed"]) for r in results})
+    total = sum(r["wall_time_s"] + r.get("eval_time_s", 0.0) for r in results)
     lines += [
         (
             f"Base LMs (seeds) {args.bases}, training seeds {args.seeds}: {len(units)} runs per cell. "
@@ -580,7 +569,8 @@ def write_report(
             f"{args.online_lr}, the exact checker as reward. Offline: {args.pairs_per_batch} pairs per step, learning rate "
             f"{args.offline_lr}, the same pairs for both methods. Evaluation: {args.n_eval} held-out `eval` prompts per "
             f"base LM, one temperature-1 sample and the greedy completion per prompt, exact KL to the base model summed "
-            f"over the sampled completion. Sweep wall time {wall / 60:.1f} min (this invocation)."
+            f"over the sampled completion. Wall time: {total / 60:.1f} min summed over the {len(results)} runs "
+            f"(training + evaluation), {wall / 60:.1f} min this invocation (cached runs are read, not rerun)."
         ),
         "",
         "## Base models",
@@ -629,6 +619,9 @@ def write_report(
         "![efficiency](efficiency_arithmetic.png)",
         "",
     ]
+    notes = root / "notes.md"  # hand-written findings, kept across reruns
+    if notes.is_file():
+        lines += [notes.read_text()]
     (root / "report_arithmetic.md").write_text("\n".join(lines) + "\n")
 
 
