@@ -199,21 +199,6 @@ class _Counter:
         SoftQTrainer._rollout = _rollout
 
 
-def _baseline_import_shim() -> None:
-    """``sqlm.commands._online_baseline`` (``sqlm grpo`` / ``sqlm rloo``) imports ``BUILTIN_REWARDS``,
-    ``resolve_reward_funcs`` and ``score_trajectories`` from ``sqlm.rollout``, where they no longer live
-    (they moved to ``sqlm.rewards``); until that import is fixed, alias them there (nothing else changes)."""
-    from sqlm import rollout
-    from sqlm.rewards.builtin import BUILTIN_REWARDS
-    from sqlm.rewards.registry import resolve_reward_funcs
-    from sqlm.rewards.scoring import score_trajectories
-
-    for name, obj in (("BUILTIN_REWARDS", BUILTIN_REWARDS), ("resolve_reward_funcs", resolve_reward_funcs),
-                      ("score_trajectories", score_trajectories)):  # fmt: skip
-        if not hasattr(rollout, name):
-            setattr(rollout, name, obj)
-
-
 def train(kind: str, argv: list[str]) -> dict:
     """Run one command in-process through its ``main(argv)``; its counts and wall time."""
     import torch
@@ -225,7 +210,7 @@ def train(kind: str, argv: list[str]) -> dict:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         if kind == "sqlm":
-            from sqlm.train import run
+            from sqlm.commands.train import run
 
             _Counter.install()
             trainer = run(argv)
@@ -235,7 +220,6 @@ def train(kind: str, argv: list[str]) -> dict:
                 "generated_tokens": _Counter.tokens,
             }
         elif kind in ("grpo", "rloo"):
-            _baseline_import_shim()
             mod = __import__(f"sqlm.commands.{kind}", fromlist=["main"])
             mod.main(argv)
             rs = json.loads((out / "run_stats.json").read_text())
@@ -245,7 +229,7 @@ def train(kind: str, argv: list[str]) -> dict:
                 "generated_tokens": rs["generated_tokens"],
             }
         elif kind == "dpo":
-            from sqlm.evaluation.dpo import main
+            from sqlm.commands.dpo import main
 
             main(argv)
             steps = json.loads((out / "dpo_summary.json").read_text())["steps"]
