@@ -39,6 +39,18 @@ def _accelerator_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _vllm_available() -> bool:
+    from trl.import_utils import is_vllm_available
+
+    return is_vllm_available()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _as_dict(value: Any, name: str) -> dict | None:
     if value is None or isinstance(value, dict):
         return value
@@ -148,6 +160,23 @@ class SoftQConfig(TrainingArguments):
     disable_dropout: bool = field(
         default=True, metadata={"help": "Disable dropout in the policy, reference and target models."}
     )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Offline data (mode offline, or the offline rows of mode mixed): compute log pi_ref(a_t|s_t) and "
+            "the reference logsumexp (for value_anchor) of every completion token in one pass before training, "
+            "store them as dataset columns (cached under $SQLM_CACHE/reference, keyed by the tokenised data and "
+            "the reference weights), and train without a reference model in memory (mode offline; mixed keeps it "
+            "for the online samples). TRL's DPO name."
+        },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows per batch of the precompute_ref_log_probs pass; None = per_device_train_batch_size for the "
+            "training data and per_device_eval_batch_size for the evaluation data."
+        },
+    )
 
     # ------------------------------------------------------------------ trajectories
     mode: str = field(
@@ -206,7 +235,52 @@ class SoftQConfig(TrainingArguments):
     top_k: int | None = field(default=None, metadata={"help": "Online: top-k sampling; None = off."})
     generation_kwargs: dict | str | None = field(
         default=None,
-        metadata={"help": "Extra `GenerationConfig` arguments for online rollouts (a mapping)."},
+        metadata={"help": "Extra `GenerationConfig` arguments for online rollouts (a mapping); with use_vllm, vLLM "
+                  "`SamplingParams` arguments."},
+    )
+    use_vllm: bool = field(
+        default=False,
+        metadata={
+            "help": "Online and mixed mode: sample rollouts with vLLM through TRL's integration (as GRPOTrainer) "
+            "instead of HF generate; the policy's weights are pushed to vLLM before the first rollout after each "
+            "optimizer step. Needs the vllm package and a CUDA GPU."
+        },
+    )
+    vllm_mode: str = field(
+        default="colocate",
+        metadata={
+            "help": "'colocate': a vLLM engine in each training process, sharing its GPU; 'server': a separate "
+            "`trl vllm-serve` process (see vllm_server_*).",
+            "choices": ["colocate", "server"],
+        },
+    )
+    vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={"help": "Server mode: base URL of the vLLM server (e.g. http://localhost:8000); overrides "
+                  "vllm_server_host and vllm_server_port."},
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: host of the vLLM server."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: port of the vLLM server."})
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "Server mode: seconds to wait for the vLLM server to be up."}
+    )
+    vllm_group_port: int = field(
+        default=51216, metadata={"help": "Server mode: port of the weight-update group with the vLLM server."}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={"help": "Colocate mode: fraction of the GPU's memory vLLM reserves (weights, KV cache)."},
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "Colocate mode: GPUs per vLLM engine (tensor parallelism)."}
+    )
+    vllm_max_model_length: int | None = field(
+        default=None,
+        metadata={"help": "vLLM context length (prompt + completion); None = from the model config."},
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False,
+        metadata={"help": "Colocate mode: offload vLLM's weights and KV cache between rollouts (less memory, slower)."},
     )
 
     # ------------------------------------------------------------------ rewards
@@ -432,10 +506,23 @@ class SoftQConfig(TrainingArguments):
             users = " or ".join(f"'{n}'" for n, s in LOSS_SPECS.items() if s.needs_value_head)
             raise bad("value_head", f"is used only by loss_type {users}, not '{self.loss_type}' (V comes from the "
                       "logits)")
+        if self.precompute_ref_log_probs:
+            if self.mode == "online":
+                raise SqlmError("key 'precompute_ref_log_probs' needs offline data, but mode is 'online' (online samples "
+                                "are scored by a live reference): use mode 'offline' or 'mixed', or turn "
+                                "precompute_ref_log_probs off")
+            if not self.use_reference:
+                raise SqlmError("key 'precompute_ref_log_probs' needs use_reference: true (there is no reference to "
+                                "precompute)")
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            raise bad("precompute_ref_batch_size", f"must be >= 1 or null, got {self.precompute_ref_batch_size!r}")
         if self.num_generations < 1:
             raise bad("num_generations", f"must be >= 1, got {self.num_generations!r}")
         if self.mode != "offline" and not self.max_completion_length:
             raise bad("max_completion_length", f"must be set for mode '{self.mode}' (the generation limit)")
+        if self.use_vllm:
+            self._check_vllm()
+        self._check_engine()
         if self.replay_buffer_size < 0:
             raise bad("replay_buffer_size", f"must be >= 0, got {self.replay_buffer_size!r}")
         if self.temperature <= 0:
@@ -478,6 +565,60 @@ class SoftQConfig(TrainingArguments):
             if self.dataset_test_split:
                 raise SqlmError("keys 'dataset_test_split' and 'dataset_test_size' cannot both be set: choose one eval set")
         self._validate_training_ranges(bad)
+
+    def sharding_engine(self) -> tuple[str, int] | None:
+        """``("deepspeed", zero stage)``, ``("fsdp", version)`` or None: from this config's ``deepspeed`` /
+        ``fsdp`` keys or, under ``accelerate launch``, from the variables its config file sets."""
+        import os
+
+        ds = self.deepspeed
+        if isinstance(ds, str) and ds.endswith(".json") and os.path.isfile(ds):
+            with open(ds) as f:
+                ds = json.load(f)
+        if isinstance(ds, dict):
+            return "deepspeed", int((ds.get("zero_optimization") or {}).get("stage", 0) or 0)
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            return "deepspeed", int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
+        if self.fsdp:
+            return "fsdp", int((self.fsdp_config or {}).get("version", 1) if isinstance(self.fsdp_config, dict) else 1)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            return "fsdp", int(os.environ.get("FSDP_VERSION", "1") or 1)
+        return None
+
+    def _check_engine(self) -> None:
+        """What ZeRO-3 / FSDP cannot run yet, refused before any model is loaded."""
+        engine = self.sharding_engine()
+        if engine is None:
+            return
+        name = "DeepSpeed ZeRO-3" if engine == ("deepspeed", 3) else f"FSDP{engine[1]}" if engine[0] == "fsdp" else None
+        if engine == ("fsdp", 1) and self.uses_target_model:
+            raise SqlmError(f"loss_type '{self.loss_type}' keeps a target network, which needs FSDP2 (fsdp_version: 2 in "
+                            "the accelerate config) or DeepSpeed; FSDP1 is not supported")
+        if name is not None and self.precompute_ref_log_probs:
+            raise SqlmError(f"key 'precompute_ref_log_probs' is not supported under {name} (the pass reads the whole "
+                            "reference on one process): use DDP or ZeRO-2, or precompute_ref_log_probs: false")
+
+    def _check_vllm(self) -> None:
+        """``use_vllm`` needs rollouts, a known vllm_mode, the vllm package and a CUDA GPU: checked here,
+        before any model is loaded."""
+        if self.mode == "offline":
+            raise SqlmError("key 'use_vllm' is for mode 'online' or 'mixed'; mode 'offline' generates nothing")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise choice_error("vllm_mode", self.vllm_mode, ("colocate", "server"))
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise SqlmError(f"key 'vllm_gpu_memory_utilization' must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise SqlmError(f"key 'vllm_tensor_parallel_size' must be >= 1, got {self.vllm_tensor_parallel_size!r}")
+        missing = []
+        if not _vllm_available():
+            missing.append("the vllm package (pip install 'trl[vllm]'), which is not installed")
+        if self.use_cpu:
+            missing.append("a CUDA GPU, but use_cpu is true")
+        elif not _cuda_available():
+            missing.append("a CUDA GPU, and none is visible")
+        if missing:
+            raise SqlmError(f"key 'use_vllm' needs {' and '.join(missing)}: set use_vllm: false to sample with HF "
+                            "generate")
 
     def _validate_training_ranges(self, bad) -> None:
         """The TrainingArguments fields users set most, checked before transformers or torch trip over them."""

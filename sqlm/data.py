@@ -14,6 +14,11 @@ completion tokens: ``chosen_token_rewards`` / ``rejected_token_rewards`` (prefer
 ``token_rewards`` (prompt-completion). Their length must equal the number of completion tokens that
 :func:`tokenize_preference` / :func:`tokenize_prompt_completion` produce (before truncation).
 
+Precomputed reference values (``precompute_ref_log_probs``, :mod:`sqlm.reference`) ride along the
+same way, one float per completion token: ``chosen_ref_log_probs`` / ``chosen_ref_logsumexp`` (and
+``rejected_...``), or ``ref_log_probs`` / ``ref_logsumexp`` (prompt-completion) hold
+``log pi_ref(a_t|s_t)`` and ``logsumexp z_ref(s_t)`` of each completion token.
+
 Tokenisation is pure and deterministic and, with ``max_prompt_length=None`` and
 ``max_completion_length=None``, gives exactly the ids of TRL's ``DPOTrainer`` (same EOS handling,
 same chat-template calls, same common-prefix split, same ``keep_start`` truncation at ``max_length``).
@@ -40,6 +45,13 @@ PREFERENCE, PROMPT_COMPLETION, PROMPT_ONLY = "preference", "prompt_completion", 
 # columns added by tokenisation; everything else is passed to reward functions
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "row_index")
 TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion")
+# precomputed log pi_ref(a_t|s_t) and logsumexp z_ref(s_t) of each side's completion tokens
+REF_COLUMNS = {
+    "chosen": ("chosen_ref_log_probs", "chosen_ref_logsumexp"),
+    "rejected": ("rejected_ref_log_probs", "rejected_ref_logsumexp"),
+    "completion": ("ref_log_probs", "ref_logsumexp"),
+}
+ALL_REF_COLUMNS = tuple(c for cols in REF_COLUMNS.values() for c in cols)
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 FORMAT_HELP = (
@@ -647,6 +659,8 @@ class Trajectory:
     columns: dict[str, Any] = field(default_factory=dict)  # other dataset columns
     source: str = "completion"  # chosen | rejected | completion | online | replay
     scored: bool = False  # rewards final (replayed samples are not scored again)
+    ref_log_probs: list[float] | None = None  # precomputed log pi_ref(a_t|s_t), one per completion token
+    ref_logsumexp: list[float] | None = None  # precomputed logsumexp z_ref(s_t), one per completion token
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -673,8 +687,25 @@ def _label_reward(example: dict[str, Any]) -> float | None:
     return None
 
 
+def _ref_values(example: dict[str, Any], side: str, n_tokens: int, idx: Any) -> dict[str, list[float] | None]:
+    """The precomputed reference columns of one side of a row (both or neither), exactly one value per
+    completion token."""
+    out = {}
+    for key, column in zip(("ref_log_probs", "ref_logsumexp"), REF_COLUMNS[side]):
+        values = example.get(column)
+        if values is not None and len(values) != n_tokens:
+            raise SqlmError(
+                f"row {idx}: column '{column}' has {len(values)} values but the completion has {n_tokens} tokens "
+                "(precomputed with other data or tokenisation settings; delete the column to recompute it)"
+            )
+        out[key] = None if values is None else [float(v) for v in values]
+    if (out["ref_log_probs"] is None) != (out["ref_logsumexp"] is None):
+        raise SqlmError(f"row {idx}: columns {' and '.join(REF_COLUMNS[side])} must be given together")
+    return out
+
+
 def _passthrough_columns(example: dict[str, Any]) -> dict[str, Any]:
-    skip = set(TOKEN_COLUMNS) | set(TEXT_COLUMNS) | set(TOKEN_REWARD_COLUMNS.values())
+    skip = set(TOKEN_COLUMNS) | set(TEXT_COLUMNS) | set(TOKEN_REWARD_COLUMNS.values()) | set(ALL_REF_COLUMNS)
     return {k: v for k, v in example.items() if k not in skip}
 
 
@@ -702,6 +733,7 @@ def offline_trajectories(
                     sequence_reward=None if score is None else float(score),
                     columns=cols,
                     source=side,
+                    **_ref_values(example, side, len(ids), idx),
                 )
             )
     elif "completion_ids" in example and example["completion_ids"] is not None:
@@ -715,6 +747,7 @@ def offline_trajectories(
                 token_rewards=_dense(example, TOKEN_REWARD_COLUMNS["completion"], len(ids), idx),
                 sequence_reward=_label_reward(example),
                 columns=cols,
+                **_ref_values(example, "completion", len(ids), idx),
             )
         )
     return out
@@ -725,7 +758,9 @@ def pack_trajectories(
 ) -> dict[str, torch.Tensor]:
     """Right-padded model inputs of prompt+completion: ``input_ids``, ``attention_mask``,
     ``completion_mask`` (1 on completion tokens) and ``token_rewards`` (``r`` of taking the token at
-    each position), all ``[N, L]``."""
+    each position), all ``[N, L]``. When some trajectories carry precomputed reference values, also
+    ``ref_log_probs`` / ``ref_logsumexp`` ``[N, L]`` (at the position of each completion token, 0
+    elsewhere) and ``ref_precomputed`` ``[N]`` (which rows have them)."""
     if not trajectories:
         raise SqlmError("no trajectories in the batch")
     length = max(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories)
@@ -740,12 +775,22 @@ def pack_trajectories(
         attention[i, : p + c] = 1
         completion[i, p : p + c] = 1
         token_rewards[i, p : p + c] = r[:c].float().cpu()
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention,
         "completion_mask": completion,
         "token_rewards": token_rewards,
     }
+    has_ref = [t.ref_log_probs is not None for t in trajectories]
+    if any(has_ref):
+        ref_lp, ref_lse = torch.zeros((n, length)), torch.zeros((n, length))
+        for i, t in enumerate(trajectories):
+            if has_ref[i]:
+                p, c = len(t.prompt_ids), len(t.completion_ids)
+                ref_lp[i, p : p + c] = torch.tensor(t.ref_log_probs, dtype=torch.float32)
+                ref_lse[i, p : p + c] = torch.tensor(t.ref_logsumexp, dtype=torch.float32)
+        out.update(ref_log_probs=ref_lp, ref_logsumexp=ref_lse, ref_precomputed=torch.tensor(has_ref))
+    return out
 
 
 @dataclass

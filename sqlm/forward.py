@@ -15,10 +15,17 @@ on the LM head). The three readings of a model are built on it:
 * :func:`model_log_pi`: ``log pi_ref`` and ``logsumexp z_ref`` of a reference (no gradient);
 * :func:`model_values`: ``V_bar = tau logsumexp z`` of a target network (no gradient), which
   :func:`polyak_update` moves towards the policy.
+
+With PEFT the target network is a second adapter on the same frozen base
+(:func:`add_target_adapter`); :func:`adapter_active` runs the model with one adapter (or none, the
+reference) active, and :func:`adapter_pairs` pairs the policy adapter's parameters with the target's
+for the Polyak step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -109,6 +116,7 @@ def model_log_pi(model: nn.Module, batch: dict[str, Any], return_lse: bool = Fal
     ``return_lse`` also ``logsumexp z(s_t)``; through the fused head only one chunk of logits exists at
     a time (0 off the path steps)."""
     log_pi, lse = _forward(model, batch)[1].log_probs()
+    _reshard(model)
     return (log_pi, lse) if return_lse else log_pi
 
 
@@ -117,7 +125,21 @@ def model_values(model: nn.Module, batch: dict[str, Any], tau: float) -> torch.T
     """``V(s_t) = tau logsumexp z(s_t, .)`` under ``model`` (no grad), ``[N, T]``; through the fused
     head, only one chunk of logits exists at a time and nothing is kept (0 off the path steps)."""
     tau = check_tau(tau)
-    return tau * _forward(model, batch)[1].log_probs()[1]
+    values = tau * _forward(model, batch)[1].log_probs()[1]
+    _reshard(model)
+    return values
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free the gathered parameters of an FSDP2 model after a forward with no backward: its root
+    module keeps them otherwise (it expects a backward), which would hold a whole reference or target
+    network per process and leave the target's parameters unsharded for the Polyak update."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 # ----------------------------------------------------------------------------- value head and target network
@@ -144,11 +166,113 @@ def attach_value_head(model: nn.Module) -> nn.Module:
     return model
 
 
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """The piece of a parameter this process holds: a DTensor's local shard (FSDP2), a DeepSpeed
+    ZeRO-3 parameter's partition (``ds_tensor``), or the parameter itself."""
+    if hasattr(p, "ds_tensor"):  # ZeRO-3: p.data is empty outside a gather; the partition is ds_tensor
+        return p.ds_tensor
+    to_local = getattr(p, "to_local", None)
+    return to_local() if to_local is not None else p.data
+
+
 @torch.no_grad()
-def polyak_update(policy: nn.Module, target: nn.Module, alpha: float, names: list[str] | None = None) -> None:
+def polyak_update(
+    policy: nn.Module,
+    target: nn.Module,
+    alpha: float,
+    names: list[str] | None = None,
+    pairs: list[tuple[str, str]] | None = None,
+) -> None:
     """``target <- (1 - alpha) * target + alpha * policy`` on the named parameters (default: all of
-    the policy's); the target is a copy of the policy, so names match."""
+    the policy's; the target is a copy of the policy, so names match), or on ``pairs`` of (policy
+    name, target name) (e.g. two adapters of one model, :func:`adapter_pairs`).
+
+    Sharded models (FSDP2 DTensors, ZeRO-3 partitions) are updated piece by piece on each process's
+    local shards (:func:`local_shard`), with no all-gather: policy and target are sharded the same
+    way (same shapes, same mesh), so the local pieces line up element for element."""
     src = dict(policy.named_parameters())
-    dst = dict(target.named_parameters())
-    for n in src if names is None else names:
-        dst[n].data.mul_(1.0 - alpha).add_(src[n].data.to(dst[n].dtype), alpha=alpha)
+    dst = src if target is policy else dict(target.named_parameters())
+    if pairs is None:
+        pairs = [(n, n) for n in (src if names is None else names)]
+    for s, d in pairs:
+        a, b = local_shard(src[s]), local_shard(dst[d])
+        if a.shape != b.shape:
+            raise SqlmError(f"target parameter '{d}' is sharded unlike the policy's '{s}' (local shapes "
+                            f"{tuple(b.shape)} vs {tuple(a.shape)}); shard both with the same engine and mesh")
+        if alpha == 1.0:  # a hard copy, whatever the target held (even non-finite values)
+            b.copy_(a)
+        else:
+            b.mul_(1.0 - alpha).add_(a.to(b.dtype), alpha=alpha)
+
+
+# ----------------------------------------------------------------------------- adapters (PEFT)
+
+TARGET_ADAPTER = "target"
+
+
+def adapter_pairs(model: nn.Module, src: str, dst: str) -> list[tuple[str, str]]:
+    """``(name of a parameter of adapter src, name of the same parameter of adapter dst)`` for every
+    parameter of adapter ``src`` of a PEFT model (``...lora_A.default.weight`` ->
+    ``...lora_A.target.weight``; also ``modules_to_save``)."""
+    names = [n for n, _ in model.named_parameters()]
+    have = set(names)
+    pairs, missing = [], []
+    for n in names:
+        parts = n.split(".")
+        if src not in parts:
+            continue
+        i = parts.index(src)
+        other = ".".join(parts[:i] + [dst] + parts[i + 1 :])
+        (pairs if other in have else missing).append((n, other))
+    if missing or not pairs:
+        what = missing[0][1] if missing else f"any parameter of adapter '{src}'"
+        raise SqlmError(f"adapter '{dst}' does not mirror adapter '{src}': no {what}")
+    return pairs
+
+
+@torch.no_grad()
+def add_target_adapter(model: nn.Module, name: str = TARGET_ADAPTER) -> list[tuple[str, str]]:
+    """Add a frozen adapter ``name`` to a PEFT model, on the same base, with the active (policy)
+    adapter's config and a copy of its weights: the target network without a second copy of the
+    base. The policy adapter stays active and trainable; the random numbers PEFT draws to
+    initialise the new adapter do not move the global RNG. Returns :func:`adapter_pairs`."""
+    import copy
+
+    policy = model.active_adapter
+    if name in model.peft_config:
+        raise SqlmError(f"the model already has an adapter named '{name}' (the target network's adapter)")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with torch.random.fork_rng(devices=[]):
+        model.add_adapter(name, copy.deepcopy(model.peft_config[policy]))
+    pairs = adapter_pairs(model, policy, name)
+    params = dict(model.named_parameters())
+    for s, d in pairs:
+        params[d].data.copy_(params[s].data)
+    for n, p in params.items():  # exactly the trainable set of before: the new adapter is frozen
+        p.requires_grad_(n in trainable)
+    return pairs
+
+
+@contextmanager
+def adapter_active(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
+    """Run a PEFT model with adapter ``name`` active (None: every adapter disabled, i.e. the base
+    model), in eval mode; the previously active adapter, which parameters require gradients, and
+    train/eval mode are restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    try:
+        if name is None:
+            with model.disable_adapter():
+                yield model
+        else:
+            previous = model.active_adapter
+            model.set_adapter(name)
+            try:
+                yield model
+            finally:
+                model.set_adapter(previous)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)

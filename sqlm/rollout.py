@@ -3,6 +3,10 @@
 * :func:`generate_completions` samples completions from the current policy inside the Trainer with
   TRL's ``unwrap_model_for_generation`` (KV cache on; temperature 1 samples the soft policy
   ``pi = softmax(logits)`` the losses are written for).
+* :func:`vllm_generation` / :func:`generate_completions_vllm`: the same with vLLM (``use_vllm``), through
+  TRL's ``VLLMGeneration`` exactly as ``GRPOTrainer`` uses it (colocate or ``trl vllm-serve``); the
+  sampled token ids are used as they come (no decode / re-encode), cut after the first EOS like HF's.
+  This path needs a CUDA GPU and vllm and is not exercised by the CPU tests.
 * :class:`ReplayBuffer` keeps recent online trajectories (with their rewards) for re-use; it is
   saved with checkpoints.
 
@@ -67,17 +71,58 @@ def generate_completions(
         finally:
             unwrapped.train(was_training)
     completions = out[:, ids.shape[1] :].cpu()
-    result = []
+    # generation pads finished rows with pad; a row that never hit EOS keeps its full length
+    return [cut_at_eos(row, eos_token_ids) for row in completions.tolist()]
+
+
+def cut_at_eos(ids: Sequence[int], eos_token_ids: Sequence[int]) -> list[int]:
+    """``ids`` up to and including the first EOS (all of them when there is none)."""
     eos = set(eos_token_ids)
-    for row in completions.tolist():
-        cut = []
-        for tok in row:
-            cut.append(tok)
-            if tok in eos:
-                break
-        # generation pads finished rows with pad; a row that never hit EOS keeps its full length
-        result.append(cut)
-    return result
+    out = []
+    for tok in ids:
+        out.append(int(tok))
+        if tok in eos:
+            break
+    return out
+
+
+def vllm_generation(trainer):
+    """TRL's ``VLLMGeneration`` for a SoftQTrainer, configured as ``GRPOTrainer`` configures it from the
+    same keys (``vllm_mode``, ``vllm_server_*``, ``vllm_gpu_memory_utilization``...). Sampling stops at
+    the trainer's EOS ids; no logit processing beyond temperature / top-p / top-k."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    args = trainer.args
+    return VLLMGeneration(
+        model=trainer.model,
+        accelerator=trainer.accelerator,
+        processing_class=trainer.processing_class,
+        mode=args.vllm_mode,
+        server_base_url=args.vllm_server_base_url,
+        server_host=args.vllm_server_host,
+        server_port=args.vllm_server_port,
+        group_port=args.vllm_group_port,
+        server_timeout=args.vllm_server_timeout,
+        tensor_parallel_size=args.vllm_tensor_parallel_size,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        max_model_length=args.vllm_max_model_length,
+        max_num_seqs=args.per_device_train_batch_size * args.num_generations * args.vllm_tensor_parallel_size,
+        enable_sleep_mode=args.vllm_enable_sleep_mode,
+        trust_remote_code=args.trust_remote_code,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k or 0,
+        max_completion_length=args.max_completion_length,
+        generation_kwargs={"stop_token_ids": list(trainer.eos_token_ids), **(args.generation_kwargs or {})},
+    )
+
+
+def generate_completions_vllm(generation, prompt_ids: list[list[int]], num_generations: int,
+                              eos_token_ids: list[int]) -> list[list[int]]:
+    """One completion per entry of ``prompt_ids`` (each prompt repeated ``num_generations`` times in a
+    row, as TRL's generator expects), each cut after its first EOS."""
+    _, completions, _, _ = generation.generate(prompts=prompt_ids, images=None, num_generations=num_generations)
+    return [cut_at_eos(c, eos_token_ids) for c in completions]
 
 
 # ----------------------------------------------------------------------------- replay

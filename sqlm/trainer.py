@@ -16,10 +16,12 @@ Per optimizer step:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -40,14 +42,25 @@ from .data import (
 from . import checkpoint as ckpt
 from .checkpoint import mark_complete
 from .errors import SqlmError
-from .forward import VALUE_HEAD_ATTR, attach_value_head, model_log_pi, model_values, policy_soft_outputs, polyak_update
+from .forward import (
+    TARGET_ADAPTER,
+    VALUE_HEAD_ATTR,
+    adapter_active,
+    add_target_adapter,
+    attach_value_head,
+    local_shard,
+    model_log_pi,
+    model_values,
+    policy_soft_outputs,
+    polyak_update,
+)
 from .guards import NonFiniteError, nonfinite_reward_source, nonfinite_value_source
 from .losses import loss_spec, normaliser, reduced_sum
 from .paths import cache_dir as sqlm_cache_dir
 from .rewards.base import TokenRewarder
 from .rewards.registry import resolve_rewarders
 from .rewards.scoring import score_trajectories
-from .rollout import ReplayBuffer, generate_completions
+from .rollout import ReplayBuffer, generate_completions, generate_completions_vllm, vllm_generation
 from .soft import SoftOutputs, path_mask
 
 logger = logging.getLogger(__name__)
@@ -65,6 +78,23 @@ class TargetNetworkCallback(TrainerCallback):
 
     def __init__(self, trainer: SoftQTrainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A sharded target starts as an exact copy of the sharded policy, made shard by shard: ranks
+        # that loaded no weights (e.g. FSDP's cpu_ram_efficient_loading) got theirs by broadcast only
+        # into the policy. A resumed run keeps the target it loaded.
+        t = self.trainer
+        if t.target_is_sharded and not t._target_loaded:
+            policy = t.accelerator.unwrap_model(t.model)
+            target = getattr(t.target_model, "module", t.target_model)
+            if any(p.is_meta for p in target.parameters()):
+                target.to_empty(device=t.accelerator.device)
+            polyak_update(policy, target, 1.0, t._target_names)
+            buffers = dict(policy.named_buffers())
+            with torch.no_grad():
+                for n, b in target.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n])
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer._step_skipped:  # nan_policy skip: the step changed nothing
@@ -181,13 +211,18 @@ class SoftQTrainer(Trainer):
         reward_funcs, reward_kwargs = self._auto_reward(model, processing_class, train_dataset, args, reward_funcs)
         explicit_ref = ref_model is not None
 
-        # Reference: explicit; the PEFT base (adapter disabled); a frozen copy; or none.
+        # Reference: explicit; the PEFT base (adapter disabled); a frozen copy; or none. Precomputed
+        # offline (precompute_ref_log_probs, mode offline), the initial policy itself is read once
+        # before training instead of a copy.
         self._ref_is_base = False
+        ref_is_policy = False
         if not args.use_reference:
             ref_model = None
         elif ref_model is None:
             if peft_config is not None or _is_peft(model):
                 self._ref_is_base = True
+            elif args.precompute_ref_log_probs and args.mode == "offline":
+                ref_is_policy = True
             else:
                 ref_model = copy.deepcopy(model)
 
@@ -198,9 +233,15 @@ class SoftQTrainer(Trainer):
                 raise SqlmError("model already has a PEFT adapter; pass its base model with peft_config")
             model = get_peft_model(model, peft_config)
 
+        # Target network: with PEFT a second adapter on the same frozen base; else a frozen copy
         self.target_model = None
+        self._target_pairs: list[tuple[str, str]] | None = None  # (policy adapter, target adapter) names
+        self._target_loaded = False  # restored from a checkpoint
         if args.uses_target_model:
-            self.target_model = copy.deepcopy(model)
+            if _is_peft(model):
+                self._target_pairs = add_target_adapter(model, TARGET_ADAPTER)
+            else:
+                self.target_model = copy.deepcopy(model)
         if args.uses_value_head:
             attach_value_head(model)
 
@@ -235,6 +276,19 @@ class SoftQTrainer(Trainer):
         if eval_dataset is not None and "prompt_ids" not in eval_dataset.column_names:
             eval_dataset = prepare_dataset(eval_dataset, processing_class, args, name="eval")
 
+        # Reference values of the offline rows: one pass, cached columns; mode offline then keeps no
+        # reference model at all (mixed keeps it for the online samples)
+        self._ref_precomputed = False
+        if args.precompute_ref_log_probs and (ref_model is not None or self._ref_is_base or ref_is_policy):
+            reader = model if ref_model is None else ref_model
+            pad = processing_class.pad_token_id
+            train_dataset = self._precompute_reference(reader, train_dataset, args, pad, args.per_device_train_batch_size)
+            if eval_dataset is not None:
+                eval_dataset = self._precompute_reference(reader, eval_dataset, args, pad, args.per_device_eval_batch_size)
+            self._ref_precomputed = True
+            if args.mode == "offline":
+                ref_model, self._ref_is_base = None, False
+
         super().__init__(
             model=model,
             args=args,
@@ -250,6 +304,7 @@ class SoftQTrainer(Trainer):
         self.target_model = self._prepare_aux(self.target_model)
         if self.target_model is not None:
             self._target_names = _trainable_names(self.model)
+        if self.has_target:
             self.add_callback(TargetNetworkCallback(self))
 
         tok = processing_class
@@ -267,6 +322,9 @@ class SoftQTrainer(Trainer):
         self._rng_pending: str | None = None  # checkpoint whose RNG state is restored before the next batch
         self.add_callback(NonFiniteCallback(self))
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # vLLM rollouts (use_vllm, checked in SoftQConfig): weights pushed before the first rollout of each step
+        self.vllm_generation = vllm_generation(self) if args.use_vllm else None
+        self._vllm_synced_step = -1
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -321,30 +379,130 @@ class SoftQTrainer(Trainer):
         self._offline_only_rewarders = {id(self.rewarders[i]) for i in cached}
         return dataset
 
+    def _precompute_reference(self, reader, dataset, args: SoftQConfig, pad_token_id: int, batch_size: int):
+        """``dataset`` with the reference columns of :mod:`sqlm.reference` (computed once by the main
+        process, then read from the cache by the others). ``reader`` is the explicit reference, or the
+        policy before its first step: with PEFT read with every adapter disabled, else as it is (the
+        initial policy is the reference)."""
+        from accelerate import PartialState
+
+        from .reference import add_ref_columns, reference_fingerprint
+
+        peft_base = self._ref_is_base  # reader is the PEFT policy; its base is the reference
+        device = args.device
+        reader.to(device)
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "float32"
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+        def ref_fn(batch):
+            with contextlib.ExitStack() as stack:
+                if amp is not None:
+                    stack.enter_context(torch.autocast(device_type=device.type, dtype=amp))
+                if peft_base:
+                    stack.enter_context(adapter_active(reader, None))
+                else:
+                    was_training = reader.training
+                    reader.eval()
+                    stack.callback(reader.train, was_training)
+                return model_log_pi(reader, batch, return_lse=True)
+
+        with PartialState().main_process_first():
+            return add_ref_columns(
+                dataset, ref_fn, ref_fingerprint=reference_fingerprint(reader, skip_adapters=peft_base),
+                pad_token_id=pad_token_id,
+                batch_size=args.precompute_ref_batch_size or batch_size, precision=precision,
+                cache_dir=sqlm_cache_dir("reference"), device=device,
+            )
+
     def _prepare_aux(self, m):
         if m is None:
             return None
+        # the target network is sharded exactly as the reference (TRL's prepare_deepspeed / prepare_fsdp),
+        # so its pieces line up with the policy's for the shard-by-shard Polyak update
         if self.is_deepspeed_enabled:
-            if m is self.target_model and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-                raise SqlmError("a target network is not supported with DeepSpeed ZeRO-3; use zero2 or ddp")
             from trl.models import prepare_deepspeed
 
             return prepare_deepspeed(m, self.accelerator)
         if self.is_fsdp_enabled:
-            if m is self.target_model:
-                raise SqlmError("a target network is not supported with FSDP; use ddp or zero2")
+            if m is self.target_model and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+                raise SqlmError("a target network needs FSDP2 (fsdp_version: 2 in the accelerate config)")
             from trl.models import prepare_fsdp
 
             return prepare_fsdp(m, self.accelerator)
         return self.accelerator.prepare_model(m, evaluation_mode=True)
 
-    def update_target_model(self) -> None:
-        """Polyak step of the target network towards the policy (the TargetNetworkCallback calls it)."""
+    @property
+    def target_is_sharded(self) -> bool:
+        """The target network is a separate model sharded by ZeRO-3 or FSDP (saved per process)."""
         if self.target_model is None:
-            return
-        target = getattr(self.target_model, "module", self.target_model)
+            return False
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        return zero3 or self.is_fsdp_enabled
+
+    def _target_file(self, folder: str) -> str | None:
+        """Where this process saves / loads the target network: every process its own shards
+        (``target_model_rank{i}.safetensors``) when sharded, else the main process the whole of it."""
+        if self.target_is_sharded:
+            name = ckpt.TARGET_FILE.replace(".safetensors", f"_rank{self.args.process_index}.safetensors")
+            return os.path.join(folder, name)
+        return os.path.join(folder, ckpt.TARGET_FILE) if self.args.should_save else None
+
+    @property
+    def has_target(self) -> bool:
+        """A target network is kept: a frozen copy (``target_model``) or, with PEFT, the adapter ``target``."""
+        return self.target_model is not None or self._target_pairs is not None
+
+    def update_target_model(self) -> None:
+        """Polyak step of the target network towards the policy (the TargetNetworkCallback calls it);
+        with a target adapter only the adapter weights move."""
         policy = self.accelerator.unwrap_model(self.model)
-        polyak_update(policy, target, self.args.target_model_mixup_alpha, self._target_names)
+        alpha = self.args.target_model_mixup_alpha
+        if self._target_pairs is not None:
+            polyak_update(policy, policy, alpha, pairs=self._target_pairs)
+        elif self.target_model is not None:
+            target = getattr(self.target_model, "module", self.target_model)
+            polyak_update(policy, target, alpha, self._target_names)
+
+    def target_values(self, model, inputs) -> torch.Tensor | None:
+        """``V_bar(s_t)`` of the target network ``[N, T]`` (no grad), or None without one. A target
+        adapter is made active for this forward (eval mode); the policy adapter comes back after."""
+        if self.target_model is not None:
+            return model_values(self.target_model, inputs, self.args.tau)
+        if self._target_pairs is None:
+            return None
+        unwrapped = self.accelerator.unwrap_model(model)
+        with torch.no_grad(), adapter_active(unwrapped, TARGET_ADAPTER):
+            return model_values(unwrapped, inputs, self.args.tau)
+
+    def target_state_dict(self) -> dict[str, torch.Tensor]:
+        """The target network's own weights (what a checkpoint must keep): the trainable parameters
+        of the copy, or the target adapter's parameters."""
+        if self._target_pairs is not None:
+            params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+            return {d: local_shard(params[d]).detach() for _, d in self._target_pairs}
+        if self.target_model is None:
+            return {}
+        target = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
+        return {n: local_shard(target[n]).detach() for n in self._target_names}
+
+    @torch.no_grad()
+    def load_target_state_dict(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Copy ``state`` (:meth:`target_state_dict`'s names) into the target network."""
+        if self._target_pairs is not None:
+            params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        else:
+            params = dict(getattr(self.target_model, "module", self.target_model).named_parameters())
+        expected = set(self.target_state_dict())
+        if set(state) != expected:
+            odd = min(set(state) ^ expected)
+            raise SqlmError(f"{where}: the saved target network does not match this one (parameter '{odd}')")
+        for n, t in state.items():
+            piece = local_shard(params[n])
+            if piece.shape != t.shape:
+                raise SqlmError(f"{where}: target parameter '{n}' was saved with shape {tuple(t.shape)}, this process "
+                                f"holds {tuple(piece.shape)} (a sharded checkpoint resumes on the same number of processes)")
+            piece.copy_(t.to(piece.device, piece.dtype))
+        self._target_loaded = True
 
     # ------------------------------------------------------------------ trajectories
 
@@ -371,22 +529,38 @@ class SoftQTrainer(Trainer):
 
     def _rollout(self, rows: list[dict[str, Any]]) -> list[Trajectory]:
         """One completion of the current policy per row (the sampler repeats each prompt
-        ``num_generations`` times)."""
+        ``num_generations`` times; vLLM with ``use_vllm``, else HF generate) and log which generator
+        ran and how fast."""
         from trl.data_utils import is_conversational
 
-        completions = generate_completions(
-            self.model_wrapped,
-            self.accelerator,
-            [r["prompt_ids"] for r in rows],
-            pad_token_id=self.pad_token_id,
-            eos_token_ids=self.eos_token_ids,
-            max_new_tokens=self.args.max_completion_length,
-            temperature=self.args.temperature,
-            top_p=self.args.top_p,
-            top_k=self.args.top_k,
-            generation_kwargs=self.args.generation_kwargs,
-            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-        )
+        prompts = [r["prompt_ids"] for r in rows]
+        started = time.perf_counter()
+        if self.vllm_generation is not None:
+            if self.state.global_step != self._vllm_synced_step:  # the policy moved since the last push
+                self.vllm_generation.sync_weights()
+                self._vllm_synced_step = self.state.global_step
+            # one completion per entry: a prompt's group may span micro-batches (GRPO's global check)
+            completions = generate_completions_vllm(self.vllm_generation, prompts, 1, self.eos_token_ids)
+            generator = f"vllm_{self.args.vllm_mode}"
+        else:
+            completions = generate_completions(
+                self.model_wrapped,
+                self.accelerator,
+                prompts,
+                pad_token_id=self.pad_token_id,
+                eos_token_ids=self.eos_token_ids,
+                max_new_tokens=self.args.max_completion_length,
+                temperature=self.args.temperature,
+                top_p=self.args.top_p,
+                top_k=self.args.top_k,
+                generation_kwargs=self.args.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            )
+            generator = "hf"
+        seconds = time.perf_counter() - started
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics[f"generation/{generator}/seconds"].append(seconds)
+        metrics[f"generation/{generator}/tokens_per_second"].append(sum(map(len, completions)) / max(seconds, 1e-9))
         out = []
         for row, ids in zip(rows, completions):
             text = self.processing_class.decode(ids, skip_special_tokens=True)
@@ -494,14 +668,31 @@ class SoftQTrainer(Trainer):
 
     def reference_log_pi(self, model, inputs, return_lse: bool = False):
         """``log pi_ref(a_t|s_t)`` ``[N, T]`` (with ``return_lse`` also ``logsumexp z_ref(s_t)``): the
-        explicit reference model, the PEFT base model with the adapter disabled, or None (no reference)."""
+        precomputed columns of the rows that carry them (``precompute_ref_log_probs``), and for the
+        others the explicit reference model, the PEFT base model with the adapter disabled, or None
+        (no reference)."""
+        pre = inputs.get("ref_precomputed")
+        if pre is None or not bool(pre.any()):
+            return self._live_reference_log_pi(model, inputs, return_lse)
+        start = int(inputs["logits_start"])
+        log_pi, lse = inputs["ref_log_probs"][:, start + 1 :], inputs["ref_logsumexp"][:, start + 1 :]
+        if not bool(pre.all()):  # e.g. mixed mode: the online rows need the live reference
+            rows = (~pre).nonzero().squeeze(-1)
+            sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "path_mask") if k in inputs}
+            live = self._live_reference_log_pi(model, {**sub, "logits_start": start}, True)
+            if live[0] is None:
+                raise SqlmError("a batch has rows without precomputed reference log-probs (precompute_ref_log_probs) "
+                                "and no reference model is loaded")
+            log_pi, lse = log_pi.clone(), lse.clone()
+            log_pi[rows], lse[rows] = live[0].to(log_pi.dtype), live[1].to(lse.dtype)
+        return (log_pi, lse) if return_lse else log_pi
+
+    def _live_reference_log_pi(self, model, inputs, return_lse: bool = False):
         if self.ref_model is not None:
             return model_log_pi(self.ref_model, inputs, return_lse)
         if self._ref_is_base:
-            from trl.trainer.utils import use_adapter
-
             unwrapped = self.accelerator.unwrap_model(model)
-            with use_adapter(unwrapped, None):
+            with adapter_active(unwrapped, None):
                 return model_log_pi(unwrapped, inputs, return_lse)
         return (None, None) if return_lse else None
 
@@ -517,7 +708,7 @@ class SoftQTrainer(Trainer):
         rewards = inputs["token_rewards"][:, start + 1 :]
 
         ref_log_pi, ref_lse = self.reference_log_pi(model, inputs, return_lse=True)
-        target_v = model_values(self.target_model, inputs, args.tau) if self.target_model is not None else None
+        target_v = self.target_values(model, inputs)
         if args.value_anchor == "reference" and ref_lse is not None and not spec.needs_value_head:
             # values measured from the reference's logsumexp: pi is unchanged, V = 0 where pi = pi_ref
             anchor = args.tau * ref_lse * mask
@@ -641,10 +832,15 @@ class SoftQTrainer(Trainer):
         """Save what the HF checkpoint lacks into ``folder``: the target network (safetensors), this
         process's replay buffer and the mixed-mode credit / skip count (JSON; no pickles)."""
         ckpt.save_aux_state(
-            folder, target_model=self.target_model, target_names=getattr(self, "_target_names", []),
-            replay_buffer=self.replay_buffer, process_index=self.args.process_index, is_main=self.args.should_save,
-            counters={"mix_credit": self._mix_credit, "skipped_steps": self._skipped_steps},
+            folder, replay_buffer=self.replay_buffer, process_index=self.args.process_index,
+            is_main=self.args.should_save, counters={"mix_credit": self._mix_credit, "skipped_steps": self._skipped_steps},
         )
+        # the target network (a copy, an adapter, or this process's shards of a sharded one)
+        target_file = self._target_file(folder) if self.has_target else None
+        if target_file is not None:
+            from safetensors.torch import save_file
+
+            save_file({n: t.contiguous().cpu() for n, t in self.target_state_dict().items()}, target_file)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         import pickle
@@ -660,12 +856,15 @@ class SoftQTrainer(Trainer):
 
     def load_aux_state(self, folder: str) -> None:
         """Restore the target network, replay buffer and trainer counters saved by :meth:`save_aux_state`."""
-        counters = ckpt.load_aux_state(
-            folder,
-            target_model=self.target_model,
-            replay_buffer=self.replay_buffer,
-            process_index=self.args.process_index,
-        )
+        if self.has_target:
+            path = self._target_file(folder) if self.target_is_sharded else os.path.join(folder, ckpt.TARGET_FILE)
+            if not os.path.exists(path):
+                raise SqlmError(f"checkpoint {folder} has no {os.path.basename(path)}; it was saved without a target "
+                                "network (or by another number of processes)")
+            from safetensors.torch import load_file
+
+            self.load_target_state_dict(load_file(path), f"checkpoint {folder}")
+        counters = ckpt.load_aux_state(folder, replay_buffer=self.replay_buffer, process_index=self.args.process_index)
         if counters:
             self._mix_credit = float(counters.get("mix_credit", 0.0))
             self._skipped_steps = int(counters.get("skipped_steps", 0))

@@ -105,6 +105,26 @@ def test_char_tokenizer_tokenises_prompt_and_completion_apart_as_together():
     assert tok.unk_token_id not in ids
 
 
+def test_saved_base_lm_tokenizer_reloads_with_the_same_ids(tmp_path):
+    """What sqlm train / sqlm dpo load from a base-LM folder (AutoTokenizer; a Qwen2-shaped config
+    makes transformers rebuild a Qwen2Tokenizer) encodes worked completions, spaces included, as the
+    pretraining tokenizer did. The first char tokenizer lost every space there: the offline pairs
+    were trained as '1+2+0=039+0+0=09=93', text the base LM gives ~-150 nats, and offline runs blew up."""
+    from transformers import AutoTokenizer
+
+    from sqlm.tiny import tiny_model_for_tokenizer
+
+    tok = ar.char_tokenizer()
+    tiny_model_for_tokenizer(tok, seed=0, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=32).save_pretrained(tmp_path)  # fmt: skip
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("37+85:", trace(37, 85), " 1+2+0=03 9+0+0=09 = 93", "  12 :: ="):
+        assert loaded(text)["input_ids"] == tok(text)["input_ids"], text
+        assert loaded.decode(tok(text)["input_ids"]) == text
+    assert ar.tokenizer_is_current(tmp_path)
+
+
 # ----------------------------------------------------------------------------- checker
 
 CHECKS = [

@@ -5,7 +5,8 @@ only), with per-token and with terminal rewards."""
 import pytest
 
 from sqlm.losses import LOSSES
-from sqlm.oracle import random_mdp, solve, tiny_reference_lm, train_towards_oracle
+from sqlm.evaluation.oracle_train import tiny_reference_lm, train_towards_oracle
+from sqlm.oracle import random_mdp, solve
 from sqlm.tiny import tiny_causal_lm
 
 START_KL, END_KL = 0.5, 0.05

@@ -69,7 +69,8 @@ def test_logged_keys_are_the_documented_keys(tmp_path, tokenizer, mode):
     trainer.train()
     # log_history adds the step number to each log
     logged = {k for entry in trainer.state.log_history if "loss" in entry for k in entry} - {"step"}
-    expected = {k.replace("<name>", "good_reward") for k, modes in documented_metrics().items() if mode in modes}
+    expected = {k.replace("<name>", "good_reward").replace("<generator>", "hf")
+                for k, modes in documented_metrics().items() if mode in modes}
     assert logged == expected, (sorted(logged - expected), sorted(expected - logged))
 
 

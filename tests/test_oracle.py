@@ -311,7 +311,7 @@ def test_bad_input_names_the_argument():
 
 
 def test_train_towards_oracle_rejects_unknown_loss():
-    from sqlm.oracle import train_towards_oracle
+    from sqlm.evaluation.oracle_train import train_towards_oracle
 
     sol = solve(make("token", horizon=2))
     with pytest.raises(ValueError, match="loss_type"):

@@ -86,6 +86,12 @@ def test_the_recipes_this_project_documents_exist():
         "recipes/accelerate/zero2.yaml",
         "recipes/accelerate/zero3.yaml",
         "recipes/accelerate/fsdp.yaml",
+        "recipes/accelerate/zero3_multinode.yaml",
+        "recipes/accelerate/fsdp2_multinode.yaml",
+        "recipes/qwen2.5-0.5b-instruct/sqlm/config_soft_q_zero3.yaml",
+        "recipes/qwen2.5-0.5b-instruct/sqlm/config_soft_q_fsdp2.yaml",
+        "recipes/llama-3.2-1b-instruct/sqlm/config_soft_q_zero3.yaml",
+        "recipes/llama-3.2-1b-instruct/sqlm/config_soft_q_fsdp2.yaml",
     ):
         assert name in rel, name
 

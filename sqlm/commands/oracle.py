@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from ..oracle import random_mdp, solve, tiny_reference_lm, train_towards_oracle
+    from ..evaluation.oracle_train import tiny_reference_lm, train_towards_oracle
+    from ..oracle import random_mdp, solve
     from ..tiny import tiny_causal_lm
 
     try:

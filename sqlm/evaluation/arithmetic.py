@@ -251,19 +251,38 @@ def char_tokenizer():
     """A character-level tokenizer over ``0-9 + = : space`` with pad/eos/bos/unk (ids 0-3).
 
     One token per character, so tokenising a prompt and its completion apart or together gives the
-    same ids (what TRL's trainers assume)."""
+    same ids (what TRL's trainers assume). Built in the byte-level form of a Qwen2 tokenizer (the space
+    is the vocabulary entry ``Ġ``, a BPE model without merges, byte-level pre-tokenizer and decoder):
+    ``AutoTokenizer.from_pretrained`` of a saved Qwen2-shaped base LM rebuilds a ``Qwen2Tokenizer``
+    from the vocabulary whatever the saved pipeline says (transformers 5), and only this form survives
+    that with the same ids; with a plain ``" "`` entry the reloaded tokenizer dropped every space of
+    the worked completions."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from ..tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
 
-    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS.values(), *CHARS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS.values(), *(("Ġ" if c == " " else c) for c in CHARS)])}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex("."), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+_TOKENIZER_PROBE = " 7+5+0=12 3+8+1=12 = 122"
+
+
+def tokenizer_is_current(folder: str | os.PathLike) -> bool:
+    """Whether ``AutoTokenizer.from_pretrained(folder)`` encodes a worked completion as
+    :func:`char_tokenizer` does (False for base LMs saved with the space-dropping tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return tok(_TOKENIZER_PROBE)["input_ids"] == char_tokenizer()(_TOKENIZER_PROBE)["input_ids"]
 
 
 @contextlib.contextmanager
@@ -365,6 +384,8 @@ def build_base_model(cfg: ArithTaskConfig, cache_dir: str | os.PathLike | None =
     the weights' digest)."""
     out = base_model_dir(cfg, cache_dir)
     if (out / "base_lm.json").is_file():
+        if not tokenizer_is_current(out):  # saved before the byte-level form: same ids, so same weights
+            char_tokenizer().save_pretrained(out)
         return out
     import time
 
