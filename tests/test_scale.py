@@ -327,7 +327,8 @@ class FakeVLLMGeneration:
 
 def test_vllm_tokens_are_exactly_what_the_loss_trains_on(tmp_path, tokenizer):
     trainer = SoftQTrainer(
-        make_model(tokenizer), config(tmp_path, mode="online", max_steps=2, loss_type="soft_q"),
+        make_model(tokenizer),
+        config(tmp_path, mode="online", max_steps=2, loss_type="soft_q", per_device_train_batch_size=4),
         train_dataset=pref_data(), processing_class=tokenizer, reward_funcs=[good_reward],
     )
     good = tokenizer(GOOD, add_special_tokens=False)["input_ids"]
@@ -345,7 +346,8 @@ def test_vllm_tokens_are_exactly_what_the_loss_trains_on(tmp_path, tokenizer):
 
     trainer.build_batch = spy
     trainer.train()
-    assert fake.syncs == 2 and fake.calls == [(4, 2), (4, 2)]  # one push per optimizer step, 2 prompts x 2
+    # one push per optimizer step; 2 prompts x 2 completions, the sampler repeats each prompt: one per entry
+    assert fake.syncs == 2 and fake.calls == [(4, 1), (4, 1)]
     for batch in batches:
         for ids, mask in zip(batch["input_ids"], batch["completion_mask"]):
             assert ids[mask.bool()].tolist() == good + [eos]
