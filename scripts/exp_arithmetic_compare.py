@@ -162,9 +162,7 @@ def run_argv(
             "--max_steps", str(args.steps), "--seed", str(seed), "--output_dir", str(out),
             "--logging_steps", str(max(1, args.steps // 4)), "--report_to", "none"]  # fmt: skip
     if online:
-        batch = args.prompts_per_batch * (
-            args.num_generations if kind in ("grpo", "rloo") else 1
-        )
+        batch = args.prompts_per_batch * args.num_generations  # every online batch counts completions (as GRPO)
         argv += ["--dataset_name", str(data / "prompts.jsonl"), "--learning_rate", str(args.online_lr),
                  "--per_device_train_batch_size", str(batch), "--num_generations", str(args.num_generations),
                  "--max_completion_length", str(args.max_completion_length), "--temperature", "1.0",
