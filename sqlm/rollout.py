@@ -106,7 +106,7 @@ def vllm_generation(trainer):
         tensor_parallel_size=args.vllm_tensor_parallel_size,
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         max_model_length=args.vllm_max_model_length,
-        max_num_seqs=args.per_device_train_batch_size * args.num_generations * args.vllm_tensor_parallel_size,
+        max_num_seqs=args.per_device_train_batch_size * args.vllm_tensor_parallel_size,  # the batch counts completions
         enable_sleep_mode=args.vllm_enable_sleep_mode,
         trust_remote_code=args.trust_remote_code,
         temperature=args.temperature,
