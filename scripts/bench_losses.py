@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from sqlm.losses import LOSS_SPECS
 from sqlm.soft import soft_outputs
 
+
 TAU = 0.5
 GAMMA = 0.99
 BASELINE = "cross_entropy"
@@ -71,7 +72,13 @@ def run_case(name: str, x: dict) -> None:
     else:
         out = soft_outputs(logits, x["actions"], TAU)
         loss, _ = LOSS_SPECS[name](
-            out, x["rewards"], x["mask"], value=x["values"], target_v=x["target_v"], tau=TAU, gamma=GAMMA,
+            out,
+            x["rewards"],
+            x["mask"],
+            value=x["values"],
+            target_v=x["target_v"],
+            tau=TAU,
+            gamma=GAMMA,
             ref_log_pi=x["ref_log_pi"],
         )
     loss.backward()

@@ -38,6 +38,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 MB = 1e6
@@ -128,8 +129,10 @@ def formula_table(n_gpus: int = 8, gpu_gb: float = 80.0) -> str:
             cells.append(f"{gb:,.1f} {'fits' if gb < gpu_gb else 'does not fit'}")
         rows.append(f"| {label} | {cells[0]} | {cells[1]} |")
     sizes = ", ".join(f"{k} = {v.params() / 1e9:.2f}B parameters" for k, v in SHAPES.items())
-    return (f"Model state per GPU on {n_gpus} x {gpu_gb:.0f} GB ({sizes}); activations, the KV cache of "
-            f"online generation and allocator slack come on top.\n\n" + head + "\n".join(rows))
+    return (
+        f"Model state per GPU on {n_gpus} x {gpu_gb:.0f} GB ({sizes}); activations, the KV cache of "
+        f"online generation and allocator slack come on top.\n\n" + head + "\n".join(rows)
+    )
 
 
 # ----------------------------------------------------------------------------- measured rows
@@ -180,8 +183,14 @@ def model_state(policy, optimizer, reference=None, target=None, target_adapter: 
 
 def _rows_data(n: int = 16):
     words = "good fun bright bad dull grey film book song game".split()
-    return [{"prompt": f"Rate the {words[6 + i % 4]}:", "chosen": f" {words[i % 3]} and {words[(i + 1) % 3]}.",
-             "rejected": f" {words[3 + i % 3]} {words[3 + i % 3]}."} for i in range(n)]
+    return [
+        {
+            "prompt": f"Rate the {words[6 + i % 4]}:",
+            "chosen": f" {words[i % 3]} and {words[(i + 1) % 3]}.",
+            "rejected": f" {words[3 + i % 3]} {words[3 + i % 3]}.",
+        }
+        for i in range(n)
+    ]
 
 
 def run_trainer_row(row: str, shape: dict, out_dir: str) -> dict:
@@ -193,31 +202,57 @@ def run_trainer_row(row: str, shape: dict, out_dir: str) -> dict:
     from sqlm.trainer import SoftQTrainer
 
     tok = train_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in _rows_data()] * 4, vocab_size=300)
-    model = tiny_causal_lm(shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                           num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                           num_key_value_heads=shape["kv_heads"], pad_token_id=tok.pad_token_id,
-                           eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    model = tiny_causal_lm(
+        shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     peft_config = None
     if row == "lora_adapter_target":
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     args = SoftQConfig(
-        output_dir=os.path.join(out_dir, row), use_cpu=True, report_to="none", save_strategy="no", max_steps=2,
-        per_device_train_batch_size=2, max_length=48, loss_type="soft_q", learning_rate=1e-5, logging_steps=1,
-        disable_tqdm=True, precompute_ref_log_probs=row == "precomputed_reference", dataloader_num_workers=0,
+        output_dir=os.path.join(out_dir, row),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        max_steps=2,
+        per_device_train_batch_size=2,
+        max_length=48,
+        loss_type="soft_q",
+        learning_rate=1e-5,
+        logging_steps=1,
+        disable_tqdm=True,
+        precompute_ref_log_probs=row == "precomputed_reference",
+        dataloader_num_workers=0,
     )
-    trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(_rows_data()), processing_class=tok,
-                           peft_config=peft_config)
+    trainer = SoftQTrainer(
+        model, args, train_dataset=Dataset.from_list(_rows_data()), processing_class=tok, peft_config=peft_config
+    )
     trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.model)
     reference = trainer.ref_model
-    state = model_state(policy, trainer.optimizer, getattr(reference, "module", reference),
-                        getattr(trainer.target_model, "module", trainer.target_model),
-                        "target" if trainer._target_pairs else None)
+    state = model_state(
+        policy,
+        trainer.optimizer,
+        getattr(reference, "module", reference),
+        getattr(trainer.target_model, "module", trainer.target_model),
+        "target" if trainer._target_pairs else None,
+    )
     del torch
-    return {"rank": trainer.args.process_index, "world": trainer.args.world_size, "state": state,
-            "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "rank": trainer.args.process_index,
+        "world": trainer.args.world_size,
+        "state": state,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def run_fsdp2_row(shape: dict) -> dict:
@@ -232,9 +267,15 @@ def run_fsdp2_row(shape: dict) -> dict:
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    policy = tiny_causal_lm(shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                            num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                            num_key_value_heads=shape["kv_heads"], tie_word_embeddings=True)
+    policy = tiny_causal_lm(
+        shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        tie_word_embeddings=True,
+    )
     reference, target = copy.deepcopy(policy).eval(), copy.deepcopy(policy).eval()
     for layer in policy.model.layers:
         fully_shard(layer)
@@ -278,21 +319,54 @@ def _deepspeed_reason() -> str | None:
 
 
 def launch(row: str, size: str, out: Path) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               SQLM_CACHE=str(out / "cache"))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        SQLM_CACHE=str(out / "cache"),
+    )
     me = [str(Path(__file__).resolve()), "--worker", row, "--size", size, "--out", str(out)]
     if row == "fsdp2":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), *me]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            *me,
+        ]
     elif row in ("zero2", "zero3"):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "recipes" / "accelerate" / f"{row}.yaml"), "--num_processes", "2", "--main_process_port",
-               str(_free_port()), *me]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "recipes" / "accelerate" / f"{row}.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(_free_port()),
+            *me,
+        ]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-               "--main_process_port", str(_free_port()), *me]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "recipes" / "accelerate" / "ddp.yaml"),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            *me,
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{row} failed:\n{proc.stderr[-3000:]}")
@@ -321,8 +395,10 @@ def main(argv=None) -> int:
         size = "small" if a.small else "default"
         shape = SMALL if a.small else DEFAULT
         n = Shape(**shape, tied=True, qkv_bias=True).params()
-        print(f"Measured: Qwen2-shaped model of {n / 1e6:.1f}M parameters (fp32), soft_q, 2 CPU processes; "
-              "MB per process (rank 0)\n")
+        print(
+            f"Measured: Qwen2-shaped model of {n / 1e6:.1f}M parameters (fp32), soft_q, 2 CPU processes; "
+            "MB per process (rank 0)\n"
+        )
         print("| row | policy | grads | optimizer | reference | target | model state | peak RSS |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         with tempfile.TemporaryDirectory() as tmp:
@@ -332,8 +408,11 @@ def main(argv=None) -> int:
                     continue
                 r0 = launch(row, size, Path(tmp))[0]
                 s = r0["state"]
-                print(f"| {row} | {s['policy']:.0f} | {s['grads']:.0f} | {s['optimizer']:.0f} | {s['reference']:.0f} "
-                      f"| {s['target']:.0f} | {s['total']:.0f} | {r0['peak_rss_mb']:.0f} |", flush=True)
+                print(
+                    f"| {row} | {s['policy']:.0f} | {s['grads']:.0f} | {s['optimizer']:.0f} | {s['reference']:.0f} "
+                    f"| {s['target']:.0f} | {s['total']:.0f} | {r0['peak_rss_mb']:.0f} |",
+                    flush=True,
+                )
         print()
     print(formula_table(a.gpus, a.gpu_gb))
     return 0

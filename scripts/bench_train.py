@@ -40,6 +40,7 @@ import tempfile
 import time
 import traceback
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -47,6 +48,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
+
 
 ROWS = ("sft", "dpo", "sqlm_offline_unified_pcl", "sqlm_offline_soft_q", "sqlm_online")
 BASELINE = "dpo"
@@ -258,9 +260,9 @@ class GenerationTimer:
         def timed(*a, **kw):
             calls: list[int] = []
             handle = model.register_forward_pre_hook(
-                lambda m, args_, kwargs_: calls.append(kwargs_["input_ids"].shape[1])
-                if kwargs_.get("input_ids") is not None
-                else None,
+                lambda m, args_, kwargs_: (
+                    calls.append(kwargs_["input_ids"].shape[1]) if kwargs_.get("input_ids") is not None else None
+                ),
                 with_kwargs=True,
             )
             t0 = time.perf_counter()
@@ -327,12 +329,22 @@ def make_trainer(name: str, args, base_model, tokenizer, rows, out_dir: str):
     reward_funcs = None
     if name == "sqlm_offline_unified_pcl":
         data = Dataset.from_list(rows)
-        kw.update(loss_type="unified_pcl", mode="offline", use_target_model=False,
-                  chosen_score_column="score_chosen", rejected_score_column="score_rejected")
+        kw.update(
+            loss_type="unified_pcl",
+            mode="offline",
+            use_target_model=False,
+            chosen_score_column="score_chosen",
+            rejected_score_column="score_rejected",
+        )
     elif name == "sqlm_offline_soft_q":
         data = Dataset.from_list(rows)
-        kw.update(loss_type="soft_q", mode="offline", use_target_model=True,
-                  chosen_score_column="score_chosen", rejected_score_column="score_rejected")
+        kw.update(
+            loss_type="soft_q",
+            mode="offline",
+            use_target_model=True,
+            chosen_score_column="score_chosen",
+            rejected_score_column="score_rejected",
+        )
     elif name == "sqlm_online":
         data = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
         kw.update(loss_type="unified_pcl", mode="online", num_generations=2, generation_kwargs={"min_new_tokens": new})
@@ -345,8 +357,14 @@ def make_trainer(name: str, args, base_model, tokenizer, rows, out_dir: str):
     else:
         raise ValueError(f"unknown row {name!r}")
     config = SoftQConfig(**common, **kw)
-    return SoftQTrainer(model=policy, args=config, train_dataset=data, processing_class=tokenizer,
-                        ref_model=ref, reward_funcs=reward_funcs)
+    return SoftQTrainer(
+        model=policy,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        ref_model=ref,
+        reward_funcs=reward_funcs,
+    )
 
 
 def run_row(name: str, args, base_model, tokenizer, rows) -> dict:
@@ -403,9 +421,7 @@ def table(results: list[list[dict]], args) -> str:
     for rep in results:
         for r in rep:
             by_name.setdefault(r["name"], []).append(r)
-    base_per_rep = [
-        {r["name"]: r for r in rep}.get(BASELINE) for rep in results
-    ]
+    base_per_rep = [{r["name"]: r for r in rep}.get(BASELINE) for rep in results]
     dev = args.device if not _cuda(args.device) else torch.cuda.get_device_name()
     lines = [
         f"Qwen2-shaped: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}; "

@@ -25,6 +25,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -64,9 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     base = build_base_model(cfg, args.cache_dir)
     t_base = time.time() - t0
     meta = json.loads((base / "base_lm.json").read_text())
-    how = "cached" if cached else f"pretrained on one thread in {t_base:.1f} s, {meta['pretrain_cpu_seconds']:.1f} s of CPU"
-    print(f"base LM: {base} ({how}; "
-          f"final completion loss {meta['final_loss']:.3f}; weights sha256 {meta['weights_sha256'][:16]})")
+    how = (
+        "cached"
+        if cached
+        else f"pretrained on one thread in {t_base:.1f} s, {meta['pretrain_cpu_seconds']:.1f} s of CPU"
+    )
+    print(
+        f"base LM: {base} ({how}; "
+        f"final completion loss {meta['final_loss']:.3f}; weights sha256 {meta['weights_sha256'][:16]})"
+    )
     t0 = time.time()
     data = build_task_data(
         cfg, base, n_train=args.n_train, n_eval=args.n_eval, n_long=args.n_long,
@@ -87,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     print(f"base model evaluation ({time.time() - t0:.1f} s):")
     for split, row in metrics.items():
-        print(f"  {split:5s} accuracy@T=1 {row['accuracy']:.3f} ± {row['accuracy_se']:.3f}   greedy "
-              f"{row['greedy_accuracy']:.3f} ± {row['greedy_accuracy_se']:.3f}   well-formed {row['well_formed']:.3f}   "
-              f"length {row['length']:.1f} (greedy {row['greedy_length']:.1f})   n {row['n']}")
+        print(
+            f"  {split:5s} accuracy@T=1 {row['accuracy']:.3f} ± {row['accuracy_se']:.3f}   greedy "
+            f"{row['greedy_accuracy']:.3f} ± {row['greedy_accuracy_se']:.3f}   well-formed {row['well_formed']:.3f}   "
+            f"length {row['length']:.1f} (greedy {row['greedy_length']:.1f})   n {row['n']}"
+        )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"config": cfg.base_key(), "base": str(base), "data": str(data), "pretrain_seconds": meta.get("pretrain_seconds"),
@@ -98,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__}  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=1))
     print(f"results: {out / 'results.json'}")
-    print(f"recipes: --model_name_or_path {base} --dataset_name {data}/pairs.jsonl (offline, DPO) "
-          f"or {data}/prompts.jsonl (online)")
+    print(
+        f"recipes: --model_name_or_path {base} --dataset_name {data}/pairs.jsonl (offline, DPO) "
+        f"or {data}/prompts.jsonl (online)"
+    )
     return 0
 
 

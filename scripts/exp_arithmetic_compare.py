@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
@@ -79,15 +80,9 @@ def parse_args(argv=None):
         default=None,
         help="sqlm cache (base LMs, data); default $SQLM_CACHE or ~/.cache/sqlm.",
     )
-    p.add_argument(
-        "--bases", type=int, nargs="+", default=[0, 1], help="Base-LM seeds."
-    )
-    p.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1], help="Training seeds."
-    )
-    p.add_argument(
-        "--steps", type=int, default=40, help="Optimizer steps of every run."
-    )
+    p.add_argument("--bases", type=int, nargs="+", default=[0, 1], help="Base-LM seeds.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Training seeds.")
+    p.add_argument("--steps", type=int, default=40, help="Optimizer steps of every run.")
     p.add_argument(
         "--online_lr",
         type=float,
@@ -114,13 +109,9 @@ def parse_args(argv=None):
         default=16,
         help="Offline: preference pairs per step.",
     )
-    p.add_argument(
-        "--n_eval", type=int, default=200, help="Held-out eval prompts per base LM."
-    )
+    p.add_argument("--n_eval", type=int, default=200, help="Held-out eval prompts per base LM.")
     p.add_argument("--n_boot", type=int, default=1000)
-    p.add_argument(
-        "--methods", nargs="+", default=None, help="Subset of methods (default: all)."
-    )
+    p.add_argument("--methods", nargs="+", default=None, help="Subset of methods (default: all).")
     p.add_argument(
         "--attempts",
         nargs="*",
@@ -241,9 +232,7 @@ def train(kind: str, argv: list[str]) -> dict:
     }
 
 
-def per_prompt_eval(
-    model, tokenizer, ref, prompts: list[str], max_new_tokens: int, seed: int
-) -> dict:
+def per_prompt_eval(model, tokenizer, ref, prompts: list[str], max_new_tokens: int, seed: int) -> dict:
     """``evaluate_model``'s summary of the ``eval`` split plus the per-prompt accuracy and KL of the
     very same temperature-1 samples (one per prompt, same seed), for the bootstrap."""
     from sqlm.evaluation.arithmetic import (
@@ -264,17 +253,11 @@ def per_prompt_eval(
             max_new_tokens=max_new_tokens,
             seed=seed,
         )["eval"]
-        flat, comps = _sample(
-            model, tokenizer, prompts, 1, max_new_tokens, seed, 64, False, ""
-        )
+        flat, comps = _sample(model, tokenizer, prompts, 1, max_new_tokens, seed, 64, False, "")
         acc = arith_reward(prompts, [completion_text(tokenizer, c) for c in comps])
-        kl, _ = exact_sequence_kl(
-            model, ref, flat, comps, pad_token_id=tokenizer.pad_token_id
-        )
+        kl, _ = exact_sequence_kl(model, ref, flat, comps, pad_token_id=tokenizer.pad_token_id)
     if abs(sum(acc) / len(acc) - summary["accuracy"]) > 1e-9:
-        raise RuntimeError(
-            "per-prompt samples differ from evaluate_model's (sampling is not reproducible)"
-        )
+        raise RuntimeError("per-prompt samples differ from evaluate_model's (sampling is not reproducible)")
     return {**summary, "per_prompt_accuracy": acc, "per_prompt_kl": kl}
 
 
@@ -282,9 +265,7 @@ def evaluate_folder(path: Path, ref, tokenizer, prompts, args, seed: int) -> dic
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    return per_prompt_eval(
-        model, tokenizer, ref, prompts, args.eval_max_new_tokens, seed
-    )
+    return per_prompt_eval(model, tokenizer, ref, prompts, args.eval_max_new_tokens, seed)
 
 
 def run_one(method, spec, knob, unit, bases, args, root: Path) -> dict:
@@ -319,9 +300,7 @@ def run_one(method, spec, knob, unit, bases, args, root: Path) -> dict:
     t0 = time.time()
     result = {"method": method, "knob_name": spec[2], "knob": knob, "base": b, "seed": s, "key": key, **stats,
               "eval": evaluate_folder(folder / "model", ref, tok, prompts, args, seed=1234 + b)}  # fmt: skip
-    mids = sorted(
-        (folder / "model").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
-    )
+    mids = sorted((folder / "model").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     mids = [m for m in mids if int(m.name.split("-")[1]) < stats["optimizer_steps"]]
     if mids:
         m = mids[-1]
@@ -430,12 +409,8 @@ def summarize(results: list[dict], methods: list[str]) -> dict:
             ):
                 row[k] = sum(r[k] for r in rs) / len(rs)
             if all("mid" in r for r in rs):
-                row["mid_completions"] = sum(
-                    r["mid"]["generated_completions"] for r in rs
-                ) / len(rs)
-                row["mid_accuracy"], row["mid_accuracy_se"] = seed_summary(
-                    [r["mid"]["accuracy"] for r in rs]
-                )
+                row["mid_completions"] = sum(r["mid"]["generated_completions"] for r in rs) / len(rs)
+                row["mid_accuracy"], row["mid_accuracy_se"] = seed_summary([r["mid"]["accuracy"] for r in rs])
             table[(m, knob)] = row
     return table
 
@@ -461,9 +436,7 @@ def verdicts(results, base_res, comparisons, n_boot) -> list[dict]:
         units = {u for k in ra.values() for u in k}
         ref = {u: base_res[u[0]]["per_prompt_accuracy"] for u in units}
         for with_ref in (True, False):
-            out = bootstrap_matched_kl(
-                ra, rb, reference=ref if with_ref else None, n_boot=n_boot
-            )
+            out = bootstrap_matched_kl(ra, rb, reference=ref if with_ref else None, n_boot=n_boot)
             rows.append({"a": a, "b": b, "with_reference": with_ref, **out})
     return rows
 
@@ -478,9 +451,7 @@ def plot(table, base_res, root: Path, methods):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for m in methods:
-        rows = sorted(
-            (r for (mm, _), r in table.items() if mm == m), key=lambda r: r["kl"]
-        )
+        rows = sorted((r for (mm, _), r in table.items() if mm == m), key=lambda r: r["kl"])
         if not rows:
             continue
         ls = "-" if m in ONLINE or "online" in m else "--"
@@ -537,9 +508,7 @@ def plot(table, base_res, root: Path, methods):
     plt.close(fig)
 
 
-def write_report(
-    results, base_res, table, verd, args, root: Path, wall: float, failed=()
-):
+def write_report(results, base_res, table, verd, args, root: Path, wall: float, failed=()):
     lines = ["# sqlm vs GRPO, RLOO and DPO on the arithmetic gold task", ""]
     units = sorted({(r["base"], r["seed"]) for r in results})
     total = sum(r["wall_time_s"] + r.get("eval_time_s", 0.0) for r in results)
@@ -580,11 +549,7 @@ def write_report(
               "starts at 0; 'trained points only' uses the trained points alone (often no overlap)."), "",
               "| A | B | frontiers | KL range | A - B | 95% CI | verdict |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for v in verd:
-        rng = (
-            "-"
-            if v["kl_range"] is None
-            else f"[{v['kl_range'][0]:.2f}, {v['kl_range'][1]:.2f}]"
-        )
+        rng = "-" if v["kl_range"] is None else f"[{v['kl_range'][0]:.2f}, {v['kl_range'][1]:.2f}]"
         d = "-" if v["diff"] is None else f"{v['diff']:+.3f}"
         ci = "-" if v["ci"] is None else f"[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
         lines.append(f"| {v['a']} | {v['b']} | {'with base' if v['with_reference'] else 'trained points only'} | "
@@ -637,17 +602,11 @@ def main(argv=None) -> int:
     write_report(results, base_res, table, verd, args, root, wall, failed)
     slim = [
         {k: v for k, v in r.items() if k != "eval"}
-        | {
-            "eval": {
-                k: v for k, v in r["eval"].items() if not k.startswith("per_prompt")
-            }
-        }
+        | {"eval": {k: v for k, v in r["eval"].items() if not k.startswith("per_prompt")}}
         for r in results
     ]
     (root / "results.json").write_text(
-        json.dumps(
-            {"runs": slim, "failed": failed, "verdicts": verd, "wall_s": wall}, indent=1
-        )
+        json.dumps({"runs": slim, "failed": failed, "verdicts": verd, "wall_s": wall}, indent=1)
     )
     print(f"report: {root / 'report_arithmetic.md'} ({wall:.0f} s)")
     return 0

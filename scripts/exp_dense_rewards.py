@@ -33,6 +33,7 @@ import os
 import sys
 import time
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
@@ -52,6 +53,7 @@ from sqlm.rewards.cache import make_batch
 from sqlm.soft import soft_outputs
 from sqlm.tiny import tiny_causal_lm, tiny_qwen2_config
 
+
 VOCAB, BOS, PAD = 8, 7, 6
 LEARNED = ["terminal", "uniform", "abc", "prefix", "implicit"]
 GOLD = ["gold-terminal", "gold-dense"]
@@ -67,8 +69,13 @@ def make_task(args, seed: int):
     w = args.reward_scale * torch.randn(args.horizon, num_actions, generator=g, dtype=torch.float64)
     ref = tiny_causal_lm(VOCAB, seed=seed + 1, hidden_size=16, num_hidden_layers=1).eval()
     mdp = TokenMDP(
-        list(range(num_actions)), eos, args.horizon, prompt=(BOS,), tau=args.tau,
-        token_reward=lambda prefix, a: float(w[len(prefix), a]), ref_model=ref,
+        list(range(num_actions)),
+        eos,
+        args.horizon,
+        prompt=(BOS,),
+        tau=args.tau,
+        token_reward=lambda prefix, a: float(w[len(prefix), a]),
+        ref_model=ref,
     )
     return mdp, ref
 
@@ -151,8 +158,14 @@ def reward_model_floor(mdp, sol, rm, ref, args) -> float:
         return scorer.sequence_rewards(make_batch([[BOS]] * len(completions), completions, PAD)).double()
 
     mdp_rm = TokenMDP(
-        list(mdp.actions), mdp.eos, mdp.horizon, prompt=mdp.prompt, tau=mdp.tau,
-        sequence_reward=seq_reward, batched=True, ref_model=ref,
+        list(mdp.actions),
+        mdp.eos,
+        mdp.horizon,
+        prompt=mdp.prompt,
+        tau=mdp.tau,
+        sequence_reward=seq_reward,
+        batched=True,
+        ref_model=ref,
     )
     return float(sequence_kl(mdp, solve(mdp_rm).log_pi, sol.log_pi))
 
@@ -223,7 +236,9 @@ def train_policy(ref, mdp, sol, table, args, seed: int):
     model = copy.deepcopy(ref).train()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     final = args.lr / 10
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 + (final / args.lr - 1) * min(i / max(args.steps - 1, 1), 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 1 + (final / args.lr - 1) * min(i / max(args.steps - 1, 1), 1)
+    )
     g = torch.Generator().manual_seed(4000 + seed)
     curve = []
     for step in range(args.steps + 1):
@@ -288,10 +303,20 @@ def main(argv=None) -> int:
         kl_dpo = float(sequence_kl(mdp, policy_log_probs(dpo, mdp), sol.log_pi)) if dpo is not None else float("nan")
         floor = reward_model_floor(mdp, sol, rm, ref, args)
         gold_acc = gold_accuracy(mdp, chosen, rejected)
-        info.append({"seed": seed, "rm_heldout_accuracy": acc, "gold_heldout_accuracy": gold_acc,
-                     "kl_dpo": kl_dpo, "kl_rm_optimum": floor})
-        print(f"seed {seed}: reward model held-out accuracy {acc:.3f} (true reward: {gold_acc:.3f}); "
-              f"KL(pi*_RM||pi*) {floor:.4f}; KL(pi_dpo||pi*) {kl_dpo:.4f} [{time.time() - t0:.0f}s]", file=sys.stderr)
+        info.append(
+            {
+                "seed": seed,
+                "rm_heldout_accuracy": acc,
+                "gold_heldout_accuracy": gold_acc,
+                "kl_dpo": kl_dpo,
+                "kl_rm_optimum": floor,
+            }
+        )
+        print(
+            f"seed {seed}: reward model held-out accuracy {acc:.3f} (true reward: {gold_acc:.3f}); "
+            f"KL(pi*_RM||pi*) {floor:.4f}; KL(pi_dpo||pi*) {kl_dpo:.4f} [{time.time() - t0:.0f}s]",
+            file=sys.stderr,
+        )
         for name in names:
             table = reward_lookup(mdp, name, rm, dpo, ref, args)
             curves[name].append(train_policy(ref, mdp, sol, table, args, seed))
@@ -300,8 +325,10 @@ def main(argv=None) -> int:
     steps = [s for s, _ in curves[names[0]][0]]
     mean = {n: [sum(c[i][1] for c in curves[n]) / len(curves[n]) for i in range(len(steps))] for n in names}
     d_txt = "to the end" if args.d is None else str(args.d)
-    print(f"\nKL(pi_theta || pi*) in nats, unified PCL (d={d_txt}), mean of {args.seeds} seeds; "
-          f"{mdp.num_sequences} sequences, tau={args.tau}\n")
+    print(
+        f"\nKL(pi_theta || pi*) in nats, unified PCL (d={d_txt}), mean of {args.seeds} seeds; "
+        f"{mdp.num_sequences} sequences, tau={args.tau}\n"
+    )
     print("| rewarder | " + " | ".join(f"step {s}" for s in steps) + " |")
     print("|---|" + "---|" * len(steps))
     for n in names:
@@ -309,12 +336,15 @@ def main(argv=None) -> int:
     base = mean.get("terminal")
     if base is not None:
         print("\nfinal KL relative to terminal: " + ", ".join(f"{n} {mean[n][-1] / base[-1]:.2f}x" for n in names))
+
     def avg(key):
         return sum(i[key] for i in info) / len(info)
 
-    print(f"\nreward model held-out accuracy {avg('rm_heldout_accuracy'):.3f} (the true reward's: "
-          f"{avg('gold_heldout_accuracy'):.3f}); KL(pi*_RM || pi*) = {avg('kl_rm_optimum'):.4f} (the floor for "
-          f"rewarders that sum to the reward model's score); KL(pi_dpo || pi*) = {avg('kl_dpo'):.4f}")
+    print(
+        f"\nreward model held-out accuracy {avg('rm_heldout_accuracy'):.3f} (the true reward's: "
+        f"{avg('gold_heldout_accuracy'):.3f}); KL(pi*_RM || pi*) = {avg('kl_rm_optimum'):.4f} (the floor for "
+        f"rewarders that sum to the reward model's score); KL(pi_dpo || pi*) = {avg('kl_dpo'):.4f}"
+    )
     print(f"runtime {time.time() - t0:.0f}s")
     if args.json:
         with open(args.json, "w") as f:

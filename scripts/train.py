@@ -9,5 +9,6 @@ import sys
 
 from sqlm.cli import main
 
+
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+
 __version__ = "0.1.0"
 
 _LOSS_NAMES = ("LOSSES", "pcl_loss", "unified_pcl_loss", "soft_q_loss", "advantage_pcl_loss", "multistep_pcl_loss")
@@ -23,7 +24,7 @@ _LAZY = {
     "build_rewarder": "sqlm.rewards",
     "TokenMDP": "sqlm.oracle",
     "solve": "sqlm.oracle",
-    **{name: "sqlm.losses" for name in _LOSS_NAMES},
+    **dict.fromkeys(_LOSS_NAMES, "sqlm.losses"),
 }
 __all__ = [
     "LOSSES",

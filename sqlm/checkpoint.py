@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import SqlmError
 
+
 COMPLETE_MARKER = "sqlm_checkpoint.json"
 TARGET_FILE = "target_model.safetensors"
 STATE_FILE = "sqlm_state.json"  # trainer state outside the HF TrainerState (mixed-mode credit, skip count)
@@ -29,7 +30,6 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ----------------------------------------------------------------------------- complete checkpoints
-
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:
@@ -64,8 +64,14 @@ def mark_complete(folder: str | os.PathLike, step: int) -> None:
     _fsync(folder, directory=True)
     tmp = folder / (COMPLETE_MARKER + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"step": int(step), "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                                                      if p.is_file() and p != tmp)}, f, indent=1)
+        json.dump(
+            {
+                "step": int(step),
+                "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p != tmp),
+            },
+            f,
+            indent=1,
+        )
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / COMPLETE_MARKER)
@@ -133,8 +139,16 @@ def _named_parameters(model) -> dict[str, Any]:
     return dict(getattr(model, "module", model).named_parameters())
 
 
-def save_aux_state(folder: str | os.PathLike, *, target_model=None, target_names: list[str] = (), replay_buffer=None,
-                   process_index: int = 0, is_main: bool = True, counters: dict[str, Any] | None = None) -> None:
+def save_aux_state(
+    folder: str | os.PathLike,
+    *,
+    target_model=None,
+    target_names: list[str] = (),
+    replay_buffer=None,
+    process_index: int = 0,
+    is_main: bool = True,
+    counters: dict[str, Any] | None = None,
+) -> None:
     """Write into ``folder``: the target network's ``target_names`` parameters (safetensors; main
     process), this process's replay buffer (JSON, when not empty) and ``counters`` (JSON; main process)."""
     os.makedirs(folder, exist_ok=True)
@@ -151,8 +165,9 @@ def save_aux_state(folder: str | os.PathLike, *, target_model=None, target_names
             json.dump(counters, f)
 
 
-def load_aux_state(folder: str | os.PathLike, *, target_model=None, replay_buffer=None,
-                   process_index: int = 0) -> dict[str, Any]:
+def load_aux_state(
+    folder: str | os.PathLike, *, target_model=None, replay_buffer=None, process_index: int = 0
+) -> dict[str, Any]:
     """Restore what :func:`save_aux_state` wrote: the target network's parameters (an error when a
     target network is expected and the checkpoint has none) and the replay buffer, in place; returns
     the counters (``{}`` when none were saved)."""

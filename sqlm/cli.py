@@ -16,13 +16,17 @@ from collections.abc import Mapping
 
 from .errors import SqlmError
 
+
 COMMANDS = {
     "train": ("sqlm.commands.train", "fine-tune a causal LM with a soft-Q / path-consistency loss"),
     "reward": ("sqlm.commands.reward", "train a Bradley-Terry reward model on preference data"),
     "dpo": ("sqlm.commands.dpo", "train TRL's DPO baseline on the data of a paired sqlm recipe"),
     "grpo": ("sqlm.commands.grpo", "train TRL's GRPO baseline on the prompts and reward of a paired sqlm recipe"),
     "rloo": ("sqlm.commands.rloo", "train TRL's RLOO baseline on the prompts and reward of a paired sqlm recipe"),
-    "online_dpo": ("sqlm.commands.online_dpo", "train TRL's online DPO baseline on the prompts and reward of a paired sqlm recipe"),
+    "online_dpo": (
+        "sqlm.commands.online_dpo",
+        "train TRL's online DPO baseline on the prompts and reward of a paired sqlm recipe",
+    ),
     "eval": ("sqlm.commands.eval", "score models: gold reward, KL, win rate, diversity"),
     "pipeline": ("sqlm.commands.pipeline", "run the embedded gold-reward task end to end vs DPO"),
     "oracle": ("sqlm.commands.oracle", "solve a tiny token MDP exactly and train a tiny LM towards it"),

@@ -21,6 +21,7 @@ from .errors import SqlmError
 from .losses import LOSS_SPECS, REDUCTIONS
 from .recipe import choice_error
 
+
 MODES = ("offline", "online", "mixed")
 
 
@@ -235,8 +236,10 @@ class SoftQConfig(TrainingArguments):
     top_k: int | None = field(default=None, metadata={"help": "Online: top-k sampling; None = off."})
     generation_kwargs: dict | str | None = field(
         default=None,
-        metadata={"help": "Extra `GenerationConfig` arguments for online rollouts (a mapping); with use_vllm, vLLM "
-                  "`SamplingParams` arguments."},
+        metadata={
+            "help": "Extra `GenerationConfig` arguments for online rollouts (a mapping); with use_vllm, vLLM "
+            "`SamplingParams` arguments."
+        },
     )
     use_vllm: bool = field(
         default=False,
@@ -256,8 +259,10 @@ class SoftQConfig(TrainingArguments):
     )
     vllm_server_base_url: str | None = field(
         default=None,
-        metadata={"help": "Server mode: base URL of the vLLM server (e.g. http://localhost:8000); overrides "
-                  "vllm_server_host and vllm_server_port."},
+        metadata={
+            "help": "Server mode: base URL of the vLLM server (e.g. http://localhost:8000); overrides "
+            "vllm_server_host and vllm_server_port."
+        },
     )
     vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: host of the vLLM server."})
     vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: port of the vLLM server."})
@@ -280,7 +285,9 @@ class SoftQConfig(TrainingArguments):
     )
     vllm_enable_sleep_mode: bool = field(
         default=False,
-        metadata={"help": "Colocate mode: offload vLLM's weights and KV cache between rollouts (less memory, slower)."},
+        metadata={
+            "help": "Colocate mode: offload vLLM's weights and KV cache between rollouts (less memory, slower)."
+        },
     )
 
     # ------------------------------------------------------------------ rewards
@@ -370,12 +377,8 @@ class SoftQConfig(TrainingArguments):
             "bad: rejected}."
         },
     )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N training rows."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N evaluation rows."}
-    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
     max_length: int | None = field(
         default=1024,
         metadata={
@@ -387,9 +390,7 @@ class SoftQConfig(TrainingArguments):
         default=None,
         metadata={"help": "Maximum prompt tokens; longer prompts keep their end. None = no limit."},
     )
-    dataset_num_proc: int | None = field(
-        default=None, metadata={"help": "Processes for tokenizing the dataset."}
-    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenizing the dataset."})
 
     # ------------------------------------------------------------------ model
     model_init_kwargs: dict | str | None = field(
@@ -440,8 +441,10 @@ class SoftQConfig(TrainingArguments):
     )
     dataloader_pin_memory: bool | None = field(
         default=None,
-        metadata={"help": "Pin data loader memory for faster host-to-device copies. None = on only when an "
-                  "accelerator is used (pinning has no use on a CPU run)."},
+        metadata={
+            "help": "Pin data loader memory for faster host-to-device copies. None = on only when an "
+            "accelerator is used (pinning has no use on a CPU run)."
+        },
     )
 
     def __post_init__(self):
@@ -500,20 +503,25 @@ class SoftQConfig(TrainingArguments):
             raise choice_error("value_anchor", self.value_anchor, ("reference", "none"))
         needs_head = LOSS_SPECS[self.loss_type].needs_value_head
         if self.value_head is False and needs_head:
-            raise bad("value_head", f"must be on for loss_type '{self.loss_type}' (its V comes from a separate "
-                      "value head)")
+            raise bad(
+                "value_head", f"must be on for loss_type '{self.loss_type}' (its V comes from a separate value head)"
+            )
         if self.value_head and not needs_head:
             users = " or ".join(f"'{n}'" for n, s in LOSS_SPECS.items() if s.needs_value_head)
-            raise bad("value_head", f"is used only by loss_type {users}, not '{self.loss_type}' (V comes from the "
-                      "logits)")
+            raise bad(
+                "value_head", f"is used only by loss_type {users}, not '{self.loss_type}' (V comes from the logits)"
+            )
         if self.precompute_ref_log_probs:
             if self.mode == "online":
-                raise SqlmError("key 'precompute_ref_log_probs' needs offline data, but mode is 'online' (online samples "
-                                "are scored by a live reference): use mode 'offline' or 'mixed', or turn "
-                                "precompute_ref_log_probs off")
+                raise SqlmError(
+                    "key 'precompute_ref_log_probs' needs offline data, but mode is 'online' (online samples "
+                    "are scored by a live reference): use mode 'offline' or 'mixed', or turn "
+                    "precompute_ref_log_probs off"
+                )
             if not self.use_reference:
-                raise SqlmError("key 'precompute_ref_log_probs' needs use_reference: true (there is no reference to "
-                                "precompute)")
+                raise SqlmError(
+                    "key 'precompute_ref_log_probs' needs use_reference: true (there is no reference to precompute)"
+                )
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
             raise bad("precompute_ref_batch_size", f"must be >= 1 or null, got {self.precompute_ref_batch_size!r}")
         if self.num_generations < 1:
@@ -537,14 +545,27 @@ class SoftQConfig(TrainingArguments):
             n = len(self.reward_funcs or [])
             if len(self.reward_weights) != n:
                 raise bad("reward_weights", f"has {len(self.reward_weights)} values for {n} reward_funcs")
-        for key in ("max_length", "max_prompt_length", "max_completion_length", "top_k", "max_train_samples",
-                    "max_eval_samples"):
+        for key in (
+            "max_length",
+            "max_prompt_length",
+            "max_completion_length",
+            "top_k",
+            "max_train_samples",
+            "max_eval_samples",
+        ):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise bad(key, f"must be >= 1 or null, got {value!r}")
-        if self.max_length is not None and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            raise bad("max_prompt_length", f"must be < max_length ({self.max_length}) to leave room for a completion, "
-                      f"got {self.max_prompt_length!r}")
+        if (
+            self.max_length is not None
+            and self.max_prompt_length is not None
+            and self.max_prompt_length >= self.max_length
+        ):
+            raise bad(
+                "max_prompt_length",
+                f"must be < max_length ({self.max_length}) to leave room for a completion, "
+                f"got {self.max_prompt_length!r}",
+            )
         if self.replay_batch_size is not None and self.replay_batch_size < 0:
             raise bad("replay_batch_size", f"must be >= 0 or null, got {self.replay_batch_size!r}")
         if not 0 < self.top_p <= 1:
@@ -561,9 +582,13 @@ class SoftQConfig(TrainingArguments):
         size = self.dataset_test_size
         if size is not None:
             if not (math.isfinite(size) and size > 0 and (size < 1 or size == int(size))):
-                raise bad("dataset_test_size", f"must be a fraction in (0, 1) or a whole number of rows >= 1, got {size!r}")
+                raise bad(
+                    "dataset_test_size", f"must be a fraction in (0, 1) or a whole number of rows >= 1, got {size!r}"
+                )
             if self.dataset_test_split:
-                raise SqlmError("keys 'dataset_test_split' and 'dataset_test_size' cannot both be set: choose one eval set")
+                raise SqlmError(
+                    "keys 'dataset_test_split' and 'dataset_test_size' cannot both be set: choose one eval set"
+                )
         self._validate_training_ranges(bad)
 
     def sharding_engine(self) -> tuple[str, int] | None:
@@ -590,13 +615,19 @@ class SoftQConfig(TrainingArguments):
         engine = self.sharding_engine()
         if engine is None:
             return
-        name = "DeepSpeed ZeRO-3" if engine == ("deepspeed", 3) else f"FSDP{engine[1]}" if engine[0] == "fsdp" else None
+        name = (
+            "DeepSpeed ZeRO-3" if engine == ("deepspeed", 3) else f"FSDP{engine[1]}" if engine[0] == "fsdp" else None
+        )
         if engine == ("fsdp", 1) and self.uses_target_model:
-            raise SqlmError(f"loss_type '{self.loss_type}' keeps a target network, which needs FSDP2 (fsdp_version: 2 in "
-                            "the accelerate config) or DeepSpeed; FSDP1 is not supported")
+            raise SqlmError(
+                f"loss_type '{self.loss_type}' keeps a target network, which needs FSDP2 (fsdp_version: 2 in "
+                "the accelerate config) or DeepSpeed; FSDP1 is not supported"
+            )
         if name is not None and self.precompute_ref_log_probs:
-            raise SqlmError(f"key 'precompute_ref_log_probs' is not supported under {name} (the pass reads the whole "
-                            "reference on one process): use DDP or ZeRO-2, or precompute_ref_log_probs: false")
+            raise SqlmError(
+                f"key 'precompute_ref_log_probs' is not supported under {name} (the pass reads the whole "
+                "reference on one process): use DDP or ZeRO-2, or precompute_ref_log_probs: false"
+            )
 
     def _check_vllm(self) -> None:
         """``use_vllm`` needs rollouts, a known vllm_mode, the vllm package and a CUDA GPU: checked here,
@@ -606,7 +637,9 @@ class SoftQConfig(TrainingArguments):
         if self.vllm_mode not in ("colocate", "server"):
             raise choice_error("vllm_mode", self.vllm_mode, ("colocate", "server"))
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise SqlmError(f"key 'vllm_gpu_memory_utilization' must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}")
+            raise SqlmError(
+                f"key 'vllm_gpu_memory_utilization' must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}"
+            )
         if self.vllm_tensor_parallel_size < 1:
             raise SqlmError(f"key 'vllm_tensor_parallel_size' must be >= 1, got {self.vllm_tensor_parallel_size!r}")
         missing = []
@@ -617,8 +650,9 @@ class SoftQConfig(TrainingArguments):
         elif not _cuda_available():
             missing.append("a CUDA GPU, and none is visible")
         if missing:
-            raise SqlmError(f"key 'use_vllm' needs {' and '.join(missing)}: set use_vllm: false to sample with HF "
-                            "generate")
+            raise SqlmError(
+                f"key 'use_vllm' needs {' and '.join(missing)}: set use_vllm: false to sample with HF generate"
+            )
 
     def _validate_training_ranges(self, bad) -> None:
         """The TrainingArguments fields users set most, checked before transformers or torch trip over them."""
@@ -640,14 +674,19 @@ class SoftQConfig(TrainingArguments):
             raise bad("num_train_epochs", f"must be > 0, got {self.num_train_epochs!r}")
         warmup = number("warmup_steps")
         if warmup < 0 or (warmup >= 1 and warmup != int(warmup)):
-            raise bad("warmup_steps", f"must be a whole number of steps >= 0 or a ratio in [0, 1) of the steps, got {warmup!r}")
+            raise bad(
+                "warmup_steps",
+                f"must be a whole number of steps >= 0 or a ratio in [0, 1) of the steps, got {warmup!r}",
+            )
         for key in ("logging_steps", "eval_steps", "save_steps"):
             value = getattr(self, key)
             if (value is None and key != "logging_steps") or getattr(self, key.replace("_steps", "_strategy")) == "no":
                 continue
             value = number(key)
             if value <= 0 or (value > 1 and value != int(value)):
-                raise bad(key, f"must be a whole number of steps >= 1 or a fraction in (0, 1] of the steps, got {value!r}")
+                raise bad(
+                    key, f"must be a whole number of steps >= 1 or a fraction in (0, 1] of the steps, got {value!r}"
+                )
         for key in ("weight_decay", "max_grad_norm"):
             if number(key) < 0:
                 raise bad(key, f"must be >= 0, got {getattr(self, key)!r}")

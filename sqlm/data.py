@@ -39,6 +39,7 @@ from trl.data_utils import _tokenize, common_prefix_length, is_conversational, m
 from .errors import SqlmError
 from .rewards.cache import TOKEN_REWARD_COLUMNS
 
+
 logger = logging.getLogger(__name__)
 
 PREFERENCE, PROMPT_COMPLETION, PROMPT_ONLY = "preference", "prompt_completion", "prompt"
@@ -115,8 +116,10 @@ def _looks_like_path(name: str) -> bool:
 
 def _is_saved_dataset(path: Path | None) -> bool:
     """A folder written by ``datasets``' ``save_to_disk``."""
-    return path is not None and path.is_dir() and any(
-        (path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")
+    return (
+        path is not None
+        and path.is_dir()
+        and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json"))
     )
 
 
@@ -247,7 +250,9 @@ def hold_out_indices(n_rows: int, size: float, seed: int = HOLD_OUT_SEED) -> tup
 
     n_test = int(size) if size >= 1 else max(1, round(size * n_rows))
     if size >= 1 and size != int(size):
-        raise SqlmError(f"key 'dataset_test_size' must be a fraction in (0, 1) or a whole number of rows, got {size!r}")
+        raise SqlmError(
+            f"key 'dataset_test_size' must be a fraction in (0, 1) or a whole number of rows, got {size!r}"
+        )
     if not 1 <= n_test < n_rows:
         raise SqlmError(
             f"key 'dataset_test_size' holds out {n_test} of {n_rows} rows; it must leave at least one row on each side"
@@ -282,9 +287,12 @@ def load_train_eval(args, base_dir: str | None = None, optional_test_split: bool
     evals = None
     if args.dataset_test_split:
         if test_size is not None:
-            raise SqlmError("keys 'dataset_test_split' and 'dataset_test_size' cannot both be set: choose one eval set")
-        evals = load_split(args.dataset_name, args.dataset_test_split, args.dataset_config, base_dir,
-                           missing_ok=optional_test_split)
+            raise SqlmError(
+                "keys 'dataset_test_split' and 'dataset_test_size' cannot both be set: choose one eval set"
+            )
+        evals = load_split(
+            args.dataset_name, args.dataset_test_split, args.dataset_config, base_dir, missing_ok=optional_test_split
+        )
     elif test_size is not None:
         train, evals = hold_out(train, test_size)
     fraction = getattr(args, "eval_fraction", 0.0) or 0.0
@@ -489,7 +497,9 @@ def _check_row(example: dict[str, Any], fmt: str, idx: int) -> None:
     need = {PREFERENCE: ("chosen", "rejected"), PROMPT_COMPLETION: ("prompt", "completion"), PROMPT_ONLY: ("prompt",)}
     for key in need[fmt]:
         if not _nonempty(example.get(key)):
-            raise SqlmError(f"row {idx}: column '{key}' is empty or missing ({fmt.replace('_', '-')} format: {FORMAT_HELP})")
+            raise SqlmError(
+                f"row {idx}: column '{key}' is empty or missing ({fmt.replace('_', '-')} format: {FORMAT_HELP})"
+            )
     explicit_prompt = "prompt" in example and not (fmt == PREFERENCE and isinstance(example.get("chosen"), list))
     if explicit_prompt and not _nonempty(example.get("prompt")):
         raise SqlmError(f"row {idx}: column 'prompt' is empty (the first completion token needs a prompt to follow)")
@@ -502,7 +512,9 @@ def _check_row(example: dict[str, Any], fmt: str, idx: int) -> None:
     for key in ("chosen", "rejected", "completion", "prompt"):
         value = example.get(key)
         if value is not None and not isinstance(value, (str, list)):
-            raise SqlmError(f"row {idx}: column '{key}' must be text or a list of messages, got {type(value).__name__}")
+            raise SqlmError(
+                f"row {idx}: column '{key}' must be text or a list of messages, got {type(value).__name__}"
+            )
 
 
 def _check_number(example: dict[str, Any], key: str, idx: int) -> None:
@@ -519,7 +531,9 @@ def _check_token_rewards(example: dict[str, Any], out: dict[str, Any], idx: int)
         ids = out.get(f"{side}_ids")
         if values is None or ids is None:
             continue
-        if not isinstance(values, list) or any(isinstance(v, (str, bool)) or not isinstance(v, (int, float)) for v in values):
+        if not isinstance(values, list) or any(
+            isinstance(v, (str, bool)) or not isinstance(v, (int, float)) for v in values
+        ):
             raise SqlmError(f"row {idx}: column '{column}' must be a list of numbers (one per completion token)")
         if len(values) < len(ids):
             raise SqlmError(
@@ -612,7 +626,9 @@ def prepare_dataset(dataset, tokenizer, args, mode: str | None = None, name: str
             full = tokenize_preference(example, tokenizer)
             skip = SKIP_IDENTICAL if full["chosen_ids"] == full["rejected_ids"] else truncated
         out[_SKIP] = skip
-        out[_KIND] = _kind(example["prompt"] if fmt == PROMPT_ONLY else example[{PREFERENCE: "chosen"}.get(fmt, "completion")])
+        out[_KIND] = _kind(
+            example["prompt"] if fmt == PROMPT_ONLY else example[{PREFERENCE: "chosen"}.get(fmt, "completion")]
+        )
         return out
 
     kwargs = {"num_proc": args.dataset_num_proc} if args.dataset_num_proc else {}

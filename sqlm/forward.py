@@ -35,6 +35,7 @@ from . import fused
 from .errors import SqlmError
 from .soft import SoftOutputs, check_tau, soft_outputs
 
+
 VALUE_HEAD_ATTR = "sqlm_value_head"
 
 
@@ -197,8 +198,10 @@ def polyak_update(
     for s, d in pairs:
         a, b = local_shard(src[s]), local_shard(dst[d])
         if a.shape != b.shape:
-            raise SqlmError(f"target parameter '{d}' is sharded unlike the policy's '{s}' (local shapes "
-                            f"{tuple(b.shape)} vs {tuple(a.shape)}); shard both with the same engine and mesh")
+            raise SqlmError(
+                f"target parameter '{d}' is sharded unlike the policy's '{s}' (local shapes "
+                f"{tuple(b.shape)} vs {tuple(a.shape)}); shard both with the same engine and mesh"
+            )
         if alpha == 1.0:  # a hard copy, whatever the target held (even non-finite values)
             b.copy_(a)
         else:

@@ -34,6 +34,7 @@ import torch
 from .errors import SqlmError
 from .soft import SoftOutputs, check_tau
 
+
 # Rows of hidden states per chunk are chosen so that a chunk of logits [rows, V] holds about this many
 # fp32 elements: 32 MiB on a CPU (about 256 rows of a 32k vocabulary: enough rows that the head's
 # weight is read few times), 256 MiB on an accelerator (fewer launches).
@@ -253,9 +254,7 @@ def _check(hidden: torch.Tensor, head: LMHead, actions: torch.Tensor | None, mas
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
     if head.weight.dim() != 2 or head.weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"head.weight must be [V, H={hidden.shape[-1]}], got shape {tuple(head.weight.shape)}"
-        )
+        raise ValueError(f"head.weight must be [V, H={hidden.shape[-1]}], got shape {tuple(head.weight.shape)}")
     for name, x in (("actions", actions), ("mask", mask)):
         if x is not None and x.shape != hidden.shape[:2]:
             raise ValueError(f"{name} must be [B, T] = {tuple(hidden.shape[:2])}, got shape {tuple(x.shape)}")
@@ -291,9 +290,7 @@ def fused_soft_outputs(
     h = hidden.reshape(-1, hidden.shape[-1]) if keep is None else hidden[keep]
     a = (actions.reshape(-1) if keep is None else actions[keep]).clamp(min=0).long()
     rows = _rows(head.weight.shape[0], hidden.device, chunk_size)
-    lse, z_a, ent = _FusedSoftStats.apply(
-        h, head.weight, head.bias, a, rows, head.scale, head.softcap, with_entropy
-    )
+    lse, z_a, ent = _FusedSoftStats.apply(h, head.weight, head.bias, a, rows, head.scale, head.softcap, with_entropy)
     lse, z_a = _scatter_rows(lse, keep, shape), _scatter_rows(z_a, keep, shape)
     entropy = None if ent is None else _scatter_rows(ent, keep, shape)
     return SoftOutputs(q=tau * z_a, v=tau * lse, log_pi=z_a - lse, entropy=entropy)

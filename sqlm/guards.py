@@ -24,6 +24,7 @@ from .checkpoint import checkpoint_step, is_complete
 from .errors import SqlmError
 from .rewards.cache import TOKEN_REWARD_COLUMNS
 
+
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -52,8 +53,9 @@ def _finite(x: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     return not bool(bad.any())
 
 
-def nonfinite_reward_source(trajectories: Iterable[Any], per_source: Mapping[str, list[float]],
-                            rewards: Iterable[torch.Tensor]) -> str | None:
+def nonfinite_reward_source(
+    trajectories: Iterable[Any], per_source: Mapping[str, list[float]], rewards: Iterable[torch.Tensor]
+) -> str | None:
     """``"reward from 'keyword'"`` (a reward function), ``"reward in dataset column 'token_rewards'"``,
     ... or None when every reward is finite. ``per_source`` holds each source's summed reward per
     trajectory (a sum is non-finite iff one of its terms is)."""

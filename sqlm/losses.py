@@ -44,6 +44,7 @@ import torch
 
 from .soft import SoftOutputs, check_tau, shaped_rewards
 
+
 REDUCTIONS = ("token", "sequence", "sequence_mean", "sum", "none")
 
 
@@ -69,9 +70,7 @@ def _check_shapes(ref_name: str, ref: torch.Tensor, **tensors: torch.Tensor | No
         raise ValueError(f"{ref_name} must be [B, T], got shape {tuple(ref.shape)}")
     for name, x in tensors.items():
         if x is not None and x.shape != ref.shape:
-            raise ValueError(
-                f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}"
-            )
+            raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
 
 
 # ----------------------------------------------------------------------------- O(T) sums
@@ -244,9 +243,7 @@ def pcl_loss(
     ``log_pi`` from the LM, ``values`` from a separate value head. ``d=None`` uses the whole
     remaining path.
     """
-    c = path_consistency(
-        values, log_pi, rewards, mask, tau=tau, gamma=gamma, d=d, ref_log_pi=ref_log_pi
-    )
+    c = path_consistency(values, log_pi, rewards, mask, tau=tau, gamma=gamma, d=d, ref_log_pi=ref_log_pi)
     loss = reduce_loss(0.5 * c.pow(2), mask, reduction)
     return loss, _stats(c, mask, values, log_pi, ref_log_pi, entropy, rewards)
 

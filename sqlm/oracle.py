@@ -39,6 +39,7 @@ import torch
 from .losses import check_gamma
 from .soft import check_tau, path_mask
 
+
 Tables = list[torch.Tensor]
 
 # ----------------------------------------------------------------------------- the MDP
@@ -100,9 +101,7 @@ class TokenMDP:
         self.nonterm_cols = [c for c, a in enumerate(self.actions) if a != self.eos]
         self.k = len(self.nonterm_cols)
         if self.num_states > 5_000_000:
-            raise ValueError(
-                f"the prefix tree has {self.num_states} states; reduce actions or horizon (max 5e6)"
-            )
+            raise ValueError(f"the prefix tree has {self.num_states} states; reduce actions or horizon (max 5e6)")
         self.action_ids = torch.tensor(self.actions, dtype=torch.long)
         # column of each token id (-1 off the subset) and child slot j of each column (-1 for EOS)
         self._col_of = torch.full((max(self.actions) + 1,), -1, dtype=torch.long)
@@ -136,9 +135,7 @@ class TokenMDP:
         for _ in range(1, self.horizon):
             prev = out[-1]
             n = prev.shape[0]
-            out.append(
-                torch.cat([prev.repeat_interleave(self.k, 0), nonterm_ids.repeat(n)[:, None]], dim=1)
-            )
+            out.append(torch.cat([prev.repeat_interleave(self.k, 0), nonterm_ids.repeat(n)[:, None]], dim=1))
         return out
 
     # ---- rewards
@@ -152,9 +149,7 @@ class TokenMDP:
                 raise ValueError(f"token_reward must hold one table per depth ({h}), got {len(tables)}")
             for d, t in enumerate(tables):
                 if t.shape != (self.k**d, a_n):
-                    raise ValueError(
-                        f"token_reward[{d}] must have shape {(self.k**d, a_n)}, got {tuple(t.shape)}"
-                    )
+                    raise ValueError(f"token_reward[{d}] must have shape {(self.k**d, a_n)}, got {tuple(t.shape)}")
         else:
             for d in range(h):
                 prefixes = self.prefixes[d]
@@ -176,9 +171,7 @@ class TokenMDP:
                     t = torch.zeros(prefixes.shape[0], a_n, dtype=torch.float64)
                     cols = list(range(a_n)) if last else [self.eos_col]
                     for c in cols:
-                        seqs = torch.cat(
-                            [prefixes, self.action_ids[c].expand(prefixes.shape[0], 1)], dim=1
-                        )
+                        seqs = torch.cat([prefixes, self.action_ids[c].expand(prefixes.shape[0], 1)], dim=1)
                         if batched:
                             vals = torch.as_tensor(sequence_reward(seqs), dtype=torch.float64).reshape(-1)
                             if vals.shape[0] != seqs.shape[0]:
@@ -228,9 +221,7 @@ class TokenMDP:
         bad = on & (cols < 0)
         if bad.any():
             b, t = bad.nonzero()[0].tolist()
-            raise ValueError(
-                f"tokens[{b}, {t}] = {tokens[b, t].item()} is not one of actions {list(self.actions)}"
-            )
+            raise ValueError(f"tokens[{b}, {t}] = {tokens[b, t].item()} is not one of actions {list(self.actions)}")
         cols = torch.where(on, cols, -1)
         rows = torch.full((n, length), -1, dtype=torch.long)
         row = torch.zeros(n, dtype=torch.long)
@@ -278,9 +269,7 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def restricted_logits(
-    model, mdp: TokenMDP, tokens: torch.Tensor, *, output_hidden_states: bool = False
-):
+def restricted_logits(model, mdp: TokenMDP, tokens: torch.Tensor, *, output_hidden_states: bool = False):
     """The model's logits at the completion states ``s_0 .. s_{L-1}`` of paths ``tokens [n, L]``,
     restricted to the action subset: ``[n, L, A]`` (with gradient). With ``output_hidden_states``
     also returns the last hidden states there, ``[n, L, hidden]``."""
@@ -420,7 +409,9 @@ class SequenceTable:
     def as_list(self) -> list[tuple[tuple[int, ...], float, float]]:
         """``[(sequence, probability, total reward), ...]``."""
         out = []
-        for toks, n, lp, r in zip(self.tokens.tolist(), self.lengths.tolist(), self.log_prob.tolist(), self.reward.tolist()):
+        for toks, n, lp, r in zip(
+            self.tokens.tolist(), self.lengths.tolist(), self.log_prob.tolist(), self.reward.tolist()
+        ):
             out.append((tuple(toks[:n]), math.exp(lp), r))
         return out
 

@@ -25,6 +25,7 @@ import torch
 from .data import ALL_REF_COLUMNS, REF_COLUMNS, offline_trajectories, pack_trajectories
 from .errors import SqlmError
 
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1

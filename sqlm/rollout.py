@@ -25,6 +25,7 @@ import torch
 from .data import Trajectory
 from .rewards.base import pad_rows
 
+
 # ----------------------------------------------------------------------------- generation
 
 
@@ -117,8 +118,9 @@ def vllm_generation(trainer):
     )
 
 
-def generate_completions_vllm(generation, prompt_ids: list[list[int]], num_generations: int,
-                              eos_token_ids: list[int]) -> list[list[int]]:
+def generate_completions_vllm(
+    generation, prompt_ids: list[list[int]], num_generations: int, eos_token_ids: list[int]
+) -> list[list[int]]:
     """One completion per entry of ``prompt_ids`` (each prompt repeated ``num_generations`` times in a
     row, as TRL's generator expects), each cut after its first EOS."""
     _, completions, _, _ = generation.generate(prompts=prompt_ids, images=None, num_generations=num_generations)

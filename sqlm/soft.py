@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 # Rows per chunk are chosen so that one fp32 chunk holds about this many elements: on a CPU a chunk
 # that stays in cache (1 MiB; each pass over it then costs no memory traffic), on an accelerator a
 # large one (64 MiB; fewer kernel launches).
@@ -132,9 +133,7 @@ def soft_outputs(
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
     if actions.shape != logits.shape[:2]:
-        raise ValueError(
-            f"actions must be [B, T] = {tuple(logits.shape[:2])}, got shape {tuple(actions.shape)}"
-        )
+        raise ValueError(f"actions must be [B, T] = {tuple(logits.shape[:2])}, got shape {tuple(actions.shape)}")
     b, t, vocab = logits.shape
     flat = logits.reshape(b * t, vocab)
     acts = actions.reshape(b * t).clamp(min=0).long()
@@ -144,9 +143,7 @@ def soft_outputs(
     return SoftOutputs(q=tau * z_a, v=tau * lse, log_pi=z_a - lse, entropy=entropy)
 
 
-def shaped_rewards(
-    rewards: torch.Tensor, tau: float, ref_log_pi: torch.Tensor | None = None
-) -> torch.Tensor:
+def shaped_rewards(rewards: torch.Tensor, tau: float, ref_log_pi: torch.Tensor | None = None) -> torch.Tensor:
     """``r~ = r + tau * log pi_ref(a|s)``; with no reference ``r~ = r`` (plain max-entropy RL)."""
     tau = check_tau(tau)
     rewards = rewards.float()
@@ -154,8 +151,7 @@ def shaped_rewards(
         return rewards
     if ref_log_pi.shape != rewards.shape:
         raise ValueError(
-            f"ref_log_pi must have the shape of rewards {tuple(rewards.shape)}, "
-            f"got {tuple(ref_log_pi.shape)}"
+            f"ref_log_pi must have the shape of rewards {tuple(rewards.shape)}, got {tuple(ref_log_pi.shape)}"
         )
     return rewards + tau * ref_log_pi.float()
 

@@ -25,6 +25,7 @@ import torch
 
 from .errors import SqlmError
 
+
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
 
 # A minimal chat template, enough for TRL's conversational helpers: "role: content" turns, each
@@ -137,9 +138,7 @@ def parse_tiny_spec(spec: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in body.split(","))):
         key, sep, value = part.partition("=")
         if not sep or key not in TINY_DEFAULTS:
-            raise SqlmError(
-                f"bad tiny model setting {part!r} in {spec!r}; keys: {', '.join(TINY_DEFAULTS)}"
-            )
+            raise SqlmError(f"bad tiny model setting {part!r} in {spec!r}; keys: {', '.join(TINY_DEFAULTS)}")
         try:
             out[key] = int(value)
         except ValueError:

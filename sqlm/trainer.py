@@ -30,6 +30,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import checkpoint as ckpt
+from .checkpoint import mark_complete
 from .config import SoftQConfig
 from .data import (
     DataCollatorForSoftQ,
@@ -39,8 +41,6 @@ from .data import (
     pack_trajectories,
     prepare_dataset,
 )
-from . import checkpoint as ckpt
-from .checkpoint import mark_complete
 from .errors import SqlmError
 from .forward import (
     TARGET_ADAPTER,
@@ -62,6 +62,7 @@ from .rewards.registry import resolve_rewarders
 from .rewards.scoring import score_trajectories
 from .rollout import ReplayBuffer, generate_completions, generate_completions_vllm, vllm_generation
 from .soft import SoftOutputs, path_mask
+
 
 logger = logging.getLogger(__name__)
 
@@ -261,8 +262,11 @@ class SoftQTrainer(Trainer):
         )
         # no reward, and the reference is the initial policy: the soft optimum is that policy itself
         self._no_reward_signal = (
-            not self.rewarders and not data_has_rewards(train_dataset, args) and args.use_reference
-            and not explicit_ref and not args.ref_model_name_or_path
+            not self.rewarders
+            and not data_has_rewards(train_dataset, args)
+            and args.use_reference
+            and not explicit_ref
+            and not args.ref_model_name_or_path
         )
 
         # Dense rewards of model-based rewarders on offline data: computed once, cached as columns
@@ -282,9 +286,13 @@ class SoftQTrainer(Trainer):
         if args.precompute_ref_log_probs and (ref_model is not None or self._ref_is_base or ref_is_policy):
             reader = model if ref_model is None else ref_model
             pad = processing_class.pad_token_id
-            train_dataset = self._precompute_reference(reader, train_dataset, args, pad, args.per_device_train_batch_size)
+            train_dataset = self._precompute_reference(
+                reader, train_dataset, args, pad, args.per_device_train_batch_size
+            )
             if eval_dataset is not None:
-                eval_dataset = self._precompute_reference(reader, eval_dataset, args, pad, args.per_device_eval_batch_size)
+                eval_dataset = self._precompute_reference(
+                    reader, eval_dataset, args, pad, args.per_device_eval_batch_size
+                )
             self._ref_precomputed = True
             if args.mode == "offline":
                 ref_model, self._ref_is_base = None, False
@@ -308,7 +316,11 @@ class SoftQTrainer(Trainer):
             self.add_callback(TargetNetworkCallback(self))
 
         tok = processing_class
-        eos = getattr(self.model.generation_config, "eos_token_id", None) if hasattr(self.model, "generation_config") else None
+        eos = (
+            getattr(self.model.generation_config, "eos_token_id", None)
+            if hasattr(self.model, "generation_config")
+            else None
+        )
         eos = eos if eos is not None else tok.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else [e for e in (eos or []) if e is not None]
         if tok.eos_token_id is not None and tok.eos_token_id not in self.eos_token_ids:
@@ -345,8 +357,10 @@ class SoftQTrainer(Trainer):
         rewarder, report = bradley_terry_rewarder(model, tokenizer, train_dataset, args, cache_root)
         how = "fitted" if report["fitted"] else "from the cache"
         if args.should_log:
-            print(f"{AUTO_REWARD} reward model ({how}, {report['path']}): held-out accuracy "
-                  f"{report['eval_accuracy']:.3f} on {report['eval_pairs']} pairs it was not fitted on")
+            print(
+                f"{AUTO_REWARD} reward model ({how}, {report['path']}): held-out accuracy "
+                f"{report['eval_accuracy']:.3f} on {report['eval_pairs']} pairs it was not fitted on"
+            )
         self._auto_reward_log = {"reward_model/eval_accuracy": report["eval_accuracy"],
                                  "reward_model/eval_pairs": report["eval_pairs"]}  # fmt: skip
         self.auto_reward_report = report
@@ -408,10 +422,14 @@ class SoftQTrainer(Trainer):
 
         with PartialState().main_process_first():
             return add_ref_columns(
-                dataset, ref_fn, ref_fingerprint=reference_fingerprint(reader, skip_adapters=peft_base),
+                dataset,
+                ref_fn,
+                ref_fingerprint=reference_fingerprint(reader, skip_adapters=peft_base),
                 pad_token_id=pad_token_id,
-                batch_size=args.precompute_ref_batch_size or batch_size, precision=precision,
-                cache_dir=sqlm_cache_dir("reference"), device=device,
+                batch_size=args.precompute_ref_batch_size or batch_size,
+                precision=precision,
+                cache_dir=sqlm_cache_dir("reference"),
+                device=device,
             )
 
     def _prepare_aux(self, m):
@@ -499,8 +517,10 @@ class SoftQTrainer(Trainer):
         for n, t in state.items():
             piece = local_shard(params[n])
             if piece.shape != t.shape:
-                raise SqlmError(f"{where}: target parameter '{n}' was saved with shape {tuple(t.shape)}, this process "
-                                f"holds {tuple(piece.shape)} (a sharded checkpoint resumes on the same number of processes)")
+                raise SqlmError(
+                    f"{where}: target parameter '{n}' was saved with shape {tuple(t.shape)}, this process "
+                    f"holds {tuple(piece.shape)} (a sharded checkpoint resumes on the same number of processes)"
+                )
             piece.copy_(t.to(piece.device, piece.dtype))
         self._target_loaded = True
 
@@ -681,8 +701,10 @@ class SoftQTrainer(Trainer):
             sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "path_mask") if k in inputs}
             live = self._live_reference_log_pi(model, {**sub, "logits_start": start}, True)
             if live[0] is None:
-                raise SqlmError("a batch has rows without precomputed reference log-probs (precompute_ref_log_probs) "
-                                "and no reference model is loaded")
+                raise SqlmError(
+                    "a batch has rows without precomputed reference log-probs (precompute_ref_log_probs) "
+                    "and no reference model is loaded"
+                )
             log_pi, lse = log_pi.clone(), lse.clone()
             log_pi[rows], lse[rows] = live[0].to(log_pi.dtype), live[1].to(lse.dtype)
         return (log_pi, lse) if return_lse else log_pi
@@ -717,8 +739,16 @@ class SoftQTrainer(Trainer):
                 target_v = target_v - anchor
 
         per_step, stats = spec(
-            soft, rewards, mask, value=head_v, target_v=target_v, d=args.rollout_length, tau=args.tau,
-            gamma=args.gamma, ref_log_pi=ref_log_pi, reduction="none",
+            soft,
+            rewards,
+            mask,
+            value=head_v,
+            target_v=target_v,
+            d=args.rollout_length,
+            tau=args.tau,
+            gamma=args.gamma,
+            ref_log_pi=ref_log_pi,
+            reduction="none",
         )
         # the normaliser of the whole optimizer batch (get_batch_samples), else of this batch alone
         total = normaliser(mask, args.reduction) if num_items_in_batch is None else num_items_in_batch
@@ -729,18 +759,21 @@ class SoftQTrainer(Trainer):
 
         if mode == "train" and not bool(torch.isfinite(loss.detach())):
             if self._nonfinite is None:  # name the first non-finite input of the loss
-                self._nonfinite = nonfinite_value_source(
-                    {
-                        "reward": rewards,
-                        "value V(s) of the policy": soft.v,
-                        "Q(s, a) of the policy": soft.q,
-                        "log pi(a|s) of the policy": soft.log_pi,
-                        "log pi_ref(a|s) of the reference model": ref_log_pi,
-                        "value V_bar(s) of the target network": target_v,
-                        "value V_phi(s) of the value head": head_v,
-                    },
-                    mask,
-                ) or "loss"
+                self._nonfinite = (
+                    nonfinite_value_source(
+                        {
+                            "reward": rewards,
+                            "value V(s) of the policy": soft.v,
+                            "Q(s, a) of the policy": soft.q,
+                            "log pi(a|s) of the policy": soft.log_pi,
+                            "log pi_ref(a|s) of the reference model": ref_log_pi,
+                            "value V_bar(s) of the target network": target_v,
+                            "value V_phi(s) of the value head": head_v,
+                        },
+                        mask,
+                    )
+                    or "loss"
+                )
 
         metrics = self._metrics[mode]
         with torch.no_grad():
@@ -832,8 +865,11 @@ class SoftQTrainer(Trainer):
         """Save what the HF checkpoint lacks into ``folder``: the target network (safetensors), this
         process's replay buffer and the mixed-mode credit / skip count (JSON; no pickles)."""
         ckpt.save_aux_state(
-            folder, replay_buffer=self.replay_buffer, process_index=self.args.process_index,
-            is_main=self.args.should_save, counters={"mix_credit": self._mix_credit, "skipped_steps": self._skipped_steps},
+            folder,
+            replay_buffer=self.replay_buffer,
+            process_index=self.args.process_index,
+            is_main=self.args.should_save,
+            counters={"mix_credit": self._mix_credit, "skipped_steps": self._skipped_steps},
         )
         # the target network (a copy, an adapter, or this process's shards of a sharded one)
         target_file = self._target_file(folder) if self.has_target else None
@@ -849,8 +885,10 @@ class SoftQTrainer(Trainer):
             super()._load_optimizer_and_scheduler(checkpoint)
         except pickle.UnpicklingError as e:
             msg = " ".join(str(e).split())[:300]
-            raise SqlmError(f"checkpoint {checkpoint}: refusing to load optimizer/scheduler state that holds "
-                            f"more than tensors (weights_only load failed: {msg})") from None
+            raise SqlmError(
+                f"checkpoint {checkpoint}: refusing to load optimizer/scheduler state that holds "
+                f"more than tensors (weights_only load failed: {msg})"
+            ) from None
         if checkpoint is not None:
             self.load_aux_state(checkpoint)
 
@@ -859,8 +897,10 @@ class SoftQTrainer(Trainer):
         if self.has_target:
             path = self._target_file(folder) if self.target_is_sharded else os.path.join(folder, ckpt.TARGET_FILE)
             if not os.path.exists(path):
-                raise SqlmError(f"checkpoint {folder} has no {os.path.basename(path)}; it was saved without a target "
-                                "network (or by another number of processes)")
+                raise SqlmError(
+                    f"checkpoint {folder} has no {os.path.basename(path)}; it was saved without a target "
+                    "network (or by another number of processes)"
+                )
             from safetensors.torch import load_file
 
             self.load_target_state_dict(load_file(path), f"checkpoint {folder}")
@@ -888,8 +928,10 @@ def data_has_rewards(dataset, args) -> bool:
 def no_reward_message(mode: str) -> str:
     """Why a run without any reward (and with the initial policy as reference) would train nothing:
     for ``r = 0`` the soft optimum ``pi* ~ pi_ref exp(0)`` is the reference, the policy it starts at."""
-    fixes = ("reward_funcs (e.g. [keyword], or [terminal] with a reward model), or reward_funcs: [bradley_terry] to "
-             "fit a reward model on preference pairs")
+    fixes = (
+        "reward_funcs (e.g. [keyword], or [terminal] with a reward model), or reward_funcs: [bradley_terry] to "
+        "fit a reward model on preference pairs"
+    )
     if mode == "online":
         return f"no reward signal: mode 'online' scores its samples with reward_funcs only and there are none. Add {fixes}"
     return (

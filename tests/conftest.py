@@ -2,11 +2,13 @@
 
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 

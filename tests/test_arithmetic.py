@@ -27,6 +27,7 @@ from sqlm.evaluation.arithmetic import (
     wrong_trace,
 )
 
+
 TINY = {"max_digits": 2, "long_digits": 3, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
         "lm_steps": 4, "lm_batch_size": 8, "corpus_problems": 64}  # fmt: skip
 
@@ -195,7 +196,9 @@ def test_checked_pairs_pair_a_right_with_a_wrong_sample_and_skip_the_rest():
         ["", " = 8"],  # the only wrong one is empty: none
     ]
     rows, stats = checked_pairs(prompts, samples, max_pairs_per_prompt=1)
-    assert rows == [{"prompt": "1+2:", "chosen": " = 3", "rejected": " = 4", "chosen_score": 1.0, "rejected_score": 0.0}]
+    assert rows == [
+        {"prompt": "1+2:", "chosen": " = 3", "rejected": " = 4", "chosen_score": 1.0, "rejected_score": 0.0}
+    ]
     assert stats["pairs"] == 1 and stats["all_correct"] == 1 and stats["all_wrong"] == 1
     rows, _ = checked_pairs(prompts, samples, max_pairs_per_prompt=None)
     assert len(rows) == 2 and all(answer_reward(r["prompt"], r["chosen"]) == 1.0 for r in rows)

@@ -11,6 +11,7 @@ import pytest
 
 from sqlm.cli import main as cli
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "recipes" / "quickstart" / "sqlm" / "config.yaml"
@@ -20,7 +21,7 @@ QUICKSTART = ROOT / "recipes" / "quickstart" / "sqlm" / "config.yaml"
 def pairs_only_recipe(tmp_path) -> Path:
     """The quickstart recipe minus its reward (reward_funcs, reward_kwargs)."""
     text = QUICKSTART.read_text()
-    text = text[: text.index("# rewards")] + text[text.index("# training"):]
+    text = text[: text.index("# rewards")] + text[text.index("# training") :]
     text = text.replace("../reviews.jsonl", str(ROOT / "recipes" / "quickstart" / "reviews.jsonl"))
     assert "reward_funcs" not in text
     path = tmp_path / "pairs_only.yaml"

@@ -24,6 +24,7 @@ from sqlm.data import prepare_dataset
 from sqlm.errors import SqlmError
 from sqlm.tiny import train_tokenizer
 
+
 BAD = Path(__file__).parent / "bad_inputs"
 DATA = BAD / "data"
 
@@ -64,7 +65,11 @@ RECIPE_CASES = [
     (None, ["--gamma", "2"], "key 'gamma'"),
     (None, ["--max_prompt_length", "40"], "key 'max_prompt_length' must be < max_length"),
     # flags: one line with the closest choice, never argparse's usage
-    (None, ["--mode", "onlne"], "key 'mode' must be one of offline, online, mixed, got 'onlne'; did you mean 'online'?"),
+    (
+        None,
+        ["--mode", "onlne"],
+        "key 'mode' must be one of offline, online, mixed, got 'onlne'; did you mean 'online'?",
+    ),
     (None, ["--loss_type", "softq"], "got 'softq'; did you mean 'soft_q'?"),
     (None, ["--max_steps", "many"], "flag --max_steps: invalid int value: 'many'"),
     (None, ["--learning_rate", "-1"], "key 'learning_rate' must be > 0"),
@@ -86,7 +91,11 @@ RECIPE_CASES = [
     (None, ["--mode", "mixed", "--per_device_train_batch_size", "3"], "'num_generations' (2) in mixed mode"),
     # pairs with no reward train nothing: an error naming the fixes
     ("no_reward.yaml", [], "no reward signal"),
-    ("no_reward.yaml", ["--mode", "online"], "no reward signal: mode 'online' scores its samples with reward_funcs only"),
+    (
+        "no_reward.yaml",
+        ["--mode", "online"],
+        "no reward signal: mode 'online' scores its samples with reward_funcs only",
+    ),
 ]
 
 # (data file in tests/bad_inputs/data or a name, extra flags, text the error must contain)
@@ -94,8 +103,16 @@ DATA_CASES = [
     ("missing_columns.jsonl", [], "missing 'prompt'"),
     ("empty_prompt.jsonl", [], "row 1: column 'prompt' is empty"),
     ("empty_completion.jsonl", [], "row 1: column 'completion' is empty"),
-    ("chosen_equals_rejected.jsonl", [], "every row of the train dataset was skipped: 2 with chosen identical to rejected"),
-    ("prompt_too_long.jsonl", ["--max_length", "8"], "every row of the train dataset was skipped: 2 with prompt fills max_length"),
+    (
+        "chosen_equals_rejected.jsonl",
+        [],
+        "every row of the train dataset was skipped: 2 with chosen identical to rejected",
+    ),
+    (
+        "prompt_too_long.jsonl",
+        ["--max_length", "8"],
+        "every row of the train dataset was skipped: 2 with prompt fills max_length",
+    ),
     ("mixed_formats.jsonl", [], "row 1 is a prompt-completion row but the dataset is in preference format"),
     ("mixed_text_and_messages.jsonl", [], "row 1 of the train dataset is conversational but row 0 is standard"),
     ("messages_and_text_in_one_row.jsonl", [], "row 0 mixes conversational messages and plain text"),
@@ -107,26 +124,54 @@ DATA_CASES = [
     ("empty.jsonl", [], "empty.jsonl is empty"),
     ("data.txt", [], "data.txt has an unknown extension"),
     ("missing.jsonl", [], "could not load dataset 'missing.jsonl': no such file"),
-    ("nobody/no-such-dataset", [], "dataset 'nobody/no-such-dataset' (not a local path and not in the local hub cache"),
-    ("chosen_equals_rejected.jsonl", ["--model_name_or_path", "nobody/no-such-model"],
-     "could not load model 'nobody/no-such-model' (not a local folder and not in the local hub cache"),
-    ("chosen_equals_rejected.jsonl", ["--model_name_or_path", "./no-such-folder"], "could not load model './no-such-folder'"),
-    ("chosen_equals_rejected.jsonl", ["--model_name_or_path", "tiny:hiden_size=8"], "bad tiny model setting 'hiden_size=8'"),
-    ("chosen_equals_rejected.jsonl", ["--resume_from_checkpoint", "no-such-checkpoint"], "no checkpoint folder at no-such-checkpoint"),
+    (
+        "nobody/no-such-dataset",
+        [],
+        "dataset 'nobody/no-such-dataset' (not a local path and not in the local hub cache",
+    ),
+    (
+        "chosen_equals_rejected.jsonl",
+        ["--model_name_or_path", "nobody/no-such-model"],
+        "could not load model 'nobody/no-such-model' (not a local folder and not in the local hub cache",
+    ),
+    (
+        "chosen_equals_rejected.jsonl",
+        ["--model_name_or_path", "./no-such-folder"],
+        "could not load model './no-such-folder'",
+    ),
+    (
+        "chosen_equals_rejected.jsonl",
+        ["--model_name_or_path", "tiny:hiden_size=8"],
+        "bad tiny model setting 'hiden_size=8'",
+    ),
+    (
+        "chosen_equals_rejected.jsonl",
+        ["--resume_from_checkpoint", "no-such-checkpoint"],
+        "no checkpoint folder at no-such-checkpoint",
+    ),
     ("mixed_formats.jsonl", ["--reward_funcs", "os.path:exists"], "allow_code_rewards"),
     # one file has one split: no silent evaluation on the training rows
-    ("chosen_equals_rejected.jsonl", ["--dataset_test_split", "test"],
-     "unknown split 'test' of dataset file"),
-    ("chosen_equals_rejected.jsonl", ["--dataset_test_split", "heldout.jsonl"],
-     "could not load split file 'heldout.jsonl': no such file"),
-    ("chosen_equals_rejected.jsonl", ["--dataset_test_size", "2"],
-     "key 'dataset_test_size' holds out 2 of 2 rows"),
+    ("chosen_equals_rejected.jsonl", ["--dataset_test_split", "test"], "unknown split 'test' of dataset file"),
+    (
+        "chosen_equals_rejected.jsonl",
+        ["--dataset_test_split", "heldout.jsonl"],
+        "could not load split file 'heldout.jsonl': no such file",
+    ),
+    ("chosen_equals_rejected.jsonl", ["--dataset_test_size", "2"], "key 'dataset_test_size' holds out 2 of 2 rows"),
     # CSV conversations: JSON-encoded messages in every row of a column, or a clear refusal
-    ("csv_messages_and_text.csv", [],
-     "row 1 of dataset file {data}/csv_messages_and_text.csv: column 'chosen' is not a JSON list of {{role, content}} messages"),
-    ("identical_after_truncation.jsonl", ["--max_completion_length", "1"],
-     ("every row of the train dataset was skipped: 2 with chosen and rejected identical only after truncation to "
-      "max_length=32, max_completion_length=1")),
+    (
+        "csv_messages_and_text.csv",
+        [],
+        "row 1 of dataset file {data}/csv_messages_and_text.csv: column 'chosen' is not a JSON list of {{role, content}} messages",
+    ),
+    (
+        "identical_after_truncation.jsonl",
+        ["--max_completion_length", "1"],
+        (
+            "every row of the train dataset was skipped: 2 with chosen and rejected identical only after truncation to "
+            "max_length=32, max_completion_length=1"
+        ),
+    ),
 ]
 
 
@@ -181,8 +226,14 @@ def test_debug_shows_the_traceback(sandbox):
 def test_subprocess_exit_code_2_without_traceback(sandbox, args, needle):
     argv = [a.format(bad=BAD, data=DATA) for a in args]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-m", "sqlm.cli", "train", *argv], cwd=sandbox, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sqlm.cli", "train", *argv],
+        cwd=sandbox,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     _assert_one_clean_error(proc.returncode, proc.stderr, needle, sandbox)
 
 
@@ -190,7 +241,9 @@ def test_an_existing_output_dir_is_left_as_it_was(sandbox, capsys):
     out = sandbox / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    rc = cli.main(["train", "base.yaml", "--dataset_name", str(DATA / "mixed_formats.jsonl"), "--output_dir", str(out)])
+    rc = cli.main(
+        ["train", "base.yaml", "--dataset_name", str(DATA / "mixed_formats.jsonl"), "--output_dir", str(out)]
+    )
     assert rc == 2 and "mixed formats" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
@@ -212,8 +265,11 @@ def test_identical_pairs_and_long_prompts_are_skipped_with_a_count(tok, caplog):
     rows = [
         {"prompt": "Rate the film:", "chosen": " good.", "rejected": " bad."},
         {"prompt": "Rate the book:", "chosen": " fun.", "rejected": " fun."},  # no preference: skipped
-        {"prompt": "Rate the song, the film, the book, the song, the film and the book:", "chosen": " good.",
-         "rejected": " dull."},  # prompt fills max_length: skipped
+        {
+            "prompt": "Rate the song, the film, the book, the song, the film and the book:",
+            "chosen": " good.",
+            "rejected": " dull.",
+        },  # prompt fills max_length: skipped
         {"prompt": "Rate the song:", "chosen": " dull.", "rejected": " good."},
     ]
     n_long = len(tok(rows[2]["prompt"])["input_ids"])
@@ -227,8 +283,11 @@ def test_identical_pairs_and_long_prompts_are_skipped_with_a_count(tok, caplog):
 
 
 def test_a_long_prompt_is_cut_when_max_prompt_length_is_set(tok, caplog):
-    row = {"prompt": "Rate the song, the film, the book, the song, the film and the book:", "chosen": " good.",
-           "rejected": " dull."}
+    row = {
+        "prompt": "Rate the song, the film, the book, the song, the film and the book:",
+        "chosen": " good.",
+        "rejected": " dull.",
+    }
     ds = prepare_dataset(Dataset.from_list([row]), tok, _args(max_length=12, max_prompt_length=6))
     assert len(ds) == 1 and len(ds[0]["prompt_ids"]) == 6  # kept, its start cut (TRL keeps the end)
 

@@ -10,6 +10,7 @@ import torch
 
 from sqlm.errors import SqlmError
 
+
 ROOT = Path(__file__).resolve().parents[1]
 QS = {c: str(ROOT / f"recipes/quickstart/{c}/config.yaml") for c in ("grpo", "rloo", "online_dpo", "sqlm")}
 BASELINES = ("grpo", "rloo", "online_dpo")
@@ -75,7 +76,9 @@ def test_tiny_run_trains_the_model_and_writes_run_stats(command, tiny, reward_mo
     assert stats["wall_time_s"] > 0 and stats["total_time_s"] >= stats["wall_time_s"]
     assert stats["last_log"]["loss"] is not None
     if command == "grpo":  # reward_scale multiplies the total reward (TRL logs each function's raw mean)
-        assert stats["last_log"]["reward"] == pytest.approx(0.5 * stats["last_log"]["rewards/tests.test_baselines:token_sum/mean"])
+        assert stats["last_log"]["reward"] == pytest.approx(
+            0.5 * stats["last_log"]["rewards/tests.test_baselines:token_sum/mean"]
+        )
     model = AutoModelForCausalLM.from_pretrained(out)
     moved = [not torch.equal(p, q) for p, q in zip(model.parameters(), init.parameters())]
     assert sum(moved) >= 0.9 * len(moved)
@@ -111,7 +114,9 @@ def test_prompts_are_the_tokens_sqlm_online_generates_from(tiny, tmp_path):
     odpo = build_trainer(online_dpo.trainer_class(), s, c, m, recipe)
     assert [list(x) for x in odpo.train_dataset["prompt_ids"]] == ids
     odpo._prompt_ids = ids[:4]
-    prompt_ids, prompt_mask, completion_ids, completion_mask, _ = odpo._generate(odpo.model, [r["prompt"] for r in rows])
+    prompt_ids, prompt_mask, completion_ids, completion_mask, _ = odpo._generate(
+        odpo.model, [r["prompt"] for r in rows]
+    )
     got = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
     assert got == ids[:4] * 2 and completion_ids.shape[0] == 8
     assert odpo.generated_completions == 8 and odpo.generated_tokens == int(completion_mask.sum())
@@ -190,7 +195,7 @@ def test_every_baseline_recipe_matches_its_sqlm_online_pair(path):
     from sqlm.commands.train import parse_train_args
 
     line = next(x for x in path.read_text().splitlines() if x.startswith("#   sqlm train "))
-    sqlm_recipe, *flags = shlex.split(line[len("#   sqlm train "):])
+    sqlm_recipe, *flags = shlex.split(line[len("#   sqlm train ") :])
     a, am, _ = parse_train_args([str(ROOT / sqlm_recipe), *flags, *CPU])
     _, s, c, m = _command(path.parent.name).parse([str(path), *CPU])
     assert a.mode in ("online", "mixed")

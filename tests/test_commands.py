@@ -18,6 +18,7 @@ import torch
 from sqlm import cli
 from sqlm.errors import SqlmError
 
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAINING_COMMANDS = ("train", "reward", "dpo")
 
@@ -48,13 +49,17 @@ def test_public_api_resolves_lazily_to_the_library_objects():
         TokenMDP,
         advantage_pcl_loss,
         build_rewarder,
+        config,
+        losses,
         multistep_pcl_loss,
+        oracle,
         pcl_loss,
+        rewards,
         soft_q_loss,
         solve,
+        trainer,
         unified_pcl_loss,
     )
-    from sqlm import config, losses, oracle, rewards, trainer
 
     assert SoftQConfig is config.SoftQConfig and SoftQTrainer is trainer.SoftQTrainer
     assert LOSSES is losses.LOSSES and unified_pcl_loss is losses.unified_pcl_loss
@@ -78,8 +83,14 @@ def test_each_command_is_a_module_of_sqlm_commands(command):
 
 @pytest.mark.parametrize(
     "module",
-    ["sqlm.rewards.train", "sqlm.evaluation.evaluate", "sqlm.evaluation.gold", "sqlm.trainer", "sqlm.data",
-     "sqlm.oracle"],
+    [
+        "sqlm.rewards.train",
+        "sqlm.evaluation.evaluate",
+        "sqlm.evaluation.gold",
+        "sqlm.trainer",
+        "sqlm.data",
+        "sqlm.oracle",
+    ],
 )
 def test_library_modules_have_no_main(module):
     assert not hasattr(importlib.import_module(module), "main")
@@ -90,7 +101,8 @@ def test_the_library_never_imports_the_commands():
     offenders = [
         str(p.relative_to(ROOT))
         for p in (ROOT / "sqlm").rglob("*.py")
-        if "commands" not in p.relative_to(ROOT / "sqlm").parts[:-1] and p.name != "cli.py"
+        if "commands" not in p.relative_to(ROOT / "sqlm").parts[:-1]
+        and p.name != "cli.py"
         and pattern.search(p.read_text(encoding="utf-8"))
     ]
     assert offenders == []
@@ -108,8 +120,22 @@ def test_every_training_command_takes_the_model_keys_of_trl_model_config(command
     classes = module.recipe_dataclasses()
     names = {f.name for c in classes for f in dataclasses.fields(c)}
     assert {f.name for f in dataclasses.fields(ModelConfig)} <= names
-    flags = ["--model_name_or_path", "some/model", "--dtype", "bfloat16", "--model_revision", "v1",
-             "--attn_implementation", "sdpa", "--output_dir", "out", "--use_cpu", "true", "--bf16", "false"]
+    flags = [
+        "--model_name_or_path",
+        "some/model",
+        "--dtype",
+        "bfloat16",
+        "--model_revision",
+        "v1",
+        "--attn_implementation",
+        "sdpa",
+        "--output_dir",
+        "out",
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+    ]
     objs = parse_recipe(classes, None, flags)
     model_args = next(o for o in objs if hasattr(o, "lora_r"))
     config = next(o for o in objs if hasattr(o, "model_init_kwargs"))
@@ -195,8 +221,9 @@ def test_load_policy_reads_safetensors_only(tmp_path):
     from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
 
     tok = train_tokenizer(["a good film", "a bad book"] * 4, vocab_size=270)
-    model = tiny_model_for_tokenizer(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     num_key_value_heads=1)
+    model = tiny_model_for_tokenizer(
+        tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
     model.save_pretrained(tmp_path / "ok")
     tok.save_pretrained(tmp_path / "ok")
     loaded, _ = load_policy(tmp_path / "ok")
@@ -263,8 +290,15 @@ def test_one_loader_serves_the_optional_test_split_and_saved_datasets(tmp_path):
 
     rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(10)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = SimpleNamespace(dataset_name="pairs.jsonl", dataset_config=None, dataset_train_split="train",
-                           dataset_test_split="test", max_train_samples=None, max_eval_samples=3, eval_fraction=0.2)
+    args = SimpleNamespace(
+        dataset_name="pairs.jsonl",
+        dataset_config=None,
+        dataset_train_split="train",
+        dataset_test_split="test",
+        max_train_samples=None,
+        max_eval_samples=3,
+        eval_fraction=0.2,
+    )
     # a file has one split: no test split, so eval_fraction holds out 2 rows (then max_eval_samples)
     train, evals = load_train_eval(args, str(tmp_path), optional_test_split=True)
     assert len(train) == 8 and len(evals) == 2
@@ -272,8 +306,9 @@ def test_one_loader_serves_the_optional_test_split_and_saved_datasets(tmp_path):
     assert load_train_eval(args, str(tmp_path), optional_test_split=True)[1] is None
 
     saved = tmp_path / "saved"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:6]),
-                          "test": datasets.Dataset.from_list(rows[6:])}).save_to_disk(str(saved))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:6]), "test": datasets.Dataset.from_list(rows[6:])}
+    ).save_to_disk(str(saved))
     assert len(load_split(str(saved), "test")) == 4
     assert load_split(str(saved), "validation", missing_ok=True) is None
     with pytest.raises(SqlmError, match="validation"):

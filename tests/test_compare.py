@@ -21,6 +21,7 @@ from sqlm.evaluation.compare import (
     verdict,
 )
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,14 +71,9 @@ def test_matched_kl_difference_no_extrapolation():
     assert (lo, hi) == (2.0, 3.0)  # only where both frontiers exist
     # on [2, 3]: a = 0.6..0.7, b = 0.4..0.5 -> a - b = 0.2 everywhere
     assert d == pytest.approx(0.2)
-    assert (
-        matched_kl_difference([(1.0, 0.5), (2.0, 0.6)], [(3.0, 0.4), (4.0, 0.6)])
-        is None
-    )
+    assert matched_kl_difference([(1.0, 0.5), (2.0, 0.6)], [(3.0, 0.4), (4.0, 0.6)]) is None
     # with the base model at KL 0 both cover [0, 2]
-    d, (lo, hi) = matched_kl_difference(
-        [(1.0, 0.5), (2.0, 0.6)], [(3.0, 0.4), (4.0, 0.6)], reference=0.3
-    )
+    d, (lo, hi) = matched_kl_difference([(1.0, 0.5), (2.0, 0.6)], [(3.0, 0.4), (4.0, 0.6)], reference=0.3)
     assert (lo, hi) == (0.0, 2.0) and d > 0
 
 
@@ -139,17 +135,9 @@ def test_reduced_driver_end_to_end(tmp_path):
     assert "| method |" in report
     assert (tmp_path / "frontier_arithmetic.png").stat().st_size > 0
     assert (tmp_path / "efficiency_arithmetic.png").stat().st_size > 0
-    runs = [
-        json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")
-    ]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")]
     assert {r["method"] for r in runs} >= {"sqlm-online", "grpo", "dpo"}
     for r in runs:
-        assert (
-            r["optimizer_steps"] > 0
-            and r["wall_time_s"] > 0
-            and 0.0 <= r["eval"]["accuracy"] <= 1.0
-        )
-    out = subprocess.run(
-        cmd, check=True, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True
-    )
+        assert r["optimizer_steps"] > 0 and r["wall_time_s"] > 0 and 0.0 <= r["eval"]["accuracy"] <= 1.0
+    out = subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
     assert "cached" in out.stdout

@@ -23,8 +23,17 @@ def test_every_field_has_help():
     assert len(own) > 30
     for f in dataclasses.fields(SoftQConfig):
         assert f.metadata.get("help"), f"SoftQConfig.{f.name} has no help"
-    for name in ("max_length", "max_prompt_length", "max_completion_length", "num_generations",
-                 "temperature", "beta", "model_init_kwargs", "dataset_name", "disable_dropout"):
+    for name in (
+        "max_length",
+        "max_prompt_length",
+        "max_completion_length",
+        "num_generations",
+        "temperature",
+        "beta",
+        "model_init_kwargs",
+        "dataset_name",
+        "disable_dropout",
+    ):
         assert name in {f.name for f in own} | base, name
 
 
@@ -130,8 +139,15 @@ def test_training_argument_ranges_are_one_line_errors(key, value, needle):
 
 
 def test_training_argument_ranges_accept_the_usual_values():
-    c = cfg(learning_rate=1e-6, max_steps=-1, num_train_epochs=0.5, warmup_steps=0.1, logging_steps=0.25,
-            eval_steps=None, dataset_test_size=0.1)
+    c = cfg(
+        learning_rate=1e-6,
+        max_steps=-1,
+        num_train_epochs=0.5,
+        warmup_steps=0.1,
+        logging_steps=0.25,
+        eval_steps=None,
+        dataset_test_size=0.1,
+    )
     assert c.warmup_steps == 0.1 and c.dataset_test_size == 0.1
     assert cfg(warmup_steps=10, save_strategy="no", save_steps=0).warmup_steps == 10
     assert cfg(dataset_test_size=20).dataset_test_size == 20
@@ -179,8 +195,9 @@ def test_merge_adapter_without_peft_is_an_error():
     args, model_args = parse_recipe(TRAIN_DATACLASSES, None, ["--output_dir", "unused", "--merge_adapter", "true"])
     with pytest.raises(SqlmError, match="key 'merge_adapter' needs use_peft: true"):
         check_train_args(args, model_args)
-    args, model_args = parse_recipe(TRAIN_DATACLASSES, None,
-                                    ["--output_dir", "unused", "--merge_adapter", "true", "--use_peft", "true"])
+    args, model_args = parse_recipe(
+        TRAIN_DATACLASSES, None, ["--output_dir", "unused", "--merge_adapter", "true", "--use_peft", "true"]
+    )
     check_train_args(args, model_args)
 
 

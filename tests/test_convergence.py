@@ -4,10 +4,11 @@ only), with per-token and with terminal rewards."""
 
 import pytest
 
-from sqlm.losses import LOSSES
 from sqlm.evaluation.oracle_train import tiny_reference_lm, train_towards_oracle
+from sqlm.losses import LOSSES
 from sqlm.oracle import random_mdp, solve
 from sqlm.tiny import tiny_causal_lm
+
 
 START_KL, END_KL = 0.5, 0.05
 STEPS, BATCH = 500, 128
@@ -39,16 +40,23 @@ def _marks(loss, on_policy):
 def oracles():
     """Per-token rewards with a reference LM; terminal rewards with none (pure max-entropy)."""
     return {
-        "token": solve(random_mdp(num_actions=4, horizon=3, reward="token", scale=1.5,
-                                  ref_model=tiny_reference_lm(8, seed=1), prompt=(7,), seed=0)),
-        "terminal": solve(random_mdp(num_actions=4, horizon=3, reward="terminal", scale=1.5,
-                                     prompt=(7,), seed=0)),
+        "token": solve(
+            random_mdp(
+                num_actions=4,
+                horizon=3,
+                reward="token",
+                scale=1.5,
+                ref_model=tiny_reference_lm(8, seed=1),
+                prompt=(7,),
+                seed=0,
+            )
+        ),
+        "terminal": solve(random_mdp(num_actions=4, horizon=3, reward="terminal", scale=1.5, prompt=(7,), seed=0)),
     }
 
 
 CASES = [
-    pytest.param(loss, reward, on, id=f"{loss}-{reward}-{'on' if on else 'off'}",
-                 marks=_marks(loss, on))
+    pytest.param(loss, reward, on, id=f"{loss}-{reward}-{'on' if on else 'off'}", marks=_marks(loss, on))
     for loss in LOSSES
     for reward in ("token", "terminal")
     for on in (True, False)
@@ -59,8 +67,17 @@ CASES = [
 def test_loss_converges_to_the_oracle(oracles, loss_type, reward, on_policy):
     sol = oracles[reward]
     model = tiny_causal_lm(8, seed=2, hidden_size=32, num_hidden_layers=1)
-    res = train_towards_oracle(model, sol, loss_type, steps=STEPS, batch_size=BATCH, lr=LR[loss_type],
-                               on_policy=on_policy, eval_every=100, seed=0)
+    res = train_towards_oracle(
+        model,
+        sol,
+        loss_type,
+        steps=STEPS,
+        batch_size=BATCH,
+        lr=LR[loss_type],
+        on_policy=on_policy,
+        eval_every=100,
+        seed=0,
+    )
     curve = " ".join(f"{s}:{kl:.3f}" for s, kl in res.curve)
     print(f"\nKL curve {loss_type} {reward} {'on' if on_policy else 'off'}-policy: {curve}")
     assert res.curve[0][1] >= START_KL

@@ -29,6 +29,7 @@ from sqlm.rewards.scoring import score_trajectories
 from sqlm.rollout import ReplayBuffer
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROWS = [
@@ -60,14 +61,22 @@ def _dpo_tokens(dataset, tok, tmp_path):
     """What TRL's DPOTrainer makes of the same rows."""
     from trl import DPOConfig, DPOTrainer
 
-    model = tiny_model_for_tokenizer(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     num_key_value_heads=1)
-    cfg = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=None,
-                    activation_checkpointing=False)
+    model = tiny_model_for_tokenizer(
+        tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
+    cfg = DPOConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        max_length=None,
+        activation_checkpointing=False,
+    )
     import copy
 
-    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=cfg, train_dataset=dataset,
-                         processing_class=tok)
+    trainer = DPOTrainer(
+        model=model, ref_model=copy.deepcopy(model), args=cfg, train_dataset=dataset, processing_class=tok
+    )
     return [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in trainer.train_dataset]
 
 
@@ -103,8 +112,11 @@ def test_implicit_prompt_is_extracted(tok):
     assert tokenize_preference(row, tok) == tokenize_preference(explicit, tok)
     # UltraFeedback-binarized layout: a string prompt beside whole conversations
     assert tokenize_preference({**row, "prompt": "Rate the film"}, tok) == tokenize_preference(explicit, tok)
-    ds = prepare_dataset(Dataset.from_list([{**row, "prompt": "Rate the film", "score_chosen": 8.0,
-                                             "score_rejected": 3.0}]), tok, args())
+    ds = prepare_dataset(
+        Dataset.from_list([{**row, "prompt": "Rate the film", "score_chosen": 8.0, "score_rejected": 3.0}]),
+        tok,
+        args(),
+    )
     trajs = offline_trajectories(ds[0], "score_chosen", "score_rejected")
     assert [t.sequence_reward for t in trajs] == [8.0, 3.0]
     assert trajs[0].prompt == explicit["prompt"]
@@ -150,8 +162,9 @@ def test_missing_columns_and_bad_rows_name_the_problem(tok):
 
 def test_column_map_renames(tok):
     rows = [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in ROWS]
-    ds = prepare_dataset(Dataset.from_list(rows), tok, args(dataset_column_map={"q": "prompt", "good": "chosen",
-                                                                                  "bad": "rejected"}))
+    ds = prepare_dataset(
+        Dataset.from_list(rows), tok, args(dataset_column_map={"q": "prompt", "good": "chosen", "bad": "rejected"})
+    )
     assert ds[0]["chosen_ids"] == tokenize_preference(ROWS[0], tok)["chosen_ids"]
     with pytest.raises(SqlmError, match="'nope'"):
         prepare_dataset(Dataset.from_list(rows), tok, args(dataset_column_map={"nope": "prompt"}))
@@ -181,7 +194,9 @@ QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstar
 @pytest.mark.parametrize("split", ["test", "tset", "validation"])
 def test_a_single_file_has_no_other_split(split):
     # it used to return the 128 training rows for any split name: evaluation on the training data
-    with pytest.raises(SqlmError, match=rf"unknown split '{split}' of dataset file .*reviews.jsonl: .* one split, 'train'"):
+    with pytest.raises(
+        SqlmError, match=rf"unknown split '{split}' of dataset file .*reviews.jsonl: .* one split, 'train'"
+    ):
         load_split(QUICKSTART, split)
     assert len(load_split(QUICKSTART, "train")) == 128
     assert len(load_split(QUICKSTART, "train[:25%]")) == 32  # a slice of train is still train
@@ -248,8 +263,11 @@ def test_csv_with_json_encoded_messages_is_conversational(tok, tmp_path):
 def test_csv_column_of_messages_and_text_is_refused(tmp_path):
     path = tmp_path / "mixed.csv"
     _csv(path, CONV + [{**CONV[0], "chosen": "plain text"}])
-    with pytest.raises(SqlmError, match=r"row 1 of dataset file .*mixed.csv: column 'chosen' is not a JSON list of "
-                       r"\{role, content\} messages, but row 0 is"):
+    with pytest.raises(
+        SqlmError,
+        match=r"row 1 of dataset file .*mixed.csv: column 'chosen' is not a JSON list of "
+        r"\{role, content\} messages, but row 0 is",
+    ):
         load_split(str(path), "train")
 
 
@@ -265,8 +283,10 @@ def test_pairs_identical_only_after_truncation_are_reported_as_such(tok, caplog)
         ds = prepare_dataset(Dataset.from_list(rows), tok, args(max_completion_length=2))
     assert ds["row_index"] == [2]
     (msg,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert "1 with chosen and rejected identical only after truncation to max_length=64, max_completion_length=2 " \
-           "(rows 0)" in msg
+    assert (
+        "1 with chosen and rejected identical only after truncation to max_length=64, max_completion_length=2 "
+        "(rows 0)" in msg
+    )
     assert "1 with chosen identical to rejected (rows 1)" in msg
 
 
@@ -317,8 +337,10 @@ def test_pack_layout():
 
 def test_reward_resolution_and_code_opt_in():
     (kw,) = resolve_reward_funcs(["keyword"], {"keyword": {"words": ["good"], "penalty_words": ["bad"]}})
-    t = [Trajectory(prompt_ids=[1], completion_ids=[2, 3], completion=" good good bad"),
-         Trajectory(prompt_ids=[1], completion_ids=[2], completion=" meh")]
+    t = [
+        Trajectory(prompt_ids=[1], completion_ids=[2, 3], completion=" good good bad"),
+        Trajectory(prompt_ids=[1], completion_ids=[2], completion=" meh"),
+    ]
     r, per_source = score_trajectories(t, [kw], [2.0], pad_token_id=0)
     assert [x.tolist() for x in r] == [[0.0, 2.0], [0.0]]
     assert per_source["keyword"] == [1.0, 0.0]
@@ -354,22 +376,48 @@ def test_a_tiny_chat_model_trained_on_conversations_learns_to_stop(tmp_path):
 
     prompts = ["Rate the film", "Rate the book", "Rate the song", "Rate the game"]
     chat_tok = train_tokenizer([f"user: {p}assistant: good and fun." for p in prompts] * 4, vocab_size=300)
-    model = tiny_model_for_tokenizer(chat_tok, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     num_key_value_heads=1)
-    rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": "good"}],
-             "reward": 1.0} for p in prompts] * 4
+    model = tiny_model_for_tokenizer(
+        chat_tok, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": p}],
+            "completion": [{"role": "assistant", "content": "good"}],
+            "reward": 1.0,
+        }
+        for p in prompts
+    ] * 4
     limit = 12
-    cfg = args(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=10, learning_rate=1e-2,
-               lr_scheduler_type="constant", save_strategy="no", seed=0, max_length=32,
-               max_completion_length=limit, tau=0.1)
+    cfg = args(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=10,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        seed=0,
+        max_length=32,
+        max_completion_length=limit,
+        tau=0.1,
+    )
     trainer = SoftQTrainer(model, cfg, train_dataset=Dataset.from_list(rows), processing_class=chat_tok)
     trainer.train()
-    prompt = chat_tok.apply_chat_template([{"role": "user", "content": "Rate the film"}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)
+    prompt = chat_tok.apply_chat_template(
+        [{"role": "user", "content": "Rate the film"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     torch.manual_seed(0)
-    out = trainer.model.eval().generate(**prompt, do_sample=True, max_new_tokens=limit, num_return_sequences=32,
-                                        pad_token_id=chat_tok.pad_token_id, eos_token_id=chat_tok.eos_token_id)
-    ended = (out[:, prompt["input_ids"].shape[1]:] == chat_tok.eos_token_id)
+    out = trainer.model.eval().generate(
+        **prompt,
+        do_sample=True,
+        max_new_tokens=limit,
+        num_return_sequences=32,
+        pad_token_id=chat_tok.pad_token_id,
+        eos_token_id=chat_tok.eos_token_id,
+    )
+    ended = out[:, prompt["input_ids"].shape[1] :] == chat_tok.eos_token_id
     lengths = torch.where(ended.any(1), ended.float().argmax(1) + 1, torch.tensor(limit))
     assert ended.any(1).float().mean() > 0.9  # (before: 0 of 32 stopped, mean length 12 of 12)
     assert lengths.float().mean() < limit / 2

@@ -9,6 +9,7 @@ import yaml
 
 from sqlm.errors import SqlmError
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SQLM_QS = str(ROOT / "recipes/quickstart/sqlm/config.yaml")
 DPO_QS = str(ROOT / "recipes/quickstart/dpo/config.yaml")
@@ -46,7 +47,14 @@ def test_paired_quickstart_recipes_give_byte_identical_tokens(tmp_path, monkeypa
     sd_s, sd_d = sq.model.state_dict(), d.model.state_dict()
     assert sd_s.keys() == sd_d.keys() and all(torch.equal(sd_s[k], sd_d[k]) for k in sd_s)
     assert torch.equal(sq.ref_model.get_input_embeddings().weight, d.ref_model.get_input_embeddings().weight)
-    for key in ("seed", "learning_rate", "per_device_train_batch_size", "max_steps", "max_length", "lr_scheduler_type"):
+    for key in (
+        "seed",
+        "learning_rate",
+        "per_device_train_batch_size",
+        "max_steps",
+        "max_length",
+        "lr_scheduler_type",
+    ):
         assert getattr(sq.args, key) == getattr(d.args, key), key
     assert sq.args.tau == d.args.beta
 
@@ -67,13 +75,16 @@ def test_sqlm_dpo_trains_and_saves_a_loadable_model(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SQLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "dpo"
-    assert main([DPO_QS, "--output_dir", str(out), "--max_steps", "3", "--logging_steps", "1", "--disable_tqdm", "true"]) == 0
+    assert (
+        main([DPO_QS, "--output_dir", str(out), "--max_steps", "3", "--logging_steps", "1", "--disable_tqdm", "true"])
+        == 0
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     summary = json.loads((out / "dpo_summary.json").read_text())
     assert summary["steps"] == 3 and summary["beta"] == 0.1
     # the policy moved away from its initial (cached tiny) weights
-    from sqlm.tiny import build_tiny_model, dataset_texts
     from sqlm.data import load_split
+    from sqlm.tiny import build_tiny_model, dataset_texts
 
     texts = dataset_texts(load_split("../reviews.jsonl", "train", None, str(Path(DPO_QS).parent)))
     init, _, _ = build_tiny_model("tiny:vocab_size=384,hidden_size=64,num_hidden_layers=2", texts)

@@ -20,6 +20,7 @@ from sqlm.fused import (
 from sqlm.soft import soft_outputs
 from sqlm.tiny import tiny_causal_lm
 
+
 TAU = 0.7
 ATOL = 1e-5
 
@@ -152,7 +153,7 @@ def test_model_path_equals_model_logits_with_all_parameter_gradients(tied, monke
     out = model_soft_outputs(model, ids, attn, TAU)
     _objective(out, *ws).backward()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, plain[n], atol=ATOL, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(p.grad, plain[n], atol=ATOL, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
     with torch.no_grad():
         ref = soft_outputs(logits, ids[:, 1:], TAU)
@@ -166,8 +167,15 @@ def test_softcap_family_is_read_from_the_config():
 
     torch.manual_seed(0)
     config = Gemma2Config(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, final_logit_softcapping=2.0, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=2.0,
+        max_position_embeddings=32,
     )
     model = AutoModelForCausalLM.from_config(config)
     head = lm_head_of(model)
@@ -193,8 +201,10 @@ def test_peft_model_equals_plain_and_lora_head_is_refused():
         fused = model_soft_outputs(peft_model, ids, None, TAU)
     torch.testing.assert_close(fused.q, plain.q, atol=ATOL, rtol=0)
 
-    head_lora = get_peft_model(tiny_causal_lm(64, seed=4, hidden_size=16, tie_word_embeddings=False),
-                               LoraConfig(r=2, target_modules=["lm_head"]))
+    head_lora = get_peft_model(
+        tiny_causal_lm(64, seed=4, hidden_size=16, tie_word_embeddings=False),
+        LoraConfig(r=2, target_modules=["lm_head"]),
+    )
     with pytest.raises(SqlmError, match="lm_head"):
         lm_head_of(head_lora)
     assert supports_fused_head(peft_model) and not supports_fused_head(head_lora)
@@ -244,8 +254,10 @@ def test_forward_reads_a_packed_batch_the_same_through_the_fused_head_and_the_pl
     path steps of a batch with a prompt (``logits_start > 0``) both give the same readings."""
     from peft import LoraConfig, get_peft_model
 
-    plain_model = get_peft_model(tiny_causal_lm(64, seed=8, hidden_size=16, tie_word_embeddings=False),
-                                 LoraConfig(r=2, target_modules=["lm_head"]))  # LoRA B = 0: same function
+    plain_model = get_peft_model(
+        tiny_causal_lm(64, seed=8, hidden_size=16, tie_word_embeddings=False),
+        LoraConfig(r=2, target_modules=["lm_head"]),
+    )  # LoRA B = 0: same function
     fused_model = tiny_causal_lm(64, seed=8, hidden_size=16, tie_word_embeddings=False)
     assert supports_fused_head(fused_model) and not supports_fused_head(plain_model)
     ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(9))

@@ -19,6 +19,7 @@ from sqlm.losses import (
 )
 from sqlm.soft import path_mask, soft_outputs
 
+
 # ----------------------------------------------------------------------------- naive references
 
 
@@ -159,7 +160,9 @@ def _loss_inputs(logits, actions, mask, tau, ref, rewards, vbar, values):
     so = soft_outputs(logits, actions, tau, with_entropy=True)
     return {
         "pcl": lambda **kw: pcl_loss(so.log_pi, values, rewards, mask, ref_log_pi=ref, entropy=so.entropy, **kw),
-        "unified_pcl": lambda **kw: unified_pcl_loss(so.q, so.v, rewards, mask, ref_log_pi=ref, entropy=so.entropy, **kw),
+        "unified_pcl": lambda **kw: unified_pcl_loss(
+            so.q, so.v, rewards, mask, ref_log_pi=ref, entropy=so.entropy, **kw
+        ),
         "soft_q": lambda **kw: soft_q_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
         "advantage_pcl": lambda **kw: advantage_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
         "multistep_pcl": lambda **kw: multistep_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
@@ -214,8 +217,16 @@ def test_padded_steps_get_no_gradient(gen, loss_type):
     logits = torch.randn(2, 6, 5, generator=gen, requires_grad=True)
     actions = torch.randint(0, 5, (2, 6), generator=gen)
     mask = contiguous_mask([3, 5], 6, starts=[1, 0])
-    ins = _loss_inputs(logits, actions, mask, 1.0, None, torch.randn(2, 6, generator=gen),
-                       torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen))
+    ins = _loss_inputs(
+        logits,
+        actions,
+        mask,
+        1.0,
+        None,
+        torch.randn(2, 6, generator=gen),
+        torch.randn(2, 6, generator=gen),
+        torch.randn(2, 6, generator=gen),
+    )
     loss, _ = ins[loss_type](tau=1.0)
     (g,) = torch.autograd.grad(loss, logits)
     assert g[mask == 0].abs().sum() == 0

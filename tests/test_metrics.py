@@ -16,6 +16,7 @@ from sqlm.data import Trajectory
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
 from sqlm.trainer import SoftQTrainer, batch_metrics, policy_metrics
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 README = Path(__file__).resolve().parent.parent / "README.md"
 PROMPTS = ["Rate the film:", "Rate the book:", "Rate the song:", "Rate the game:"]
@@ -26,7 +27,7 @@ MODES = ("offline", "online", "mixed")
 def documented_metrics() -> dict[str, set[str]]:
     """``{key: modes}`` from the README's table of logged metrics."""
     text = README.read_text()
-    table = text[text.index("### Logged metrics"):]
+    table = text[text.index("### Logged metrics") :]
     rows = {}
     for line in table.splitlines()[1:]:
         if line.startswith("#"):
@@ -59,9 +60,20 @@ def test_readme_table_is_parsed():
 def test_logged_keys_are_the_documented_keys(tmp_path, tokenizer, mode):
     data = Dataset.from_list([{"prompt": PROMPTS[i % 4], "chosen": GOOD, "rejected": BAD} for i in range(8)])
     args = SoftQConfig(
-        output_dir=str(tmp_path), mode=mode, per_device_train_batch_size=2, max_steps=4, logging_steps=1,
-        learning_rate=1e-2, save_strategy="no", report_to="none", use_cpu=True, seed=0, max_length=32,
-        max_completion_length=6, replay_buffer_size=0 if mode == "offline" else 8, dataloader_num_workers=0,
+        output_dir=str(tmp_path),
+        mode=mode,
+        per_device_train_batch_size=2,
+        max_steps=4,
+        logging_steps=1,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        max_length=32,
+        max_completion_length=6,
+        replay_buffer_size=0 if mode == "offline" else 8,
+        dataloader_num_workers=0,
     )
     model = tiny_model_for_tokenizer(tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      num_key_value_heads=1)  # fmt: skip
@@ -69,8 +81,11 @@ def test_logged_keys_are_the_documented_keys(tmp_path, tokenizer, mode):
     trainer.train()
     # log_history adds the step number to each log
     logged = {k for entry in trainer.state.log_history if "loss" in entry for k in entry} - {"step"}
-    expected = {k.replace("<name>", "good_reward").replace("<generator>", "hf")
-                for k, modes in documented_metrics().items() if mode in modes}
+    expected = {
+        k.replace("<name>", "good_reward").replace("<generator>", "hf")
+        for k, modes in documented_metrics().items()
+        if mode in modes
+    }
     assert logged == expected, (sorted(logged - expected), sorted(expected - logged))
 
 
@@ -113,7 +128,9 @@ def test_batch_metrics_by_hand():
     assert out["reward"] == pytest.approx(2 / 3)
     assert out["reward_std"] == pytest.approx(torch.tensor([2.0, -1.0, 1.0]).std().item())
     assert out["rewards/f/mean"] == pytest.approx(2 / 3)
-    assert out["task_reward/chosen"] == 2.0 and out["task_reward/rejected"] == -1.0 and out["task_reward/online"] == 1.0
+    assert (
+        out["task_reward/chosen"] == 2.0 and out["task_reward/rejected"] == -1.0 and out["task_reward/online"] == 1.0
+    )
     assert out["completions/mean_length"] == pytest.approx(7 / 3)
     assert out["completions/min_length"] == 2 and out["completions/max_length"] == 3
     assert out["completions/clipped_ratio"] == pytest.approx(1 / 3)

@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart" / "sqlm" / "config.yaml"
 
@@ -46,16 +47,46 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", SQLM_CACHE=str(tmp_path / "cache"),
-               SQLM_TEST_OUT=str(tmp_path), TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        SQLM_CACHE=str(tmp_path / "cache"),
+        SQLM_TEST_OUT=str(tmp_path),
+        TOKENIZERS_PARALLELISM="false",
+    )
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "recipes" / "accelerate" / "ddp.yaml"),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
-        str(worker), "--config", str(QUICKSTART),
-        "--use_cpu", "true", "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
-        "--per_device_train_batch_size", "4", "--mode", "mixed", "--mix_ratio", "0.5",
-        "--loss_type", "soft_q", "--max_completion_length", "8", "--logging_steps", "1",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes" / "accelerate" / "ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(worker),
+        "--config",
+        str(QUICKSTART),
+        "--use_cpu",
+        "true",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--mode",
+        "mixed",
+        "--mix_ratio",
+        "0.5",
+        "--loss_type",
+        "soft_q",
+        "--max_completion_length",
+        "8",
+        "--logging_steps",
+        "1",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -174,8 +205,16 @@ def test_fsdp2_target_polyak_on_local_shards_matches_one_process(tmp_path):
     worker = tmp_path / "fsdp2_worker.py"
     worker.write_text(FSDP2_WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", SQLM_TEST_OUT=str(tmp_path), HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(worker)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(worker),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = torch.load(tmp_path / "fsdp2.pt", weights_only=True)

@@ -13,11 +13,12 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from sqlm import cli
-from sqlm.config import SoftQConfig
 from sqlm.checkpoint import COMPLETE_MARKER
+from sqlm.config import SoftQConfig
 from sqlm.guards import NonFiniteError
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
 from sqlm.trainer import SoftQTrainer
+
 
 NAN_MODULE = '''
 import math
@@ -52,8 +53,10 @@ allow_code_rewards: true
 reward_funcs: ["nanmod:make"]
 """
 
-ROWS = [{"prompt": f"Rate the {w}:", "chosen": " good and fun.", "rejected": " bad and dull."}
-        for w in ("film", "book", "song", "game")] * 2
+ROWS = [
+    {"prompt": f"Rate the {w}:", "chosen": " good and fun.", "rejected": " bad and dull."}
+    for w in ("film", "book", "song", "game")
+] * 2
 
 
 @pytest.fixture
@@ -114,31 +117,56 @@ def test_precomputed_reward_column_with_nan_names_the_column(tmp_path):
     tok = train_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in ROWS] * 2, vocab_size=300)
     rows = [dict(r, chosen_token_rewards=[0.1] * 30, rejected_token_rewards=[0.0] * 30) for r in ROWS]
     rows[5]["rejected_token_rewards"][1] = math.nan  # row 5 is in the third batch of 2
-    args = SoftQConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=2, max_steps=4, max_length=32,
-                       report_to="none", use_cpu=True, save_strategy="no", seed=0)
-    model = tiny_model_for_tokenizer(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     num_key_value_heads=1)
+    args = SoftQConfig(
+        output_dir=str(tmp_path / "o"),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        max_length=32,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
+    model = tiny_model_for_tokenizer(
+        tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
     trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
-    with pytest.raises(NonFiniteError, match=r"non-finite reward in dataset column 'rejected_token_rewards' at step 3"):
+    with pytest.raises(
+        NonFiniteError, match=r"non-finite reward in dataset column 'rejected_token_rewards' at step 3"
+    ):
         trainer.train()
 
 
-@pytest.mark.parametrize("which,source", [("target", "value V_bar(s) of the target network"),
-                                          ("policy", "value V(s) of the policy")])
+@pytest.mark.parametrize(
+    "which,source", [("target", "value V_bar(s) of the target network"), ("policy", "value V(s) of the policy")]
+)
 def test_nan_values_name_the_network(tmp_path, which, source):
     tok = train_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in ROWS] * 2, vocab_size=300)
-    args = SoftQConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=2, max_steps=2, max_length=32,
-                       report_to="none", use_cpu=True, save_strategy="no", loss_type="soft_q", reward_scale=1.0)
-    model = tiny_model_for_tokenizer(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     num_key_value_heads=1)
-    trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(ROWS), processing_class=tok,
-                           reward_funcs=["length"])
+    args = SoftQConfig(
+        output_dir=str(tmp_path / "o"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        max_length=32,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        loss_type="soft_q",
+        reward_scale=1.0,
+    )
+    model = tiny_model_for_tokenizer(
+        tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
+    trainer = SoftQTrainer(
+        model, args, train_dataset=Dataset.from_list(ROWS), processing_class=tok, reward_funcs=["length"]
+    )
     net = trainer.target_model if which == "target" else trainer.model
     with torch.no_grad():
         net.model.norm.weight[0] = float("nan")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    with pytest.raises(NonFiniteError, match=rf"non-finite {source.replace('(', '[(]').replace(')', '[)]')} at step 1"):
+    with pytest.raises(
+        NonFiniteError, match=rf"non-finite {source.replace('(', '[(]').replace(')', '[)]')} at step 1"
+    ):
         trainer.train()
     for n, p in trainer.model.named_parameters():  # the bad step made no update
         assert torch.equal(p, before[n]) or (torch.isnan(p) == torch.isnan(before[n])).all(), n

@@ -20,6 +20,7 @@ from sqlm.oracle import (
 )
 from sqlm.tiny import tiny_causal_lm
 
+
 ACTIONS, EOS, PROMPT = (0, 1, 2, 3), 3, (7,)
 
 
@@ -114,7 +115,7 @@ def test_gamma_one_sequence_reward_closed_form(ref_lm, with_ref):
     # the total reward is the sequence reward, and each listed sequence is unique
     items = table.as_list()
     assert len({y for y, _, _ in items}) == len(items)
-    for y, p, r in items[:: 7]:
+    for y, _, r in items[::7]:
         assert r == pytest.approx(seq_r(y))
     assert sum(p for _, p, _ in items) == pytest.approx(1.0)
 
@@ -132,8 +133,15 @@ def test_reward_forms_agree():
         for x, y in zip(solve(plain).log_pi, solve(other).log_pi):
             torch.testing.assert_close(x, y)
     seq = make("sequence", horizon=3)
-    sb = TokenMDP(ACTIONS, EOS, 3, prompt=PROMPT, tau=0.7, batched=True,
-                  sequence_reward=lambda ys: torch.tensor([seq_r(tuple(y)) for y in ys.tolist()]))
+    sb = TokenMDP(
+        ACTIONS,
+        EOS,
+        3,
+        prompt=PROMPT,
+        tau=0.7,
+        batched=True,
+        sequence_reward=lambda ys: torch.tensor([seq_r(tuple(y)) for y in ys.tolist()]),
+    )
     for x, y in zip(seq.rewards, sb.rewards):
         torch.testing.assert_close(x, y)
 
@@ -181,8 +189,9 @@ def test_consistency_of_the_optimum_is_zero(ref_lm, gen, kind, gamma, with_ref):
     x, _, _ = oracle_paths(sol, 64, gen)
     assert x["mask"].sum(-1).min() >= 1 and x["mask"].sum(-1).max() == 4
     for d in (1, 2, 3, 4, 10, None):
-        c = path_consistency(x["values"], x["log_pi"], x["rewards"], x["mask"], tau=0.6, gamma=gamma,
-                             d=d, ref_log_pi=x["ref_log_pi"])
+        c = path_consistency(
+            x["values"], x["log_pi"], x["rewards"], x["mask"], tau=0.6, gamma=gamma, d=d, ref_log_pi=x["ref_log_pi"]
+        )
         assert c.abs().max().item() < 1e-4, d
 
 
@@ -192,8 +201,9 @@ def test_consistency_is_clearly_nonzero_off_the_optimum(ref_lm, gen, gamma):
     mdp = make("token", horizon=4, tau=0.6, gamma=gamma, ref=ref_lm)
     sol = solve(mdp)
     x, rows, cols = oracle_paths(sol, 64, gen)
-    noisy = [torch.log_softmax(lp + 0.5 * torch.randn(lp.shape, generator=gen, dtype=lp.dtype), -1)
-             for lp in sol.log_pi]
+    noisy = [
+        torch.log_softmax(lp + 0.5 * torch.randn(lp.shape, generator=gen, dtype=lp.dtype), -1) for lp in sol.log_pi
+    ]
     bad_pi = mdp.gather(noisy, rows, cols)
     bad_v = x["values"] + 0.3 * x["mask"]
     for d in (1, 2, None):
@@ -236,7 +246,9 @@ def test_exact_kl_equals_brute_force(ref_lm):
     p = policy_log_probs(model, sol.mdp)
     lp_p = enumerate_sequences(sol.mdp, p).log_prob
     lp_q = sol.sequences().log_prob
-    assert float(sequence_kl(sol.mdp, p, sol.log_pi)) == pytest.approx(float((lp_p.exp() * (lp_p - lp_q)).sum()), abs=1e-10)
+    assert float(sequence_kl(sol.mdp, p, sol.log_pi)) == pytest.approx(
+        float((lp_p.exp() * (lp_p - lp_q)).sum()), abs=1e-10
+    )
     # differentiable in the model's parameters
     p = policy_log_probs(model, sol.mdp, grad=True)
     sequence_kl(sol.mdp, p, sol.log_pi).backward()
@@ -306,8 +318,10 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="tokens"):
         mdp.path_indices(torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="prompt"):
-        policy_log_probs(tiny_causal_lm(8, seed=0, hidden_size=16, num_hidden_layers=1),
-                         TokenMDP(ACTIONS, EOS, 2, token_reward=token_r))
+        policy_log_probs(
+            tiny_causal_lm(8, seed=0, hidden_size=16, num_hidden_layers=1),
+            TokenMDP(ACTIONS, EOS, 2, token_reward=token_r),
+        )
 
 
 def test_train_towards_oracle_rejects_unknown_loss():
@@ -344,7 +358,15 @@ def test_cli_bad_arguments_exit_2(capsys):
 def test_cli_takes_underscore_and_dashed_flags():
     from sqlm.commands.oracle import _parser
 
-    for argv in (["--batch_size", "8", "--eval_every", "3", "--off_policy", "--no_reference", "--max_steps", "5"],
-                 ["--batch-size", "8", "--eval-every", "3", "--off-policy", "--no-reference", "--steps", "5"]):
+    for argv in (
+        ["--batch_size", "8", "--eval_every", "3", "--off_policy", "--no_reference", "--max_steps", "5"],
+        ["--batch-size", "8", "--eval-every", "3", "--off-policy", "--no-reference", "--steps", "5"],
+    ):
         args = _parser().parse_args(argv)
-        assert (args.batch_size, args.eval_every, args.off_policy, args.no_reference, args.steps) == (8, 3, True, True, 5)
+        assert (args.batch_size, args.eval_every, args.off_policy, args.no_reference, args.steps) == (
+            8,
+            3,
+            True,
+            True,
+            5,
+        )

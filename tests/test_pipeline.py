@@ -4,10 +4,10 @@ model -> sqlm and DPO sweeps -> eval -> report, cached stages reused, report num
 import json
 import re
 
-from sqlm.evaluation.gold import GoldTaskConfig
-from sqlm.commands.pipeline import PipelineArguments, apply_reduced, main, run_pipeline
-
 from test_eval_metrics import check_report_matches  # tests/ is on sys.path (pytest rootdir import)
+
+from sqlm.commands.pipeline import PipelineArguments, apply_reduced, main, run_pipeline
+from sqlm.evaluation.gold import GoldTaskConfig
 
 
 def _oracle_cells(md: str) -> dict[str, list[str]]:
@@ -23,7 +23,9 @@ def _oracle_cells(md: str) -> dict[str, list[str]]:
 def test_reduced_pipeline_end_to_end(tmp_path, capsys):
     cache, out1, out2 = tmp_path / "cache", tmp_path / "r1", tmp_path / "r2"
     # 1. the CLI, as CI and the README run it
-    assert main(["--reduced", "true", "--cache_dir", str(cache), "--output_dir", str(out1), "--progress", "false"]) == 0
+    assert (
+        main(["--reduced", "true", "--cache_dir", str(cache), "--output_dir", str(out1), "--progress", "false"]) == 0
+    )
     printed = capsys.readouterr().out
     assert f"report: {(out1 / 'report.md').resolve()}" in printed
     res1 = json.loads((out1 / "results.json").read_text())

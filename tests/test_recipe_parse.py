@@ -8,6 +8,7 @@ import pytest
 from sqlm.errors import SqlmError
 from sqlm.recipe import load_yaml, parse_recipe
 
+
 BAD = Path(__file__).parent / "bad_inputs"
 
 

@@ -18,6 +18,7 @@ import yaml
 from sqlm.cli import COMMANDS
 from sqlm.recipe import parse_recipe
 
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
 ACCELERATE_TYPES = {"NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP", "MULTI_XPU", "MULTI_NPU", "XLA"}

@@ -22,9 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqlm.errors import SqlmError
 from sqlm.checkpoint import COMPLETE_MARKER, latest_complete_checkpoint, resolve_resume
 from sqlm.commands.train import build_trainer, parse_train_args, run
+from sqlm.errors import SqlmError
+
 
 MAX_STEPS, SAVE_STEPS = 10, 2
 WORDS = ["good", "fun", "bad", "dull", "film", "book", "song", "game"]
@@ -34,14 +35,16 @@ def _rows():
     rows = []
     for i in range(12):
         a, b = WORDS[i % 4], WORDS[(i + 2) % 4]
-        rows.append({
-            "prompt": f"Rate the {WORDS[4 + i % 4]}:",
-            "chosen": f" {a} and {b}.",
-            "rejected": f" {b} {b}.",
-            # cached dense rewards (as sqlm.rewards.cache writes them), longer than any completion
-            "chosen_token_rewards": [0.01 * ((i + t) % 5) for t in range(40)],
-            "rejected_token_rewards": [-0.02 * ((i * t) % 3) for t in range(40)],
-        })
+        rows.append(
+            {
+                "prompt": f"Rate the {WORDS[4 + i % 4]}:",
+                "chosen": f" {a} and {b}.",
+                "rejected": f" {b} {b}.",
+                # cached dense rewards (as sqlm.rewards.cache writes them), longer than any completion
+                "chosen_token_rewards": [0.01 * ((i + t) % 5) for t in range(40)],
+                "rejected_token_rewards": [-0.02 * ((i * t) % 3) for t in range(40)],
+            }
+        )
     return rows
 
 
@@ -135,7 +138,11 @@ def _killed_run(workdir, out: Path, *, at_log_line: int | None = None, during_sa
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sqlm.cli", "train", *_argv(workdir, out)],
-        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     logged = []
 
@@ -191,8 +198,9 @@ class _Killed(BaseException):
 
 
 def test_checkpoint_half_written_when_killed_is_skipped(workdir, reference, monkeypatch):
-    import sqlm.trainer as trainer_mod
     from transformers.trainer_utils import get_last_checkpoint
+
+    import sqlm.trainer as trainer_mod
 
     out = workdir / "crash-in-save"
     real_mark = trainer_mod.mark_complete
@@ -264,13 +272,27 @@ def test_resume_with_cached_model_based_rewards_is_identical(tmp_path):
 
     def trainer(out):
         args = SoftQConfig(
-            output_dir=str(out), per_device_train_batch_size=2, max_steps=4, save_strategy="steps", save_steps=2,
-            report_to="none", use_cpu=True, seed=0, max_length=64, max_completion_length=6, num_generations=1,
-            mode="mixed", mix_ratio=0.5, replay_buffer_size=4, loss_type="soft_q", learning_rate=0.01,
+            output_dir=str(out),
+            per_device_train_batch_size=2,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            report_to="none",
+            use_cpu=True,
+            seed=0,
+            max_length=64,
+            max_completion_length=6,
+            num_generations=1,
+            mode="mixed",
+            mix_ratio=0.5,
+            replay_buffer_size=4,
+            loss_type="soft_q",
+            learning_rate=0.01,
             reward_cache_dir=str(tmp_path / "reward-cache"),
         )
-        model = tiny_model_for_tokenizer(tok, seed=0, hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1)
+        model = tiny_model_for_tokenizer(
+            tok, seed=0, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+        )
         abc = build_rewarder("abc", reward_model=rm, tokenizer=tok, beta=0.8, policy_tokenizer=tok)
         return SoftQTrainer(model, args, train_dataset=data, processing_class=tok, reward_funcs=[abc])
 

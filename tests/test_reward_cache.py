@@ -3,6 +3,7 @@ of data, reward model or setting computes new ones."""
 
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
@@ -40,8 +41,11 @@ def live(data, rewarder, tok, side):
     """The rewards a trainer would compute on the fly for one side of every pair."""
     toks = [tokenize_preference_example(r, tok) for r in data]
     batch = make_batch(
-        [t["prompt_ids"] for t in toks], [t[f"{side}_ids"] for t in toks], tok.pad_token_id,
-        prompts=data["prompt"], completions=data[side],
+        [t["prompt_ids"] for t in toks],
+        [t[f"{side}_ids"] for t in toks],
+        tok.pad_token_id,
+        prompts=data["prompt"],
+        completions=data[side],
     )
     r = rewarder(batch)
     return [r[i, : len(t[f"{side}_ids"])].tolist() for i, t in enumerate(toks)]
@@ -69,7 +73,9 @@ def test_cached_equals_live_and_is_reused(setup, tmp_path):
 
 def test_changed_setting_model_or_data_invalidates(setup, tmp_path):
     tok, rm, data = setup
-    base = add_token_rewards(data, build_rewarder("abc", reward_model=rm, tokenizer=tok, beta=0.8), tok, cache_dir=tmp_path)
+    base = add_token_rewards(
+        data, build_rewarder("abc", reward_model=rm, tokenizer=tok, beta=0.8), tok, cache_dir=tmp_path
+    )
     n_entries = len(list(tmp_path.iterdir()))
 
     other_beta = Counting(build_rewarder("abc", reward_model=rm, tokenizer=tok, beta=0.5))

@@ -7,14 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
 
+from sqlm.commands.reward import RewardScriptArguments, _check_pad
 from sqlm.errors import SqlmError
 from sqlm.recipe import parse_recipe
-from sqlm.commands.reward import RewardScriptArguments, _check_pad
+
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [
@@ -32,9 +34,24 @@ def test_tiny_recipe_trains_a_model_that_ranks_held_out_pairs(tmp_path):
     out = tmp_path / "rm"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "sqlm.cli", "reward", str(RECIPES[0]), "--output_dir", str(out),
-         "--num_train_epochs", "2", "--disable_tqdm", "true"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "sqlm.cli",
+            "reward",
+            str(RECIPES[0]),
+            "--output_dir",
+            str(out),
+            "--num_train_epochs",
+            "2",
+            "--disable_tqdm",
+            "true",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model.safetensors").is_file()
@@ -62,7 +79,9 @@ def test_tiny_recipe_trains_a_model_that_ranks_held_out_pairs(tmp_path):
 def test_reward_recipes_parse(recipe):
     from trl import RewardConfig
 
-    script, config = parse_recipe([RewardScriptArguments, RewardConfig], recipe, ["--use_cpu", "true", "--bf16", "false"])
+    script, config = parse_recipe(
+        [RewardScriptArguments, RewardConfig], recipe, ["--use_cpu", "true", "--bf16", "false"]
+    )
     assert script.tiny or script.model_name_or_path and script.dataset_name
     assert config.output_dir
     if "llama" in str(recipe):

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from sqlm import cli
+from sqlm.commands.train import build_trainer, parse_train_args
 from sqlm.data import Trajectory
 from sqlm.errors import SqlmError
 from sqlm.rewards import build_rewarder
 from sqlm.rewards.registry import NAMES, resolve_reward_funcs
 from sqlm.rewards.scoring import score_trajectories
-from sqlm.commands.train import build_trainer, parse_train_args
+
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart" / "sqlm" / "config.yaml"
@@ -30,10 +31,10 @@ max_steps: 1
 report_to: none
 """
 
-REWARD_MODULE = '''
+REWARD_MODULE = """
 def polite(prompts, completions, **kwargs):
     return [float("please" in str(c)) for c in completions]
-'''
+"""
 
 
 def _assert_lists_every_name(message: str) -> None:

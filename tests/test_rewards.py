@@ -2,6 +2,7 @@
 
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
@@ -20,6 +21,7 @@ from sqlm.rewards.models import (
 )
 from sqlm.rewards.toy import toy_gold_reward, toy_preference_rows, toy_reward_model, toy_tokenizer
 from sqlm.tiny import tiny_model_for_tokenizer
+
 
 ATOL = 1e-5
 
@@ -120,7 +122,9 @@ def test_score_read_at_last_real_token_when_pad_is_eos(rm, rows):
     tok = toy_tokenizer(vocab_size=300)
     tok.pad_token = tok.eos_token
     batch = batch_for(rows, tok)
-    assert all(batch.completion_ids[b][batch.completion_mask[b].bool()][-1] == tok.eos_token_id for b in range(len(rows)))
+    assert all(
+        batch.completion_ids[b][batch.completion_mask[b].bool()][-1] == tok.eos_token_id for b in range(len(rows))
+    )
     term = TerminalRewarder(rm, tok)
     big_r = term.sequence_rewards(batch)
     for b in range(len(rows)):
@@ -164,10 +168,12 @@ def test_implicit_sums_to_dpo_sequence_reward(tok, rows):
             p, c = real(batch, b)
             ids = torch.cat([p, c])[None]
 
-            def seq_logp(model):
+            start = len(p) - 1
+
+            def seq_logp(model, ids=ids, start=start):
                 with torch.no_grad():
                     logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-                return logp.gather(-1, ids[0, 1:, None]).squeeze(-1)[len(p) - 1 :].sum()
+                return logp.gather(-1, ids[0, 1:, None]).squeeze(-1)[start:].sum()
 
             expected = beta * (seq_logp(policy) - seq_logp(ref))
             assert torch.allclose(r[b].sum(), expected, atol=1e-4)
@@ -204,9 +210,7 @@ def test_cross_tokenizer_alignment_conserves_credit_per_word(two_tokenizers, nam
     policy_tok, rm_tok = two_tokenizers if coarse_policy else two_tokenizers[::-1]
     rows = toy_preference_rows(4, seed=11)
     # the two tokenizers split these completions differently
-    assert any(
-        len(policy_tok(r["chosen"])["input_ids"]) != len(rm_tok(r["chosen"])["input_ids"]) for r in rows
-    )
+    assert any(len(policy_tok(r["chosen"])["input_ids"]) != len(rm_tok(r["chosen"])["input_ids"]) for r in rows)
     rm = toy_reward_model(rm_tok, seed=2).eval()
     kwargs = {"beta": 0.8} if name == "abc" else {"baseline": "zero"}
     native = build_rewarder(name, reward_model=rm, tokenizer=rm_tok, **kwargs)

@@ -13,9 +13,12 @@ import torch
 from sqlm import cli
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
 
+
 QUICKSTART = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "quickstart" / "sqlm" / "config.yaml"
-ROWS = [{"prompt": f"Rate the {w}:", "chosen": " good and fun.", "rejected": " bad and dull."}
-        for w in ("film", "book", "song", "game")]
+ROWS = [
+    {"prompt": f"Rate the {w}:", "chosen": " good and fun.", "rejected": " bad and dull."}
+    for w in ("film", "book", "song", "game")
+]
 BASE = """
 model_name_or_path: {model}
 dataset_name: data.jsonl
@@ -57,16 +60,17 @@ def _recipe(work, model=TINY, steps=2, extra=""):
 
 def _tiny_folder(path):
     tok = train_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in ROWS] * 2, vocab_size=280)
-    model = tiny_model_for_tokenizer(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     num_key_value_heads=1)
+    model = tiny_model_for_tokenizer(
+        tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return model
 
 
 def test_trust_remote_code_is_off_by_default_and_custom_code_never_runs(work, capsys):
-    from sqlm.config import SoftQConfig
     from sqlm.commands.train import parse_train_args
+    from sqlm.config import SoftQConfig
     from sqlm.loading import model_init_kwargs
 
     args, model_args, _ = parse_train_args([str(QUICKSTART)])
@@ -78,8 +82,13 @@ def test_trust_remote_code_is_off_by_default_and_custom_code_never_runs(work, ca
     folder = work / "remote"
     _tiny_folder(folder)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(model_type="custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
-                                              "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    cfg.update(
+        model_type="custom",
+        auto_map={
+            "AutoConfig": "configuration_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomModel",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(cfg))
     for name in ("configuration_custom.py", "modeling_custom.py"):
         (folder / name).write_text(f"import pathlib\npathlib.Path({str(work / 'RAN')!r}).touch()\n")
@@ -121,8 +130,16 @@ def test_resume_refuses_a_checkpoint_with_code_in_its_pickles(work, capsys):
     ckpt = work / "out" / "checkpoint-2"
     torch.save({"state": {}, "param_groups": [], "x": _Payload(work / "UNPICKLED")}, ckpt / "optimizer.pt")
     before = sorted(p.name for p in (work / "out").iterdir())
-    rc = cli.main(["train", _recipe(work, steps=4, extra="reward_funcs: [length]\n"), "--output_dir", "out",
-                   "--resume_from_checkpoint", str(ckpt)])
+    rc = cli.main(
+        [
+            "train",
+            _recipe(work, steps=4, extra="reward_funcs: [length]\n"),
+            "--output_dir",
+            "out",
+            "--resume_from_checkpoint",
+            str(ckpt),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("sqlm train: error:")]
@@ -135,7 +152,9 @@ def test_resume_refuses_a_checkpoint_with_code_in_its_pickles(work, capsys):
 def test_recipes_are_read_with_the_safe_loader(work, capsys):
     marker = work / "YAML_RAN"
     path = work / "evil.yaml"
-    path.write_text(f"tau: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path [{str(marker)!r}]]\n")
+    path.write_text(
+        f"tau: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path [{str(marker)!r}]]\n"
+    )
     assert cli.main(["train", str(path)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
     assert not marker.exists()
@@ -152,7 +171,9 @@ def test_code_named_in_a_recipe_runs_only_with_the_opt_in(work, capsys, monkeypa
     assert "set allow_code_rewards: true" in capsys.readouterr().err
     assert not (work / "IMPORTED").exists() and not (work / "out").exists()
     # the 'callable' rewarder naming a function by string needs the same opt-in
-    recipe2 = _recipe(work, steps=1, extra="reward_funcs: [callable]\nreward_kwargs: {callable: {fn: 'rewardmod:reward'}}\n")
+    recipe2 = _recipe(
+        work, steps=1, extra="reward_funcs: [callable]\nreward_kwargs: {callable: {fn: 'rewardmod:reward'}}\n"
+    )
     assert cli.main(["train", recipe2, "--output_dir", "out"]) == 2
     assert "allow_code_rewards" in capsys.readouterr().err and not (work / "IMPORTED").exists()
 

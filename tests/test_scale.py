@@ -15,6 +15,7 @@ from sqlm.forward import TARGET_ADAPTER, model_values
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
 from sqlm.trainer import SoftQTrainer
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROMPTS = ["Rate the film:", "Rate the book:", "Rate the song:", "Rate the game:"]
@@ -44,9 +45,20 @@ def good_reward(prompts, completions, **kwargs):
 
 def config(tmp_path, **kw):
     base = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        seed=0, max_length=32, max_completion_length=6, num_generations=2, dataloader_num_workers=0,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=3,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        max_length=32,
+        max_completion_length=6,
+        num_generations=2,
+        dataloader_num_workers=0,
     )
     base.update(kw)
     return SoftQConfig(**base)
@@ -68,8 +80,12 @@ def adapter_params(model, adapter):
 def lora_trainer(tmp_path, tokenizer, monkeypatch=None, **kw):
     kw = {"loss_type": "soft_q", "target_model_mixup_alpha": 0.3, **kw}
     return SoftQTrainer(
-        make_model(tokenizer), config(tmp_path, **kw), train_dataset=pref_data(), processing_class=tokenizer,
-        reward_funcs=[good_reward], peft_config=lora(),
+        make_model(tokenizer),
+        config(tmp_path, **kw),
+        train_dataset=pref_data(),
+        processing_class=tokenizer,
+        reward_funcs=[good_reward],
+        peft_config=lora(),
     )
 
 
@@ -126,8 +142,9 @@ def test_lora_target_adapter_moves_by_exactly_the_polyak_rule(tmp_path, tokenize
             p = policy[n.replace(f".{TARGET_ADAPTER}.", ".default.")]
             assert torch.equal(t, before_t[n].mul(1 - alpha).add(p, alpha=alpha)), n
     last_policy, last_target = calls[-1][1], calls[-1][2]
-    assert any(not torch.equal(t, last_policy[n.replace(f".{TARGET_ADAPTER}.", ".default.")])
-               for n, t in last_target.items()), "the target should lag the policy"
+    assert any(
+        not torch.equal(t, last_policy[n.replace(f".{TARGET_ADAPTER}.", ".default.")]) for n, t in last_target.items()
+    ), "the target should lag the policy"
     for n, p in model.named_parameters():  # the frozen base never moved
         if "lora_" not in n:
             assert torch.equal(p, base_before[n]), n
@@ -186,7 +203,8 @@ def test_lora_target_adapter_resumes_exactly(tmp_path, tokenizer):
     for n in a:
         assert torch.equal(a[n], b[n]), n
     assert {n for n, p in resumed.model.named_parameters() if p.requires_grad} == set(
-        adapter_params(resumed.model, "default"))
+        adapter_params(resumed.model, "default")
+    )
 
 
 # ----------------------------------------------------------------------------- precomputed reference
@@ -223,9 +241,13 @@ def test_precomputed_reference_gives_the_same_losses(tmp_path, tokenizer, monkey
     def run(precompute):
         copied = _module_copies(monkeypatch)
         trainer = SoftQTrainer(
-            make_model(tokenizer), config(tmp_path / str(precompute), precompute_ref_log_probs=precompute, **kw),
-            train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:3]),
-            processing_class=tokenizer, reward_funcs=[good_reward], peft_config=lora() if peft else None,
+            make_model(tokenizer),
+            config(tmp_path / str(precompute), precompute_ref_log_probs=precompute, **kw),
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=Dataset.from_list(rows[:3]),
+            processing_class=tokenizer,
+            reward_funcs=[good_reward],
+            peft_config=lora() if peft else None,
         )
         trainer.train()
         monkeypatch.undo()
@@ -283,7 +305,9 @@ def test_use_vllm_without_vllm_or_gpu_is_one_line_naming_what_is_missing(tmp_pat
 
     kw = dict(mode="online", use_vllm=True)
     monkeypatch.setattr(config_module, "_vllm_available", lambda: False)
-    with pytest.raises(SqlmError, match=r"^key 'use_vllm' needs the vllm package .* and a CUDA GPU, but use_cpu is true") as e:
+    with pytest.raises(
+        SqlmError, match=r"^key 'use_vllm' needs the vllm package .* and a CUDA GPU, but use_cpu is true"
+    ) as e:
         config(tmp_path, **kw)
     assert "\n" not in str(e.value)
     monkeypatch.setattr(config_module, "_vllm_available", lambda: True)
@@ -305,8 +329,10 @@ def test_on_this_machine_use_vllm_fails_before_any_model_is_loaded(tmp_path):
     from sqlm.errors import SqlmError
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model_name_or_path: /nonexistent/model\ndataset_name: /nonexistent.jsonl\nmode: online\n"
-                      f"use_vllm: true\nuse_cpu: true\noutput_dir: {tmp_path / 'o'}\nreport_to: none\n")
+    recipe.write_text(
+        "model_name_or_path: /nonexistent/model\ndataset_name: /nonexistent.jsonl\nmode: online\n"
+        f"use_vllm: true\nuse_cpu: true\noutput_dir: {tmp_path / 'o'}\nreport_to: none\n"
+    )
     with pytest.raises(SqlmError, match="key 'use_vllm' needs .*CUDA GPU"):
         run([str(recipe)])
 
@@ -329,7 +355,9 @@ def test_vllm_tokens_are_exactly_what_the_loss_trains_on(tmp_path, tokenizer):
     trainer = SoftQTrainer(
         make_model(tokenizer),
         config(tmp_path, mode="online", max_steps=2, loss_type="soft_q", per_device_train_batch_size=4),
-        train_dataset=pref_data(), processing_class=tokenizer, reward_funcs=[good_reward],
+        train_dataset=pref_data(),
+        processing_class=tokenizer,
+        reward_funcs=[good_reward],
     )
     good = tokenizer(GOOD, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
@@ -357,8 +385,11 @@ def test_vllm_tokens_are_exactly_what_the_loss_trains_on(tmp_path, tokenizer):
 
 def test_hf_generation_is_named_in_the_logs(tmp_path, tokenizer):
     trainer = SoftQTrainer(
-        make_model(tokenizer), config(tmp_path, mode="online", max_steps=1),
-        train_dataset=pref_data(), processing_class=tokenizer, reward_funcs=[good_reward],
+        make_model(tokenizer),
+        config(tmp_path, mode="online", max_steps=1),
+        train_dataset=pref_data(),
+        processing_class=tokenizer,
+        reward_funcs=[good_reward],
     )
     trainer.train()
     logged = {k for h in trainer.state.log_history for k in h}
@@ -372,10 +403,16 @@ def test_hf_generation_is_named_in_the_logs(tmp_path, tokenizer):
     "env,kw,match",
     [
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, {"loss_type": "soft_q"}, r"needs FSDP2"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
-         {"precompute_ref_log_probs": True}, r"'precompute_ref_log_probs' is not supported under DeepSpeed ZeRO-3"),
-        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
-         {"precompute_ref_log_probs": True}, r"'precompute_ref_log_probs' is not supported under FSDP2"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            {"precompute_ref_log_probs": True},
+            r"'precompute_ref_log_probs' is not supported under DeepSpeed ZeRO-3",
+        ),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+            {"precompute_ref_log_probs": True},
+            r"'precompute_ref_log_probs' is not supported under FSDP2",
+        ),
     ],
 )
 def test_unsupported_sharding_is_refused_by_the_config(tmp_path, monkeypatch, env, kw, match):
@@ -388,8 +425,13 @@ def test_unsupported_sharding_is_refused_by_the_config(tmp_path, monkeypatch, en
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("env", [{"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
-                                 {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+        {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+    ],
+)
 def test_a_target_network_is_accepted_under_fsdp2_and_zero3(tmp_path, monkeypatch, env):
     args = SoftQConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", loss_type="soft_q")
     for k, v in env.items():  # (TrainingArguments itself needs the deepspeed package to be built under ZeRO-3)
@@ -421,8 +463,15 @@ def test_bench_memory_parameter_formula_matches_a_built_model():
 
     bench = _bench()
     shape = bench.Shape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=300, tied=True, qkv_bias=True)
-    model = tiny_causal_lm(300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, tie_word_embeddings=True)
+    model = tiny_causal_lm(
+        300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     assert shape.params() == sum(p.numel() for p in model.parameters())
     lora = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
     assert shape.lora_params(16) == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)

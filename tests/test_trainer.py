@@ -14,6 +14,7 @@ from sqlm.forward import model_log_pi
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
 from sqlm.trainer import SoftQTrainer
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROMPTS = ["Rate the film:", "Rate the book:", "Rate the song:", "Rate the game:"]
@@ -33,9 +34,7 @@ def make_model(tokenizer, seed=0):
 
 
 def pref_data(n=8):
-    return Dataset.from_list(
-        [{"prompt": PROMPTS[i % 4], "chosen": GOOD, "rejected": BAD} for i in range(n)]
-    )
+    return Dataset.from_list([{"prompt": PROMPTS[i % 4], "chosen": GOOD, "rejected": BAD} for i in range(n)])
 
 
 def good_reward(prompts, completions, **kwargs):
@@ -86,8 +85,15 @@ def test_every_mode_trains_every_parameter(tmp_path, tokenizer, mode, loss_type)
     unchanged = [n for n in before if torch.equal(before[n], after[n])]
     assert not unchanged, f"{mode}: parameters did not change: {unchanged}"
     logged = {k for entry in trainer.state.log_history for k in entry}
-    for key in ("loss", "consistency", "v_start", "entropy", "log_ratio_ref", "rewards/good_reward/mean",
-                "completions/mean_length"):
+    for key in (
+        "loss",
+        "consistency",
+        "v_start",
+        "entropy",
+        "log_ratio_ref",
+        "rewards/good_reward/mean",
+        "completions/mean_length",
+    ):
         assert key in logged, (mode, key, logged)
     if mode != "offline":
         assert "completions/online_fraction" in logged and "kl_ref" in logged
@@ -109,8 +115,12 @@ def test_lora_trains_adapter_only_and_reference_is_base(tmp_path, tokenizer):
     initial = copy.deepcopy(model)
     peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     trainer = SoftQTrainer(
-        model, config(tmp_path, max_steps=3), train_dataset=pref_data(), processing_class=tokenizer,
-        reward_funcs=[good_reward], peft_config=peft_config,
+        model,
+        config(tmp_path, max_steps=3),
+        train_dataset=pref_data(),
+        processing_class=tokenizer,
+        reward_funcs=[good_reward],
+        peft_config=peft_config,
     )
     assert trainer.ref_model is None and trainer._ref_is_base
     names_trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -135,12 +145,20 @@ def _one_step_update(tmp_path, tokenizer, rows, batch, accum, reduction):
     model = make_model(tokenizer)
     before = snapshot(model)
     args = config(
-        tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1,
-        optim="sgd", learning_rate=1.0, max_grad_norm=0.0, loss_type="unified_pcl", logging_steps=1,
+        tmp_path,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        loss_type="unified_pcl",
+        logging_steps=1,
         reduction=reduction,
     )
-    trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                           reward_funcs=[good_reward])
+    trainer = SoftQTrainer(
+        model, args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, reward_funcs=[good_reward]
+    )
     trainer.train()
     after = snapshot(trainer.model)
     return {n: before[n] - after[n] for n in before}  # = lr * grad
@@ -163,17 +181,33 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, tokenizer, reduction)
 
 
 def test_resume_restores_target_network_and_optimizer(tmp_path, tokenizer):
-    kw = dict(loss_type="soft_q", max_steps=4, save_strategy="steps", save_steps=2,
-              target_model_mixup_alpha=0.3, learning_rate=5e-3)
-    full = SoftQTrainer(make_model(tokenizer), config(tmp_path, **kw), train_dataset=pref_data(),
-                        processing_class=tokenizer, reward_funcs=[good_reward])
+    kw = dict(
+        loss_type="soft_q",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        target_model_mixup_alpha=0.3,
+        learning_rate=5e-3,
+    )
+    full = SoftQTrainer(
+        make_model(tokenizer),
+        config(tmp_path, **kw),
+        train_dataset=pref_data(),
+        processing_class=tokenizer,
+        reward_funcs=[good_reward],
+    )
     full.train()
     ckpt = tmp_path / "out" / "checkpoint-2"
     assert (ckpt / "target_model.safetensors").exists()
 
     # same initial model (it is also the reference); the checkpoint supplies the rest
-    resumed = SoftQTrainer(make_model(tokenizer), config(tmp_path, **{**kw, "output_dir": str(tmp_path / "r")}),
-                           train_dataset=pref_data(), processing_class=tokenizer, reward_funcs=[good_reward])
+    resumed = SoftQTrainer(
+        make_model(tokenizer),
+        config(tmp_path, **{**kw, "output_dir": str(tmp_path / "r")}),
+        train_dataset=pref_data(),
+        processing_class=tokenizer,
+        reward_funcs=[good_reward],
+    )
     resumed.train(resume_from_checkpoint=str(ckpt))
     for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"policy {n}")
@@ -183,12 +217,14 @@ def test_resume_restores_target_network_and_optimizer(tmp_path, tokenizer):
 
 def test_replay_buffer_is_saved_and_restored(tmp_path, tokenizer):
     args = config(tmp_path, mode="online", max_steps=2, replay_buffer_size=16, per_device_train_batch_size=4)
-    trainer = SoftQTrainer(make_model(tokenizer), args, train_dataset=pref_data(),
-                           processing_class=tokenizer, reward_funcs=[good_reward])
+    trainer = SoftQTrainer(
+        make_model(tokenizer), args, train_dataset=pref_data(), processing_class=tokenizer, reward_funcs=[good_reward]
+    )
     trainer.train()
     trainer.save_aux_state(str(tmp_path / "aux"))
-    other = SoftQTrainer(make_model(tokenizer), args, train_dataset=pref_data(),
-                         processing_class=tokenizer, reward_funcs=[good_reward])
+    other = SoftQTrainer(
+        make_model(tokenizer), args, train_dataset=pref_data(), processing_class=tokenizer, reward_funcs=[good_reward]
+    )
     assert len(other.replay_buffer) == 0
     other.load_aux_state(str(tmp_path / "aux"))
     assert other.replay_buffer.items == trainer.replay_buffer.items
@@ -211,9 +247,14 @@ def test_precomputed_token_rewards_reach_the_loss(tmp_path, tokenizer):
 
 
 def test_evaluate_reports_loss_and_metrics(tmp_path, tokenizer):
-    trainer = SoftQTrainer(make_model(tokenizer), config(tmp_path, per_device_eval_batch_size=4),
-                           train_dataset=pref_data(), eval_dataset=pref_data(4), processing_class=tokenizer,
-                           reward_funcs=[good_reward])
+    trainer = SoftQTrainer(
+        make_model(tokenizer),
+        config(tmp_path, per_device_eval_batch_size=4),
+        train_dataset=pref_data(),
+        eval_dataset=pref_data(4),
+        processing_class=tokenizer,
+        reward_funcs=[good_reward],
+    )
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0 and "eval_consistency" in metrics and "eval_rewards/chosen" in metrics
 
@@ -225,11 +266,14 @@ def test_online_conversational_prompts_and_prompt_completion_labels(tmp_path, to
         seen.append((prompts[0], completions[0], topic[0]))
         return [float(len(ids)) / 10 for ids in completion_ids]
 
-    convo = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": p}], "topic": p.split()[-1]} for p in PROMPTS]
+    convo = Dataset.from_list([{"prompt": [{"role": "user", "content": p}], "topic": p.split()[-1]} for p in PROMPTS])
+    trainer = SoftQTrainer(
+        make_model(tokenizer),
+        config(tmp_path, mode="online", max_steps=2),
+        train_dataset=convo,
+        processing_class=tokenizer,
+        reward_funcs=[reads_messages],
     )
-    trainer = SoftQTrainer(make_model(tokenizer), config(tmp_path, mode="online", max_steps=2),
-                           train_dataset=convo, processing_class=tokenizer, reward_funcs=[reads_messages])
     trainer.train()
     prompt, completion, topic = seen[0]
     assert prompt[0]["role"] == "user" and completion[0]["role"] == "assistant" and topic.endswith(":")
@@ -239,8 +283,9 @@ def test_online_conversational_prompts_and_prompt_completion_labels(tmp_path, to
     kto = Dataset.from_list(
         [{"prompt": p, "completion": GOOD if i % 2 else BAD, "label": bool(i % 2)} for i, p in enumerate(PROMPTS)]
     )
-    trainer = SoftQTrainer(make_model(tokenizer), config(tmp_path / "kto", max_steps=2),
-                           train_dataset=kto, processing_class=tokenizer)
+    trainer = SoftQTrainer(
+        make_model(tokenizer), config(tmp_path / "kto", max_steps=2), train_dataset=kto, processing_class=tokenizer
+    )
     trainer.train()
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert {"task_reward/completion", "rewards/data/mean"} <= logged
@@ -249,7 +294,9 @@ def test_online_conversational_prompts_and_prompt_completion_labels(tmp_path, to
 def test_reference_log_pi_through_fused_head_equals_full_logits(tmp_path, tokenizer):
     from sqlm.soft import soft_outputs
 
-    trainer = SoftQTrainer(make_model(tokenizer), config(tmp_path), train_dataset=pref_data(2), processing_class=tokenizer)
+    trainer = SoftQTrainer(
+        make_model(tokenizer), config(tmp_path), train_dataset=pref_data(2), processing_class=tokenizer
+    )
     batch = trainer.build_batch([dict(r) for r in trainer.train_dataset])
     start = int(batch["logits_start"])
     with torch.no_grad():
@@ -269,8 +316,10 @@ def test_reference_anchored_values_start_at_the_zero_reward_optimum(tmp_path, to
     losses = {}
     for anchor in ("reference", "none"):
         trainer = SoftQTrainer(
-            make_model(tokenizer), config(tmp_path, loss_type=loss_type, value_anchor=anchor, tau=0.5),
-            train_dataset=pref_data(2), processing_class=tokenizer,
+            make_model(tokenizer),
+            config(tmp_path, loss_type=loss_type, value_anchor=anchor, tau=0.5),
+            train_dataset=pref_data(2),
+            processing_class=tokenizer,
         )
         batch = trainer.build_batch([dict(r) for r in trainer.train_dataset])
         assert batch["token_rewards"].abs().sum() == 0
@@ -294,7 +343,9 @@ def test_online_batch_counts_completions(tmp_path, tokenizer, mode):
 
     def spy(examples, train=True):
         batch = build(examples, train)
-        seen.append((len(examples), int(batch["input_ids"].shape[0]), batch["sqlm_metrics"].get("completions/online_fraction")))
+        seen.append(
+            (len(examples), int(batch["input_ids"].shape[0]), batch["sqlm_metrics"].get("completions/online_fraction"))
+        )
         return batch
 
     trainer.build_batch = spy

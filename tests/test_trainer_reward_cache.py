@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
@@ -28,12 +29,22 @@ def setup():
 
 def make_trainer(tmp_path, tok, rm, data, mode="offline", **kw):
     args = SoftQConfig(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, report_to="none",
-        save_strategy="no", use_cpu=True, seed=0, max_length=64, num_generations=1,
-        mode=mode, reward_cache_dir=str(tmp_path / "cache"), **{"max_completion_length": 32, **kw},
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        max_length=64,
+        num_generations=1,
+        mode=mode,
+        reward_cache_dir=str(tmp_path / "cache"),
+        **{"max_completion_length": 32, **kw},
     )
-    model = tiny_model_for_tokenizer(tok, seed=0, hidden_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1)
+    model = tiny_model_for_tokenizer(
+        tok, seed=0, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
     abc = build_rewarder("abc", reward_model=rm, tokenizer=tok, beta=0.8, policy_tokenizer=tok)
     return SoftQTrainer(model, args, train_dataset=data, processing_class=tok, reward_funcs=[abc])
 
@@ -42,6 +53,7 @@ def test_dense_rewards_cached_as_columns_and_reused(setup, tmp_path, monkeypatch
     tok, rm, data = setup
     trainer = make_trainer(tmp_path, tok, rm, data)
     assert set(COLUMNS) <= set(trainer.train_dataset.column_names)
+
     # a rerun with the same data, reward model and settings computes nothing
     def fail(*a, **k):
         raise AssertionError("dense rewards recomputed although cached")
@@ -57,8 +69,12 @@ def test_cached_rewards_reach_the_loss_once(setup, tmp_path):
     rows = [dict(r) for r in trainer.train_dataset.select(range(2))]
     batch = trainer.build_batch(rows)
     # rows give chosen, rejected, chosen, rejected; each carries exactly its cached column
-    expected = [rows[0]["chosen_token_rewards"], rows[0]["rejected_token_rewards"],
-                rows[1]["chosen_token_rewards"], rows[1]["rejected_token_rewards"]]
+    expected = [
+        rows[0]["chosen_token_rewards"],
+        rows[0]["rejected_token_rewards"],
+        rows[1]["chosen_token_rewards"],
+        rows[1]["rejected_token_rewards"],
+    ]
     for i, exp in enumerate(expected):
         got = batch["token_rewards"][i][batch["completion_mask"][i].bool()]
         assert torch.allclose(got, torch.tensor(exp), atol=1e-6)

@@ -35,6 +35,7 @@ from ..config import _accelerator_supports_bf16, get_peft_config
 from ..errors import SqlmError
 from ..recipe import wants_help
 
+
 # keyword arguments TRL adds to a reward function's call that are not dataset columns
 _TRL_CALL_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
 
@@ -85,8 +86,10 @@ class PromptRewardArguments:
     )
     reward_scale: float = field(
         default=1.0,
-        metadata={"help": "Multiply the total reward by this factor, as sqlm train's reward_scale (folded into "
-                  "TRL's reward_weights)."},
+        metadata={
+            "help": "Multiply the total reward by this factor, as sqlm train's reward_scale (folded into "
+            "TRL's reward_weights)."
+        },
     )
 
 
@@ -128,7 +131,9 @@ class SqlmRewardFunction:
         from ..rewards.scoring import score_trajectories
 
         if prompt_ids is None:
-            raise SqlmError(f"reward '{self.__name__}' got no prompt_ids column (the dataset was not prepared by sqlm)")
+            raise SqlmError(
+                f"reward '{self.__name__}' got no prompt_ids column (the dataset was not prepared by sqlm)"
+            )
         skip = set(_TRL_CALL_KWARGS) | set(TOKEN_COLUMNS) | set(TEXT_COLUMNS)
         columns = {k: v for k, v in kwargs.items() if k not in skip and isinstance(v, list) and len(v) == len(prompts)}
         trajectories = [
@@ -147,8 +152,8 @@ class SqlmRewardFunction:
 
 
 def _is_sqlm_reward(name: str) -> bool:
-    from ..rewards.registry import NAMES
     from ..rewards.builtin import BUILTIN_REWARDS
+    from ..rewards.registry import NAMES
 
     return name in BUILTIN_REWARDS or name in NAMES or ":" in name
 
@@ -216,7 +221,9 @@ def scaled_reward_weights(weights: list[float] | None, scale: float, n: int) -> 
 # ----------------------------------------------------------------------------- data and trainer
 
 
-def prompt_dataset(dataset, tokenizer, script_args: PromptRewardArguments, max_length: int | None, name: str = "train"):
+def prompt_dataset(
+    dataset, tokenizer, script_args: PromptRewardArguments, max_length: int | None, name: str = "train"
+):
     """The rows with sqlm's ``prompt_ids`` (``sqlm.data.prepare_dataset`` in online mode, as ``sqlm
     train --mode online`` prepares them); the text columns stay for the reward functions."""
     from ..config import _as_dict
@@ -289,7 +296,9 @@ def build_trainer(trainer_cls: type, script_args, config, model_args, recipe: st
         )
     train, evaluation = load_train_eval(script_args, str(Path(recipe).resolve().parent) if recipe else None)
     column_map = _as_dict(script_args.dataset_column_map, "dataset_column_map")
-    model, tokenizer = load_model_and_tokenizer(model_args, config, train, column_map, script_args.tokenizer_name_or_path)
+    model, tokenizer = load_model_and_tokenizer(
+        model_args, config, train, column_map, script_args.tokenizer_name_or_path
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     funcs, processing = build_reward_funcs(script_args, tokenizer, bool(getattr(config, "trust_remote_code", False)))

@@ -25,9 +25,9 @@ from types import SimpleNamespace
 
 from trl import DPOConfig, DPOTrainer
 
-from ..recipe import split_argv, wants_help
 from ..config import _accelerator_supports_bf16, _as_dict
 from ..errors import SqlmError
+from ..recipe import split_argv, wants_help
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..recipe import split_argv, wants_help
 from ..errors import SqlmError
+from ..recipe import split_argv, wants_help
 
 
 @dataclass

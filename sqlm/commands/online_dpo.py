@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from . import _online_baseline as online
 
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -23,8 +23,14 @@ def _parser() -> argparse.ArgumentParser:
             "tiny randomly initialised LM towards pi*, printing the exact KL(pi_theta || pi*)."
         ),
     )
-    p.add_argument("--loss", "--loss_type", dest="loss", default="unified_pcl", choices=sorted(LOSS_SPECS),
-                   help="loss to train with")
+    p.add_argument(
+        "--loss",
+        "--loss_type",
+        dest="loss",
+        default="unified_pcl",
+        choices=sorted(LOSS_SPECS),
+        help="loss to train with",
+    )
     p.add_argument("--actions", type=int, default=4, help="size of the action subset, EOS included")
     p.add_argument("--horizon", type=int, default=3, help="length limit H")
     p.add_argument("--reward", default="token", choices=["token", "terminal"], help="per-token or sequence reward")
@@ -63,8 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     ref = None if args.no_reference else tiny_reference_lm(vocab, seed=args.seed + 1)
     try:
         mdp = random_mdp(
-            num_actions=args.actions, horizon=args.horizon, reward=args.reward, scale=args.scale,
-            tau=args.tau, gamma=args.gamma, ref_model=ref, prompt=(vocab - 1,), seed=args.seed,
+            num_actions=args.actions,
+            horizon=args.horizon,
+            reward=args.reward,
+            scale=args.scale,
+            tau=args.tau,
+            gamma=args.gamma,
+            ref_model=ref,
+            prompt=(vocab - 1,),
+            seed=args.seed,
         )
     except ValueError as e:
         raise SqlmError(str(e)) from None
@@ -77,8 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"V*(s0) = {sol.v0:.4f}")
     model = tiny_causal_lm(vocab, seed=args.seed + 2, hidden_size=32, num_hidden_layers=1)
     res = train_towards_oracle(
-        model, sol, args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        on_policy=not args.off_policy, eval_every=args.eval_every, seed=args.seed, progress=True,
+        model,
+        sol,
+        args.loss,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        on_policy=not args.off_policy,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        progress=True,
     )
     print(f"\nKL(pi_theta || pi*) in nats, {args.loss}, {'off' if args.off_policy else 'on'}-policy")
     print(f"{'step':>6}  {'KL':>10}")

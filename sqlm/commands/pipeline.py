@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SqlmError
-from ..recipe import split_argv, wants_help
 from ..evaluation.gold import GoldTaskConfig, default_cache_dir, fingerprint
+from ..recipe import split_argv, wants_help
+
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "gold"
 
@@ -41,14 +42,20 @@ class PipelineArguments:
     """Settings of ``sqlm pipeline`` beyond the base model's (:class:`GoldTaskConfig`)."""
 
     output_dir: str = field(default="outputs/gold", metadata={"help": "Where report.md and frontier.png go."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Artefact cache; default $SQLM_CACHE or ~/.cache/sqlm."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Artefact cache; default $SQLM_CACHE or ~/.cache/sqlm."}
+    )
     reduced: bool = field(default=False, metadata={"help": "A small CI setting: tiny base LM, few prompts and steps."})
-    recipes_dir: str | None = field(default=None, metadata={"help": "Folder with sqlm/, dpo/, reward/ recipes; default recipes/gold."})
+    recipes_dir: str | None = field(
+        default=None, metadata={"help": "Folder with sqlm/, dpo/, reward/ recipes; default recipes/gold."}
+    )
     n_train_prompts: int = field(default=600, metadata={"help": "Prompts of the preference data."})
     n_eval_prompts: int = field(default=256, metadata={"help": "Held-out prompts of the evaluation."})
     samples_per_prompt: int = field(default=6, metadata={"help": "Base-model samples per preference prompt."})
     max_pairs_per_prompt: int = field(default=6, metadata={"help": "Pairs kept per prompt (widest gold gaps)."})
-    taus: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0], metadata={"help": "The tau = beta sweep."})
+    taus: list[float] = field(
+        default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0], metadata={"help": "The tau = beta sweep."}
+    )
     rewarders: list[str] = field(
         default_factory=lambda: ["terminal", "abc"],
         metadata={"help": "sqlm rewarders (sqlm.rewards): terminal, uniform, abc, prefix."},
@@ -56,8 +63,10 @@ class PipelineArguments:
     loss_type: str = field(default="unified_pcl", metadata={"help": "sqlm loss of the sweep (sqlm.losses.LOSSES)."})
     sqlm_mode: str = field(
         default="mixed",
-        metadata={"help": "Where sqlm's trajectories come from: 'mixed' (the pairs plus the policy's own samples scored "
-                  "by the reward model, mix_ratio of the recipe), 'offline' (the pairs only, like DPO) or 'online'."},
+        metadata={
+            "help": "Where sqlm's trajectories come from: 'mixed' (the pairs plus the policy's own samples scored "
+            "by the reward model, mix_ratio of the recipe), 'offline' (the pairs only, like DPO) or 'online'."
+        },
     )
     train_epochs: float = field(default=1.0, metadata={"help": "Epochs of every sqlm and DPO run."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of every sqlm and DPO run."})
@@ -67,8 +76,12 @@ class PipelineArguments:
     eval_samples_per_prompt: int = field(default=2, metadata={"help": "Completions per eval prompt and model."})
     eval_seed: int = field(default=1234, metadata={"help": "Sampling seed of the evaluation."})
     oracle: bool = field(default=True, metadata={"help": "Add the exact-oracle comparison to the report."})
-    oracle_pairs: list[int] = field(default_factory=lambda: [32, 128, 512], metadata={"help": "Pair counts of the oracle comparison."})
-    oracle_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds of the oracle comparison."})
+    oracle_pairs: list[int] = field(
+        default_factory=lambda: [32, 128, 512], metadata={"help": "Pair counts of the oracle comparison."}
+    )
+    oracle_seeds: list[int] = field(
+        default_factory=lambda: [0, 1], metadata={"help": "Seeds of the oracle comparison."}
+    )
     oracle_steps: int = field(default=80, metadata={"help": "Full-batch steps per oracle-comparison run."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     quiet: bool = field(default=True, metadata={"help": "Hide the trainers' own logs (errors still show)."})
@@ -173,7 +186,9 @@ def stage_preferences(args: PipelineArguments, gold: GoldTaskConfig, base: Path,
         max_pairs_per_prompt=args.max_pairs_per_prompt, progress=args.progress,
     )  # fmt: skip
     if not rows:
-        raise SqlmError("the base model's samples gave no preference pairs (all gold scores tied); raise n_train_prompts")
+        raise SqlmError(
+            "the base model's samples gave no preference pairs (all gold scores tied); raise n_train_prompts"
+        )
     _write_jsonl(out / "train.jsonl", rows)
     (out / "eval_prompts.json").write_text(json.dumps(eval_prompts))
     _mark_done(out, {**key, "pairs": len(rows)})
@@ -217,7 +232,11 @@ def stage_reward_model(args: PipelineArguments, prefs: Path, base: Path, cache: 
         info = json.loads((out / "reward_eval.json").read_text())
     _mark_done(out, info)
     acc = info.get("eval_accuracy")
-    _log(f"reward model: trained in {time.time() - t:.0f}s" + (f", held-out pair accuracy {acc:.3f}" if acc is not None else "") + f" -> {out}")
+    _log(
+        f"reward model: trained in {time.time() - t:.0f}s"
+        + (f", held-out pair accuracy {acc:.3f}" if acc is not None else "")
+        + f" -> {out}"
+    )
     return out
 
 
@@ -254,7 +273,9 @@ def training_code_fingerprint() -> str:
     return fingerprint({str(f.relative_to(root)): f.read_text(encoding="utf-8") for f in files if f.is_file()})
 
 
-def stage_run(args: PipelineArguments, method: str, tau: float, prefs: Path, base: Path, rm: Path, cache: Path) -> Path:
+def stage_run(
+    args: PipelineArguments, method: str, tau: float, prefs: Path, base: Path, rm: Path, cache: Path
+) -> Path:
     """One training run: ``dpo`` or ``sqlm-<rewarder>`` at tau = beta."""
     kind = "dpo" if method == "dpo" else "sqlm"
     recipe = _recipe(args, kind)
@@ -378,12 +399,17 @@ def run_pipeline(args: PipelineArguments, gold: GoldTaskConfig) -> dict:
         f"{args.n_train_prompts} prompts × {args.samples_per_prompt} samples labelled by VADER sentiment; reward model "
         f"held-out pair accuracy {'–' if acc is None else f'{acc:.3f}'}. sqlm ({args.loss_type}, {args.sqlm_mode}, rewarders "
         f"{', '.join(args.rewarders)}) and DPO (sigmoid) train on the same pairs and tokens with the same steps, "
-        + ("" if args.sqlm_mode == "offline" else
-           "sqlm also on its own samples scored by the reward model fitted to those pairs (no other data), ")
+        + (
+            ""
+            if args.sqlm_mode == "offline"
+            else "sqlm also on its own samples scored by the reward model fitted to those pairs (no other data), "
+        )
         + f"learning rate {args.learning_rate} and batch {args.batch_size}, for τ = β ∈ {args.taus}."
     )
     sections = [oracle_section(oracle)] if oracle else []
-    report = write_report(results, args.output_dir, title="Gold reward vs KL: sqlm vs DPO", preamble=preamble, sections=sections)
+    report = write_report(
+        results, args.output_dir, title="Gold reward vs KL: sqlm vs DPO", preamble=preamble, sections=sections
+    )
     elapsed = time.time() - t0
     _log(f"done in {elapsed:.0f}s; report: {report}")
     print(f"report: {Path(report).resolve()}")
@@ -411,4 +437,3 @@ def main(argv: list[str] | None = None) -> int:
         apply_reduced(args, gold, explicit)
     run_pipeline(args, gold)
     return 0
-

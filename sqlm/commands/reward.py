@@ -17,9 +17,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..recipe import split_argv, wants_help
 from ..config import ModelConfig
 from ..errors import SqlmError
+from ..recipe import split_argv, wants_help
 
 
 @dataclass
@@ -55,7 +55,8 @@ class RewardScriptArguments(ModelConfig):
         default="test", metadata={"help": "Split to evaluate on (skipped when the dataset has none)."}
     )
     eval_fraction: float = field(
-        default=0.0, metadata={"help": "Hold out this fraction of the train split for evaluation when there is no test split."}
+        default=0.0,
+        metadata={"help": "Hold out this fraction of the train split for evaluation when there is no test split."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation pairs."})
@@ -99,8 +100,11 @@ def load_data_and_model(script_args: RewardScriptArguments, config, recipe_dir: 
         train = toy_preference_dataset(script_args.tiny_train_size, seed=seed)
         evaluation = toy_preference_dataset(script_args.tiny_eval_size, seed=seed + 1)
         _check_pad(tokenizer, script_args)
-        return model, tokenizer, take_first(train, script_args.max_train_samples), take_first(
-            evaluation, script_args.max_eval_samples
+        return (
+            model,
+            tokenizer,
+            take_first(train, script_args.max_train_samples),
+            take_first(evaluation, script_args.max_eval_samples),
         )
     if script_args.model_name_or_path is None:
         raise SqlmError("set model_name_or_path (or tiny: true for the offline toy task)")

@@ -17,8 +17,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..recipe import split_argv, wants_help
 from ..errors import SqlmError
+from ..recipe import split_argv, wants_help
+
 
 QUICKSTART = "recipes/quickstart/sqlm/config.yaml"
 

@@ -50,6 +50,7 @@ import torch
 from ..errors import SqlmError
 from .gold import completion_text, default_cache_dir, fingerprint, load_base, preference_pairs
 
+
 CHARS = "0123456789+=: "
 
 
@@ -241,7 +242,10 @@ def corpus(cfg: ArithTaskConfig) -> list[str]:
     """The pretraining texts ``prompt + completion`` (pretrain split only), ``wrong_share`` wrong."""
     problems = sample_problems(cfg.corpus_problems, 1, cfg.max_digits, cfg.seed, split="pretrain", distinct=False)
     rng = random.Random(cfg.seed + 1)
-    return [prompt_of(a, b) + (wrong_trace(a, b, rng) if rng.random() < cfg.wrong_share else trace(a, b)) for a, b in problems]
+    return [
+        prompt_of(a, b) + (wrong_trace(a, b, rng) if rng.random() < cfg.wrong_share else trace(a, b))
+        for a, b in problems
+    ]
 
 
 # ----------------------------------------------------------------------------- base model
@@ -265,7 +269,10 @@ def char_tokenizer():
     vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS.values(), *(("Ġ" if c == " " else c) for c in CHARS)])}
     tok = Tokenizer(models.BPE(vocab, [], unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex("."), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex("."), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
@@ -461,7 +468,9 @@ def greedy_completions(
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last = last + 1
-            res = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last[:, None], cache=past, use_cache=True)
+            res = model(
+                input_ids=tok[:, None], attention_mask=mask, position_ids=last[:, None], cache=past, use_cache=True
+            )
             past, logits = _cache_of(res), res.logits[:, -1]
         for row in torch.stack(steps, dim=1).tolist():
             out.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
@@ -469,7 +478,17 @@ def greedy_completions(
     return out
 
 
-def _sample(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, seed: int, batch_size: int, progress: bool, desc: str):
+def _sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    k: int,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+):
     from .sampling import sample_completions
 
     flat = [p for p in tokenizer(prompts)["input_ids"] for _ in range(k)]
@@ -514,7 +533,9 @@ def sample_pairs(
     """``k`` temperature-1 samples of the model per prompt, paired by :func:`checked_pairs`."""
     _, comps = _sample(model, tokenizer, prompts, k, max_new_tokens, seed, batch_size, progress, "sampling pairs")
     texts = [completion_text(tokenizer, c) for c in comps]
-    rows, stats = checked_pairs(prompts, [texts[i * k : (i + 1) * k] for i in range(len(prompts))], max_pairs_per_prompt)
+    rows, stats = checked_pairs(
+        prompts, [texts[i * k : (i + 1) * k] for i in range(len(prompts))], max_pairs_per_prompt
+    )
     return rows, {**stats, "samples_per_prompt": k}
 
 
@@ -545,11 +566,20 @@ def evaluate_model(
     out: dict[str, dict] = {}
     eos = tokenizer.eos_token_id
     for name, ps in prompts.items():
-        flat, comps = _sample(model, tokenizer, ps, samples_per_prompt, max_new_tokens, seed, batch_size, progress, f"sampling {name}")
+        flat, comps = _sample(
+            model, tokenizer, ps, samples_per_prompt, max_new_tokens, seed, batch_size, progress, f"sampling {name}"
+        )
         texts = [completion_text(tokenizer, c) for c in comps]
         flat_prompts = [p for p in ps for _ in range(samples_per_prompt)]
         acc, acc_se = mean_se(arith_reward(flat_prompts, texts))
-        greedy = greedy_completions(model, tokenizer(ps)["input_ids"], max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+        greedy = greedy_completions(
+            model,
+            tokenizer(ps)["input_ids"],
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=batch_size,
+        )
         g_acc, g_se = mean_se(arith_reward(ps, [completion_text(tokenizer, c) for c in greedy]))
         lens = _lengths(comps, eos)
         row = {
@@ -563,7 +593,9 @@ def evaluate_model(
             "greedy_length": sum(_lengths(greedy, eos)) / len(greedy),
         }
         if ref_model is not None:
-            kl, _ = exact_sequence_kl(model, ref_model, flat, comps, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+            kl, _ = exact_sequence_kl(
+                model, ref_model, flat, comps, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size
+            )
             row["kl"], row["kl_se"] = mean_se(kl)
         out[name] = row
     return out

@@ -30,6 +30,7 @@ import numpy as np
 from .evaluate import matched_kl_comparison
 from .metrics import mean_se
 
+
 # A run's per-prompt scores: accuracy (or gold) and KL, each [n_prompts].
 Scores = tuple[Sequence[float], Sequence[float]]
 # method scores: knob value -> unit (base, seed) -> Scores
@@ -107,13 +108,8 @@ def _stack(runs: MethodRuns, units: list[tuple]) -> _Stacked:
     return _Stacked(knobs, acc, kl)
 
 
-def _points(
-    s: _Stacked, rows: np.ndarray, cols: np.ndarray
-) -> list[tuple[float, float]]:
-    return [
-        (float(k[rows, cols].mean()), float(a[rows, cols].mean()))
-        for a, k in zip(s.acc, s.kl)
-    ]
+def _points(s: _Stacked, rows: np.ndarray, cols: np.ndarray) -> list[tuple[float, float]]:
+    return [(float(k[rows, cols].mean()), float(a[rows, cols].mean())) for a, k in zip(s.acc, s.kl)]
 
 
 def bootstrap_matched_kl(
@@ -132,15 +128,9 @@ def bootstrap_matched_kl(
     ``reference``: unit -> the base model's per-prompt accuracy (adds the point at KL 0, see the
     module docstring). Returns ``diff`` (on all the data), ``kl_range``, ``ci``, ``verdict``,
     ``n_boot`` and ``n_valid`` (replicates whose KL ranges overlapped; the interval uses those)."""
-    units = sorted(
-        {u for r in (runs_a, runs_b) for per_knob in r.values() for u in per_knob}
-    )
+    units = sorted({u for r in (runs_a, runs_b) for per_knob in r.values() for u in per_knob})
     a, b = _stack(runs_a, units), _stack(runs_b, units)
-    ref = (
-        None
-        if reference is None
-        else np.asarray([reference[u] for u in units], dtype=np.float64)
-    )
+    ref = None if reference is None else np.asarray([reference[u] for u in units], dtype=np.float64)
     n_prompts = a.acc[0].shape[1]
     bases = sorted({u[0] for u in units})
     base_of = np.asarray([bases.index(u[0]) for u in units])
@@ -150,9 +140,7 @@ def bootstrap_matched_kl(
         return matched_kl_difference(_points(a, rows, cols), _points(b, rows, cols), r)
 
     all_rows = np.arange(len(units))[:, None]
-    full = diff(
-        all_rows, np.broadcast_to(np.arange(n_prompts), (len(units), n_prompts))
-    )
+    full = diff(all_rows, np.broadcast_to(np.arange(n_prompts), (len(units), n_prompts)))
     rng = np.random.default_rng(seed)
     reps = []
     for _ in range(n_boot):

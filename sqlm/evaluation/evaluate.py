@@ -37,7 +37,7 @@ class ModelSpec:
     param: float | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
+    def parse(cls, text: str) -> ModelSpec:
         """``METHOD@PARAM=PATH`` or ``NAME=PATH``."""
         if "=" not in text:
             raise SqlmError(f"model entry '{text}' must be METHOD@PARAM=PATH or NAME=PATH")
@@ -110,7 +110,9 @@ def score_model(
         model, tokenizer, prompts, samples_per_prompt, max_new_tokens=max_new_tokens, seed=seed,
         batch_size=batch_size, desc=desc, progress=progress,
     )  # fmt: skip
-    kl, ratio = exact_sequence_kl(model, ref_model, flat, comps, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+    kl, ratio = exact_sequence_kl(
+        model, ref_model, flat, comps, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size
+    )
     texts = [completion_text(tokenizer, c) for c in comps]
     lengths = [len(c) - (1 if c and c[-1] == tokenizer.eos_token_id else 0) for c in comps]
     return {"gold": list(gold(texts)), "kl": kl, "log_ratio": ratio, "length": lengths, "texts": texts}
@@ -142,7 +144,7 @@ def baseline_for(spec: ModelSpec, specs: list[ModelSpec], method: str) -> ModelS
         return None
     if spec.param is None:
         return cands[0]
-    return min(cands, key=lambda s: (abs(math.log((s.param or 1e-9) / spec.param)) if s.param else 1e9))
+    return min(cands, key=lambda s: abs(math.log((s.param or 1e-9) / spec.param)) if s.param else 1e9)
 
 
 def evaluate_models(
@@ -172,7 +174,14 @@ def evaluate_models(
     cache = {} if cache is None else cache
     per_sample: dict[str, dict] = {}
     all_specs = [ModelSpec(name="reference", path=ref_path, method="reference", param=None)] + list(specs)
-    kw = dict(gold=gold, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress)
+    kw = dict(
+        gold=gold,
+        samples_per_prompt=samples_per_prompt,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
     for spec in all_specs:
         if spec.name in cache:
             per_sample[spec.name] = cache[spec.name]
@@ -193,7 +202,11 @@ def evaluate_models(
         else:
             row.update(win_rate=None, win_se=None, win_vs=None)
         row["examples"] = [
-            {"prompt": prompts[i // samples_per_prompt], "completion": per_sample[spec.name]["texts"][i], "gold": per_sample[spec.name]["gold"][i]}
+            {
+                "prompt": prompts[i // samples_per_prompt],
+                "completion": per_sample[spec.name]["texts"][i],
+                "gold": per_sample[spec.name]["gold"][i],
+            }
             for i in range(min(3, len(per_sample[spec.name]["texts"])))
         ]
         rows.append(row)
@@ -296,10 +309,14 @@ def plot_frontier(rows: list[dict], path: str | os.PathLike, title: str = "Gold 
         )
         for r in pts:
             if r["param"] is not None:
-                ax.annotate(f"{r['param']:g}", (r["kl"], r["gold"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+                ax.annotate(
+                    f"{r['param']:g}", (r["kl"], r["gold"]), fontsize=6, xytext=(3, 2), textcoords="offset points"
+                )
     for r in rows:
         if r["method"] == "reference":
-            ax.errorbar([r["kl"]], [r["gold"]], yerr=[r["gold_se"]], marker="*", ms=9, color="k", ls="", label="reference")
+            ax.errorbar(
+                [r["kl"]], [r["gold"]], yerr=[r["gold_se"]], marker="*", ms=9, color="k", ls="", label="reference"
+            )
     ax.set_xlabel("KL(π ‖ π_ref), nats per completion")
     ax.set_ylabel("gold reward (VADER compound)")
     ax.set_title(title, fontsize=9)
@@ -377,7 +394,10 @@ def write_report(
         results["frontier"] = cmp
     if kls and methods:
         lows = {m: min(r["kl"] for r in rows if r["method"] == m) for m in methods}
-        md += ["Lowest KL each method's sweep reaches: " + ", ".join(f"{m} {v:.2f}" for m, v in lows.items()) + ".", ""]
+        md += [
+            "Lowest KL each method's sweep reaches: " + ", ".join(f"{m} {v:.2f}" for m, v in lows.items()) + ".",
+            "",
+        ]
     for sec in sections:
         md += [sec, ""]
     md += ["## Samples", ""]

@@ -49,9 +49,7 @@ def gold_reward(texts: list[str]) -> list[float]:
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError:
-            raise SqlmError(
-                "the gold-reward task needs vaderSentiment: pip install 'sqlm[eval]'"
-            ) from None
+            raise SqlmError("the gold-reward task needs vaderSentiment: pip install 'sqlm[eval]'") from None
         _ANALYZER = SentimentIntensityAnalyzer()
     return [float(_ANALYZER.polarity_scores(t)["compound"]) for t in texts]
 
@@ -164,9 +162,7 @@ def base_model_dir(cfg: GoldTaskConfig, cache_dir: str | os.PathLike | None = No
     return root / "gold" / f"base-{fingerprint(cfg.base_key())}"
 
 
-def build_base_model(
-    cfg: GoldTaskConfig, cache_dir: str | os.PathLike | None = None, progress: bool = True
-) -> Path:
+def build_base_model(cfg: GoldTaskConfig, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Train (once) and cache the base LM, its tokenizer and the held-out text; return the folder.
 
     The folder holds a model that loads with ``AutoModelForCausalLM.from_pretrained``, its tokenizer,
@@ -180,9 +176,7 @@ def build_base_model(
         return out
     texts = english_sentences(cfg.corpus_sentences, seed=cfg.seed)
     train_set = set(texts)
-    heldout = [
-        s for s in english_sentences(cfg.heldout_sentences, seed=cfg.seed + 10_000) if s not in train_set
-    ]
+    heldout = [s for s in english_sentences(cfg.heldout_sentences, seed=cfg.seed + 10_000) if s not in train_set]
     torch.manual_seed(cfg.seed)
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     model = tiny_model_for_tokenizer(
@@ -239,7 +233,9 @@ def prompts_from_heldout(heldout: list[str], words: int) -> list[str]:
     return out
 
 
-def split_prompts(path: str | os.PathLike, cfg: GoldTaskConfig, n_train: int, n_eval: int) -> tuple[list[str], list[str]]:
+def split_prompts(
+    path: str | os.PathLike, cfg: GoldTaskConfig, n_train: int, n_eval: int
+) -> tuple[list[str], list[str]]:
     """Disjoint preference-data prompts and evaluation prompts from a base folder's held-out text."""
     heldout = json.loads((Path(path) / "heldout.json").read_text())
     prompts = prompts_from_heldout(heldout, cfg.prompt_words)
@@ -304,7 +300,13 @@ def sample_preferences(
     from .sampling import sample_k_per_prompt
 
     _, comp = sample_k_per_prompt(
-        model, tokenizer, prompts, k, max_new_tokens=max_new_tokens, seed=seed, desc="sampling preference data",
+        model,
+        tokenizer,
+        prompts,
+        k,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        desc="sampling preference data",
         progress=progress,
     )
     texts = [completion_text(tokenizer, c) for c in comp]

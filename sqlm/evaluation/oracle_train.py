@@ -97,7 +97,9 @@ def train_towards_oracle(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=f"{loss_type} ({'on' if on_policy else 'off'}-policy)", leave=False, mininterval=0.5)
+        bar = tqdm(
+            total=steps, desc=f"{loss_type} ({'on' if on_policy else 'off'}-policy)", leave=False, mininterval=0.5
+        )
     for step in range(steps + 1):
         need_eval = step % eval_every == 0 or step == steps
         tables = policy_log_probs(model, mdp) if (on_policy or need_eval) else None
@@ -125,7 +127,15 @@ def train_towards_oracle(
             with torch.no_grad():
                 target_v = soft_outputs(restricted_logits(target, mdp, tokens), cols, tau).v
         loss, _ = spec(
-            so, rewards, mask, value=value, target_v=target_v, d=d, tau=tau, gamma=gamma, ref_log_pi=ref,
+            so,
+            rewards,
+            mask,
+            value=value,
+            target_v=target_v,
+            d=d,
+            tau=tau,
+            gamma=gamma,
+            ref_log_pi=ref,
             reduction=reduction,
         )
         opt.zero_grad(set_to_none=True)
@@ -140,8 +150,6 @@ def train_towards_oracle(
     if bar is not None:
         bar.close()
     return result
-
-
 
 
 def tiny_reference_lm(vocab_size: int = 8, seed: int = 1, sharpness: float = 5.0):

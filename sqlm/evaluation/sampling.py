@@ -129,9 +129,11 @@ def _right_pad_pairs(
 def completion_logits(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Logits of the state before each position: ``out[:, t]`` predicts ``ids[:, t]`` (``out[:, 0]`` is 0)."""
     device = next(model.parameters()).device
-    logits = model(
-        input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=_positions(attn).to(device)
-    ).logits.float().cpu()
+    logits = (
+        model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=_positions(attn).to(device))
+        .logits.float()
+        .cpu()
+    )
     return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
 
 

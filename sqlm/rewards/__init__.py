@@ -17,6 +17,7 @@ from .base import (
     terminal_rewards,
 )
 
+
 __all__ = [
     "ABCRewarder",
     "CallableRewarder",

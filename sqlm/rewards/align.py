@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+
 Span = tuple[int, int]
 
 

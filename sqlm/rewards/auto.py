@@ -30,6 +30,7 @@ from typing import Any
 
 from ..errors import SqlmError
 
+
 AUTO_REWARD = "bradley_terry"
 FIT_VERSION = 1
 SPLIT_SEED = 0  # the held-out pairs are the same on every run, whatever the training seed
@@ -53,7 +54,9 @@ class AutoRewardSettings:
                                         "per_device_train_batch_size", "max_length") if k in kw}  # fmt: skip
         s = cls(**known, rewarder_kwargs=kw)
         if s.rewarder not in REWARDERS:
-            raise SqlmError(f"reward_kwargs.{AUTO_REWARD}.rewarder must be one of {', '.join(REWARDERS)}, got {s.rewarder!r}")
+            raise SqlmError(
+                f"reward_kwargs.{AUTO_REWARD}.rewarder must be one of {', '.join(REWARDERS)}, got {s.rewarder!r}"
+            )
         if not 0 < s.test_size < 1:
             raise SqlmError(f"reward_kwargs.{AUTO_REWARD}.test_size must be a fraction in (0, 1), got {s.test_size!r}")
         s.learning_rate = float(s.learning_rate if s.learning_rate is not None else args.learning_rate)
@@ -71,8 +74,10 @@ def pairs_only(dataset):
     """The preference columns the reward model is fitted on (``prompt`` when present)."""
     cols = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
     if "chosen" not in cols or "rejected" not in cols:
-        raise SqlmError(f"reward_funcs '{AUTO_REWARD}' fits a reward model on preference pairs, but the training data has "
-                        f"no chosen/rejected columns (columns: {dataset.column_names})")
+        raise SqlmError(
+            f"reward_funcs '{AUTO_REWARD}' fits a reward model on preference pairs, but the training data has "
+            f"no chosen/rejected columns (columns: {dataset.column_names})"
+        )
     return dataset.select_columns(cols)
 
 
@@ -101,11 +106,15 @@ def init_reward_model(policy):
     try:
         rm = AutoModelForSequenceClassification.from_config(config)
     except ValueError as e:
-        raise SqlmError(f"reward_funcs '{AUTO_REWARD}': no sequence-classification model for {type(base).__name__} ({e})") from None
+        raise SqlmError(
+            f"reward_funcs '{AUTO_REWARD}': no sequence-classification model for {type(base).__name__} ({e})"
+        ) from None
     missing, _ = rm.load_state_dict(base.state_dict(), strict=False)
     if any(not k.startswith("score") for k in missing):
-        raise SqlmError(f"reward_funcs '{AUTO_REWARD}': the policy's weights do not fit a sequence classifier "
-                        f"(missing {[k for k in missing if not k.startswith('score')][:3]})")
+        raise SqlmError(
+            f"reward_funcs '{AUTO_REWARD}': the policy's weights do not fit a sequence classifier "
+            f"(missing {[k for k in missing if not k.startswith('score')][:3]})"
+        )
     return rm.to(next(base.parameters()).dtype)
 
 
@@ -155,14 +164,18 @@ def bradley_terry_rewarder(policy, tokenizer, train_dataset, args, cache_root: s
         raise SqlmError(f"reward_funcs '{AUTO_REWARD}': {e}") from None
     pairs = pairs_only(train_dataset)
     if len(pairs) < 4:
-        raise SqlmError(f"reward_funcs '{AUTO_REWARD}' needs at least 4 training pairs (a split is held out), got {len(pairs)}")
+        raise SqlmError(
+            f"reward_funcs '{AUTO_REWARD}' needs at least 4 training pairs (a split is held out), got {len(pairs)}"
+        )
     path = Path(cache_root) / AUTO_REWARD / fit_key(pairs, policy, tokenizer, settings)
     done = path / "reward_eval.json"
     fitted = False
     if not done.is_file():
         if PartialState().num_processes > 1:
-            raise SqlmError(f"reward_funcs '{AUTO_REWARD}': fit the reward model once in a single process (the same "
-                            f"recipe without accelerate launch); it is then cached in {path.parent}")
+            raise SqlmError(
+                f"reward_funcs '{AUTO_REWARD}': fit the reward model once in a single process (the same "
+                f"recipe without accelerate launch); it is then cached in {path.parent}"
+            )
         split = pairs.train_test_split(test_size=settings.test_size, seed=SPLIT_SEED)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

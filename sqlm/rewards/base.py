@@ -96,9 +96,7 @@ class TokenRewarder:
         r = self.token_rewards(batch)
         expected = tuple(batch.completion_ids.shape)
         if tuple(r.shape) != expected:
-            raise SqlmError(
-                f"rewarder '{self.name}' returned shape {tuple(r.shape)}, expected {expected}"
-            )
+            raise SqlmError(f"rewarder '{self.name}' returned shape {tuple(r.shape)}, expected {expected}")
         return r.float() * batch.completion_mask.to(r.device).float()
 
 
@@ -130,16 +128,10 @@ class CallableRewarder(TokenRewarder):
         return {**super().settings(), "fn": callable_fingerprint(self.fn)}
 
     def token_rewards(self, batch: RewardBatch) -> torch.Tensor:
-        ids = [
-            row[m.bool()].tolist() for row, m in zip(batch.completion_ids, batch.completion_mask)
-        ]
-        out = self.fn(
-            prompts=batch.prompts, completions=batch.completions, completion_ids=ids, **batch.columns
-        )
+        ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids, batch.completion_mask)]
+        out = self.fn(prompts=batch.prompts, completions=batch.completions, completion_ids=ids, **batch.columns)
         if len(out) != len(ids):
-            raise SqlmError(
-                f"reward function '{self.name}' returned {len(out)} values for {len(ids)} completions"
-            )
+            raise SqlmError(f"reward function '{self.name}' returned {len(out)} values for {len(ids)} completions")
         b, t = batch.completion_ids.shape
         dense = torch.zeros(b, t, dtype=torch.float32)
         seq = torch.zeros(b, dtype=torch.float32)
@@ -165,7 +157,7 @@ class CallableRewarder(TokenRewarder):
 def callable_fingerprint(fn: Callable[..., Any]) -> str:
     """Module, qualified name and (when available) a hash of the source of a function."""
     target = getattr(fn, "__func__", fn)
-    if not inspect.isfunction(target) and not inspect.ismethod(target) and hasattr(target, "__call__"):
+    if not inspect.isfunction(target) and not inspect.ismethod(target) and callable(target):
         target = type(target).__call__
     ident = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
     try:

@@ -27,6 +27,7 @@ from ..errors import SqlmError
 from .base import TokenRewarder, make_batch
 from .models import tokenizer_fingerprint
 
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1

@@ -182,13 +182,17 @@ class ScorerEncoder:
             append_eos = bool(c) and c[-1] == ptok.eos_token_id and tok.eos_token_id is not None
         else:  # conversational: the reward model's own chat template around the completion
             if getattr(tok, "chat_template", None) is None:
-                raise SqlmError(f"row {b}: conversational prompt but the reward model's tokenizer has no chat template")
+                raise SqlmError(
+                    f"row {b}: conversational prompt but the reward model's tokenizer has no chat template"
+                )
             messages = list(prompt) + [{"role": "assistant", "content": text}]
             full = tok.apply_chat_template(messages, tokenize=False)
             head = tok.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
             start = full.find(text, len(head) if full.startswith(head) else 0) if text else len(head)
             if start < 0:
-                raise SqlmError(f"row {b}: the reward model's chat template does not contain the completion text verbatim")
+                raise SqlmError(
+                    f"row {b}: the reward model's chat template does not contain the completion text verbatim"
+                )
             enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         offsets = [tuple(int(x) for x in o) for o in enc["offset_mapping"]]

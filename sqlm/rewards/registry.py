@@ -34,6 +34,7 @@ from .models import (
     load_reward_model,
 )
 
+
 REWARD_MODEL_REWARDERS = {
     "terminal": TerminalRewarder,
     "uniform": UniformRewarder,
@@ -125,8 +126,10 @@ def build_rewarder(
     if not isinstance(name, str) or name not in NAMES:
         raise SqlmError(unknown_name_error(name))
     if name == AUTO_REWARD:
-        raise SqlmError(f"rewarder '{AUTO_REWARD}' is fitted by the trainer on its training pairs: use it in "
-                        "reward_funcs of sqlm train")
+        raise SqlmError(
+            f"rewarder '{AUTO_REWARD}' is fitted by the trainer on its training pairs: use it in "
+            "reward_funcs of sqlm train"
+        )
     try:
         if name in BUILTIN_REWARDS:
             kwargs.pop("policy_tokenizer", None)
@@ -251,9 +254,7 @@ def _names_code(name: str, kw: dict) -> bool:
     if name == "callable":
         return isinstance(kw.get("fn"), str)
     if name == "weighted":
-        return any(
-            isinstance(c, dict) and _names_code(str(c.get("name")), c) for c in kw.get("components") or []
-        )
+        return any(isinstance(c, dict) and _names_code(str(c.get("name")), c) for c in kw.get("components") or [])
     return False
 
 

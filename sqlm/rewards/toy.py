@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+
 POSITIVE = ("good", "great", "nice", "happy", "kind")
 NEGATIVE = ("bad", "awful", "poor", "sad", "rude")
 NEUTRAL = ("the", "cat", "dog", "sat", "on", "a", "mat", "and", "ran", "home", "it", "was", "very")

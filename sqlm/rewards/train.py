@@ -49,7 +49,9 @@ def pairwise_accuracy(model, tokenizer, dataset, batch_size: int = 32) -> float:
         chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         toks = [tokenize_preference_example(ex, tokenizer) for ex in chunk]
         rc = scorer.sequence_rewards(make_batch([t["prompt_ids"] for t in toks], [t["chosen_ids"] for t in toks], pad))
-        rr = scorer.sequence_rewards(make_batch([t["prompt_ids"] for t in toks], [t["rejected_ids"] for t in toks], pad))
+        rr = scorer.sequence_rewards(
+            make_batch([t["prompt_ids"] for t in toks], [t["rejected_ids"] for t in toks], pad)
+        )
         wins += int((rc > rr).sum())
     return wins / max(len(rows), 1)
 
