@@ -10,58 +10,22 @@ import pytest
 import torch
 from datasets import Dataset
 
+# the tiny task, model and config of the trainer tests (tests/ is on sys.path: pytest rootdir import)
+from test_trainer import BAD, GOOD, PROMPTS, config, good_reward, make_model, pref_data
+
 from sqlm.config import SoftQConfig
 from sqlm.forward import TARGET_ADAPTER, model_values
-from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
+from sqlm.tiny import train_tokenizer
 from sqlm.trainer import SoftQTrainer
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-PROMPTS = ["Rate the film:", "Rate the book:", "Rate the song:", "Rate the game:"]
-GOOD, BAD = " good and fun.", " bad and dull."
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = [p + GOOD for p in PROMPTS] + [p + BAD for p in PROMPTS]
     return train_tokenizer(texts * 4, vocab_size=300)
-
-
-def make_model(tokenizer, seed=0):
-    return tiny_model_for_tokenizer(
-        tokenizer, seed=seed, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
-    )
-
-
-def pref_data(n=8):
-    rows = [{"prompt": PROMPTS[i % 4], "chosen": GOOD, "rejected": BAD} for i in range(n)]
-    return Dataset.from_list(rows)
-
-
-def good_reward(prompts, completions, **kwargs):
-    return [1.0 if "good" in c else -1.0 for c in completions]
-
-
-def config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        max_steps=3,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        max_length=32,
-        max_completion_length=6,
-        num_generations=2,
-        dataloader_num_workers=0,
-    )
-    base.update(kw)
-    return SoftQConfig(**base)
 
 
 def lora():
