@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SqlmError
-from .gold import completion_text, default_cache_dir, fingerprint, load_base, preference_pairs
+from .gold import completion_text, default_cache_dir, fingerprint, load_base, preference_pairs, pretrain_lm
 
 
 CHARS = "0123456789+=: "
@@ -305,36 +305,18 @@ def deterministic_torch(threads: int = 1):
         torch.set_num_threads(old_threads)
 
 
-def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask and labels (-100 on the prompt and the padding)."""
-    width = max(len(r) for r, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, n_prompt) in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(r)
-        labels[i, n_prompt : len(r)] = torch.as_tensor(r[n_prompt:])
-        attn[i, : len(r)] = 1
-    return ids, attn, labels
-
-
 def pretrain_base(cfg: ArithTaskConfig, progress: bool = False):
     """``(model, tokenizer, losses)``: the base LM pretrained on :func:`corpus`, deterministically.
 
     Causal-LM loss on the completion tokens (the prompt's digits are random, nothing to learn), AdamW,
     linear warm-up then cosine decay to 0.1 of the peak rate, batches drawn by a generator seeded with
     ``cfg.seed``; one thread and deterministic algorithms throughout (:func:`deterministic_torch`)."""
-    import math
-
-    from tqdm.auto import tqdm
-
     from ..tiny import tiny_model_for_tokenizer
 
     tokenizer = char_tokenizer()
     texts = corpus(cfg)
     eos = tokenizer.eos_token_id
     rows = [(ids + [eos], t.index(":") + 1) for t, ids in zip(texts, tokenizer(texts)["input_ids"])]
-    losses: list[float] = []
     with deterministic_torch(1):
         model = tiny_model_for_tokenizer(
             tokenizer,
@@ -346,28 +328,7 @@ def pretrain_base(cfg: ArithTaskConfig, progress: bool = False):
             intermediate_size=2 * cfg.hidden_size,
             max_position_embeddings=128,
         )
-        gen = torch.Generator().manual_seed(cfg.seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
-        warm = max(1, cfg.lm_steps // 20)
-
-        def lr_at(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.lm_steps - warm)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        model.train()
-        for _ in tqdm(range(cfg.lm_steps), desc="pretraining base LM", disable=not progress, leave=False):
-            idx = torch.randint(len(rows), (cfg.lm_batch_size,), generator=gen).tolist()
-            ids, attn, labels = _batch([rows[i] for i in idx], tokenizer.pad_token_id)
-            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        model.eval()
+        losses = pretrain_lm(model, rows, tokenizer.pad_token_id, cfg, progress=progress)
     return model, tokenizer, losses
 
 

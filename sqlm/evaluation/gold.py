@@ -114,12 +114,26 @@ class GoldTaskConfig:
 # ----------------------------------------------------------------------------- base model
 
 
-def _pretrain(model, tokenizer, texts: list[str], cfg: GoldTaskConfig, progress: bool = True) -> list[float]:
-    """Causal-LM pretraining: each sentence is ``text <eos>``, AdamW, linear warm-up, cosine decay."""
+def lm_batch(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels of ``(ids, n_prompt)`` rows (labels -100 on the
+    first ``n_prompt`` tokens and on the padding)."""
+    width = max(len(r) for r, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, n_prompt) in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(r)
+        labels[i, n_prompt : len(r)] = torch.as_tensor(r[n_prompt:])
+        attn[i, : len(r)] = 1
+    return ids, attn, labels
+
+
+def pretrain_lm(model, rows: list[tuple[list[int], int]], pad_id: int, cfg, progress: bool = True) -> list[float]:
+    """Causal-LM pretraining of a base LM on ``(ids, n_prompt)`` rows (:func:`lm_batch`): AdamW, linear
+    warm-up, cosine decay to 0.1 of the peak rate, ``cfg.lm_steps`` batches of ``cfg.lm_batch_size``
+    rows drawn by a generator seeded with ``cfg.seed``. Returns the loss of every step."""
     from tqdm.auto import tqdm
 
-    rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
-    rows = [r[:64] for r in rows if len(r) > 1]
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, cfg.lm_steps // 20)
@@ -135,15 +149,7 @@ def _pretrain(model, tokenizer, texts: list[str], cfg: GoldTaskConfig, progress:
     bar = tqdm(range(cfg.lm_steps), desc="pretraining base LM", disable=not progress, leave=False)
     for _ in bar:
         idx = torch.randint(len(rows), (cfg.lm_batch_size,), generator=gen).tolist()
-        batch = [rows[i] for i in idx]
-        width = max(len(r) for r in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(batch):
-            ids[i, : len(r)] = torch.as_tensor(r)
-            labels[i, : len(r)] = torch.as_tensor(r)
-            attn[i, : len(r)] = 1
+        ids, attn, labels = lm_batch([rows[i] for i in idx], pad_id)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,6 +161,13 @@ def _pretrain(model, tokenizer, texts: list[str], cfg: GoldTaskConfig, progress:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
     model.eval()
     return losses
+
+
+def _pretrain(model, tokenizer, texts: list[str], cfg: GoldTaskConfig, progress: bool = True) -> list[float]:
+    """The base LM on English: each sentence is ``text <eos>`` (at most 64 tokens), loss on every token."""
+    rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
+    rows = [(r[:64], 0) for r in rows if len(r) > 1]
+    return pretrain_lm(model, rows, tokenizer.pad_token_id, cfg, progress=progress)
 
 
 def base_model_dir(cfg: GoldTaskConfig, cache_dir: str | os.PathLike | None = None) -> Path:
