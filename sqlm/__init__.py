@@ -17,7 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_LOSS_NAMES = ("LOSSES", "pcl_loss", "unified_pcl_loss", "soft_q_loss", "advantage_pcl_loss", "multistep_pcl_loss")
+_LOSS_NAMES = (
+    "LOSSES",
+    "pcl_loss",
+    "unified_pcl_loss",
+    "soft_q_loss",
+    "advantage_pcl_loss",
+    "multistep_pcl_loss",
+    "advantage_pcl_mix_loss",
+    "multistep_pcl_mix_loss",
+    "guo_pcl_mix_loss",
+)
 _LAZY = {
     "SoftQConfig": "sqlm.config",
     "SoftQTrainer": "sqlm.trainer",
@@ -33,8 +43,11 @@ __all__ = [
     "TokenMDP",
     "__version__",
     "advantage_pcl_loss",
+    "advantage_pcl_mix_loss",
     "build_rewarder",
+    "guo_pcl_mix_loss",
     "multistep_pcl_loss",
+    "multistep_pcl_mix_loss",
     "pcl_loss",
     "soft_q_loss",
     "solve",
@@ -46,7 +59,10 @@ if TYPE_CHECKING:
     from .losses import (
         LOSSES,
         advantage_pcl_loss,
+        advantage_pcl_mix_loss,
+        guo_pcl_mix_loss,
         multistep_pcl_loss,
+        multistep_pcl_mix_loss,
         pcl_loss,
         soft_q_loss,
         unified_pcl_loss,

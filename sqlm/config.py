@@ -80,7 +80,9 @@ class SoftQConfig(TrainingArguments):
         metadata={
             "help": "Path-consistency loss (sqlm.losses.LOSS_SPECS): 'pcl' (value head), 'unified_pcl' (V from the "
             "logits), 'soft_q' (one-step Bellman, target network), 'advantage_pcl' (Guo et al. 2021 eq. 9), "
-            "'multistep_pcl' (Guo et al. 2021 eq. 10).",
+            "'multistep_pcl' (Guo et al. 2021 eq. 10), and Guo et al.'s forms with their reversed terms, mixed by "
+            "guo_coefficient: 'advantage_pcl_mix' (their v2_v2r), 'multistep_pcl_mix' (v3_v3r), 'guo_pcl_mix' "
+            "(v2_v2r_v3_v3r).",
             "choices": list(LOSS_SPECS),
         },
     )
@@ -110,11 +112,19 @@ class SoftQConfig(TrainingArguments):
             "choices": ["token", "sequence", "sequence_mean"],
         },
     )
+    guo_coefficient: float = field(
+        default=0.5,
+        metadata={
+            "help": "Guo et al.'s mixes (advantage_pcl_mix, multistep_pcl_mix, guo_pcl_mix): weight c of the forward "
+            "term, c * forward + (1 - c) * reversed, where the reversed term regresses the online V on the target's "
+            "advantage (their code's sql_loss_coefficients). 1 = the forward form alone, 0 = the reversed one."
+        },
+    )
     use_target_model: bool | None = field(
         default=None,
         metadata={
             "help": "Keep a slow target network V_bar (a frozen copy updated after each optimizer step). "
-            "None = on for soft_q, advantage_pcl and multistep_pcl (without it they use the online V, "
+            "None = on for the losses that read one (soft_q and the Guo et al. forms; without it they use the online V, "
             "detached)."
         },
     )
@@ -495,6 +505,8 @@ class SoftQConfig(TrainingArguments):
             raise choice_error("mode", self.mode, MODES)
         if not 0 <= self.mix_ratio <= 1:
             raise bad("mix_ratio", f"must be in [0, 1], got {self.mix_ratio!r}")
+        if not 0 <= self.guo_coefficient <= 1:
+            raise bad("guo_coefficient", f"must be in [0, 1], got {self.guo_coefficient!r}")
         if not 0 < self.target_model_mixup_alpha <= 1:
             raise bad("target_model_mixup_alpha", f"must be in (0, 1], got {self.target_model_mixup_alpha!r}")
         if self.target_model_sync_steps < 1:

@@ -27,7 +27,8 @@ parts added up.
 
 ``LOSS_SPECS`` registers every loss with what it reads (a target network, a value head, the rollout
 length ``d``); calling an entry takes the same inputs for every loss,
-``(soft, rewards, mask, *, value, target_v, d, tau, gamma, ref_log_pi, reduction)``.
+``(soft, rewards, mask, *, value, target_v, target_log_pi, coefficient, d, tau, gamma, ref_log_pi,
+reduction)``.
 
 The d-step sums are O(T): a discounted reverse cumulative sum ``G_t = u_t + gamma * G_{t+1}`` then
 ``sum_{j<d} gamma^j u_{t+j} = G_t - gamma^d G_{t+d}``.
@@ -312,6 +313,56 @@ def soft_q_loss(
     return loss, _stats(residual, mask, v, log_pi, ref_log_pi, entropy, rewards)
 
 
+def check_coefficient(coefficient: float) -> float:
+    if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)) or not 0 <= coefficient <= 1:
+        raise ValueError(f"coefficient must be in [0, 1], got {coefficient!r}")
+    return float(coefficient)
+
+
+def guo_residuals(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    target_v: torch.Tensor | None,
+    target_log_pi: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    ref_log_pi: torch.Tensor | None = None,
+    multistep: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(forward, reversed)`` residuals of Guo et al. 2021's one-step (eq. 9, their code's ``v2``) or
+    multi-step (eq. 10, ``v3``) advantage forms, ``[B, T]``, zero off the mask.
+
+    With ``A_theta = Q_theta - V_theta = tau log pi_theta`` (online, with gradient) and the target
+    network's ``V_bar`` and ``A_bar = tau log pi_bar`` (detached):
+
+        one-step   forward   -V_bar(s_t) + gamma V_bar(s_{t+1}) + r~_t - A_theta(s_t, a_t)
+                   reversed  -V_theta(s_t) + gamma V_theta(s_{t+1}) + r~_t - A_bar(s_t, a_t)
+        multi-step forward   -V_bar(s_t) + sum_{l>=t} gamma^{l-t} (r~_l - A_theta(s_l, a_l))
+                   reversed  -V_theta(s_t) + sum_{l>=t} gamma^{l-t} (r~_l - A_bar(s_l, a_l))
+
+    The forward forms move only ``A_theta`` (their logit gradient sums to zero at every state); the
+    reversed forms (the original code calls the loss with the online and target logits swapped) regress
+    the online values on the target's advantages, with no detach, and so are the only terms that train
+    the level of ``V_theta``. ``target_log_pi`` None uses the online ``log pi``, detached.
+    """
+    tau, gamma, m, vbar, r = _target_inputs(q, v, target_v, rewards, mask, tau, gamma, ref_log_pi)
+    _check_shapes("q", q, target_log_pi=target_log_pi)
+    r = r * m
+    adv = (q.float() - v.float()) * m
+    abar = (adv if target_log_pi is None else tau * target_log_pi.float()).detach() * m
+    vt = v.float() * m
+    if multistep:
+        forward = -vbar + discounted_reverse_cumsum(r - adv, gamma)
+        backward = -vt + discounted_reverse_cumsum(r - abar, gamma)
+    else:
+        forward = -vbar + gamma * _shift_left(vbar, 1) + r - adv
+        backward = -vt + gamma * _shift_left(vt, 1) + r - abar
+    return forward * m, backward * m
+
+
 def advantage_pcl_loss(
     q: torch.Tensor,
     v: torch.Tensor,
@@ -325,18 +376,16 @@ def advantage_pcl_loss(
     entropy: torch.Tensor | None = None,
     reduction: str = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Single-step PCL on the advantage only (Guo et al. 2021, eq. 9):
+    """Single-step PCL on the advantage only (Guo et al. 2021, eq. 9; their code's ``v2``):
 
         L = 1/2 (-V_bar(s_t) + gamma V_bar(s_{t+1}) + r~_t - A_theta(s_t, a_t))^2,
         A_theta(s, a) = Q_theta(s, a) - V_theta(s) = tau log pi_theta(a|s)
 
     The gradient flows through ``A_theta`` only; both values come from the target network.
     """
-    tau, gamma, m, vbar, r = _target_inputs(q, v, target_v, rewards, mask, tau, gamma, ref_log_pi)
-    adv = (q.float() - v.float()) * m
-    residual = (-vbar + gamma * _shift_left(vbar, 1) + r * m - adv) * m
+    residual, _ = guo_residuals(q, v, target_v, None, rewards, mask, tau=tau, gamma=gamma, ref_log_pi=ref_log_pi)
     loss = reduce_loss(0.5 * residual.pow(2), mask, reduction)
-    return loss, _stats(residual, mask, v, adv.detach() / tau, ref_log_pi, entropy, rewards)
+    return loss, _stats(residual, mask, v, (q - v).detach() / tau, ref_log_pi, entropy, rewards)
 
 
 def multistep_pcl_loss(
@@ -352,18 +401,116 @@ def multistep_pcl_loss(
     entropy: torch.Tensor | None = None,
     reduction: str = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Multi-step PCL to the end of the path (Guo et al. 2021, eq. 10):
+    """Multi-step PCL to the end of the path (Guo et al. 2021, eq. 10; their code's ``v3``):
 
         L = 1/2 (-V_bar(s_t) + sum_{l>=t} gamma^{l-t} r~_l - sum_{l>=t} gamma^{l-t} A_theta(s_l, a_l))^2
 
     with ``A_theta = Q_theta - V_theta = tau log pi_theta`` and ``V_bar`` from the target network.
     """
-    tau, gamma, m, vbar, r = _target_inputs(q, v, target_v, rewards, mask, tau, gamma, ref_log_pi)
-    r = r * m
-    adv = (q.float() - v.float()) * m
-    residual = (-vbar + discounted_reverse_cumsum(r - adv, gamma)) * m
+    residual, _ = guo_residuals(
+        q, v, target_v, None, rewards, mask, tau=tau, gamma=gamma, ref_log_pi=ref_log_pi, multistep=True
+    )
     loss = reduce_loss(0.5 * residual.pow(2), mask, reduction)
-    return loss, _stats(residual, mask, v, adv.detach() / tau, ref_log_pi, entropy, rewards)
+    return loss, _stats(residual, mask, v, (q - v).detach() / tau, ref_log_pi, entropy, rewards)
+
+
+def _guo_mix(
+    forms, q, v, target_v, rewards, mask, target_log_pi, coefficient, tau, gamma, ref_log_pi, entropy, reduction
+):
+    """``mean over forms of 1/2 [c * forward^2 + (1 - c) * reversed^2]`` (see :func:`guo_residuals`)."""
+    c = check_coefficient(coefficient)
+    per_step, shown = 0.0, None
+    for multistep in forms:
+        fwd, rev = guo_residuals(
+            q, v, target_v, target_log_pi, rewards, mask, tau=tau, gamma=gamma, ref_log_pi=ref_log_pi,
+            multistep=multistep,
+        )  # fmt: skip
+        per_step = per_step + 0.5 * (c * fwd.pow(2) + (1.0 - c) * rev.pow(2)) / len(forms)
+        shown = rev if shown is None and c == 0 else fwd if shown is None else shown
+    loss = reduce_loss(per_step, mask, reduction)
+    return loss, _stats(shown, mask, v, (q - v).detach() / tau, ref_log_pi, entropy, rewards)
+
+
+def advantage_pcl_mix_loss(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    target_v: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    target_log_pi: torch.Tensor | None = None,
+    coefficient: float = 0.5,
+    ref_log_pi: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Guo et al.'s one-step form with its reversed term (their code's ``v2_v2r``):
+
+        L = 1/2 [c (-V_bar(s_t) + gamma V_bar(s_{t+1}) + r~_t - A_theta)^2
+                 + (1 - c) (-V_theta(s_t) + gamma V_theta(s_{t+1}) + r~_t - A_bar)^2]
+
+    ``c = coefficient`` (their ``sql_loss_coefficients``); ``c = 1`` is ``advantage_pcl``, ``c = 0``
+    the reversed form alone. ``A_bar = tau log pi_bar(a_t|s_t)`` of the target network
+    (``target_log_pi``). The fixed point of both terms together is the soft Bellman equation
+    ``Q_theta(s_t, a_t) = r~_t + gamma V_theta(s_{t+1})`` on the sampled steps, as soft_q's.
+    """
+    return _guo_mix(
+        (False,), q, v, target_v, rewards, mask, target_log_pi, coefficient, tau, gamma, ref_log_pi, entropy, reduction
+    )
+
+
+def multistep_pcl_mix_loss(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    target_v: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    target_log_pi: torch.Tensor | None = None,
+    coefficient: float = 0.5,
+    ref_log_pi: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Guo et al.'s multi-step form with its reversed term (their code's ``v3_v3r``):
+
+        L = 1/2 [c (-V_bar(s_t) + sum_{l>=t} gamma^{l-t} (r~_l - A_theta(s_l, a_l)))^2
+                 + (1 - c) (-V_theta(s_t) + sum_{l>=t} gamma^{l-t} (r~_l - A_bar(s_l, a_l)))^2]
+
+    ``c = 1`` is ``multistep_pcl``, ``c = 0`` the reversed form alone, which regresses ``V_theta`` on
+    the Monte-Carlo soft return of the target's log-probabilities (no importance weights: off-policy its
+    fixed point is the behaviour policy's soft value, not ``V*``).
+    """
+    return _guo_mix(
+        (True,), q, v, target_v, rewards, mask, target_log_pi, coefficient, tau, gamma, ref_log_pi, entropy, reduction
+    )
+
+
+def guo_pcl_mix_loss(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    target_v: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    target_log_pi: torch.Tensor | None = None,
+    coefficient: float = 0.5,
+    ref_log_pi: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean of :func:`advantage_pcl_mix_loss` and :func:`multistep_pcl_mix_loss` (Guo et al.'s
+    default loss, their code's ``v2_v2r_v3_v3r``)."""
+    return _guo_mix(
+        (False, True), q, v, target_v, rewards, mask, target_log_pi, coefficient, tau, gamma, ref_log_pi, entropy,
+        reduction,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -371,12 +518,15 @@ class LossSpec:
     """A loss of :data:`LOSS_SPECS` and what it reads; calling it gives every loss one signature.
 
     ``needs_target``: ``V_bar`` from a target network (``target_v``; without one the online ``V``,
-    detached). ``needs_value_head``: ``V`` from a separate value head (``value``) rather than the
-    logits, with ``log pi`` from the logits. ``uses_d``: takes the rollout length ``d``.
+    detached). ``needs_target_log_pi``: also the target's ``log pi_bar(a_t|s_t)`` (``target_log_pi``)
+    and the mixing ``coefficient`` of Guo et al.'s forward and reversed terms. ``needs_value_head``:
+    ``V`` from a separate value head (``value``) rather than the logits, with ``log pi`` from the
+    logits. ``uses_d``: takes the rollout length ``d``.
     """
 
     fn: Callable[..., tuple[torch.Tensor, dict[str, float]]]
     needs_target: bool = False
+    needs_target_log_pi: bool = False
     needs_value_head: bool = False
     uses_d: bool = False
 
@@ -388,6 +538,8 @@ class LossSpec:
         *,
         value: torch.Tensor | None = None,
         target_v: torch.Tensor | None = None,
+        target_log_pi: torch.Tensor | None = None,
+        coefficient: float = 0.5,
         d: int | None = None,
         tau: float,
         gamma: float = 1.0,
@@ -399,6 +551,8 @@ class LossSpec:
         kw = dict(tau=tau, gamma=gamma, ref_log_pi=ref_log_pi, entropy=soft.entropy, reduction=reduction)
         if self.uses_d:
             kw["d"] = d
+        if self.needs_target_log_pi:
+            kw.update(target_log_pi=target_log_pi, coefficient=coefficient)
         if self.needs_value_head:
             if value is None:
                 raise ValueError(f"{self.fn.__name__} needs value, the value head's V_phi(s_t)")
@@ -414,6 +568,9 @@ LOSS_SPECS: dict[str, LossSpec] = {
     "soft_q": LossSpec(soft_q_loss, needs_target=True),
     "advantage_pcl": LossSpec(advantage_pcl_loss, needs_target=True),
     "multistep_pcl": LossSpec(multistep_pcl_loss, needs_target=True),
+    "advantage_pcl_mix": LossSpec(advantage_pcl_mix_loss, needs_target=True, needs_target_log_pi=True),
+    "multistep_pcl_mix": LossSpec(multistep_pcl_mix_loss, needs_target=True, needs_target_log_pi=True),
+    "guo_pcl_mix": LossSpec(guo_pcl_mix_loss, needs_target=True, needs_target_log_pi=True),
 }
 LOSSES = {name: spec.fn for name, spec in LOSS_SPECS.items()}  # the loss functions by name
 

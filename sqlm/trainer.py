@@ -50,7 +50,6 @@ from .forward import (
     attach_value_head,
     local_shard,
     model_log_pi,
-    model_values,
     policy_soft_outputs,
     polyak_update,
 )
@@ -481,16 +480,21 @@ class SoftQTrainer(Trainer):
             target = getattr(self.target_model, "module", self.target_model)
             polyak_update(policy, target, alpha, self._target_names)
 
-    def target_values(self, model, inputs) -> torch.Tensor | None:
-        """``V_bar(s_t)`` of the target network ``[N, T]`` (no grad), or None without one. A target
-        adapter is made active for this forward (eval mode); the policy adapter comes back after."""
+    def target_values(self, model, inputs, with_log_pi: bool = False):
+        """``V_bar(s_t)`` of the target network ``[N, T]`` (no grad), or None without one; with
+        ``with_log_pi`` the pair ``(V_bar, log pi_bar(a_t|s_t))`` (Guo et al.'s reversed terms read the
+        target's advantage ``tau log pi_bar``). A target adapter is made active for this forward (eval
+        mode); the policy adapter comes back after."""
+        if self.target_model is None and self._target_pairs is None:
+            return (None, None) if with_log_pi else None
         if self.target_model is not None:
-            return model_values(self.target_model, inputs, self.args.tau)
-        if self._target_pairs is None:
-            return None
-        unwrapped = self.accelerator.unwrap_model(model)
-        with torch.no_grad(), adapter_active(unwrapped, TARGET_ADAPTER):
-            return model_values(unwrapped, inputs, self.args.tau)
+            scope = contextlib.nullcontext(self.target_model)
+        else:
+            scope = adapter_active(self.accelerator.unwrap_model(model), TARGET_ADAPTER)
+        with scope as net:
+            log_pi, lse = model_log_pi(net, inputs, return_lse=True)
+        values = self.args.tau * lse
+        return (values, log_pi) if with_log_pi else values
 
     def target_state_dict(self) -> dict[str, torch.Tensor]:
         """The target network's own weights (what a checkpoint must keep): the trainable parameters
@@ -730,7 +734,9 @@ class SoftQTrainer(Trainer):
         rewards = inputs["token_rewards"][:, start + 1 :]
 
         ref_log_pi, ref_lse = self.reference_log_pi(model, inputs, return_lse=True)
-        target_v = self.target_values(model, inputs)
+        target_v, target_log_pi = self.target_values(model, inputs, with_log_pi=True)
+        if not spec.needs_target_log_pi:
+            target_log_pi = None
         if args.value_anchor == "reference" and ref_lse is not None and not spec.needs_value_head:
             # values measured from the reference's logsumexp: pi is unchanged, V = 0 where pi = pi_ref
             anchor = args.tau * ref_lse * mask
@@ -744,6 +750,8 @@ class SoftQTrainer(Trainer):
             mask,
             value=head_v,
             target_v=target_v,
+            target_log_pi=target_log_pi,
+            coefficient=args.guo_coefficient,
             d=args.rollout_length,
             tau=args.tau,
             gamma=args.gamma,

@@ -62,6 +62,7 @@ def test_beta_is_tau():
         ({"loss_type": "pcl", "value_head": False}, "value_head"),
         ({"loss_type": "unified_pcl", "value_head": True}, "value_head"),
         ({"mix_ratio": 2.0}, "mix_ratio"),
+        ({"loss_type": "guo_pcl_mix", "guo_coefficient": 1.5}, "guo_coefficient"),
         ({"mode": "online", "max_completion_length": None}, "max_completion_length"),
         ({"reward_funcs": ["keyword"], "reward_weights": [1.0, 2.0]}, "reward_weights"),
         ({"reward_kwargs": "[1, 2]"}, "reward_kwargs"),

@@ -166,6 +166,10 @@ def _loss_inputs(logits, actions, mask, tau, ref, rewards, vbar, values):
         "soft_q": lambda **kw: soft_q_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
         "advantage_pcl": lambda **kw: advantage_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
         "multistep_pcl": lambda **kw: multistep_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
+        **{
+            name: (lambda fn: lambda **kw: fn(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw))(LOSSES[name])
+            for name in ("advantage_pcl_mix", "multistep_pcl_mix", "guo_pcl_mix")
+        },
     }
 
 
@@ -404,3 +408,102 @@ def test_summed_parts_over_summed_normalisers_equal_the_whole_batch(reduction):
     torch.testing.assert_close(split, reduce_loss(per_step, mask, reduction))
     with pytest.raises(ValueError, match="reduction"):
         normaliser(mask, "sum")
+
+
+# ----------------------------------------------------------------------------- Guo et al.'s reversed terms
+
+
+def _original_v2(logits, logits_, actions, rewards, lengths):
+    """Guo et al.'s code, ``soft_q_loss_with_sparse_rewards_2`` (tau = 1, sequence rewards on the last
+    step), transcribed to plain torch: raw per-step losses ``(A - A_)^2``."""
+    q = logits.gather(-1, actions[..., None]).squeeze(-1)
+    v = logits.logsumexp(-1)
+    a = q - v
+    v_ = logits_.logsumexp(-1)
+    a_ = torch.zeros_like(q)
+    a_[:, :-1] = v_[:, 1:] - v_[:, :-1]
+    rows = torch.arange(len(lengths))
+    a_[rows, lengths - 1] = rewards - v_[rows, lengths - 1]
+    return (a - a_).pow(2)
+
+
+def _original_v3(logits, logits_, actions, rewards, lengths):
+    """``soft_q_loss_with_sparse_rewards_3`` of the same code: ``(sum_{l>=t} A_l - (R - V_(s_t)))^2``."""
+    q = logits.gather(-1, actions[..., None]).squeeze(-1)
+    a = q - logits.logsumexp(-1)
+    keep = (torch.arange(a.shape[1])[None] < lengths[:, None]).float()
+    a2 = (a * keep).flip(-1).cumsum(-1).flip(-1)
+    return (a2 - (rewards[:, None] - logits_.logsumexp(-1))).pow(2)
+
+
+@pytest.mark.parametrize("form", ["advantage_pcl_mix", "multistep_pcl_mix", "guo_pcl_mix"])
+@pytest.mark.parametrize("c", [1.0, 0.5, 0.0])
+def test_guo_mixes_match_the_original_code_in_value_and_gradient(form, c):
+    """The mixes are the original ``v2_v2r`` / ``v3_v3r`` / ``v2_v2r_v3_v3r`` with coefficient c:
+    ``c * L(online, target) + (1 - c) * L(target, online)``, the reversed call regressing the online
+    values (gradient through them) on the target's advantages. sqlm's per-step loss is half the
+    original's squared error."""
+    gen = torch.Generator().manual_seed(7)
+    b, t, vocab = 3, 5, 6
+    logits = torch.randn(b, t, vocab, generator=gen, requires_grad=True)
+    target = torch.randn(b, t, vocab, generator=gen)
+    actions = torch.randint(0, vocab, (b, t), generator=gen)
+    lengths = torch.tensor([5, 3, 1])
+    mask = contiguous_mask(lengths.tolist(), t)
+    seq_r = torch.randn(b, generator=gen)
+    rewards = torch.zeros(b, t)
+    rewards[torch.arange(b), lengths - 1] = seq_r
+
+    def original(fn):
+        return c * fn(logits, target, actions, seq_r, lengths) + (1 - c) * fn(target, logits, actions, seq_r, lengths)
+
+    if form == "advantage_pcl_mix":
+        want = original(_original_v2)
+    elif form == "multistep_pcl_mix":
+        want = original(_original_v3)
+    else:
+        want = (original(_original_v2) + original(_original_v3)) / 2
+    so, tso = soft_outputs(logits, actions, 1.0), soft_outputs(target, actions, 1.0)
+    got, _ = LOSSES[form](
+        so.q, so.v, tso.v, rewards, mask, tau=1.0, target_log_pi=tso.log_pi, coefficient=c, reduction="none"
+    )
+    torch.testing.assert_close(2 * got, want * mask, atol=1e-5, rtol=1e-5)
+    (g_got,) = torch.autograd.grad(got.sum(), logits)
+    (g_want,) = torch.autograd.grad(0.5 * (want * mask).sum(), logits)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
+def test_guo_mixes_at_coefficient_one_are_the_forward_forms():
+    gen = torch.Generator().manual_seed(8)
+    q, v, vbar, r = (torch.randn(2, 5, generator=gen) for _ in range(4))
+    ref, tlp, m = -torch.rand(2, 5, generator=gen), -torch.rand(2, 5, generator=gen), contiguous_mask([5, 3], 5)
+    kw = dict(tau=0.7, gamma=0.9, ref_log_pi=ref)
+    for mix, plain in (("advantage_pcl_mix", advantage_pcl_loss), ("multistep_pcl_mix", multistep_pcl_loss)):
+        got, _ = LOSSES[mix](q, v, vbar, r, m, target_log_pi=tlp, coefficient=1.0, **kw)
+        want, _ = plain(q, v, vbar, r, m, **kw)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("form", ["advantage_pcl_mix", "multistep_pcl_mix"])
+def test_only_the_reversed_terms_move_the_level_of_v(form):
+    """The forward term's logit gradient sums to 0 at every state; the reversed term's does not (it
+    regresses V_theta itself), which is what lets the mixes reach pi* (tests/test_convergence.py)."""
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(2, 5, 6, generator=gen, requires_grad=True)
+    actions = torch.randint(0, 6, (2, 5), generator=gen)
+    r, vbar, tlp = torch.randn(2, 5, generator=gen), torch.randn(2, 5, generator=gen), -torch.rand(2, 5, generator=gen)
+    m = torch.ones(2, 5)
+    sums = {}
+    for c in (1.0, 0.0):
+        so = soft_outputs(logits, actions, 0.7)
+        loss, _ = LOSSES[form](so.q, so.v, vbar, r, m, tau=0.7, target_log_pi=tlp, coefficient=c)
+        (g,) = torch.autograd.grad(loss, logits)
+        sums[c] = g.sum(-1).abs().max()
+    assert sums[1.0] < 1e-6 and sums[0.0] > 1e-3
+
+
+def test_guo_coefficient_out_of_range_names_the_argument():
+    x, m = torch.zeros(2, 3), torch.ones(2, 3)
+    for c in (-0.1, 1.5, True, float("nan")):
+        with pytest.raises(ValueError, match="coefficient"):
+            LOSSES["guo_pcl_mix"](x, x, x, x, m, tau=1.0, coefficient=c)

@@ -308,7 +308,7 @@ def test_reference_log_pi_through_fused_head_equals_full_logits(tmp_path, tokeni
     assert torch.allclose(fused[on], plain[on], atol=1e-5)
 
 
-@pytest.mark.parametrize("loss_type", ["unified_pcl", "soft_q", "multistep_pcl"])
+@pytest.mark.parametrize("loss_type", ["unified_pcl", "soft_q", "multistep_pcl", "guo_pcl_mix"])
 def test_reference_anchored_values_start_at_the_zero_reward_optimum(tmp_path, tokenizer, loss_type):
     """With value_anchor 'reference', a policy equal to its reference has Q = tau log pi_ref and V = 0:
     the exact soft optimum when every reward is 0, so every consistency residual is 0 at step 0.
@@ -366,3 +366,30 @@ def test_online_batch_must_hold_whole_groups(tmp_path):
     # the global batch counts, as in GRPO: 3 x 2 accumulation steps = 6 completions
     config(tmp_path, mode="online", per_device_train_batch_size=3, gradient_accumulation_steps=2)
     config(tmp_path, mode="offline", per_device_train_batch_size=3)  # offline batches count rows
+
+
+def test_guo_mix_reads_the_target_networks_advantage(tmp_path, tokenizer):
+    """The reversed terms regress the online V on the target's advantage tau log pi_bar: the trainer's
+    loss equals the loss function fed the target network's own log-probs (not the online ones)."""
+    from sqlm.forward import model_log_pi, policy_soft_outputs
+    from sqlm.losses import LOSSES
+
+    args = config(tmp_path, loss_type="guo_pcl_mix", guo_coefficient=0.3, value_anchor="none", use_reference=False)
+    trainer = SoftQTrainer(
+        make_model(tokenizer), args, train_dataset=pref_data(2), processing_class=tokenizer, reward_funcs=[good_reward]
+    )
+    with torch.no_grad():  # a target that differs from the policy
+        for p in trainer.target_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = trainer.build_batch([dict(r) for r in trainer.train_dataset])
+    loss = trainer.compute_loss(trainer.model, batch)
+    start = int(batch["logits_start"])
+    mask = batch["path_mask"][:, start:].float()
+    rewards = batch["token_rewards"][:, start + 1 :]
+    soft, _ = policy_soft_outputs(trainer.model, batch, args.tau)
+    log_pi_bar, lse_bar = model_log_pi(trainer.target_model, batch, return_lse=True)
+    kw = dict(tau=args.tau, coefficient=0.3)
+    want, _ = LOSSES["guo_pcl_mix"](soft.q, soft.v, args.tau * lse_bar, rewards, mask, target_log_pi=log_pi_bar, **kw)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    online, _ = LOSSES["guo_pcl_mix"](soft.q, soft.v, args.tau * lse_bar, rewards, mask, **kw)
+    assert not torch.allclose(loss, online, rtol=1e-4)

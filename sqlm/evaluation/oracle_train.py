@@ -55,6 +55,7 @@ def train_towards_oracle(
     reduction: str = "token",
     eval_every: int = 10,
     seed: int = 0,
+    coefficient: float = 0.5,
     value_head: torch.nn.Module | None = None,
     progress: bool = False,
 ) -> TrainResult:
@@ -64,7 +65,8 @@ def train_towards_oracle(
     without a reference). A loss that needs a value head (``pcl``) learns a linear one on the last
     hidden states (created zero-initialised unless given); one that needs a target network
     (``soft_q``, ``advantage_pcl``, ``multistep_pcl``) reads ``V_bar`` from a Polyak target copy
-    updated after each optimizer step. ``d`` is the rollout
+    updated after each optimizer step (Guo et al.'s mixes also its ``log pi_bar``, weighted against their
+    forward terms by ``coefficient``). ``d`` is the rollout
     length of ``pcl`` / ``unified_pcl`` (None: to the end). The learning rate decays linearly from
     ``lr`` to ``final_lr`` (default ``lr / 10``). Returns the exact KL curve, measured
     before the first step and every ``eval_every`` steps (and after the last).
@@ -116,7 +118,7 @@ def train_towards_oracle(
         ref = None if ref is None else ref.to(device)
         _, cols, _ = mdp.path_indices(tokens)
         cols = cols.to(device)
-        value = target_v = None
+        value = target_v = target_log_pi = None
         if spec.needs_value_head:
             logits, hidden = restricted_logits(model, mdp, tokens, output_hidden_states=True)
             value = value_head(hidden.float()).squeeze(-1)
@@ -125,13 +127,16 @@ def train_towards_oracle(
         so = soft_outputs(logits, cols, tau)
         if target is not None:
             with torch.no_grad():
-                target_v = soft_outputs(restricted_logits(target, mdp, tokens), cols, tau).v
+                target_so = soft_outputs(restricted_logits(target, mdp, tokens), cols, tau)
+            target_v, target_log_pi = target_so.v, target_so.log_pi
         loss, _ = spec(
             so,
             rewards,
             mask,
             value=value,
             target_v=target_v,
+            target_log_pi=target_log_pi,
+            coefficient=coefficient,
             d=d,
             tau=tau,
             gamma=gamma,
