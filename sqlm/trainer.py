@@ -327,6 +327,8 @@ class SoftQTrainer(Trainer):
         self.pad_token_id = tok.pad_token_id
         self.replay_buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + self.args.process_index)
         self._mix_credit = 0.0
+        self.generated_completions = 0  # completions and tokens generated for training (all rollouts)
+        self.generated_tokens = 0
         self._nonfinite: str | None = None  # what was non-finite in this optimizer step
         self._step_skipped = False
         self._skipped_steps = 0
@@ -582,6 +584,9 @@ class SoftQTrainer(Trainer):
             )
             generator = "hf"
         seconds = time.perf_counter() - started
+        if self.model.training:  # what training generated (run_stats.json of `sqlm train`)
+            self.generated_completions += len(completions)
+            self.generated_tokens += sum(map(len, completions))
         metrics = self._metrics["train" if self.model.training else "eval"]
         metrics[f"generation/{generator}/seconds"].append(seconds)
         metrics[f"generation/{generator}/tokens_per_second"].append(sum(map(len, completions)) / max(seconds, 1e-9))
@@ -877,7 +882,12 @@ class SoftQTrainer(Trainer):
             replay_buffer=self.replay_buffer,
             process_index=self.args.process_index,
             is_main=self.args.should_save,
-            counters={"mix_credit": self._mix_credit, "skipped_steps": self._skipped_steps},
+            counters={
+                "mix_credit": self._mix_credit,
+                "skipped_steps": self._skipped_steps,
+                "generated_completions": self.generated_completions,
+                "generated_tokens": self.generated_tokens,
+            },
         )
         # the target network (a copy, an adapter, or this process's shards of a sharded one)
         target_file = self._target_file(folder) if self.has_target else None
@@ -916,6 +926,8 @@ class SoftQTrainer(Trainer):
         if counters:
             self._mix_credit = float(counters.get("mix_credit", 0.0))
             self._skipped_steps = int(counters.get("skipped_steps", 0))
+            self.generated_completions = int(counters.get("generated_completions", 0))
+            self.generated_tokens = int(counters.get("generated_tokens", 0))
 
 
 # ----------------------------------------------------------------------------- reward signal

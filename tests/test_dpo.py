@@ -80,8 +80,8 @@ def test_sqlm_dpo_trains_and_saves_a_loadable_model(tmp_path, monkeypatch):
         == 0
     )
     model = AutoModelForCausalLM.from_pretrained(out)
-    summary = json.loads((out / "dpo_summary.json").read_text())
-    assert summary["steps"] == 3 and summary["beta"] == 0.1
+    stats = json.loads((out / "run_stats.json").read_text())
+    assert stats["optimizer_steps"] == 3 and stats["beta"] == 0.1 and stats["generated_completions"] == 0
     # the policy moved away from its initial (cached tiny) weights
     from sqlm.data import load_split
     from sqlm.tiny import build_tiny_model, dataset_texts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,6 +57,8 @@ def test_sqlm_train_quickstart_subprocess_writes_a_loadable_model(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model.safetensors").exists()
+    stats = json.loads((out / "run_stats.json").read_text())  # as every training command writes
+    assert stats["optimizer_steps"] == 4 and stats["generated_completions"] == 0 and stats["wall_time_s"] > 0
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("Review the film:", return_tensors="pt")

@@ -351,6 +351,9 @@ def test_online_batch_counts_completions(tmp_path, tokenizer, mode):
     trainer.build_batch = spy
     trainer.train()
     assert trainer.state.global_step == 8 * 2 // 4  # 8 prompts x 2 completions, 4 a step
+    # run_stats.json's counts: every rolled-out completion (online: all 16; mixed: half of them)
+    assert trainer.generated_completions == (16 if mode == "online" else 8)
+    assert trainer.generated_tokens >= trainer.generated_completions
     assert all(rows == 4 and seqs == 4 for rows, seqs, _ in seen), seen
     if mode == "mixed":  # one prompt group online (2 completions), one pair offline (2 sequences)
         assert all(frac == 0.5 for _, _, frac in seen), seen

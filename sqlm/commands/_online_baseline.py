@@ -23,17 +23,16 @@ steps and wall time.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 from ..config import _accelerator_supports_bf16, get_peft_config
 from ..errors import SqlmError
 from ..recipe import wants_help
+from ._stats import write_run_stats
 
 
 # keyword arguments TRL adds to a reward function's call that are not dataset columns
@@ -333,31 +332,6 @@ def parse(dataclass_types, argv: list[str]):
     return recipe, script_args, config, model_args
 
 
-def run_stats(trainer, name: str, seconds: float) -> dict[str, Any]:
-    """Generated completions and tokens (all processes), optimizer steps, wall time and the last logs."""
-    import torch
-
-    counts = torch.tensor([trainer.generated_completions, trainer.generated_tokens], device=trainer.accelerator.device)
-    counts = trainer.accelerator.reduce(counts, reduction="sum").tolist()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    args = trainer.args
-    return {
-        "trainer": name,
-        "generated_completions": int(counts[0]),
-        "generated_tokens": int(counts[1]),
-        "optimizer_steps": int(trainer.state.global_step),
-        "wall_time_s": round(seconds, 3),
-        "beta": args.beta,
-        "num_generations": getattr(args, "num_generations", 2),  # online DPO: always a pair
-        "max_completion_length": getattr(args, "max_completion_length", getattr(args, "max_new_tokens", None)),
-        "temperature": args.temperature,
-        "learning_rate": args.learning_rate,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "seed": args.seed,
-        "last_log": logs[-1] if logs else None,
-    }
-
-
 def main(name: str, dataclass_types, trainer_cls, doc: str, argv: list[str] | None) -> int:
     """``sqlm <name> RECIPE.yaml [--key value ...]``: parse, train, save the model and ``run_stats.json``.
     ``trainer_cls()`` gives the trainer class (imported only when the command runs)."""
@@ -374,11 +348,9 @@ def main(name: str, dataclass_types, trainer_cls, doc: str, argv: list[str] | No
     train_seconds = time.time() - t
     out = Path(config.output_dir)
     trainer.save_model(str(out))
-    stats = run_stats(trainer, name, train_seconds)
-    stats["total_time_s"] = round(time.time() - start, 3)
+    stats = write_run_stats(trainer, name, train_seconds, out, total_seconds=time.time() - start)
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(out)
-        (out / "run_stats.json").write_text(json.dumps(stats, indent=1))
         print(
             f"sqlm {name}: {stats['optimizer_steps']} optimizer steps, {stats['generated_completions']} completions "
             f"({stats['generated_tokens']} tokens) generated, {train_seconds:.1f}s training; saved to {out}"

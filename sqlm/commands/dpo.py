@@ -17,8 +17,8 @@ model with the adapter disabled under LoRA), as in ``sqlm train``.
 
 from __future__ import annotations
 
-import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +28,7 @@ from trl import DPOConfig, DPOTrainer
 from ..config import _accelerator_supports_bf16, _as_dict
 from ..errors import SqlmError
 from ..recipe import split_argv, wants_help
+from ._stats import write_run_stats
 
 
 @dataclass
@@ -152,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     recipe, script_args, config, model_args = parse(argv)
     trainer = build_trainer(script_args, config, model_args, recipe)
+    started = time.time()
     trainer.train()
+    seconds = time.time() - started
     out = Path(config.output_dir)
     trainer.save_model(str(out))
+    write_run_stats(trainer, "dpo", seconds, out)
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(out)
-        logs = [h for h in trainer.state.log_history if "loss" in h]
-        summary = {"beta": config.beta, "steps": trainer.state.global_step, "last_log": logs[-1] if logs else None}
-        (out / "dpo_summary.json").write_text(json.dumps(summary, indent=1))
         print(f"sqlm dpo: saved the model to {out}")
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def build_trainer(args, model_args, recipe_dir: str | None = None):
 
 def save_outputs(trainer) -> None:
     """Save the model (the adapter with PEFT) and tokenizer to output_dir; with ``merge_adapter``
-    also the merged model to ``output_dir/merged``."""
+    also the merged model to ``output_dir/merged``. ``run`` adds ``run_stats.json`` (generated
+    completions and tokens, optimizer steps, wall time), as every training command writes."""
     from ..trainer import _is_peft
 
     args = trainer.args
@@ -95,13 +97,17 @@ def run(argv: Sequence[str]):
     ``output_dir`` (:func:`sqlm.checkpoint.resolve_resume`)."""
     from ..checkpoint import resolve_resume
     from ..guards import OutputDirGuard
+    from ._stats import write_run_stats
 
     args, model_args, recipe_dir = parse_train_args(argv)
     checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir or ".")
     with OutputDirGuard(args.output_dir, enabled=args.should_save):
         trainer = build_trainer(args, model_args, recipe_dir)
+        started = time.time()
         trainer.train(resume_from_checkpoint=checkpoint)
+        seconds = time.time() - started
         save_outputs(trainer)
+        write_run_stats(trainer, "sqlm", seconds, args.output_dir)
     return trainer
 
 
