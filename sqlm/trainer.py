@@ -553,10 +553,11 @@ class SoftQTrainer(Trainer):
         self._mix_credit -= k
         return k
 
-    def _rollout(self, rows: list[dict[str, Any]]) -> list[Trajectory]:
+    def _rollout(self, rows: list[dict[str, Any]], train: bool = True) -> list[Trajectory]:
         """One completion of the current policy per row (the sampler repeats each prompt
         ``num_generations`` times; vLLM with ``use_vllm``, else HF generate) and log which generator
-        ran and how fast."""
+        ran and how fast (with the training or the evaluation metrics, as ``train`` says: the model
+        may still be in eval mode when the first training batch is built)."""
         from trl.data_utils import is_conversational
 
         prompts = [r["prompt_ids"] for r in rows]
@@ -584,10 +585,10 @@ class SoftQTrainer(Trainer):
             )
             generator = "hf"
         seconds = time.perf_counter() - started
-        if self.model.training:  # what training generated (run_stats.json of `sqlm train`)
+        if train:  # what training generated (run_stats.json of `sqlm train`)
             self.generated_completions += len(completions)
             self.generated_tokens += sum(map(len, completions))
-        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics = self._metrics["train" if train else "eval"]
         metrics[f"generation/{generator}/seconds"].append(seconds)
         metrics[f"generation/{generator}/tokens_per_second"].append(sum(map(len, completions)) / max(seconds, 1e-9))
         out = []
@@ -629,7 +630,7 @@ class SoftQTrainer(Trainer):
         trajs: list[Trajectory] = []
         for ex in offline_rows:
             trajs += offline_trajectories(ex, args.chosen_score_column, args.rejected_score_column)
-        fresh: list[Trajectory] = self._rollout(gen_rows) if gen_rows else []
+        fresh: list[Trajectory] = self._rollout(gen_rows, train) if gen_rows else []
         replayed: list[Trajectory] = []
         if train and fresh and self.replay_buffer.size > 0:
             k = args.replay_batch_size if args.replay_batch_size is not None else len(fresh)

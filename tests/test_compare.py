@@ -1,13 +1,9 @@
-"""Seeds and verdicts (sqlm.evaluation.compare) on synthetic numbers, and a reduced run of the
-arithmetic comparison driver (slow)."""
+"""Seeds and verdicts (sqlm.evaluation.compare) on synthetic numbers (the sweeps of ``sqlm pipeline``
+that use them are tested in tests/test_pipeline.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -115,29 +111,3 @@ def test_missing_unit_is_an_error():
     b = _runs({0.1: 0.5, 0.3: 0.45}, {0.1: 1.0, 0.3: 0.5}, UNITS[:3])
     with pytest.raises(ValueError, match="no run for units"):
         bootstrap_matched_kl(a, b, n_boot=10)
-
-
-@pytest.mark.slow
-def test_reduced_driver_end_to_end(tmp_path):
-    """1 base LM, 1 seed, 4 steps, 3 methods: the report, plots and cached runs appear; a rerun resumes
-    from the cache. About 35 s with the base LM cached; a cold cache pretrains it first (minutes)."""
-    env = {**os.environ, "SQLM_CACHE": os.environ.get("SQLM_CACHE", str(Path.home() / ".cache" / "sqlm")),
-           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # fmt: skip
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "exp_arithmetic_compare.py"),
-        "--reduced",
-        "--output_dir",
-        str(tmp_path),
-    ]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=900)
-    report = (tmp_path / "report_arithmetic.md").read_text()
-    assert "| method |" in report
-    assert (tmp_path / "frontier_arithmetic.png").stat().st_size > 0
-    assert (tmp_path / "efficiency_arithmetic.png").stat().st_size > 0
-    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")]
-    assert {r["method"] for r in runs} >= {"sqlm-online", "grpo", "dpo"}
-    for r in runs:
-        assert r["optimizer_steps"] > 0 and r["wall_time_s"] > 0 and 0.0 <= r["eval"]["accuracy"] <= 1.0
-    out = subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
-    assert "cached" in out.stdout

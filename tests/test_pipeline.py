@@ -1,78 +1,168 @@
-"""`sqlm pipeline` end to end on the reduced (CI) setting: base LM -> preference pairs -> reward
-model -> sqlm and DPO sweeps -> eval -> report, cached stages reused, report numbers from the run."""
+"""`sqlm pipeline` end to end on the reduced (CI) setting: both gold tasks, every method through its own
+command with the same budget, reports whose numbers are the runs', cached runs reused; the argv of
+each run (like for like) and the pipeline's settings checked without training."""
+
+from __future__ import annotations
 
 import json
-import re
+from pathlib import Path
 
-from test_eval_metrics import check_report_matches  # tests/ is on sys.path (pytest rootdir import)
+import pytest
 
-from sqlm.commands.pipeline import PipelineArguments, apply_reduced, main, run_pipeline
-from sqlm.evaluation.gold import GoldTaskConfig
+from sqlm.commands.pipeline import PipelineArguments, main, run_pipeline
+from sqlm.errors import SqlmError
+from sqlm.evaluation.sweep import METHODS, run_argv
+from sqlm.evaluation.tasks import ArithmeticTask, SentimentTask, TaskData
 
 
-def _oracle_cells(md: str) -> dict[str, list[str]]:
-    sec = md.split("## Exact oracle", 1)[1].split("## Samples", 1)[0]
+def _table(md: str, header: str) -> dict[tuple[str, str], list[str]]:
+    """Rows of the markdown table that starts with ``header``, by (method, knob)."""
+    sec = md.split(header, 1)[1].split("\n\n", 1)[0]
     out = {}
-    for line in sec.splitlines():
+    for line in sec.splitlines()[1:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and cells[0] not in ("method",) and not cells[0].startswith("---"):
-            out[cells[0]] = cells[1:]
+        if cells[0].startswith("---"):
+            continue
+        out[(cells[0], cells[1])] = cells[2:]
     return out
 
 
 def test_reduced_pipeline_end_to_end(tmp_path, capsys):
-    cache, out1, out2 = tmp_path / "cache", tmp_path / "r1", tmp_path / "r2"
-    # 1. the CLI, as CI and the README run it
-    assert (
-        main(["--reduced", "true", "--cache_dir", str(cache), "--output_dir", str(out1), "--progress", "false"]) == 0
-    )
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    argv = ["--reduced", "true", "--cache_dir", str(cache), "--output_dir", str(out), "--progress", "false"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert f"report: {(out1 / 'report.md').resolve()}" in printed
-    res1 = json.loads((out1 / "results.json").read_text())
-    args, gold = PipelineArguments(reduced=True), GoldTaskConfig()
-    apply_reduced(args, gold, set())
-    methods = ["dpo"] + [f"sqlm-{r}" for r in args.rewarders]
-    assert len(res1["rows"]) == 1 + len(args.taus) * len(methods)
-    assert {r["method"] for r in res1["rows"]} == {"reference", *methods}
-    md1 = check_report_matches(out1, res1)
-    ref = next(r for r in res1["rows"] if r["method"] == "reference")
-    assert abs(ref["kl"]) < 1e-6
-    trained = [r for r in res1["rows"] if r["method"] != "reference"]
-    assert all(r["kl"] > 0 for r in trained)  # every run moved away from the reference
-    assert "## Exact oracle" in md1
+    assert f"report: {(out / 'report.md').resolve()}" in printed
+    summary = (out / "report.md").read_text()
+    assert "## Exact oracle" in summary
+    for task in ("sentiment", "arithmetic"):
+        res = json.loads((out / task / "results.json").read_text())
+        assert not res["failed"], res["failed"]
+        assert {r["method"] for r in res["runs"]} == set(METHODS)
+        for r in res["runs"]:
+            assert r["optimizer_steps"] == 3 and r["wall_time_s"] > 0
+            regime = METHODS[r["method"]].regime
+            if regime == "offline":
+                assert r["generated_completions"] == 0
+            else:  # online and mixed: the same completions per step (4 prompts x 2)
+                assert r["generated_completions"] == 3 * 8, r
+        md = (out / task / "report.md").read_text()
+        rows = _table(md, "| method | knob | runs |")
+        for r in res["table"]:
+            cells = rows[(r["method"], f"{r['knob_name']}={r['knob']:g}")]
+            assert cells[1] == f"{r['score']:.3f} ± {r['score_se']:.3f}"
+        pairs = {(v["a"], v["b"]) for v in res["verdicts"]}
+        assert pairs == {("sqlm-online", "grpo"), ("sqlm-online", "rloo"), ("sqlm-mixed", "grpo"),
+                         ("sqlm-mixed", "rloo"), ("sqlm-offline", "dpo")}  # fmt: skip
+        for v in res["verdicts"]:
+            assert v["verdict"] in ("win", "loss", "tie", "no overlap")
+            if v["ci"] is not None:
+                assert v["ci"][0] <= v["ci"][1]
+                assert (v["verdict"] == "tie") == (v["ci"][0] <= 0 <= v["ci"][1])
+        assert (out / task / "frontier.png").stat().st_size > 1000
+        assert (out / task / "efficiency.png").stat().st_size > 1000
+        assert f"## {task}" in summary
 
-    # 2. again with another evaluation seed: training artefacts are reused, the report changes
-    done = sorted(cache.glob("gold/*/done.json"))
+    # again with other bootstrap settings: every run and stage comes from the cache
+    done = sorted(cache.glob("sweeps/*/*/result.json"))
+    assert len(done) == 2 * len(METHODS)
     stamps = {p: p.stat().st_mtime_ns for p in done}
-    args2 = PipelineArguments(reduced=True, cache_dir=str(cache), output_dir=str(out2), progress=False, eval_seed=99)
-    gold2 = GoldTaskConfig()
-    apply_reduced(args2, gold2, {"eval_seed"})
-    res2 = run_pipeline(args2, gold2)
+    args = PipelineArguments(reduced=True, cache_dir=str(cache), output_dir=str(tmp_path / "out2"), progress=False,
+                             n_boot=50, oracle=False)  # fmt: skip
+    res2 = run_pipeline(args)
     assert {p: p.stat().st_mtime_ns for p in done} == stamps
-    md2 = check_report_matches(out2, res2["results"])
-    before = [(r["name"], r["gold"], r["kl"]) for r in res1["rows"]]
-    after = [(r["name"], r["gold"], r["kl"]) for r in res2["results"]["rows"]]
-    assert before != after and md1 != md2
-    # the oracle table is the returned comparison
-    cells = _oracle_cells(md2)
-    for method, by_n in res2["oracle"]["summary"].items():
-        assert cells[method] == [f"{by_n[str(n)] if str(n) in by_n else by_n[n]:.4f}" for n in args2.oracle_pairs]
-    assert re.search(r"\d+ preference pairs", md2)
+    assert res2["seconds"] < 60 and res2["oracle"] is None
+
+
+def _data(tmp_path) -> TaskData:
+    return TaskData(task="t", base_seed=0, base=tmp_path / "base", prompts_file=tmp_path / "p" / "prompts.jsonl",
+                    pairs_file=tmp_path / "p" / "pairs.jsonl", eval_prompts=["1+1:"],
+                    reward_argv=["--reward_funcs", "terminal"])  # fmt: skip
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    return {argv[i][2:]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("--")}
+
+
+@pytest.mark.parametrize("task", [SentimentTask(), ArithmeticTask()], ids=lambda t: t.name)
+def test_every_method_of_a_regime_gets_the_same_budget(task, tmp_path):
+    """Like for like: the online methods share prompts, generations, completions per step, length,
+    temperature, steps, learning rate, seed and reward; mixed sqlm rolls out as many completions per
+    step; the offline methods share pairs, batch, steps and learning rate; DPO gets no reward."""
+    data, b = _data(tmp_path), task.budget()
+    flags = {m: _flags(run_argv(task, METHODS[m], data, 0.1, 3, 40, tmp_path / m, mid=False)) for m in METHODS}
+    online = ["sqlm-online", "grpo", "rloo"]
+    keys = ["dataset_name", "learning_rate", "per_device_train_batch_size", "num_generations",
+            "max_completion_length", "temperature", "max_steps", "seed", "reward_funcs"]  # fmt: skip
+    for k in keys:
+        assert len({flags[m][k] for m in online}) == 1, k
+    assert int(flags["grpo"]["per_device_train_batch_size"]) == b.prompts_per_batch * b.num_generations
+    assert flags["grpo"]["dataset_name"] == str(data.prompts_file)
+    mixed = flags["sqlm-mixed"]
+    assert int(mixed["per_device_train_batch_size"]) * b.mix_ratio == b.prompts_per_batch * b.num_generations
+    assert mixed["dataset_name"] == str(data.pairs_file) and mixed["mix_ratio"] == str(b.mix_ratio)
+    for k in ("learning_rate", "per_device_train_batch_size", "max_steps", "seed", "dataset_name"):
+        assert flags["sqlm-offline"][k] == flags["dpo"][k], k
+    assert int(flags["dpo"]["per_device_train_batch_size"]) == b.pairs_per_batch
+    assert "reward_funcs" not in flags["dpo"] and flags["sqlm-offline"]["reward_funcs"] == "terminal"
+    assert flags["sqlm-online"]["tau"] == flags["grpo"]["beta"] == "0.1"
+    for m in METHODS:  # the paired recipe of every method exists for the task
+        assert (task.recipes / METHODS[m].recipe).is_file()
+
+
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        ({"tasks": ["sentimnt"]}, "tasks"),
+        ({"methods": ["ppo"]}, "methods"),
+        ({"knobs": {"grpo": "0.1"}}, "knobs"),
+        ({"knobs": {"sqlm-online": [0.0]}}, "knobs"),
+        ({"knobs": {"nope": [0.1]}}, "knobs"),
+        ({"steps": 0}, "steps"),
+        ({"eval_samples": 0}, "eval_samples"),
+    ],
+)
+def test_bad_settings_name_the_key(kw, key):
+    with pytest.raises(SqlmError, match=f"'{key}'"):
+        PipelineArguments(**kw)
+
+
+def test_full_and_default_settings():
+    default, full = PipelineArguments().sweep_config(), PipelineArguments(full=True).sweep_config()
+    assert (default.bases, default.seeds, default.n_eval) == ([0], [0], 128)
+    assert (full.bases, full.seeds, full.n_eval, full.mid_eval) == ([0, 1], [0, 1, 2], None, True)
+    assert all(len(default.values(METHODS[m])) == 1 for m in METHODS)
+    assert all(len(full.values(METHODS[m])) >= 3 for m in METHODS)
+    # TRL's defaults are among the baselines' knob values
+    assert 0.0 in full.values(METHODS["grpo"]) and 0.05 in full.values(METHODS["rloo"])
+    knobs = PipelineArguments(knobs='{"sqlm-online": [0.3]}').sweep_config()
+    assert knobs.values(METHODS["sqlm-online"]) == (0.3,)
 
 
 def test_training_runs_are_keyed_by_the_training_code(tmp_path, monkeypatch):
-    """A cached sqlm/DPO run must not survive a change to sqlm's training code."""
-    from sqlm.commands import pipeline
+    """A cached run must not survive a change to sqlm's training code."""
+    from sqlm.evaluation import sweep
 
-    before = pipeline.training_code_fingerprint()
-    assert before == pipeline.training_code_fingerprint()  # stable
+    before = sweep.training_code_fingerprint()
+    assert before == sweep.training_code_fingerprint()  # stable
     fake = tmp_path / "sqlm"
+    (fake / "evaluation").mkdir(parents=True)
     (fake / "commands").mkdir(parents=True)
-    for name in pipeline._TRAINING_CODE:
-        if not name.endswith(".py"):
-            continue
-        (fake / name).write_text("x = 1\n")
-    monkeypatch.setattr(pipeline, "__file__", str(fake / "commands" / "pipeline.py"))
-    one = pipeline.training_code_fingerprint()
+    for name in sweep._TRAINING_CODE:
+        if name.endswith(".py"):
+            (fake / name).write_text("x = 1\n")
+    monkeypatch.setattr(sweep, "__file__", str(fake / "evaluation" / "sweep.py"))
+    one = sweep.training_code_fingerprint()
     (fake / "losses.py").write_text("x = 2\n")
-    assert pipeline.training_code_fingerprint() != one
+    assert sweep.training_code_fingerprint() != one
+    (fake / "commands" / "grpo.py").write_text("x = 3\n")  # the baselines' commands count too
+    assert sweep.training_code_fingerprint() not in (one, before)
+
+
+def test_pipeline_recipes_parse():
+    from sqlm.recipe import parse_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "pipeline"
+    (args,) = parse_recipe((PipelineArguments,), str(root / "config_full.yaml"), [])
+    cfg = args.sweep_config()
+    assert cfg.full and cfg.bases == [0, 1] and cfg.seeds == [0, 1, 2]

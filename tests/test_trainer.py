@@ -336,7 +336,8 @@ def test_online_batch_counts_completions(tmp_path, tokenizer, mode):
     completions (mixed: 1 prompt rolled out twice + 1 pair), and an epoch rolls out every prompt once."""
     args = config(tmp_path, mode=mode, per_device_train_batch_size=4, max_steps=-1, num_train_epochs=1,
                   mix_ratio=0.5)  # fmt: skip
-    trainer = SoftQTrainer(make_model(tokenizer), args, train_dataset=pref_data(8), processing_class=tokenizer,
+    model = make_model(tokenizer).eval()  # as from_pretrained returns it: the first batch is built in eval mode
+    trainer = SoftQTrainer(model, args, train_dataset=pref_data(8), processing_class=tokenizer,
                            reward_funcs=[good_reward])  # fmt: skip
     seen = []
     build = trainer.build_batch

@@ -515,13 +515,16 @@ def evaluate_model(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = False,
+    per_sample: bool = False,
 ) -> dict[str, dict]:
     """Per split of ``prompts`` (e.g. ``eval`` and ``long``): accuracy at temperature 1 (mean and
     standard error over ``samples_per_prompt`` samples per prompt), greedy accuracy, the share of
     sampled completions with a readable answer, mean completion length (tokens, EOS excluded) of the
-    samples and of the greedy completions, and, with ``ref_model``, ``KL(pi || pi_ref)`` per
-    sampled completion (exact per-step KL summed along it, ``sampling.exact_sequence_kl``)."""
-    from .metrics import mean_se
+    samples and of the greedy completions, distinct-1/2 of the sampled completions, and, with
+    ``ref_model``, ``KL(pi || pi_ref)`` per sampled completion (exact per-step KL summed along it,
+    ``sampling.exact_sequence_kl``). ``per_sample`` adds ``per_sample``: every sample's accuracy and
+    KL (prompt-major) and two example completions."""
+    from .metrics import distinct_n, mean_se
     from .sampling import exact_sequence_kl
 
     out: dict[str, dict] = {}
@@ -532,7 +535,8 @@ def evaluate_model(
         )
         texts = [completion_text(tokenizer, c) for c in comps]
         flat_prompts = [p for p in ps for _ in range(samples_per_prompt)]
-        acc, acc_se = mean_se(arith_reward(flat_prompts, texts))
+        correct = arith_reward(flat_prompts, texts)
+        acc, acc_se = mean_se(correct)
         greedy = greedy_completions(
             model,
             tokenizer(ps)["input_ids"],
@@ -552,12 +556,21 @@ def evaluate_model(
             "well_formed": sum(final_answer(t) is not None for t in texts) / len(texts),
             "length": sum(lens) / len(lens),
             "greedy_length": sum(_lengths(greedy, eos)) / len(greedy),
+            "distinct1": distinct_n(texts, 1),
+            "distinct2": distinct_n(texts, 2),
         }
+        kl = None
         if ref_model is not None:
             kl, _ = exact_sequence_kl(
                 model, ref_model, flat, comps, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size
             )
             row["kl"], row["kl_se"] = mean_se(kl)
+        if per_sample:
+            row["per_sample"] = {
+                "accuracy": correct,
+                "kl": kl,
+                "examples": [{"prompt": p, "completion": t} for p, t in zip(flat_prompts[:2], texts[:2])],
+            }
         out[name] = row
     return out
 

@@ -1,0 +1,485 @@
+"""Like-for-like comparison sweeps: sqlm against TRL's DPO, GRPO and RLOO on a gold task, over base
+LMs, training seeds and each method's KL knob, with matched-KL verdicts (``sqlm pipeline``).
+
+For every method, knob value (sqlm's tau, TRL's beta), base LM and training seed, one run trains
+through the method's own ``sqlm`` command (``sqlm train`` / ``dpo`` / ``grpo`` / ``rloo``) with the
+task's paired recipe and the shared :class:`sqlm.evaluation.tasks.Budget`:
+
+* **online** (sqlm online, GRPO, RLOO): the same prompts, ``num_generations``, completions per step,
+  ``max_completion_length``, temperature 1, optimizer steps, learning rate and seed, and the same
+  reward (the task's reward model or checker);
+* **offline** (sqlm offline, DPO): the same preference pairs per step, steps, learning rate and
+  seed; sqlm scores the pairs with the task's reward (the reward model fitted to those pairs, or the
+  checker), DPO reads their labels;
+* **mixed** sqlm rolls out as many completions per step as the online methods, and its batch also
+  holds the pairs: it is compared with the online methods at an equal number of generated
+  completions.
+
+Each run is evaluated on the task's held-out prompts (temperature-1 samples with common random
+numbers per base LM: score, exact KL to the base, length, distinct-n) and cached under
+``cache/sweeps/<task>/<method>-<knob>-b<base>-s<seed>-<hash>/result.json`` by a hash of everything it
+depends on (sqlm's training code included), so a rerun only trains what changed. The summary is mean
+± s.e. over runs; a comparison of two methods is the difference of their frontiers at matched KL with
+a bootstrap interval over runs and prompts (:mod:`sqlm.evaluation.compare`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SqlmError
+from .gold import fingerprint
+from .tasks import Task, TaskData, log
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method of the sweep: the command that trains it, its regime and KL knob."""
+
+    name: str
+    command: str  # sqlm, dpo, grpo, rloo
+    regime: str  # online, offline, mixed
+    recipe: str  # relative to the task's recipes folder
+    knob: str  # tau (sqlm) or beta (TRL)
+    values: tuple[float, ...]  # the full sweep
+    default: tuple[float, ...]  # the default (short) sweep
+    extra: tuple[str, ...] = ()  # further flags of every run
+    compare: tuple[str, ...] = ()  # the baselines it is judged against
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("sqlm-online", "sqlm", "online", "sqlm/config_online.yaml", "tau", (0.03, 0.1, 0.3), (0.1,),
+               compare=("grpo", "rloo")),
+        Method("sqlm-mixed", "sqlm", "mixed", "sqlm/config_mixed.yaml", "tau", (0.03, 0.1, 0.3), (0.1,),
+               compare=("grpo", "rloo")),
+        # TRL's defaults are swept with larger values: GRPO's beta 0 (no reference), RLOO's 0.05
+        Method("grpo", "grpo", "online", "grpo/config.yaml", "beta", (0.0, 0.04, 0.1), (0.0,)),
+        Method("rloo", "rloo", "online", "rloo/config.yaml", "beta", (0.05, 0.1, 0.2), (0.05,)),
+        Method("sqlm-offline", "sqlm", "offline", "sqlm/config_offline.yaml", "tau", (0.03, 0.1, 0.3), (0.1,),
+               compare=("dpo",)),
+        Method("dpo", "dpo", "offline", "dpo/config.yaml", "beta", (0.03, 0.1, 0.3), (0.1,)),
+    )
+}  # fmt: skip
+
+
+@dataclass
+class SweepConfig:
+    """What to run: methods x knob values x base LMs x training seeds, and how to evaluate."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    bases: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    full: bool = False  # every method's full knob sweep (else its default values)
+    knobs: dict[str, list[float]] = field(default_factory=dict)  # per-method override of the values
+    steps: int | None = None  # override of the task budget's optimizer steps
+    n_eval: int | None = None  # held-out prompts per base LM (None: all the task prepared)
+    eval_samples: int = 1  # temperature-1 samples per prompt
+    mid_eval: bool = False  # also evaluate online runs half-way (efficiency plot)
+    n_boot: int = 1000
+    keep_models: bool = False  # keep each run's weights (default: logs and results only)
+    progress: bool = True
+
+    def values(self, method: Method) -> tuple[float, ...]:
+        if method.name in self.knobs:
+            return tuple(self.knobs[method.name])
+        return method.values if self.full else method.default
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+# sqlm's own training code: a cached run is redone when any of it changes (a changed default or fix
+# must not hide behind an old result)
+_TRAINING_CODE = ("soft.py", "losses.py", "fused.py", "forward.py", "trainer.py", "data.py", "rollout.py",
+                  "config.py", "tiny.py", "loading.py", "rewards", "commands/train.py", "commands/dpo.py",
+                  "commands/reward.py", "commands/grpo.py", "commands/rloo.py", "commands/_online_baseline.py",
+                  "commands/_stats.py")  # fmt: skip
+
+
+def training_code_fingerprint() -> str:
+    """A hash of the source of sqlm's training code (:data:`_TRAINING_CODE`)."""
+    root = Path(__file__).resolve().parents[1]
+    files: list[Path] = []
+    for name in _TRAINING_CODE:
+        p = root / name
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    return fingerprint({str(f.relative_to(root)): f.read_text(encoding="utf-8") for f in files if f.is_file()})
+
+
+# A runner trains with a sqlm command in this process: ``runner(command, argv)`` (``sqlm pipeline``
+# passes one that calls ``sqlm.commands.<command>.main(argv)``; the library never imports commands).
+Runner = Callable[[str, list[str]], None]
+
+
+def run_argv(task: Task, method: Method, data: TaskData, knob: float, seed: int, steps: int, out: Path,
+             mid: bool) -> list[str]:  # fmt: skip
+    """The argv of one run's command (``main(argv)``): the paired recipe, the base LM, the budget of
+    the method's regime, the knob, the seed and the reward."""
+    b = task.budget()
+    recipe = task.recipes / method.recipe
+    if not recipe.is_file():
+        raise SqlmError(f"no recipe {recipe} for method '{method.name}' on task '{task.name}'")
+    argv = [str(recipe), "--model_name_or_path", str(data.base), f"--{method.knob}", repr(float(knob)),
+            "--max_steps", str(steps), "--seed", str(seed), "--output_dir", str(out),
+            "--logging_steps", str(max(1, steps // 4)), "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+    completions = b.prompts_per_batch * b.num_generations
+    if method.regime in ("online", "mixed"):
+        batch = completions if method.regime == "online" else round(completions / b.mix_ratio)
+        data_file = data.prompts_file if method.regime == "online" else data.pairs_file
+        argv += ["--dataset_name", str(data_file), "--learning_rate", str(b.online_lr),
+                 "--per_device_train_batch_size", str(batch), "--num_generations", str(b.num_generations),
+                 "--max_completion_length", str(b.max_completion_length), "--temperature", "1.0"]  # fmt: skip
+        if method.regime == "mixed":
+            argv += ["--mix_ratio", str(b.mix_ratio)]
+        argv += ["--save_strategy", "steps", "--save_steps", str(max(1, steps // 2))] if mid else []
+    else:
+        argv += ["--dataset_name", str(data.pairs_file), "--learning_rate", str(b.offline_lr),
+                 "--per_device_train_batch_size", str(b.pairs_per_batch)]  # fmt: skip
+    if not mid:
+        argv += ["--save_strategy", "no"]
+    if method.command != "dpo":
+        argv += data.reward_argv
+    return argv + list(method.extra)
+
+
+def evaluate_folder(task: Task, path: Path, ref, tokenizer, prompts: list[str], seed: int, samples: int) -> dict:
+    """``task.evaluate`` of the model saved in ``path`` (deterministic, one thread)."""
+    from ..loading import load_policy
+    from .arithmetic import deterministic_torch
+
+    model, _ = load_policy(path)
+    with deterministic_torch(1):
+        return task.evaluate(model, tokenizer, ref, prompts, seed=seed, samples_per_prompt=samples)
+
+
+def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, cfg: SweepConfig, root: Path,
+            ref, tokenizer, prompts: list[str], runner: Runner) -> dict:  # fmt: skip
+    """Train (or read from the cache) and evaluate one run; a failed run is returned with ``failed``."""
+    steps = cfg.steps or task.budget().steps
+    mid = cfg.mid_eval and method.regime != "offline"
+    key = dict(method=[method.command, method.regime, method.recipe, method.knob, list(method.extra)], knob=knob,
+               task=task.name, budget=vars(task.budget()), steps=steps, base=data.base.name,
+               data=[data.prompts_file.parent.name, data.pairs_file.name], reward=data.reward_argv, seed=seed,
+               n_eval=len(prompts), samples=cfg.eval_samples, mid=mid,
+               recipe=(task.recipes / method.recipe).read_text(), code=training_code_fingerprint())  # fmt: skip
+    folder = root / f"{method.name}-{knob:g}-b{data.base_seed}-s{seed}-{fingerprint(key)}"
+    done = folder / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)
+    out = folder / "model"
+    argv = run_argv(task, method, data, knob, seed, steps, out, mid)
+    head = {"method": method.name, "knob_name": method.knob, "knob": knob, "base": data.base_seed, "seed": seed}
+    started = time.time()
+    try:
+        runner(method.command, argv)
+    except Exception as e:  # noqa: BLE001 - a failed run is reported, the sweep goes on
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        log(f"FAILED {task.name} {method.name} {method.knob}={knob:g} base {data.base_seed} seed {seed}: "
+             f"{type(e).__name__}: {msg}")  # fmt: skip
+        return {**head, "failed": f"{type(e).__name__}: {msg}", "argv": argv}
+    stats = json.loads((out / "run_stats.json").read_text())
+    train_s = time.time() - started
+    t = time.time()
+    eval_seed = 1234 + data.base_seed
+    result = {
+        **head,
+        "generated_completions": stats["generated_completions"],
+        "generated_tokens": stats["generated_tokens"],
+        "optimizer_steps": stats["optimizer_steps"],
+        "wall_time_s": stats["wall_time_s"],
+        "eval": evaluate_folder(task, out, ref, tokenizer, prompts, eval_seed, cfg.eval_samples),
+    }
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = [c for c in checkpoints if int(c.name.split("-")[1]) < stats["optimizer_steps"]]
+    if mid and checkpoints:
+        c = checkpoints[-1]
+        frac = int(c.name.split("-")[1]) / stats["optimizer_steps"]
+        ev = evaluate_folder(task, c, ref, tokenizer, prompts, eval_seed, cfg.eval_samples)
+        result["mid"] = {"optimizer_steps": int(c.name.split("-")[1]), "score": ev["score"], "kl": ev["kl"],
+                         "generated_completions": round(frac * stats["generated_completions"])}  # fmt: skip
+    result["eval_time_s"] = round(time.time() - t, 2)
+    result["argv"] = argv
+    for c in out.glob("checkpoint-*"):
+        shutil.rmtree(c)
+    if not cfg.keep_models:
+        for f in out.glob("*.safetensors"):
+            f.unlink()
+    done.write_text(json.dumps(result))
+    e = result["eval"]
+    log(f"{task.name} {method.name} {method.knob}={knob:g} base {data.base_seed} seed {seed}: {task.metric} "
+         f"{e['score']:.3f}, KL {e['kl']:.2f} ({train_s:.0f}s training, {result['eval_time_s']:.0f}s eval)")  # fmt: skip
+    return result
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: Runner) -> dict:
+    """Every run of ``cfg`` on ``task`` (cached; trained by ``runner``), the summary, the verdicts,
+    ``report.md``, ``frontier.png``, ``efficiency.png`` and ``results.json`` in ``out_dir``; returns
+    the results."""
+    from ..loading import load_policy
+    from .arithmetic import deterministic_torch
+
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise SqlmError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    t0 = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = cache / "sweeps" / task.name
+    root.mkdir(parents=True, exist_ok=True)
+    bases, base_results = {}, {}
+    for b in cfg.bases:
+        data = task.prepare(b, cache, runner, progress=cfg.progress)
+        ref, tok = load_policy(data.base)
+        prompts = data.eval_prompts[: cfg.n_eval] if cfg.n_eval else data.eval_prompts
+        bases[b] = (data, ref, tok, prompts)
+        path = root / f"base{b}-{fingerprint([data.base.name, prompts, cfg.eval_samples])}.json"
+        if not path.is_file():
+            with deterministic_torch(1):
+                ev = task.evaluate(ref, tok, ref, prompts, seed=1234 + b, samples_per_prompt=cfg.eval_samples)
+            path.write_text(json.dumps(ev))
+        base_results[b] = {**json.loads(path.read_text()), **data.info}
+    runs = [(METHODS[m], knob, b, s) for m in cfg.methods for knob in cfg.values(METHODS[m])
+            for b in cfg.bases for s in cfg.seeds]  # fmt: skip
+    results = []
+    bar = _bar(len(runs), f"{task.name} runs", cfg.progress)
+    for method, knob, b, s in runs:
+        data, ref, tok, prompts = bases[b]
+        results.append(run_one(task, method, knob, data, s, cfg, root, ref, tok, prompts, runner))
+        bar.update(1)
+    bar.close()
+    failed = [r for r in results if "failed" in r]
+    ok = [r for r in results if "failed" not in r]
+    table = summarize(ok, cfg.methods)
+    verdicts = compare_methods(ok, base_results, cfg.methods, cfg.n_boot)
+    plot_frontier(table, base_results, task, out_dir / "frontier.png")
+    plot_efficiency(table, base_results, task, out_dir / "efficiency.png")
+    wall = time.time() - t0
+    report = write_report(task, cfg, ok, failed, base_results, table, verdicts, out_dir, wall)
+    slim = [{**r, "eval": {k: v for k, v in r["eval"].items() if not k.startswith("per_prompt")}} for r in ok]
+    res = {"task": task.name, "metric": task.metric, "runs": slim, "failed": failed, "table": list(table.values()),
+           "verdicts": verdicts, "bases": {str(b): {k: v for k, v in r.items() if not k.startswith("per_prompt")}
+                                           for b, r in base_results.items()},
+           "wall_s": wall, "report": str(report)}  # fmt: skip
+    (out_dir / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="run")
+
+
+# ----------------------------------------------------------------------------- summary and verdicts
+
+
+def summarize(results: list[dict], methods: list[str]) -> dict[tuple[str, float], dict]:
+    """Per (method, knob value): mean ± s.e. over runs of every evaluation number, and the mean budget."""
+    from .compare import seed_summary
+
+    table = {}
+    for m in methods:
+        for knob in sorted({r["knob"] for r in results if r["method"] == m}):
+            rs = [r for r in results if r["method"] == m and r["knob"] == knob]
+            row = {"method": m, "knob_name": rs[0]["knob_name"], "knob": knob, "n_runs": len(rs),
+                   "regime": METHODS[m].regime}  # fmt: skip
+            for k in ("score", "kl", "length", "distinct1", "distinct2", "greedy"):
+                if all(k in r["eval"] for r in rs):
+                    row[k], row[k + "_se"] = seed_summary([r["eval"][k] for r in rs])
+            for k in ("generated_completions", "generated_tokens", "optimizer_steps", "wall_time_s"):
+                row[k] = sum(r[k] for r in rs) / len(rs)
+            if all("mid" in r for r in rs):
+                row["mid_completions"] = sum(r["mid"]["generated_completions"] for r in rs) / len(rs)
+                row["mid_score"], row["mid_score_se"] = seed_summary([r["mid"]["score"] for r in rs])
+            table[(m, knob)] = row
+    return table
+
+
+def compare_methods(results: list[dict], base_results: dict, methods: list[str], n_boot: int) -> list[dict]:
+    """Matched-KL verdicts of every sqlm method against the baselines it is judged against, with the
+    base LM at KL 0 on both frontiers ('with base') and on the trained points alone."""
+    from .compare import bootstrap_matched_kl
+
+    def runs_of(m):
+        out: dict = {}
+        for r in results:
+            if r["method"] == m:
+                out.setdefault(r["knob"], {})[(r["base"], r["seed"])] = (
+                    r["eval"]["per_prompt_score"],
+                    r["eval"]["per_prompt_kl"],
+                )
+        return out
+
+    rows = []
+    for a in methods:
+        for b in METHODS[a].compare:
+            if b not in methods:
+                continue
+            ra, rb = runs_of(a), runs_of(b)
+            if not ra or not rb:
+                continue
+            units = {u for k in ra.values() for u in k} & {u for k in rb.values() for u in k}
+            ra = {k: {u: v for u, v in per.items() if u in units} for k, per in ra.items()}
+            rb = {k: {u: v for u, v in per.items() if u in units} for k, per in rb.items()}
+            ref = {u: base_results[u[0]]["per_prompt_score"] for u in units}
+            for with_ref in (True, False):
+                try:
+                    out = bootstrap_matched_kl(ra, rb, reference=ref if with_ref else None, n_boot=n_boot)
+                except ValueError as e:  # a knob value missing a run (e.g. a failed one)
+                    out = {"diff": None, "kl_range": None, "ci": None, "verdict": f"incomplete ({e})"}
+                rows.append({"a": a, "b": b, "with_reference": with_ref, **out})
+    return rows
+
+
+# ----------------------------------------------------------------------------- plots and report
+
+
+def _style(method: str) -> dict:
+    regime = METHODS[method].regime if method in METHODS else "online"
+    return {"ls": {"online": "-", "mixed": "-.", "offline": "--"}[regime], "marker": "o" if "sqlm" in method else "s"}
+
+
+def plot_frontier(table: dict, base_results: dict, task: Task, path: Path) -> Path:
+    """``frontier.png``: score against KL to the base, error bars over runs, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = sum(r["score"] for r in base_results.values()) / len(base_results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab10.colors)
+    for m in dict.fromkeys(m for m, _ in table):
+        rows = sorted((r for (mm, _), r in table.items() if mm == m), key=lambda r: r["kl"])
+        ax.errorbar([0.0] + [r["kl"] for r in rows], [base] + [r["score"] for r in rows],
+                    xerr=[0.0] + [r["kl_se"] for r in rows], yerr=[0.0] + [r["score_se"] for r in rows],
+                    capsize=3, label=m, **_style(m))  # fmt: skip
+        for r in rows:
+            ax.annotate(f"{r['knob_name'][0]}={r['knob']:g}", (r["kl"], r["score"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("KL(π ‖ base), nats per completion")
+    ax.set_ylabel(f"{task.metric} (held-out, T=1)")
+    ax.set_title(f"{task.name}: {task.metric} vs KL (mean ± s.e. over runs; base LM at KL 0)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_efficiency(table: dict, base_results: dict, task: Task, path: Path) -> Path:
+    """``efficiency.png``: score against generated completions of the online and mixed methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = sum(r["score"] for r in base_results.values()) / len(base_results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    for (m, knob), r in table.items():
+        if r["regime"] == "offline":
+            continue
+        xs, ys, es = [0.0], [base], [0.0]
+        if "mid_completions" in r:
+            xs.append(r["mid_completions"])
+            ys.append(r["mid_score"])
+            es.append(r["mid_score_se"])
+        xs.append(r["generated_completions"])
+        ys.append(r["score"])
+        es.append(r["score_se"])
+        ax.errorbar(xs, ys, yerr=es, capsize=3, label=f"{m} {r['knob_name']}={knob:g}", **_style(m))
+    ax.set_xlabel("generated completions (training)")
+    ax.set_ylabel(f"{task.metric} (held-out, T=1)")
+    ax.set_title(f"{task.name}: {task.metric} vs generated completions")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _f(m, se, nd=3):
+    return f"{m:.{nd}f} ± {se:.{nd}f}"
+
+
+def verdict_lines(verdicts: list[dict], metric: str) -> list[str]:
+    lines = ["| A | B | frontiers | KL range | A − B | 95% CI | verdict |", "|---|---|---|---|---|---|---|"]
+    for v in verdicts:
+        rng = "–" if v["kl_range"] is None else f"[{v['kl_range'][0]:.2f}, {v['kl_range'][1]:.2f}]"
+        d = "–" if v["diff"] is None else f"{v['diff']:+.3f}"
+        ci = "–" if v["ci"] is None else f"[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
+        kind = "with base" if v["with_reference"] else "trained points only"
+        lines.append(f"| {v['a']} | {v['b']} | {kind} | {rng} | {d} | {ci} | **{v['verdict']}** |")
+    return lines
+
+
+def write_report(task: Task, cfg: SweepConfig, results, failed, base_results, table, verdicts, out_dir: Path,
+                 wall: float) -> Path:  # fmt: skip
+    """``out_dir/report.md``: settings, base LMs, every method at every knob value, the verdicts, the
+    plots and (kept across reruns) ``notes.md`` of the same folder."""
+    b = task.budget()
+    steps = cfg.steps or b.steps
+    units = sorted({(r["base"], r["seed"]) for r in results})
+    total = sum(r["wall_time_s"] + r.get("eval_time_s", 0.0) for r in results)
+    greedy = any("greedy" in r for r in table.values())
+    n_prompts = {len(r["per_prompt_score"]) for r in base_results.values()}
+    lines = [f"# {task.name}: sqlm vs TRL's GRPO, RLOO and DPO, like for like", "",
+             (f"Base LMs (seeds) {cfg.bases} × training seeds {cfg.seeds}: {len(units)} runs per cell. {steps} optimizer "
+              f"steps per run. Online (sqlm online, GRPO, RLOO): {b.prompts_per_batch} prompts × {b.num_generations} "
+              f"generations per step, completion limit {b.max_completion_length}, temperature 1, learning rate "
+              f"{b.online_lr}, the same reward. Mixed sqlm: the same {b.prompts_per_batch * b.num_generations} generated "
+              f"completions per step plus {round(b.prompts_per_batch * b.num_generations / b.mix_ratio * (1 - b.mix_ratio) / b.num_generations)} "
+              f"preference pairs. Offline (sqlm offline, DPO): {b.pairs_per_batch} pairs per step, learning rate "
+              f"{b.offline_lr}, the same pairs. Evaluation: {'/'.join(map(str, sorted(n_prompts)))} held-out prompts per "
+              f"base LM × {cfg.eval_samples} temperature-1 sample(s), exact KL to the base LM summed over each sampled "
+              f"completion. Wall time: {total / 60:.1f} min of training and evaluation over {len(results)} runs, "
+              f"{wall / 60:.1f} min this invocation (cached runs are read, not rerun)."), "",
+             "## Base LMs", "",
+             f"| base seed | {task.metric} T=1 |" + (" greedy |" if greedy else "") + " length | pairs | reward model accuracy |",
+             "|---|---|" + ("---|" if greedy else "") + "---|---|---|"]  # fmt: skip
+    for s, r in sorted(base_results.items()):
+        acc = r.get("reward_model_accuracy")
+        lines.append(f"| {s} | {r['score']:.3f} |" + (f" {r['greedy']:.3f} |" if greedy else "")
+                     + f" {r['length']:.1f} | {r['pairs']} | {'–' if acc is None else f'{acc:.3f}'} |")  # fmt: skip
+    head = f"| method | knob | runs | {task.metric} T=1 |" + (" greedy |" if greedy else "")
+    lines += ["", "## Every method at every knob value (mean ± s.e. over runs)", "",
+              head + " KL | length | distinct-1 | distinct-2 | completions | tokens | steps | wall s |",
+              "|---|---|---|---|" + ("---|" if greedy else "") + "---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (m, knob), r in table.items():
+        lines.append(
+            f"| {m} | {r['knob_name']}={knob:g} | {r['n_runs']} | {_f(r['score'], r['score_se'])} |"
+            + (f" {_f(r['greedy'], r['greedy_se'])} |" if greedy else "")
+            + f" {_f(r['kl'], r['kl_se'], 2)} | {_f(r['length'], r['length_se'], 1)} | {r['distinct1']:.3f} | "
+            f"{r['distinct2']:.3f} | {r['generated_completions']:.0f} | {r['generated_tokens']:.0f} | "
+            f"{r['optimizer_steps']:.0f} | {r['wall_time_s']:.1f} |"
+        )
+    lines += ["", "## Matched-KL verdicts", "",
+              (f"Difference A − B of the mean {task.metric} over the KL range both frontiers cover (linear between a "
+               "method's knob values, no extrapolation), with a 95% bootstrap interval over runs (paired) and prompts "
+               f"({cfg.n_boot} replicates); **tie** when the interval holds 0. 'with base' adds the base LM at KL 0 to "
+               "both frontiers (the range starts at 0); 'trained points only' uses the trained points alone."), "",
+              *verdict_lines(verdicts, task.metric)]  # fmt: skip
+    if failed:
+        lines += ["", "## Failed runs", ""] + [
+            f"- {r['method']} {r['knob_name']}={r['knob']:g} base {r['base']} seed {r['seed']}: {r['failed']}"
+            for r in failed
+        ]
+    lines += ["", "![frontier](frontier.png)", "", "![efficiency](efficiency.png)", ""]
+    notes = out_dir / "notes.md"
+    if notes.is_file():
+        lines.append(notes.read_text())
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,319 @@
+"""The two embedded gold tasks behind one interface, for the comparison sweeps of ``sqlm pipeline``
+(:mod:`sqlm.evaluation.sweep`).
+
+A task turns a base-LM seed into everything a like-for-like comparison needs (:class:`TaskData`):
+the base LM (the reference of every method), the prompts of the online runs, the preference pairs
+of the offline runs, the held-out evaluation prompts, and the reward every method trains on. It
+evaluates a trained model on the held-out prompts per prompt, so the sweep can bootstrap over
+prompts as well as runs.
+
+* ``sentiment`` (:mod:`sqlm.evaluation.gold`): controlled-sentiment generation. The gold reward
+  (VADER) only labels the pairs and scores evaluations; every learner trains on a Bradley-Terry
+  reward model fitted to the pairs (sqlm and TRL's GRPO/RLOO read it through sqlm's ``terminal``
+  rewarder, DPO on the pairs themselves).
+* ``arithmetic`` (:mod:`sqlm.evaluation.arithmetic`): multi-digit addition with a worked trace and a
+  verifiable reward, the exact checker; pairs are a correct and an incorrect base sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SqlmError
+
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@dataclass
+class TaskData:
+    """What one base LM of a task gives the sweep."""
+
+    task: str
+    base_seed: int
+    base: Path  # the base LM folder: the reference of every method
+    prompts_file: Path  # prompt-only rows (online runs)
+    pairs_file: Path  # preference rows (offline and mixed runs)
+    eval_prompts: list[str]
+    reward_argv: list[str] = field(default_factory=list)  # the reward of every run but DPO
+    info: dict = field(default_factory=dict)  # for the report (pairs, reward-model accuracy, ...)
+
+
+@dataclass
+class Budget:
+    """The shared budget of a task's runs: every method of a regime gets exactly this.
+
+    Online methods (sqlm online, GRPO, RLOO) see ``prompts_per_batch x num_generations`` completions
+    per optimizer step, offline ones (sqlm offline, DPO) ``pairs_per_batch`` pairs; mixed sqlm rolls
+    out as many completions per step as the online methods (its batch also holds offline pairs)."""
+
+    steps: int
+    online_lr: float
+    offline_lr: float
+    prompts_per_batch: int = 8
+    num_generations: int = 4
+    pairs_per_batch: int = 16
+    max_completion_length: int = 24
+    mix_ratio: float = 0.5
+
+
+class Task:
+    """A gold task: ``prepare`` a base LM's data, ``evaluate`` a model on its held-out prompts."""
+
+    name: str = ""
+    metric: str = ""  # what the evaluation's score is ("gold reward", "accuracy")
+    recipes: Path = RECIPES
+
+    def __init__(self, reduced: bool = False):
+        self.reduced = reduced
+
+    def budget(self) -> Budget:
+        raise NotImplementedError
+
+    def prepare(self, base_seed: int, cache: Path, runner=None, progress: bool = False) -> TaskData:
+        """The base LM of ``base_seed`` and its data, built once and cached under ``cache``;
+        ``runner(command, argv)`` runs a sqlm command where a stage needs one (the reward model)."""
+        raise NotImplementedError
+
+    def evaluate(self, model, tokenizer, ref, prompts: list[str], seed: int, samples_per_prompt: int = 1) -> dict:
+        """``score`` / ``kl`` / ``length`` / ``distinct1`` / ``distinct2`` means and the per-prompt
+        ``per_prompt_score`` / ``per_prompt_kl`` (mean over the prompt's samples) of temperature-1
+        samples, plus task-specific extras."""
+        raise NotImplementedError
+
+
+def log(msg: str) -> None:
+    """A progress line of ``sqlm pipeline``."""
+    print(f"[sqlm pipeline] {msg}", flush=True)
+
+
+def _per_prompt(values: list[float], k: int) -> list[float]:
+    return [sum(values[i * k : (i + 1) * k]) / k for i in range(len(values) // k)]
+
+
+# ----------------------------------------------------------------------------- sentiment
+
+
+class SentimentTask(Task):
+    """The controlled-sentiment task (:mod:`sqlm.evaluation.gold`) with a reward model on its pairs."""
+
+    name = "sentiment"
+    metric = "gold reward"
+    recipes = RECIPES / "gold"
+
+    N_TRAIN, N_EVAL, K, MAX_PAIRS, RM_EPOCHS = 600, 256, 6, 6, 2.0
+    REDUCED = dict(corpus_sentences=3000, heldout_sentences=600, vocab_size=384, hidden_size=48,
+                   num_hidden_layers=2, num_attention_heads=4, lm_steps=60, lm_batch_size=32, max_new_tokens=12)  # fmt: skip
+
+    def config(self, base_seed: int):
+        from .gold import GoldTaskConfig
+
+        cfg = GoldTaskConfig(seed=base_seed)
+        if self.reduced:
+            for k, v in self.REDUCED.items():
+                setattr(cfg, k, v)
+        return cfg
+
+    def budget(self) -> Budget:
+        if self.reduced:
+            return Budget(steps=3, online_lr=5e-4, offline_lr=5e-4, prompts_per_batch=4, num_generations=2,
+                          pairs_per_batch=8, max_completion_length=12)  # fmt: skip
+        return Budget(steps=40, online_lr=5e-4, offline_lr=5e-4, max_completion_length=24)
+
+    def prepare(self, base_seed: int, cache: Path, runner=None, progress: bool = False) -> TaskData:
+        from .gold import build_base_model, fingerprint, load_base, sample_preferences, split_prompts
+
+        cfg = self.config(base_seed)
+        t = time.time()
+        base = build_base_model(cfg, cache, progress=progress)
+        if time.time() - t > 1:
+            log(f"sentiment base LM (seed {base_seed}): pretrained in {time.time() - t:.0f}s -> {base}")
+        n_train, n_eval = (150, 24) if self.reduced else (self.N_TRAIN, self.N_EVAL)
+        k, max_pairs = (4, 3) if self.reduced else (self.K, self.MAX_PAIRS)
+        key = dict(base=base.name, n_train=n_train, n_eval=n_eval, k=k, max_pairs=max_pairs, seed=cfg.seed,
+                   new=cfg.max_new_tokens, words=cfg.prompt_words)  # fmt: skip
+        data = cache / "gold" / f"prefs-{fingerprint(key)}"
+        if not (data / "done.json").is_file():
+            t = time.time()
+            model, tok = load_base(base)
+            train_prompts, eval_prompts = split_prompts(base, cfg, n_train, n_eval)
+            rows = sample_preferences(model, tok, train_prompts, k, cfg.max_new_tokens, seed=cfg.seed + 1,
+                                      max_pairs_per_prompt=max_pairs, progress=progress)  # fmt: skip
+            if not rows:
+                raise SqlmError("the base model's samples gave no preference pairs (all gold scores tied)")
+            data.mkdir(parents=True, exist_ok=True)
+            _write_jsonl(data / "train.jsonl", rows)
+            _write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
+            (data / "eval_prompts.json").write_text(json.dumps(eval_prompts))
+            (data / "done.json").write_text(json.dumps({**key, "pairs": len(rows)}))
+            log(
+                f"sentiment pairs (base {base_seed}): {len(rows)} from {len(train_prompts)} prompts in {time.time() - t:.0f}s"
+            )
+        elif not (data / "prompts.jsonl").is_file():  # cached before the online runs existed
+            train_prompts = split_prompts(base, cfg, n_train, n_eval)[0]
+            _write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
+        rm = self._reward_model(base, data, cache, runner)
+        rm_info = json.loads((rm / "done.json").read_text())
+        info = json.loads((data / "done.json").read_text())
+        base_info = json.loads((base / "base_lm.json").read_text())
+        reward = ["--reward_funcs", "terminal", "--reward_kwargs", json.dumps({"terminal": {"reward_model": str(rm)}})]
+        return TaskData(
+            task=self.name,
+            base_seed=base_seed,
+            base=base,
+            prompts_file=data / "prompts.jsonl",
+            pairs_file=data / "train.jsonl",
+            eval_prompts=json.loads((data / "eval_prompts.json").read_text()),
+            reward_argv=reward,
+            info={
+                "pairs": info["pairs"],
+                "reward_model_accuracy": rm_info.get("eval_accuracy"),
+                "base_final_loss": base_info["final_loss"],
+                "reward_model": str(rm),
+                "max_new_tokens": cfg.max_new_tokens,
+            },  # fmt: skip
+        )
+
+    def _reward_model(self, base: Path, data: Path, cache: Path, runner) -> Path:
+        """``sqlm reward recipes/gold/reward/config.yaml`` on the pairs (Bradley-Terry), cached."""
+        from .gold import fingerprint
+
+        recipe = self.recipes / "reward" / "config.yaml"
+        epochs = 1.0 if self.reduced else self.RM_EPOCHS
+        key = dict(prefs=data.name, base=base.name, epochs=epochs, recipe=recipe.read_text())
+        out = cache / "gold" / f"rm-{fingerprint(key)}"
+        if (out / "done.json").is_file():
+            return out
+        if runner is None:
+            raise SqlmError("the sentiment task's reward model is fitted by `sqlm reward`: prepare() needs a runner")
+        t = time.time()
+        argv = [str(recipe), "--model_name_or_path", str(base), "--dataset_name", str(data / "train.jsonl"),
+                "--output_dir", str(out), "--num_train_epochs", str(epochs), "--disable_tqdm", "true"]  # fmt: skip
+        runner("reward", argv)
+        info = json.loads((out / "reward_eval.json").read_text()) if (out / "reward_eval.json").is_file() else {}
+        (out / "done.json").write_text(json.dumps(info))
+        acc = info.get("eval_accuracy")
+        log(f"sentiment reward model: trained in {time.time() - t:.0f}s, held-out pair accuracy {acc:.3f}")
+        return out
+
+    def evaluate(self, model, tokenizer, ref, prompts: list[str], seed: int, samples_per_prompt: int = 1) -> dict:
+        from .evaluate import score_model, summarize
+        from .gold import gold_reward
+
+        k = samples_per_prompt
+        new = self.REDUCED["max_new_tokens"] if self.reduced else 24
+        samples = score_model(model, ref, tokenizer, prompts, gold=gold_reward, samples_per_prompt=k,
+                              max_new_tokens=new, seed=seed, progress=False)  # fmt: skip
+        s = summarize(samples)
+        return {
+            "score": s["gold"], "kl": s["kl"], "length": s["length"], "distinct1": s["distinct1"],
+            "distinct2": s["distinct2"], "per_prompt_score": _per_prompt(samples["gold"], k),
+            "per_prompt_kl": _per_prompt(samples["kl"], k),
+            "examples": [{"prompt": prompts[i // k], "completion": samples["texts"][i]} for i in range(min(2, len(samples["texts"])))],
+        }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+class ArithmeticTask(Task):
+    """The arithmetic task (:mod:`sqlm.evaluation.arithmetic`): the exact checker is every reward."""
+
+    name = "arithmetic"
+    metric = "accuracy"
+    recipes = RECIPES / "arithmetic"
+
+    # a small base LM that still solves some 2-digit sums (about 0.3 at temperature 1), so pairs exist
+    REDUCED = dict(corpus_problems=3000, max_digits=2, long_digits=3, lm_steps=600, lm_batch_size=32)
+
+    def config(self, base_seed: int):
+        from .arithmetic import ArithTaskConfig
+
+        cfg = ArithTaskConfig(seed=base_seed)
+        if self.reduced:
+            for k, v in self.REDUCED.items():
+                setattr(cfg, k, v)
+        return cfg
+
+    def budget(self) -> Budget:
+        if self.reduced:
+            return Budget(steps=3, online_lr=1e-4, offline_lr=1e-4, prompts_per_batch=4, num_generations=2,
+                          pairs_per_batch=8, max_completion_length=48)  # fmt: skip
+        return Budget(steps=40, online_lr=1e-4, offline_lr=1e-4, max_completion_length=48)
+
+    def prepare(self, base_seed: int, cache: Path, runner=None, progress: bool = False) -> TaskData:
+        from .arithmetic import build_base_model, build_task_data
+
+        cfg = self.config(base_seed)
+        t = time.time()
+        base = build_base_model(cfg, cache, progress=progress)
+        if time.time() - t > 1:
+            log(f"arithmetic base LM (seed {base_seed}): pretrained in {time.time() - t:.0f}s -> {base}")
+        sizes = dict(n_train=200, n_eval=40, n_long=0) if self.reduced else {}
+        t = time.time()
+        data = build_task_data(cfg, base, cache_dir=cache, progress=progress, **sizes)
+        if time.time() - t > 1:
+            log(f"arithmetic pairs (base {base_seed}): sampled in {time.time() - t:.0f}s -> {data}")
+        meta = json.loads((data / "data.json").read_text())
+        base_info = json.loads((base / "base_lm.json").read_text())
+        return TaskData(
+            task=self.name,
+            base_seed=base_seed,
+            base=base,
+            prompts_file=data / "prompts.jsonl",
+            pairs_file=data / "pairs.jsonl",
+            eval_prompts=json.loads((data / "eval_prompts.json").read_text()),
+            info={
+                "pairs": meta["stats"]["pairs"],
+                "base_final_loss": base_info["final_loss"],
+                "long_prompts": str(data / "long_prompts.json"),
+                "max_new_tokens": cfg.max_new_tokens,
+            },  # fmt: skip
+        )
+
+    def evaluate(self, model, tokenizer, ref, prompts: list[str], seed: int, samples_per_prompt: int = 1) -> dict:
+        from .arithmetic import evaluate_model
+
+        new = self.config(0).max_new_tokens
+        row = evaluate_model(model, tokenizer, {"eval": prompts}, ref_model=ref, max_new_tokens=new,
+                             samples_per_prompt=samples_per_prompt, seed=seed, per_sample=True)["eval"]  # fmt: skip
+        k = samples_per_prompt
+        return {
+            "score": row["accuracy"], "kl": row["kl"], "length": row["length"], "distinct1": row["distinct1"],
+            "distinct2": row["distinct2"], "greedy": row["greedy_accuracy"],
+            "per_prompt_score": _per_prompt(row["per_sample"]["accuracy"], k),
+            "per_prompt_kl": _per_prompt(row["per_sample"]["kl"], k),
+            "examples": row["per_sample"]["examples"][:2],
+        }  # fmt: skip
+
+
+TASKS = {"sentiment": SentimentTask, "arithmetic": ArithmeticTask}
+
+
+def get_task(name: str, reduced: bool = False) -> Task:
+    if name not in TASKS:
+        raise SqlmError(f"unknown task '{name}'; choose from {', '.join(TASKS)}")
+    return TASKS[name](reduced=reduced)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def env_defaults() -> None:
+    """Offline, no tokenizer threads, and no inner progress bars (loading weights, tokenising): the
+    pipeline shows its own."""
+    from datasets.utils.logging import disable_progress_bar as datasets_quiet
+    from transformers.utils.logging import disable_progress_bar as transformers_quiet
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    datasets_quiet()
+    transformers_quiet()
