@@ -36,7 +36,6 @@ reward-function signature, ``sqlm.evaluation.arithmetic:arith_reward`` in a reci
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -48,7 +47,16 @@ from pathlib import Path
 import torch
 
 from ..errors import SqlmError
-from .gold import completion_text, default_cache_dir, fingerprint, load_base, preference_pairs, pretrain_lm
+from .gold import (
+    completion_text,
+    default_cache_dir,
+    deterministic_torch,
+    fingerprint,
+    load_base,
+    preference_pairs,
+    pretrain_lm,
+    weights_digest,
+)
 
 
 CHARS = "0123456789+=: "
@@ -292,19 +300,6 @@ def tokenizer_is_current(folder: str | os.PathLike) -> bool:
     return tok(_TOKENIZER_PROBE)["input_ids"] == char_tokenizer()(_TOKENIZER_PROBE)["input_ids"]
 
 
-@contextlib.contextmanager
-def deterministic_torch(threads: int = 1):
-    """One intra-op thread and deterministic algorithms inside the block; the old settings after."""
-    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old_det)
-        torch.set_num_threads(old_threads)
-
-
 def pretrain_base(cfg: ArithTaskConfig, progress: bool = False):
     """``(model, tokenizer, losses)``: the base LM pretrained on :func:`corpus`, deterministically.
 
@@ -335,15 +330,6 @@ def pretrain_base(cfg: ArithTaskConfig, progress: bool = False):
 def base_model_dir(cfg: ArithTaskConfig, cache_dir: str | os.PathLike | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / "arithmetic" / f"base-{fingerprint(cfg.base_key())}"
-
-
-def weights_digest(model) -> str:
-    """sha256 of the state dict's raw bytes, in key order (equal digests = bit-identical weights)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def build_base_model(cfg: ArithTaskConfig, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:

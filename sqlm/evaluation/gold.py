@@ -16,7 +16,9 @@ ground-truth reward).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -62,13 +64,19 @@ def gold_reward_func(prompts, completions, **kwargs) -> list[float]:
 # ----------------------------------------------------------------------------- text
 
 
-def english_sentences(n: int, seed: int, min_words: int = 3, max_words: int = 15) -> list[str]:
-    """``n`` sentences from essential-generators' Wikipedia-trained trigram generator, seeded."""
+@functools.lru_cache(maxsize=1)
+def _markov_generator():
+    """essential-generators' trigram generator (loading its model takes seconds: once per process)."""
     try:
         from essential_generators import MarkovTextGenerator
     except ImportError:
         raise SqlmError("the gold-reward task needs essential-generators: pip install 'sqlm[eval]'") from None
-    gen = MarkovTextGenerator()
+    return MarkovTextGenerator()
+
+
+def english_sentences(n: int, seed: int, min_words: int = 3, max_words: int = 15) -> list[str]:
+    """``n`` sentences from essential-generators' Wikipedia-trained trigram generator, seeded."""
+    gen = _markov_generator()
     state = random.getstate()
     random.seed(seed)
     try:
@@ -108,10 +116,34 @@ class GoldTaskConfig:
             "seed", "corpus_sentences", "heldout_sentences", "vocab_size", "hidden_size",
             "num_hidden_layers", "num_attention_heads", "lm_steps", "lm_batch_size", "lm_learning_rate",
         ]  # fmt: skip
-        return {k: getattr(self, k) for k in keys}
+        # "pretraining": base LMs trained before pretraining was deterministic are not reused
+        return {**{k: getattr(self, k) for k in keys}, "pretraining": "deterministic"}
 
 
 # ----------------------------------------------------------------------------- base model
+
+
+@contextlib.contextmanager
+def deterministic_torch(threads: int = 1):
+    """One intra-op thread and deterministic algorithms inside the block; the old settings after. A
+    base LM pretrained inside it from a seed has the same weights on every machine of a kind."""
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_det)
+        torch.set_num_threads(old_threads)
+
+
+def weights_digest(model) -> str:
+    """sha256 of the state dict's raw bytes, in key order (equal digests = bit-identical weights)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def lm_batch(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,6 +202,32 @@ def _pretrain(model, tokenizer, texts: list[str], cfg: GoldTaskConfig, progress:
     return pretrain_lm(model, rows, tokenizer.pad_token_id, cfg, progress=progress)
 
 
+def pretrain_base(cfg: GoldTaskConfig, progress: bool = False):
+    """``(model, tokenizer, heldout sentences, losses)``: the base LM and its BPE tokenizer trained on
+    the seeded corpus, deterministically (one thread, deterministic algorithms): a seed gives the same
+    weights on every machine of a kind, and so the same preference pairs and reward model."""
+    from ..tiny import tiny_model_for_tokenizer, train_tokenizer
+
+    texts = english_sentences(cfg.corpus_sentences, seed=cfg.seed)
+    train_set = set(texts)
+    heldout = [s for s in english_sentences(cfg.heldout_sentences, seed=cfg.seed + 10_000) if s not in train_set]
+    with deterministic_torch(1):
+        torch.manual_seed(cfg.seed)
+        tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+        model = tiny_model_for_tokenizer(
+            tokenizer,
+            seed=cfg.seed,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=max(1, cfg.num_attention_heads // 2),
+            intermediate_size=3 * cfg.hidden_size,
+            max_position_embeddings=128,
+        )
+        losses = _pretrain(model, tokenizer, texts, cfg, progress=progress)
+    return model, tokenizer, heldout, losses
+
+
 def base_model_dir(cfg: GoldTaskConfig, cache_dir: str | os.PathLike | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / "gold" / f"base-{fingerprint(cfg.base_key())}"
@@ -182,36 +240,19 @@ def build_base_model(cfg: GoldTaskConfig, cache_dir: str | os.PathLike | None = 
     ``heldout.json`` (held-out sentences) and ``base_lm.json`` (settings and the loss curve). A second
     call with the same settings returns the cached folder at once.
     """
-    from ..tiny import tiny_model_for_tokenizer, train_tokenizer
-
     out = base_model_dir(cfg, cache_dir)
     if (out / "base_lm.json").is_file():
         return out
-    texts = english_sentences(cfg.corpus_sentences, seed=cfg.seed)
-    train_set = set(texts)
-    heldout = [s for s in english_sentences(cfg.heldout_sentences, seed=cfg.seed + 10_000) if s not in train_set]
-    torch.manual_seed(cfg.seed)
-    tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
-    model = tiny_model_for_tokenizer(
-        tokenizer,
-        seed=cfg.seed,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=max(1, cfg.num_attention_heads // 2),
-        intermediate_size=3 * cfg.hidden_size,
-        max_position_embeddings=128,
-    )
-    losses = _pretrain(model, tokenizer, texts, cfg, progress=progress)
+    model, tokenizer, heldout, losses = pretrain_base(cfg, progress=progress)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "heldout.json").write_text(json.dumps(heldout))
     tail = losses[-100:]
-    (tmp / "base_lm.json").write_text(
-        json.dumps({"settings": cfg.base_key(), "final_loss": sum(tail) / len(tail), "losses": losses[::10]})
-    )
+    meta = {"settings": cfg.base_key(), "final_loss": sum(tail) / len(tail), "losses": losses[::10],
+            "weights_sha256": weights_digest(model), "torch": torch.__version__}  # fmt: skip
+    (tmp / "base_lm.json").write_text(json.dumps(meta))
     if out.exists():  # another process finished first
         import shutil
 

@@ -152,7 +152,7 @@ def run_argv(task: Task, method: Method, data: TaskData, knob: float, seed: int,
 def evaluate_folder(task: Task, path: Path, ref, tokenizer, prompts: list[str], seed: int, samples: int) -> dict:
     """``task.evaluate`` of the model saved in ``path`` (deterministic, one thread)."""
     from ..loading import load_policy
-    from .arithmetic import deterministic_torch
+    from .gold import deterministic_torch
 
     model, _ = load_policy(path)
     with deterministic_torch(1):
@@ -228,7 +228,7 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
     ``report.md``, ``frontier.png``, ``efficiency.png`` and ``results.json`` in ``out_dir``; returns
     the results."""
     from ..loading import load_policy
-    from .arithmetic import deterministic_torch
+    from .gold import deterministic_torch
 
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
