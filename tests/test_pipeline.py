@@ -110,6 +110,26 @@ def test_every_method_of_a_regime_gets_the_same_budget(task, tmp_path):
         assert (task.recipes / METHODS[m].recipe).is_file()
 
 
+def test_an_attempt_is_its_base_method_with_further_flags(tmp_path):
+    """Section-4 attempts are named variants: the base method's argv plus the attempt's flags (the task's
+    reward model substituted), their own knob values, judged against the base method's baselines."""
+    args = PipelineArguments(attempts={"sqlm-online-abc": {"base": "sqlm-online", "values": [0.3],
+                                                           "flags": ["--reward_funcs", "abc", "--reward_kwargs",
+                                                                     '{"abc": {"reward_model": "{reward_model}"}}']}})  # fmt: skip
+    cfg = args.sweep_config()
+    attempt = cfg.method("sqlm-online-abc")
+    assert attempt.compare == METHODS["sqlm-online"].compare and cfg.values(attempt) == (0.3,)
+    assert [m.name for m in cfg.all_methods()][-1] == "sqlm-online-abc"
+    data = _data(tmp_path)
+    data.info["reward_model"] = "/rm"
+    base = run_argv(SentimentTask(), METHODS["sqlm-online"], data, 0.3, 0, 40, tmp_path / "o", mid=False)
+    got = run_argv(SentimentTask(), attempt, data, 0.3, 0, 40, tmp_path / "o", mid=False)
+    assert got == base + ["--reward_funcs", "abc", "--reward_kwargs", '{"abc": {"reward_model": "/rm"}}']
+    for bad in ({"x": {"base": "ppo"}}, {"grpo": {"base": "grpo"}}, {"x": {"base": "grpo", "flags": "--beta"}}):
+        with pytest.raises(SqlmError, match="'attempts'"):
+            PipelineArguments(attempts=bad)
+
+
 @pytest.mark.parametrize(
     "kw,key",
     [

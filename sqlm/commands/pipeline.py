@@ -76,6 +76,13 @@ class PipelineArguments:
         default=None,
         metadata={"help": 'Knob values per method, e.g. {"sqlm-online": [0.1, 0.3]} (default: each method\'s).'},
     )
+    attempts: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Variants of a method, run and judged like it: {name: {base: METHOD, flags: [--key, value, ...], "
+            "values: [knob values]}}; '{reward_model}' in a flag is the task's reward model (sentiment)."
+        },
+    )
     steps: int | None = field(default=None, metadata={"help": "Optimizer steps of every run (default: the task's)."})
     n_eval: int | None = field(
         default=None, metadata={"help": "Held-out prompts per base LM (default 128; with full every prepared one)."}
@@ -87,9 +94,7 @@ class PipelineArguments:
     oracle_pairs: list[int] = field(
         default_factory=lambda: [32, 128, 512], metadata={"help": "Pair counts of the oracle comparison."}
     )
-    oracle_seeds: list[int] = field(
-        default_factory=lambda: [0, 1], metadata={"help": "Seeds of the oracle comparison."}
-    )
+    oracle_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the oracle comparison."})
     oracle_steps: int = field(default=80, metadata={"help": "Full-batch steps per oracle-comparison run."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
@@ -112,6 +117,19 @@ class PipelineArguments:
                 raise SqlmError(f"key 'knobs': '{m}' must map to a non-empty list of numbers, got {values!r}")
             if METHODS[m].knob == "tau" and any(v <= 0 for v in values):
                 raise SqlmError(f"key 'knobs': tau of '{m}' must be > 0, got {values}")
+        self.attempts = _as_dict(self.attempts, "attempts") or {}
+        for name, spec in self.attempts.items():
+            if name in METHODS or not isinstance(spec, dict) or spec.get("base") not in METHODS:
+                raise SqlmError(
+                    f"key 'attempts': '{name}' must be a new name mapping to {{base: one of {', '.join(METHODS)}, "
+                    f"flags: [...], values: [...]}}, got {spec!r}"
+                )
+            flags, values = spec.get("flags", []), spec.get("values", [])
+            if set(spec) - {"base", "flags", "values"} or not isinstance(flags, list) or not isinstance(values, list):
+                raise SqlmError(
+                    f"key 'attempts': '{name}' takes base, flags (a list) and values (a list), got {spec!r}"
+                )
+            spec["flags"] = [str(f) for f in flags]
         for key in ("steps", "n_eval"):
             v = getattr(self, key)
             if v is not None and v < 1:
@@ -136,6 +154,7 @@ class PipelineArguments:
             n_boot=100 if self.reduced else self.n_boot,
             keep_models=self.keep_models,
             progress=self.progress,
+            attempts=dict(self.attempts),
         )
 
 

@@ -29,7 +29,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import SqlmError
@@ -85,11 +85,28 @@ class SweepConfig:
     n_boot: int = 1000
     keep_models: bool = False  # keep each run's weights (default: logs and results only)
     progress: bool = True
+    # variants of a method, judged like it: name -> {"base": method, "flags": [...], "values": [...]}
+    attempts: dict[str, dict] = field(default_factory=dict)
 
     def values(self, method: Method) -> tuple[float, ...]:
         if method.name in self.knobs:
             return tuple(self.knobs[method.name])
         return method.values if self.full else method.default
+
+    def method(self, name: str) -> Method:
+        """A method of :data:`METHODS`, or an attempt: its base method with further flags (in which
+        ``{reward_model}`` stands for the task's reward model) and, optionally, its own knob values."""
+        if name in METHODS:
+            return METHODS[name]
+        spec = self.attempts[name]
+        base = METHODS[spec["base"]]
+        values = tuple(spec.get("values") or ())
+        return replace(base, name=name, extra=base.extra + tuple(spec.get("flags", ())),
+                       values=values or base.values, default=values or base.default)  # fmt: skip
+
+    def all_methods(self) -> list[Method]:
+        """The methods, then the attempts."""
+        return [self.method(m) for m in [*self.methods, *self.attempts]]
 
 
 # ----------------------------------------------------------------------------- one run
@@ -146,7 +163,8 @@ def run_argv(task: Task, method: Method, data: TaskData, knob: float, seed: int,
         argv += ["--save_strategy", "no"]
     if method.command != "dpo":
         argv += data.reward_argv
-    return argv + list(method.extra)
+    rm = str(data.info.get("reward_model", ""))
+    return argv + [x.replace("{reward_model}", rm) for x in method.extra]
 
 
 def evaluate_folder(task: Task, path: Path, ref, tokenizer, prompts: list[str], seed: int, samples: int) -> dict:
@@ -231,8 +249,10 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
     from .gold import deterministic_torch
 
     unknown = [m for m in cfg.methods if m not in METHODS]
+    unknown += [f"{a} (base {s.get('base')})" for a, s in cfg.attempts.items() if s.get("base") not in METHODS]
     if unknown:
         raise SqlmError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    methods = cfg.all_methods()
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     root = cache / "sweeps" / task.name
@@ -249,8 +269,7 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
                 ev = task.evaluate(ref, tok, ref, prompts, seed=1234 + b, samples_per_prompt=cfg.eval_samples)
             path.write_text(json.dumps(ev))
         base_results[b] = {**json.loads(path.read_text()), **data.info}
-    runs = [(METHODS[m], knob, b, s) for m in cfg.methods for knob in cfg.values(METHODS[m])
-            for b in cfg.bases for s in cfg.seeds]  # fmt: skip
+    runs = [(m, knob, b, s) for m in methods for knob in cfg.values(m) for b in cfg.bases for s in cfg.seeds]
     results = []
     bar = _bar(len(runs), f"{task.name} runs", cfg.progress)
     for method, knob, b, s in runs:
@@ -260,8 +279,8 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
     bar.close()
     failed = [r for r in results if "failed" in r]
     ok = [r for r in results if "failed" not in r]
-    table = summarize(ok, cfg.methods)
-    verdicts = compare_methods(ok, base_results, cfg.methods, cfg.n_boot)
+    table = summarize(ok, methods)
+    verdicts = compare_methods(ok, base_results, methods, cfg.n_boot)
     plot_frontier(table, base_results, task, out_dir / "frontier.png")
     plot_efficiency(table, base_results, task, out_dir / "efficiency.png")
     wall = time.time() - t0
@@ -284,16 +303,17 @@ def _bar(total: int, desc: str, enabled: bool):
 # ----------------------------------------------------------------------------- summary and verdicts
 
 
-def summarize(results: list[dict], methods: list[str]) -> dict[tuple[str, float], dict]:
+def summarize(results: list[dict], methods: list[Method]) -> dict[tuple[str, float], dict]:
     """Per (method, knob value): mean ± s.e. over runs of every evaluation number, and the mean budget."""
     from .compare import seed_summary
 
     table = {}
-    for m in methods:
+    regimes = {m.name: m.regime for m in methods}
+    for m in regimes:
         for knob in sorted({r["knob"] for r in results if r["method"] == m}):
             rs = [r for r in results if r["method"] == m and r["knob"] == knob]
             row = {"method": m, "knob_name": rs[0]["knob_name"], "knob": knob, "n_runs": len(rs),
-                   "regime": METHODS[m].regime}  # fmt: skip
+                   "regime": regimes[m]}  # fmt: skip
             for k in ("score", "kl", "length", "distinct1", "distinct2", "greedy"):
                 if all(k in r["eval"] for r in rs):
                     row[k], row[k + "_se"] = seed_summary([r["eval"][k] for r in rs])
@@ -306,7 +326,7 @@ def summarize(results: list[dict], methods: list[str]) -> dict[tuple[str, float]
     return table
 
 
-def compare_methods(results: list[dict], base_results: dict, methods: list[str], n_boot: int) -> list[dict]:
+def compare_methods(results: list[dict], base_results: dict, methods: list[Method], n_boot: int) -> list[dict]:
     """Matched-KL verdicts of every sqlm method against the baselines it is judged against, with the
     base LM at KL 0 on both frontiers ('with base') and on the trained points alone."""
     from .compare import bootstrap_matched_kl
@@ -322,9 +342,11 @@ def compare_methods(results: list[dict], base_results: dict, methods: list[str],
         return out
 
     rows = []
-    for a in methods:
-        for b in METHODS[a].compare:
-            if b not in methods:
+    names = {m.name for m in methods}
+    for method in methods:
+        a = method.name
+        for b in method.compare:
+            if b not in names:
                 continue
             ra, rb = runs_of(a), runs_of(b)
             if not ra or not rb:
@@ -345,8 +367,7 @@ def compare_methods(results: list[dict], base_results: dict, methods: list[str],
 # ----------------------------------------------------------------------------- plots and report
 
 
-def _style(method: str) -> dict:
-    regime = METHODS[method].regime if method in METHODS else "online"
+def _style(method: str, regime: str) -> dict:
     return {"ls": {"online": "-", "mixed": "-.", "offline": "--"}[regime], "marker": "o" if "sqlm" in method else "s"}
 
 
@@ -364,7 +385,7 @@ def plot_frontier(table: dict, base_results: dict, task: Task, path: Path) -> Pa
         rows = sorted((r for (mm, _), r in table.items() if mm == m), key=lambda r: r["kl"])
         ax.errorbar([0.0] + [r["kl"] for r in rows], [base] + [r["score"] for r in rows],
                     xerr=[0.0] + [r["kl_se"] for r in rows], yerr=[0.0] + [r["score_se"] for r in rows],
-                    capsize=3, label=m, **_style(m))  # fmt: skip
+                    capsize=3, label=m, **_style(m, rows[0]["regime"]))  # fmt: skip
         for r in rows:
             ax.annotate(f"{r['knob_name'][0]}={r['knob']:g}", (r["kl"], r["score"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
@@ -399,7 +420,7 @@ def plot_efficiency(table: dict, base_results: dict, task: Task, path: Path) -> 
         xs.append(r["generated_completions"])
         ys.append(r["score"])
         es.append(r["score_se"])
-        ax.errorbar(xs, ys, yerr=es, capsize=3, label=f"{m} {r['knob_name']}={knob:g}", **_style(m))
+        ax.errorbar(xs, ys, yerr=es, capsize=3, label=f"{m} {r['knob_name']}={knob:g}", **_style(m, r["regime"]))
     ax.set_xlabel("generated completions (training)")
     ax.set_ylabel(f"{task.metric} (held-out, T=1)")
     ax.set_title(f"{task.name}: {task.metric} vs generated completions")
