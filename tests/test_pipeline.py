@@ -46,6 +46,8 @@ def test_reduced_pipeline_end_to_end(tmp_path, capsys):
                 assert r["generated_completions"] == 0
             else:  # online and mixed: the same completions per step (4 prompts x 2)
                 assert r["generated_completions"] == 3 * 8, r
+        if task == "arithmetic":  # longer operands than in training: accuracy at T=1 and greedy
+            assert all(0 <= r["eval"]["long_score"] <= 1 and "long_greedy" in r["eval"] for r in res["runs"])
         md = (out / task / "report.md").read_text()
         rows = _table(md, "| method | knob | runs |")
         for r in res["table"]:

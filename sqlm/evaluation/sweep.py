@@ -167,14 +167,21 @@ def run_argv(task: Task, method: Method, data: TaskData, knob: float, seed: int,
     return argv + [x.replace("{reward_model}", rm) for x in method.extra]
 
 
-def evaluate_folder(task: Task, path: Path, ref, tokenizer, prompts: list[str], seed: int, samples: int) -> dict:
+def evaluate_folder(task: Task, path: Path, ref, tokenizer, prompts: list[str], seed: int, samples: int,
+                    extra: dict[str, list[str]] | None = None) -> dict:  # fmt: skip
     """``task.evaluate`` of the model saved in ``path`` (deterministic, one thread)."""
     from ..loading import load_policy
     from .gold import deterministic_torch
 
     model, _ = load_policy(path)
     with deterministic_torch(1):
-        return task.evaluate(model, tokenizer, ref, prompts, seed=seed, samples_per_prompt=samples)
+        return task.evaluate(model, tokenizer, ref, prompts, seed=seed, samples_per_prompt=samples, extra=extra)
+
+
+def _extra(data: TaskData, cfg: SweepConfig) -> dict[str, list[str]]:
+    """The task's further evaluation splits (e.g. arithmetic's longer operands), as many prompts as the
+    held-out split."""
+    return {name: ps[: cfg.n_eval] if cfg.n_eval else ps for name, ps in data.extra_eval.items()}
 
 
 def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, cfg: SweepConfig, root: Path,
@@ -182,10 +189,11 @@ def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
     """Train (or read from the cache) and evaluate one run; a failed run is returned with ``failed``."""
     steps = cfg.steps or task.budget().steps
     mid = cfg.mid_eval and method.regime != "offline"
+    extra = _extra(data, cfg)
     key = dict(method=[method.command, method.regime, method.recipe, method.knob, list(method.extra)], knob=knob,
                task=task.name, budget=vars(task.budget()), steps=steps, base=data.base.name,
                data=[data.prompts_file.parent.name, data.pairs_file.name], reward=data.reward_argv, seed=seed,
-               n_eval=len(prompts), samples=cfg.eval_samples, mid=mid,
+               n_eval=len(prompts), samples=cfg.eval_samples, mid=mid, extra={k: len(v) for k, v in extra.items()},
                recipe=(task.recipes / method.recipe).read_text(), code=training_code_fingerprint())  # fmt: skip
     folder = root / f"{method.name}-{knob:g}-b{data.base_seed}-s{seed}-{fingerprint(key)}"
     done = folder / "result.json"
@@ -214,7 +222,7 @@ def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
         "generated_tokens": stats["generated_tokens"],
         "optimizer_steps": stats["optimizer_steps"],
         "wall_time_s": stats["wall_time_s"],
-        "eval": evaluate_folder(task, out, ref, tokenizer, prompts, eval_seed, cfg.eval_samples),
+        "eval": evaluate_folder(task, out, ref, tokenizer, prompts, eval_seed, cfg.eval_samples, extra),
     }
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     checkpoints = [c for c in checkpoints if int(c.name.split("-")[1]) < stats["optimizer_steps"]]
@@ -263,10 +271,11 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
         ref, tok = load_policy(data.base)
         prompts = data.eval_prompts[: cfg.n_eval] if cfg.n_eval else data.eval_prompts
         bases[b] = (data, ref, tok, prompts)
-        path = root / f"base{b}-{fingerprint([data.base.name, prompts, cfg.eval_samples])}.json"
+        path = root / f"base{b}-{fingerprint([data.base.name, prompts, cfg.eval_samples, _extra(data, cfg)])}.json"
         if not path.is_file():
             with deterministic_torch(1):
-                ev = task.evaluate(ref, tok, ref, prompts, seed=1234 + b, samples_per_prompt=cfg.eval_samples)
+                ev = task.evaluate(ref, tok, ref, prompts, seed=1234 + b, samples_per_prompt=cfg.eval_samples,
+                                   extra=_extra(data, cfg))  # fmt: skip
             path.write_text(json.dumps(ev))
         base_results[b] = {**json.loads(path.read_text()), **data.info}
     runs = [(m, knob, b, s) for m in methods for knob in cfg.values(m) for b in cfg.bases for s in cfg.seeds]
@@ -314,7 +323,7 @@ def summarize(results: list[dict], methods: list[Method]) -> dict[tuple[str, flo
             rs = [r for r in results if r["method"] == m and r["knob"] == knob]
             row = {"method": m, "knob_name": rs[0]["knob_name"], "knob": knob, "n_runs": len(rs),
                    "regime": regimes[m]}  # fmt: skip
-            for k in ("score", "kl", "length", "distinct1", "distinct2", "greedy"):
+            for k in ("score", "kl", "length", "distinct1", "distinct2", "greedy", "long_score", "long_greedy"):
                 if all(k in r["eval"] for r in rs):
                     row[k], row[k + "_se"] = seed_summary([r["eval"][k] for r in rs])
             for k in ("generated_completions", "generated_tokens", "optimizer_steps", "wall_time_s"):
@@ -455,6 +464,7 @@ def write_report(task: Task, cfg: SweepConfig, results, failed, base_results, ta
     units = sorted({(r["base"], r["seed"]) for r in results})
     total = sum(r["wall_time_s"] + r.get("eval_time_s", 0.0) for r in results)
     greedy = any("greedy" in r for r in table.values())
+    long = all("long_score" in r for r in table.values()) and bool(table)
     n_prompts = {len(r["per_prompt_score"]) for r in base_results.values()}
     lines = [f"# {task.name}: sqlm vs TRL's GRPO, RLOO and DPO, like for like", "",
              (f"Base LMs (seeds) {cfg.bases} × training seeds {cfg.seeds}: {len(units)} runs per cell. {steps} optimizer "
@@ -468,20 +478,25 @@ def write_report(task: Task, cfg: SweepConfig, results, failed, base_results, ta
               f"completion. Wall time: {total / 60:.1f} min of training and evaluation over {len(results)} runs, "
               f"{wall / 60:.1f} min this invocation (cached runs are read, not rerun)."), "",
              "## Base LMs", "",
-             f"| base seed | {task.metric} T=1 |" + (" greedy |" if greedy else "") + " length | pairs | reward model accuracy |",
-             "|---|---|" + ("---|" if greedy else "") + "---|---|---|"]  # fmt: skip
+             f"| base seed | {task.metric} T=1 |" + (" greedy |" if greedy else "")
+             + (" longer operands T=1 / greedy |" if long else "") + " length | pairs | reward model accuracy |",
+             "|---|---|" + ("---|" if greedy else "") + ("---|" if long else "") + "---|---|---|"]  # fmt: skip
     for s, r in sorted(base_results.items()):
         acc = r.get("reward_model_accuracy")
         lines.append(f"| {s} | {r['score']:.3f} |" + (f" {r['greedy']:.3f} |" if greedy else "")
+                     + (f" {r.get('long_score', 0):.3f} / {r.get('long_greedy', 0):.3f} |" if long else "")
                      + f" {r['length']:.1f} | {r['pairs']} | {'–' if acc is None else f'{acc:.3f}'} |")  # fmt: skip
     head = f"| method | knob | runs | {task.metric} T=1 |" + (" greedy |" if greedy else "")
+    head += " longer operands T=1 / greedy |" if long else ""
     lines += ["", "## Every method at every knob value (mean ± s.e. over runs)", "",
               head + " KL | length | distinct-1 | distinct-2 | completions | tokens | steps | wall s |",
-              "|---|---|---|---|" + ("---|" if greedy else "") + "---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "|---|---|---|---|" + ("---|" if greedy else "") + ("---|" if long else "")
+              + "---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (m, knob), r in table.items():
         lines.append(
             f"| {m} | {r['knob_name']}={knob:g} | {r['n_runs']} | {_f(r['score'], r['score_se'])} |"
             + (f" {_f(r['greedy'], r['greedy_se'])} |" if greedy else "")
+            + (f" {r['long_score']:.3f} / {r['long_greedy']:.3f} |" if long else "")
             + f" {_f(r['kl'], r['kl_se'], 2)} | {_f(r['length'], r['length_se'], 1)} | {r['distinct1']:.3f} | "
             f"{r['distinct2']:.3f} | {r['generated_completions']:.0f} | {r['generated_tokens']:.0f} | "
             f"{r['optimizer_steps']:.0f} | {r['wall_time_s']:.1f} |"

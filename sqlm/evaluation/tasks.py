@@ -41,6 +41,7 @@ class TaskData:
     eval_prompts: list[str]
     reward_argv: list[str] = field(default_factory=list)  # the reward of every run but DPO
     info: dict = field(default_factory=dict)  # for the report (pairs, reward-model accuracy, ...)
+    extra_eval: dict[str, list[str]] = field(default_factory=dict)  # further splits scored (no KL), e.g. long
 
 
 @dataclass
@@ -79,10 +80,11 @@ class Task:
         ``runner(command, argv)`` runs a sqlm command where a stage needs one (the reward model)."""
         raise NotImplementedError
 
-    def evaluate(self, model, tokenizer, ref, prompts: list[str], seed: int, samples_per_prompt: int = 1) -> dict:
+    def evaluate(self, model, tokenizer, ref, prompts: list[str], seed: int, samples_per_prompt: int = 1,
+                 extra: dict[str, list[str]] | None = None) -> dict:  # fmt: skip
         """``score`` / ``kl`` / ``length`` / ``distinct1`` / ``distinct2`` means and the per-prompt
         ``per_prompt_score`` / ``per_prompt_kl`` (mean over the prompt's samples) of temperature-1
-        samples, plus task-specific extras."""
+        samples, plus task-specific extras (e.g. ``<split>_score`` of the ``extra`` prompt splits)."""
         raise NotImplementedError
 
 
@@ -200,7 +202,8 @@ class SentimentTask(Task):
         log(f"sentiment reward model: trained in {time.time() - t:.0f}s, held-out pair accuracy {acc:.3f}")
         return out
 
-    def evaluate(self, model, tokenizer, ref, prompts: list[str], seed: int, samples_per_prompt: int = 1) -> dict:
+    def evaluate(self, model, tokenizer, ref, prompts: list[str], seed: int, samples_per_prompt: int = 1,
+                 extra: dict[str, list[str]] | None = None) -> dict:  # fmt: skip
         from .evaluate import score_model, summarize
         from .gold import gold_reward
 
@@ -253,7 +256,7 @@ class ArithmeticTask(Task):
         base = build_base_model(cfg, cache, progress=progress)
         if time.time() - t > 1:
             log(f"arithmetic base LM (seed {base_seed}): pretrained in {time.time() - t:.0f}s -> {base}")
-        sizes = dict(n_train=200, n_eval=40, n_long=0) if self.reduced else {}
+        sizes = dict(n_train=200, n_eval=40, n_long=20) if self.reduced else {}
         t = time.time()
         data = build_task_data(cfg, base, cache_dir=cache, progress=progress, **sizes)
         if time.time() - t > 1:
@@ -270,25 +273,34 @@ class ArithmeticTask(Task):
             info={
                 "pairs": meta["stats"]["pairs"],
                 "base_final_loss": base_info["final_loss"],
-                "long_prompts": str(data / "long_prompts.json"),
                 "max_new_tokens": cfg.max_new_tokens,
             },  # fmt: skip
+            extra_eval={"long": json.loads((data / "long_prompts.json").read_text())},
         )
 
-    def evaluate(self, model, tokenizer, ref, prompts: list[str], seed: int, samples_per_prompt: int = 1) -> dict:
+    def evaluate(self, model, tokenizer, ref, prompts: list[str], seed: int, samples_per_prompt: int = 1,
+                 extra: dict[str, list[str]] | None = None) -> dict:  # fmt: skip
+        """Accuracy at temperature 1 and greedy, KL, length and distinct-n on the held-out prompts; on
+        each ``extra`` split (``long``: longer operands than any in training) accuracy at temperature 1
+        (``long_score``) and greedy (``long_greedy``)."""
         from .arithmetic import evaluate_model
 
         new = self.config(0).max_new_tokens
-        row = evaluate_model(model, tokenizer, {"eval": prompts}, ref_model=ref, max_new_tokens=new,
-                             samples_per_prompt=samples_per_prompt, seed=seed, per_sample=True)["eval"]  # fmt: skip
+        kw = dict(max_new_tokens=new, samples_per_prompt=samples_per_prompt, seed=seed)
+        row = evaluate_model(model, tokenizer, {"eval": prompts}, ref_model=ref, per_sample=True, **kw)["eval"]
         k = samples_per_prompt
-        return {
+        out = {
             "score": row["accuracy"], "kl": row["kl"], "length": row["length"], "distinct1": row["distinct1"],
             "distinct2": row["distinct2"], "greedy": row["greedy_accuracy"],
             "per_prompt_score": _per_prompt(row["per_sample"]["accuracy"], k),
             "per_prompt_kl": _per_prompt(row["per_sample"]["kl"], k),
             "examples": row["per_sample"]["examples"][:2],
         }  # fmt: skip
+        splits = {name: ps for name, ps in (extra or {}).items() if ps}
+        if splits:
+            for name, r in evaluate_model(model, tokenizer, splits, **kw).items():
+                out[f"{name}_score"], out[f"{name}_greedy"] = r["accuracy"], r["greedy_accuracy"]
+        return out
 
 
 TASKS = {"sentiment": SentimentTask, "arithmetic": ArithmeticTask}
