@@ -99,7 +99,8 @@ def train(name: str, base: Path, data: Path, out: Path) -> dict:
         else:
             main = __import__(f"sqlm.commands.{kind}", fromlist=["main"]).main
         main(argv)
-    return {"command": f"sqlm {'train' if kind == 'sqlm' else kind} " + " ".join(argv), "wall_s": time.time() - t0}
+    shown = " ".join(argv).replace(str(ROOT) + "/", "").replace(str(base), "BASE").replace(str(data), "DATA")
+    return {"command": f"sqlm {'train' if kind == 'sqlm' else kind} {shown}", "wall_s": time.time() - t0}
 
 
 # ----------------------------------------------------------------------------- points
@@ -151,6 +152,48 @@ def run_point(model, ref, tok, prompts, fields: dict, tau: float, args, max_new_
         "reward_sequences": c["reward_sequences"] / c["prompts"],
         "wall_s": (time.time() - t0) / k,
     }
+
+
+SIGNALS = {
+    "implicit": "τ·log π/π_ref(y)",
+    "logprob": "log π(y)",
+    "ref_logprob": "log π_ref(y)",
+    "reward": "R^(y), the model's final-reward estimate",
+    "v_last": "V(s_T)",
+    "v_min": "min_t V(s_t)",
+}
+
+
+def ranking_diagnostics(model, ref, tok, prompts, tau: float, n: int, max_new_tokens: int) -> dict:
+    """How well each of the model's own signals ranks its correct samples above its wrong ones:
+    ``n`` samples per prompt (seed 0), the pairwise AUC within each prompt that has both kinds, averaged
+    over those prompts (0.5 = chance, 1 = every correct sample first)."""
+    from sqlm.decoding import DecodingArguments, decode, score_completions
+    from sqlm.evaluation.arithmetic import arith_reward
+
+    res = decode(model, tok, prompts, DecodingArguments(strategy="best_of_n", best_of=n, scorer="random"),
+                 max_new_tokens=max_new_tokens, batch_size=10, keep_candidates=True)  # fmt: skip
+    cands = [(i, c) for i, r in enumerate(res.rows) for c in r["candidates"]]
+    ok = arith_reward([prompts[i] for i, _ in cands], [c["completion"] for _, c in cands])
+    ids = tok(list(prompts))["input_ids"]
+    sc = score_completions(model, ref, [ids[i] for i, _ in cands], [c["completion_ids"] for _, c in cands], tau=tau,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, batch_size=160)  # fmt: skip
+    sig = {k: sc[k] for k in ("implicit", "logprob", "ref_logprob", "reward")}
+    sig["v_last"] = [v[-1] for v in sc["values"]]
+    sig["v_min"] = [min(v) for v in sc["values"]]
+    out = {"n": n, "accuracy": sum(ok) / len(ok)}
+    for k, vals in sig.items():
+        aucs = []
+        for i in range(len(prompts)):
+            pos = [v for (j, _), v, o in zip(cands, vals, ok) if j == i and o]
+            neg = [v for (j, _), v, o in zip(cands, vals, ok) if j == i and not o]
+            if pos and neg:
+                aucs.append(sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg)))
+        out[k] = sum(aucs) / len(aucs) if aucs else None
+        out["mixed_prompts"] = len(aucs)
+    out["v_correct"] = sum(v for v, o in zip(sig["v_last"], ok) if o) / max(sum(ok), 1)
+    out["v_wrong"] = sum(v for v, o in zip(sig["v_last"], ok) if not o) / max(len(ok) - sum(ok), 1)
+    return out
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -214,6 +257,32 @@ def point_row(name: str, key: str, p: dict) -> str:
     )
 
 
+def summary_table(results: dict, args) -> str:
+    """Accuracy of each model at a few budgets of each strategy, with the compute of the sqlm model's point."""
+    models = [m for m in args.models if m in results["points"]]
+    n_mid, n_hi = sorted(args.ns)[len(args.ns) // 2], max(args.ns)
+    w_mid, w_hi = sorted(args.widths)[len(args.widths) // 2], max(args.widths)
+    keys = [("sample", "sample (T = 1)"), ("greedy", "greedy")]
+    for s in SCORERS:
+        keys += [(f"best_of_n/{s}/{n}", f"best-of-{n}, {s}") for n in (n_mid, n_hi)]
+    for b in BEAM_SCORES:
+        keys += [(f"value_beam/{b}/{w}", f"value_beam {b}, width {w}") for w in (w_mid, w_hi)]
+    lines = [
+        "| strategy | tokens generated / token positions per prompt | " + " | ".join(models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
+    for key, name in keys:
+        p0 = results["points"][models[0]][key]
+        accs = " | ".join(_acc(results["points"][m][key]) for m in models)
+        lines.append(f"| {name} | {p0['tokens_generated']:.0f} / {p0['forward_tokens']:.0f} | {accs} |")
+    base = results["base"]
+    lines.append(
+        f"| base LM: sample / greedy | 30 / 35 | {_acc(base['sample'])} / {_acc(base['greedy'])} |"
+        + " |" * (len(models) - 1)
+    )
+    return "\n".join(lines)
+
+
 def write_report(results: dict, args, out: Path) -> Path:
     md = ["# Decoding with the model's own values on the arithmetic task", ""]
     s = results["settings"]
@@ -229,10 +298,12 @@ def write_report(results: dict, args, out: Path) -> Path:
         f"`value_beam`: {s['num_candidates']} candidates per beam per round, chunk {s['chunk_length']} tokens, "
         "temperature 1, finished beams scored by the model itself (no reward function).",
         "",
-        "Training commands:",
+        f"Training commands (BASE = the cached base LM `{s['base']}`, DATA = its data `{s['data']}`, the folders "
+        "`scripts/exp_arithmetic.py` prints):",
         "",
     ]
     md += [f"- {m}: `{t['command']}` ({t['wall_s']:.0f} s)" for m, t in results["training"].items()]
+    md += ["", "## Summary", "", summary_table(results, args), ""]
     md += ["", "![accuracy vs N](accuracy_vs_n.png)", "", "![accuracy vs width](accuracy_vs_width.png)", ""]
     md += ["![accuracy vs compute](accuracy_vs_compute.png)", ""]
     head = [
@@ -246,12 +317,38 @@ def write_report(results: dict, args, out: Path) -> Path:
     for m in args.models:
         for key, p in results["points"].get(m, {}).items():
             md.append(point_row(m, key, p))
+    if results.get("diagnostics"):
+        d0 = next(iter(results["diagnostics"].values()))
+        md += [
+            "",
+            f"## What the model's own signals know ({d0['n']} samples per prompt, seed 0)",
+            "",
+            "Pairwise AUC within a prompt between its correct and its wrong samples (averaged over prompts that "
+            "have both; 0.5 = chance, 1 = every correct sample ranks first), and the critic's mean V(s_T) (the state "
+            "before the last token) on correct and wrong samples. A soft-optimal critic would separate them "
+            "almost perfectly: with τ = 0.1 and a 0/1 reward, V*(s) ≈ 1 + τ·log P_ref(correct | s) while a right "
+            "answer is still reachable, and ≈ 0 once a wrong digit is written.",
+            "",
+            "| model | " + " | ".join(SIGNALS.values()) + " | mean V(s_T) correct / wrong | prompts |",
+            "|---|" + "---|" * (len(SIGNALS) + 2),
+        ]
+        for m, d in results["diagnostics"].items():
+            cells = " | ".join("–" if d[k] is None else f"{d[k]:.3f}" for k in SIGNALS)
+            md.append(f"| {m} | {cells} | {d['v_correct']:.3f} / {d['v_wrong']:.3f} | {d['mixed_prompts']} |")
     if results.get("long"):
         md += ["", f"## Longer operands (`long` split, {s['n_long']} prompts, 4-digit operands)", ""] + head
         for m, pts in results["long"].items():
             for key, p in pts.items():
                 md.append(point_row(m, key, p))
-    md += ["", f"Wall time of this invocation: {results['wall_s'] / 60:.1f} min."]
+    every = [p for pts in results["points"].values() for p in pts.values()]
+    every += [p for pts in results.get("long", {}).values() for p in pts.values()] + list(results["base"].values())
+    decode_s = sum(p["wall_s"] for p in every) * len(s["seeds"])
+    train_s = sum(t["wall_s"] for t in results["training"].values())
+    md += [
+        "",
+        f"Wall time on 2 shared CPU cores, one thread: training {train_s / 60:.1f} min, decoding every point "
+        f"{decode_s / 60:.1f} min (this invocation: {results['wall_s'] / 60:.1f} min; cached points are read).",
+    ]
     (out / "report_decoding.md").write_text("\n".join(md) + "\n")
     return out / "report_decoding.md"
 
@@ -312,6 +409,10 @@ def main(argv=None) -> int:
             pts[key] = run_point(model, ref, tok, prompts, fields, tau, args, cfg.max_new_tokens)
             print(f"{m:5s} {key:28s} acc {_acc(pts[key])}  tokens/prompt {pts[key]['tokens_generated']:.0f}  "
                   f"{pts[key]['wall_s']:.1f} s", flush=True)  # fmt: skip
+            save()
+        diag = results.setdefault("diagnostics", {})
+        if m not in diag:
+            diag[m] = ranking_diagnostics(model, ref, tok, prompts, tau, max(args.ns), cfg.max_new_tokens)
             save()
         lp = results["long"].setdefault(m, {})
         for key in (

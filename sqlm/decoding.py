@@ -839,7 +839,8 @@ def score_completions(
 ) -> dict[str, list]:
     """Given completions, read step by step (KV cache, one step of logits at a time): per completion
     ``logprob = sum_t log pi``, ``ref_logprob``, ``implicit = tau (logprob - ref_logprob)`` and the
-    model's estimate of the final reward ``reward = Q(s_T,a_T) - tau log pi_ref(a_T|s_T)``. A
+    model's estimate of the final reward ``reward = Q(s_T,a_T) - tau log pi_ref(a_T|s_T)``, and the
+    critic along it, ``values = [V(s_0), ..., V(s_T)]`` (the state of each action taken). A
     completion ends at its first EOS (what follows is ignored) or its last token."""
     _choice("value_anchor", value_anchor, VALUE_ANCHORS)
     if len(prompt_ids) != len(completion_ids):
@@ -849,6 +850,7 @@ def score_completions(
     eos_ids = [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
     compute = Compute(prompts=len(prompt_ids))
     out: list[Finished | None] = [None] * len(prompt_ids)
+    values: list[list[float]] = [[] for _ in prompt_ids]
     for start in range(0, len(prompt_ids), batch_size):
         owners = list(range(start, min(start + batch_size, len(prompt_ids))))
         longest = max(len(completion_ids[o]) for o in owners)
@@ -868,6 +870,8 @@ def score_completions(
             if not len(rows):
                 break
             tok = torch.tensor([completion_ids[int(o)][t] for o in rows.owner], dtype=torch.long)
+            for o, v in zip(rows.owner.tolist(), engine.values(rows).tolist()):
+                values[o].append(v)
             rows, fin = engine.advance(rows, tok)
             for f in fin:
                 out[f.owner] = f
@@ -877,4 +881,5 @@ def score_completions(
         "implicit": [None if f.ref_logp is None else tau * (f.logp - f.ref_logp) for f in out],
         "reward": [f.last_q - tau * (f.last_ref or 0.0) for f in out],
         "length": [len(f.tokens) for f in out],
+        "values": values,
     }

@@ -115,6 +115,9 @@ def test_implicit_score_of_every_sequence_is_its_reward_minus_v0(reward):
         assert torch.allclose(torch.tensor(out["logprob"], dtype=torch.float64), table.log_prob, atol=1e-6)
     if reward == "terminal":
         assert torch.allclose(torch.tensor(out["reward"], dtype=torch.float64), table.reward, atol=1e-5)
+    values = sol.path_values(table.tokens)  # V*(s_t) along every path
+    for v, vs, n in zip(out["values"], values.tolist(), table.lengths.tolist()):
+        assert v == pytest.approx(vs[:n], abs=1e-5)  # the critic read off the logits is V*
 
 
 def test_best_of_n_by_implicit_score_ranks_samples_as_the_true_reward():
