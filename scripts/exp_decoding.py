@@ -382,8 +382,11 @@ def main(argv=None) -> int:
         results = {"settings": settings, "training": results.get("training", {}), "points": {}, "base": {}}
     results.setdefault("long", {})
 
-    def save():
-        path.write_text(json.dumps(results, indent=1))
+    def save():  # one line per point, per-prompt accuracies rounded: a compact file to keep beside the report
+        for pts in [*results["points"].values(), *results["long"].values(), results["base"]]:
+            for p in pts.values():
+                p["per_prompt"] = [round(x, 4) for x in p["per_prompt"]]
+        path.write_text(json.dumps(results, separators=(",", ":")))
 
     models_dir = Path(args.models_dir)
     for m in args.models:

@@ -368,6 +368,10 @@ class _Engine:
         z_ref = ref_cache = None
         if self.ref is not None:
             z_ref, ref_cache = self._call(self.ref, ids, mask, pos, None, prefill=True)
+            if z_ref.shape[1] != z.shape[1]:
+                raise SqlmError(
+                    f"the model and the reference have different vocabularies ({z.shape[1]} vs {z_ref.shape[1]} logits)"
+                )
         n = len(prompt_ids)
         zeros = torch.zeros(n, dtype=torch.float64)
         return _Rows(

@@ -341,6 +341,11 @@ def test_bad_input_is_one_line_naming_the_key(tiny, tmp_path, capsys):
         decode(model, tok, PROMPTS, STRATEGIES["value_beam_value_t0"])
     none = DecodingArguments(strategy="value_beam", beam_score="value", value_anchor="none", num_beams=2)
     assert len(decode(model, tok, PROMPTS, none, max_new_tokens=4).rows) == len(PROMPTS)  # V = tau lse z: no ref
+    from sqlm.tiny import tiny_causal_lm
+
+    other = tiny_causal_lm(len(tok) + 5, hidden_size=16, num_hidden_layers=1)
+    with pytest.raises(SqlmError, match=r"different vocabularies"):
+        decode(model, tok, PROMPTS, STRATEGIES["best_of_n_implicit"], ref_model=other, max_new_tokens=2)
     with pytest.raises(SqlmError, match=r"scorer 'reward_model' needs reward_funcs"):
         decode(model, tok, PROMPTS, STRATEGIES["best_of_n_reward"])
     for key in ("best_of", "num_beams", "num_candidates", "chunk_length"):

@@ -64,9 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(argv or [])
     if wants_help(argv):
+        import dataclasses
+
         from .. import decoding
 
-        print("usage: sqlm generate RECIPE.yaml [--key value ...]\n\n" + (decoding.__doc__ or ""))
+        keys = [
+            f"  {f.name:<22} {f.metadata.get('help', '')}" for c in recipe_dataclasses() for f in dataclasses.fields(c)
+        ]
+        print(
+            "usage: sqlm generate RECIPE.yaml [--key value ...]\n\nkeys:\n"
+            + "\n".join(keys)
+            + "\n\n"
+            + (decoding.__doc__ or "")
+        )
         return 0
     from ..decoding import build_rewarder, check_reference, decode
     from ..evaluation.evaluate import load_prompts
