@@ -47,8 +47,9 @@ so ``tau log pi = Q - V`` either way. The strategies (``DecodingArguments.strate
     ``R^(y) = Q(s_T, a_T) - tau log pi_ref(a_T|s_T)`` (the Bellman identity with ``V = 0`` after
     the end). At the optimum both lines equal ``tau log pi*(prefix) + V*(s_0)``: the score ranks
     prefixes by ``pi*(prefix)``, never increases along a path, and an exhaustive beam (width at
-    least the number of prefixes at every depth, temperature 0, chunk 1) returns
-    ``argmax_y pi*(y)`` (tested). What it adds over likelihood is the critic: the prefix's
+    least the number of prefixes at every depth, every token a candidate, temperature 0, chunk 1)
+    returns ``argmax_y pi*(y)`` (tested). These are properties of the optimum: a learned critic
+    far from ``V*`` ranks no better than its values (``scripts/results/decoding``). What it adds over likelihood is the critic: the prefix's
     probability under ``pi_ref`` times ``exp(V(s_k)/tau)``, the model's estimate of what the rest
     can still earn, instead of the model's own probability of the prefix.
   - ``value``: OREO's form (Wang et al. 2024, value-guided step-level beam search): ``V(s_k)``
@@ -68,6 +69,9 @@ logits wider than one step ``[rows, vocab]`` are ever built. Beams and samples a
 batch; choosing beams reorders the caches (``Cache.reorder_cache``). The reference, when a score
 needs it, runs in lockstep with its own cache. Random numbers come from one generator per prompt,
 drawn in a fixed order, so a prompt's result does not depend on the batch it is decoded in.
+
+:func:`score_completions` reads the same quantities along given completions (the critic
+``V(s_t)`` along a path, the implicit score, the model's final-reward estimate).
 
 Compute (:class:`Compute`): tokens generated (every sampled token, discarded candidates included),
 forward passes and token positions processed (padding excluded) of the policy and the reference,
