@@ -27,6 +27,7 @@ COMMANDS = {
         "sqlm.commands.online_dpo",
         "train TRL's online DPO baseline on the prompts and reward of a paired sqlm recipe",
     ),
+    "generate": ("sqlm.commands.generate", "decode with a model's own values: sampling, best-of-N, value-guided beam"),
     "eval": ("sqlm.commands.eval", "score models: gold reward, KL, win rate, diversity"),
     "pipeline": ("sqlm.commands.pipeline", "run the embedded gold-reward task end to end vs DPO"),
     "oracle": ("sqlm.commands.oracle", "solve a tiny token MDP exactly and train a tiny LM towards it"),

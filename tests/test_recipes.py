@@ -2,7 +2,7 @@
 
 A recipe's command comes from its path: a folder named ``accelerate`` holds launch configs; a folder
 named after a ``sqlm`` command (``dpo``, ``grpo``, ``rloo``, ``online_dpo``, ``reward``, ``eval``,
-``pipeline``, ``oracle``) holds that command's recipes; every other recipe (e.g. ``recipes/<model>/sqlm/config_lora.yaml``) is for
+``pipeline``, ``oracle``, ``generate``) holds that command's recipes; every other recipe (e.g. ``recipes/<model>/sqlm/config_lora.yaml``) is for
 ``sqlm train``. A command module names its config classes with ``recipe_dataclasses()``.
 """
 
@@ -89,6 +89,11 @@ def test_the_recipes_this_project_documents_exist():
         "recipes/accelerate/fsdp.yaml",
         "recipes/accelerate/zero3_multinode.yaml",
         "recipes/accelerate/fsdp2_multinode.yaml",
+        "recipes/arithmetic/generate/config_sample.yaml",
+        "recipes/arithmetic/generate/config_best_of_n.yaml",
+        "recipes/arithmetic/generate/config_best_of_n_checker.yaml",
+        "recipes/arithmetic/generate/config_value_beam.yaml",
+        "recipes/quickstart/generate/config.yaml",
         "recipes/qwen2.5-0.5b-instruct/sqlm/config_soft_q_zero3.yaml",
         "recipes/qwen2.5-0.5b-instruct/sqlm/config_soft_q_fsdp2.yaml",
         "recipes/llama-3.2-1b-instruct/sqlm/config_soft_q_zero3.yaml",
@@ -102,6 +107,7 @@ def test_a_recipe_folder_names_its_command():
     for command in ("dpo", "grpo", "rloo", "online_dpo", "reward"):
         assert command_of(ROOT / f"recipes/qwen2.5-0.5b-instruct/{command}/config_full.yaml") == command
     assert command_of(ROOT / "recipes/accelerate/ddp.yaml") == "accelerate"
+    assert command_of(ROOT / "recipes/arithmetic/generate/config_value_beam.yaml") == "generate"
     # the online baselines parse with their own commands' config classes
     for command in ("grpo", "rloo", "online_dpo"):
         names = {f.name for c in dataclasses_for(command) for f in __import__("dataclasses").fields(c)}
@@ -125,6 +131,10 @@ def test_recipe_parses(path):
     if {"bf16", "use_cpu"} <= names:  # real-model recipes ask for bf16 on a GPU; parse them on a CPU
         flags = ["--bf16", "false", "--use_cpu", "true"]
     objs = parse_recipe(classes, path, flags)
+    if command == "generate":  # a prompts file named by a recipe ships beside it (or comes as a flag)
+        args = objs[0]
+        if args.prompts_file is not None and not os.path.isabs(args.prompts_file):
+            assert (path.parent / args.prompts_file).exists(), f"{path}: prompts file {args.prompts_file} not found"
     if command != "train":
         return
     from sqlm.config import ModelConfig, SoftQConfig

@@ -3,12 +3,18 @@
 Gold reward, KL(pi || pi_ref), win rate against DPO, distinct-1/2 and length of each model
 (``METHOD@PARAM=PATH``), written to ``results.json``, ``report.md`` and ``frontier.png`` in
 ``output_dir``; what each number is: :mod:`sqlm.evaluation.evaluate`.
+
+Every model decodes with the recipe's ``strategy`` (``sample``, ``best_of_n``, ``value_beam`` and
+their keys, :mod:`sqlm.decoding`) at its own tau (``PARAM``), and the report adds what each spent
+(tokens generated, forward passes), so strategies compare at equal compute. A ``gold`` reward
+function sees each completion's prompt (``sqlm.evaluation.arithmetic:arith_reward`` needs it).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import SqlmError
 from ..recipe import split_argv, wants_help
@@ -41,8 +47,11 @@ class EvalArguments:
 
 
 def recipe_dataclasses():
-    """The config class a ``sqlm eval`` recipe parses into."""
-    return (EvalArguments,)
+    """The config classes a ``sqlm eval`` recipe parses into: its own and the decoding strategy's
+    (``strategy: sample`` by default; see :mod:`sqlm.decoding`)."""
+    from ..decoding import DecodingArguments
+
+    return (EvalArguments, DecodingArguments)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..recipe import parse_recipe
 
     recipe, overrides = split_argv(argv)
-    (args,) = parse_recipe(recipe_dataclasses(), recipe, overrides)
+    args, decoding = parse_recipe(recipe_dataclasses(), recipe, overrides)
     if not args.models:
         raise SqlmError("set models: a list of METHOD@PARAM=PATH entries")
     if args.ref_model is None:
@@ -68,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(args.prompts_file)
     if args.num_prompts is not None:
         prompts = prompts[: args.num_prompts]
+    rewarder = None
+    if decoding.reward_funcs:
+        from ..decoding import build_rewarder
+        from ..loading import load_policy
+
+        search = [str(Path(recipe).resolve().parent)] if recipe else []
+        rewarder = build_rewarder(decoding, load_policy(args.ref_model)[1], search)
     results = evaluate_models(
         specs,
         args.ref_model,
@@ -78,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         batch_size=args.batch_size,
+        decoding=decoding,
+        rewarder=rewarder,
     )
     report = write_report(results, args.output_dir, title=args.title)
     print(f"sqlm eval: report at {report}")

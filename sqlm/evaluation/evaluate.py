@@ -74,7 +74,8 @@ def load_prompts(path: str) -> list[str]:
 
 
 def gold_scorer(spec: str):
-    """``texts -> scores``: the built-in sentiment scorer or a TRL-style reward function."""
+    """``texts -> scores``: the built-in sentiment scorer, or ``(texts, prompts) -> scores`` from a
+    TRL-style reward function (which sees each completion's prompt, as a checker needs)."""
     if spec == "sentiment":
         from .gold import gold_reward
 
@@ -82,7 +83,23 @@ def gold_scorer(spec: str):
     from ..rewards.registry import import_callable
 
     fn = import_callable(spec)
-    return lambda texts: [float(x) for x in fn(prompts=[""] * len(texts), completions=texts)]
+
+    def score(texts, prompts=None):
+        prompts = [""] * len(texts) if prompts is None else list(prompts)
+        return [float(x) for x in fn(prompts=prompts, completions=texts)]
+
+    return score
+
+
+def gold_scores(gold, texts: list[str], prompts: list[str]) -> list[float]:
+    """``gold(texts, prompts=prompts)`` when the scorer takes prompts, else ``gold(texts)``."""
+    import inspect
+
+    try:
+        takes_prompts = "prompts" in inspect.signature(gold).parameters
+    except (TypeError, ValueError):
+        takes_prompts = False
+    return list(gold(texts, prompts=prompts) if takes_prompts else gold(texts))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -101,21 +118,50 @@ def score_model(
     batch_size: int = 64,
     desc: str = "sampling",
     progress: bool = True,
+    decoding=None,
+    rewarder=None,
 ) -> dict:
-    """Sample, then per completion: gold score, exact sequence KL, sampled log-ratio, length, text."""
+    """Sample (or decode with ``decoding``, a :class:`sqlm.decoding.DecodingArguments`), then per
+    completion: gold score, exact sequence KL, sampled log-ratio, length, text; with ``decoding``
+    also the strategy's ``score`` per completion and its ``compute`` (:class:`sqlm.decoding.Compute`)."""
     from .gold import completion_text
     from .sampling import exact_sequence_kl, sample_k_per_prompt
 
-    flat, comps = sample_k_per_prompt(
-        model, tokenizer, prompts, samples_per_prompt, max_new_tokens=max_new_tokens, seed=seed,
-        batch_size=batch_size, desc=desc, progress=progress,
-    )  # fmt: skip
+    out = {}
+    if decoding is None:
+        flat, comps = sample_k_per_prompt(
+            model, tokenizer, prompts, samples_per_prompt, max_new_tokens=max_new_tokens, seed=seed,
+            batch_size=batch_size, desc=desc, progress=progress,
+        )  # fmt: skip
+    else:
+        from ..decoding import decode
+
+        res = decode(
+            model, tokenizer, prompts, decoding, ref_model=ref_model, rewarder=rewarder,
+            max_new_tokens=max_new_tokens, batch_size=max(1, batch_size // _rows_per_prompt(decoding)), seed=seed,
+            num_return_sequences=samples_per_prompt, progress=progress,
+        )  # fmt: skip
+        ids = tokenizer(list(prompts))["input_ids"]
+        flat = [ids[r["prompt_index"]] for r in res.rows]
+        comps = [r["completion_ids"] for r in res.rows]
+        out = {"score": [r["score"] for r in res.rows], "compute": res.compute.as_dict(), "label": decoding.label()}
     kl, ratio = exact_sequence_kl(
         model, ref_model, flat, comps, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size
     )
     texts = [completion_text(tokenizer, c) for c in comps]
     lengths = [len(c) - (1 if c and c[-1] == tokenizer.eos_token_id else 0) for c in comps]
-    return {"gold": list(gold(texts)), "kl": kl, "log_ratio": ratio, "length": lengths, "texts": texts}
+    flat_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+    gold_values = gold_scores(gold, texts, flat_prompts)
+    return {"gold": gold_values, "kl": kl, "log_ratio": ratio, "length": lengths, "texts": texts, **out}
+
+
+def _rows_per_prompt(decoding) -> int:
+    """Rows one prompt occupies in a decoding batch (its samples or beam candidates)."""
+    if decoding.strategy == "best_of_n":
+        return decoding.best_of
+    if decoding.strategy == "value_beam":
+        return decoding.num_beams * decoding.num_candidates
+    return 1
 
 
 def summarize(samples: dict) -> dict:
@@ -160,12 +206,20 @@ def evaluate_models(
     batch_size: int = 64,
     progress: bool = True,
     cache: dict | None = None,
+    decoding=None,
+    rewarder=None,
 ) -> dict:
     """Score every model and the reference; returns ``{"rows": [...], "settings": {...}}``.
 
     Each row has ``name, method, param, path`` and the :func:`summarize` metrics, plus ``win_rate``
     / ``win_se`` against ``baseline_method`` (``None`` without one). ``cache`` maps a model name to
     the per-sample results of an earlier call (reused, then updated).
+
+    With ``decoding`` (a :class:`sqlm.decoding.DecodingArguments`) every model, the reference
+    included, decodes with that strategy instead of plain sampling, at its own ``tau`` (a model's
+    ``PARAM``; the recipe's ``tau`` where it has none); each row then also carries the strategy
+    (``decoding``) and what it cost (``compute``: tokens generated, forward passes and token
+    positions, per prompt and in total). ``rewarder`` serves the ``reward_model`` scorer.
     """
     from .metrics import win_rate
 
@@ -189,12 +243,21 @@ def evaluate_models(
         model = ref_model if spec.method == "reference" else load_policy(spec.path)[0]
         if model.get_input_embeddings().weight.shape[0] != ref_model.get_input_embeddings().weight.shape[0]:
             raise SqlmError(f"model '{spec.name}' ({spec.path}) and the reference have different vocabularies")
-        per_sample[spec.name] = score_model(model, ref_model, tokenizer, prompts, desc=f"sampling {spec.name}", **kw)
+        dec = decoding
+        if dec is not None and spec.param is not None:
+            import dataclasses
+
+            dec = dataclasses.replace(dec, tau=spec.param)
+        per_sample[spec.name] = score_model(
+            model, ref_model, tokenizer, prompts, desc=f"sampling {spec.name}", decoding=dec, rewarder=rewarder, **kw
+        )
         cache[spec.name] = per_sample[spec.name]
     rows = []
     for spec in all_specs:
         row = {"name": spec.name, "method": spec.method, "param": spec.param, "path": spec.path}
         row.update(summarize(per_sample[spec.name]))
+        if "compute" in per_sample[spec.name]:
+            row.update(decoding=per_sample[spec.name]["label"], compute=per_sample[spec.name]["compute"])
         base = baseline_for(spec, list(specs), baseline_method)
         if base is not None:
             w, wse = win_rate(per_sample[spec.name]["gold"], per_sample[base.name]["gold"])
@@ -217,8 +280,26 @@ def evaluate_models(
         max_new_tokens=max_new_tokens,
         seed=seed,
         baseline_method=baseline_method,
+        decoding=None if decoding is None else decoding.label(),
     )
     return {"rows": rows, "settings": settings}
+
+
+def compute_table(rows: list[dict]) -> str:
+    """The decoding strategy of each model and what it cost, per prompt (rows with ``compute``)."""
+    lines = [
+        "| model | strategy | gold ± s.e. | tokens generated / prompt | token positions run / prompt | forward passes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c = r.get("compute")
+        if c is None:
+            continue
+        lines.append(
+            f"| {r['name']} | {r['decoding']} | {r['gold']:.3f} ± {r['gold_se']:.3f} "
+            f"| {c['tokens_generated_per_prompt']:.1f} | {c['forward_tokens_per_prompt']:.1f} | {c['forward_passes']} |"
+        )
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- report
@@ -396,6 +477,15 @@ def write_report(
         lows = {m: min(r["kl"] for r in rows if r["method"] == m) for m in methods}
         md += [
             "Lowest KL each method's sweep reaches: " + ", ".join(f"{m} {v:.2f}" for m, v in lows.items()) + ".",
+            "",
+        ]
+    if any("compute" in r for r in rows):
+        md += [
+            f"Decoding: {s.get('decoding')}, each model at its own τ/β. Compute: tokens the policy generated "
+            "(discarded candidates included) and token positions run through the policy and the reference "
+            "(padding excluded), per prompt; forward passes are batched calls of either model.",
+            "",
+            compute_table(rows),
             "",
         ]
     for sec in sections:
