@@ -26,6 +26,7 @@ from sqlm.evaluation.arithmetic import (
     trace,
     wrong_trace,
 )
+from sqlm.evaluation.gold import weights_digest
 
 
 TINY = {"max_digits": 2, "long_digits": 3, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -219,10 +220,10 @@ def test_pretraining_is_bit_identical_for_a_seed_and_differs_across_seeds():
     m2, _, l2 = ar.pretrain_base(ArithTaskConfig(seed=3, **TINY))
     m3, _, _ = ar.pretrain_base(ArithTaskConfig(seed=4, **TINY))
     assert l1 == l2
-    assert ar.weights_digest(m1) == ar.weights_digest(m2)
+    assert weights_digest(m1) == weights_digest(m2)
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), k
-    assert ar.weights_digest(m1) != ar.weights_digest(m3)
+    assert weights_digest(m1) != weights_digest(m3)
 
 
 def test_base_model_is_cached_by_its_settings(tmp_path, monkeypatch):
@@ -231,7 +232,7 @@ def test_base_model_is_cached_by_its_settings(tmp_path, monkeypatch):
     meta = json.loads((path / "base_lm.json").read_text())
     assert meta["settings"] == cfg.base_key()
     model, _ = ar.load_base(path)
-    assert ar.weights_digest(model) == meta["weights_sha256"]
+    assert weights_digest(model) == meta["weights_sha256"]
     monkeypatch.setattr(ar, "pretrain_base", lambda *a, **k: pytest.fail("pretrained again"))
     assert ar.build_base_model(ArithTaskConfig(**TINY), tmp_path) == path
     other = ArithTaskConfig(**{**TINY, "wrong_share": 0.2})

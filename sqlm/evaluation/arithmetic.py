@@ -48,6 +48,7 @@ import torch
 
 from ..errors import SqlmError
 from .gold import (
+    base_lm,
     completion_text,
     default_cache_dir,
     deterministic_torch,
@@ -55,7 +56,8 @@ from .gold import (
     load_base,
     preference_pairs,
     pretrain_lm,
-    weights_digest,
+    save_atomically,
+    save_base,
 )
 
 
@@ -306,23 +308,12 @@ def pretrain_base(cfg: ArithTaskConfig, progress: bool = False):
     Causal-LM loss on the completion tokens (the prompt's digits are random, nothing to learn), AdamW,
     linear warm-up then cosine decay to 0.1 of the peak rate, batches drawn by a generator seeded with
     ``cfg.seed``; one thread and deterministic algorithms throughout (:func:`deterministic_torch`)."""
-    from ..tiny import tiny_model_for_tokenizer
-
     tokenizer = char_tokenizer()
     texts = corpus(cfg)
     eos = tokenizer.eos_token_id
     rows = [(ids + [eos], t.index(":") + 1) for t, ids in zip(texts, tokenizer(texts)["input_ids"])]
     with deterministic_torch(1):
-        model = tiny_model_for_tokenizer(
-            tokenizer,
-            seed=cfg.seed,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=max(1, cfg.num_attention_heads // 2),
-            intermediate_size=2 * cfg.hidden_size,
-            max_position_embeddings=128,
-        )
+        model = base_lm(tokenizer, cfg, ffn_factor=2)
         losses = pretrain_lm(model, rows, tokenizer.pad_token_id, cfg, progress=progress)
     return model, tokenizer, losses
 
@@ -346,28 +337,7 @@ def build_base_model(cfg: ArithTaskConfig, cache_dir: str | os.PathLike | None =
     wall, cpu = time.perf_counter(), time.process_time()
     model, tokenizer, losses = pretrain_base(cfg, progress=progress)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tail = losses[-100:]
-    meta = {
-        "settings": cfg.base_key(),
-        "final_loss": sum(tail) / len(tail),
-        "losses": losses[::10],
-        "weights_sha256": weights_digest(model),
-        "pretrain_seconds": wall,
-        "pretrain_cpu_seconds": cpu,
-        "torch": torch.__version__,
-    }
-    (tmp / "base_lm.json").write_text(json.dumps(meta))
-    if out.exists():  # another process finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out
+    return save_base(out, model, tokenizer, cfg, losses, pretrain_seconds=wall, pretrain_cpu_seconds=cpu)
 
 
 # ----------------------------------------------------------------------------- prompts, sampling, pairs
@@ -601,17 +571,12 @@ def build_task_data(
             model, tokenizer, prompts["train"], samples_per_prompt, cfg.max_new_tokens, seed=cfg.seed,
             max_pairs_per_prompt=max_pairs_per_prompt, progress=progress,
         )  # fmt: skip
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    write_jsonl(tmp / "pairs.jsonl", rows)
-    write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in prompts["train"]])
-    (tmp / "eval_prompts.json").write_text(json.dumps(prompts["eval"]))
-    (tmp / "long_prompts.json").write_text(json.dumps(prompts.get("long", [])))
-    (tmp / "data.json").write_text(json.dumps({"settings": settings, "stats": stats}))
-    if out.exists():
-        import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out
+    def write(folder: Path) -> None:
+        write_jsonl(folder / "pairs.jsonl", rows)
+        write_jsonl(folder / "prompts.jsonl", [{"prompt": p} for p in prompts["train"]])
+        (folder / "eval_prompts.json").write_text(json.dumps(prompts["eval"]))
+        (folder / "long_prompts.json").write_text(json.dumps(prompts.get("long", [])))
+        (folder / "data.json").write_text(json.dumps({"settings": settings, "stats": stats}))
+
+    return save_atomically(out, write)

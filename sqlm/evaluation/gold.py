@@ -206,7 +206,7 @@ def pretrain_base(cfg: GoldTaskConfig, progress: bool = False):
     """``(model, tokenizer, heldout sentences, losses)``: the base LM and its BPE tokenizer trained on
     the seeded corpus, deterministically (one thread, deterministic algorithms): a seed gives the same
     weights on every machine of a kind, and so the same preference pairs and reward model."""
-    from ..tiny import tiny_model_for_tokenizer, train_tokenizer
+    from ..tiny import train_tokenizer
 
     texts = english_sentences(cfg.corpus_sentences, seed=cfg.seed)
     train_set = set(texts)
@@ -214,18 +214,58 @@ def pretrain_base(cfg: GoldTaskConfig, progress: bool = False):
     with deterministic_torch(1):
         torch.manual_seed(cfg.seed)
         tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
-        model = tiny_model_for_tokenizer(
-            tokenizer,
-            seed=cfg.seed,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=max(1, cfg.num_attention_heads // 2),
-            intermediate_size=3 * cfg.hidden_size,
-            max_position_embeddings=128,
-        )
+        model = base_lm(tokenizer, cfg, ffn_factor=3)
         losses = _pretrain(model, tokenizer, texts, cfg, progress=progress)
     return model, tokenizer, heldout, losses
+
+
+def base_lm(tokenizer, cfg, ffn_factor: int):
+    """A freshly initialised Qwen2-shaped base LM for ``tokenizer`` with ``cfg``'s seed, width, depth and
+    heads (half as many key-value heads), an MLP ``ffn_factor`` times as wide, 128 positions."""
+    from ..tiny import tiny_model_for_tokenizer
+
+    return tiny_model_for_tokenizer(
+        tokenizer,
+        seed=cfg.seed,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=max(1, cfg.num_attention_heads // 2),
+        intermediate_size=ffn_factor * cfg.hidden_size,
+        max_position_embeddings=128,
+    )
+
+
+def save_atomically(out: Path, write) -> Path:
+    """``write(folder)`` into a temporary sibling of ``out``, then rename it to ``out`` (a process that
+    finished first wins; the other's copy is dropped): a cached folder is never half-written."""
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def save_base(out: Path, model, tokenizer, cfg, losses: list[float], files: dict | None = None, **meta) -> Path:
+    """Save a pretrained base LM, its tokenizer, ``files`` (name -> JSON data) and ``base_lm.json``
+    (settings, loss curve, weights digest, ``meta``) to ``out``, atomically (:func:`save_atomically`)."""
+    tail = losses[-100:]
+    info = {"settings": cfg.base_key(), "final_loss": sum(tail) / len(tail), "losses": losses[::10],
+            "weights_sha256": weights_digest(model), "torch": torch.__version__, **meta}  # fmt: skip
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        for name, data in (files or {}).items():
+            (folder / name).write_text(json.dumps(data))
+        (folder / "base_lm.json").write_text(json.dumps(info))
+
+    return save_atomically(out, write)
 
 
 def base_model_dir(cfg: GoldTaskConfig, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -244,22 +284,7 @@ def build_base_model(cfg: GoldTaskConfig, cache_dir: str | os.PathLike | None = 
     if (out / "base_lm.json").is_file():
         return out
     model, tokenizer, heldout, losses = pretrain_base(cfg, progress=progress)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "heldout.json").write_text(json.dumps(heldout))
-    tail = losses[-100:]
-    meta = {"settings": cfg.base_key(), "final_loss": sum(tail) / len(tail), "losses": losses[::10],
-            "weights_sha256": weights_digest(model), "torch": torch.__version__}  # fmt: skip
-    (tmp / "base_lm.json").write_text(json.dumps(meta))
-    if out.exists():  # another process finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out
+    return save_base(out, model, tokenizer, cfg, losses, {"heldout.json": heldout})
 
 
 def load_base(path: str | os.PathLike):

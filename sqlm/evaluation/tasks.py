@@ -44,7 +44,7 @@ class TaskData:
     extra_eval: dict[str, list[str]] = field(default_factory=dict)  # further splits scored (no KL), e.g. long
 
 
-@dataclass
+@dataclass(frozen=True)
 class Budget:
     """The shared budget of a task's runs: every method of a regime gets exactly this.
 
@@ -63,17 +63,30 @@ class Budget:
 
 
 class Task:
-    """A gold task: ``prepare`` a base LM's data, ``evaluate`` a model on its held-out prompts."""
+    """A gold task: ``prepare`` a base LM's data, ``evaluate`` a model on its held-out prompts.
+
+    ``reduced`` is the CI setting: the ``REDUCED`` base-LM settings and the ``REDUCED_BUDGET``."""
 
     name: str = ""
     metric: str = ""  # what the evaluation's score is ("gold reward", "accuracy")
     recipes: Path = RECIPES
+    BUDGET: Budget
+    REDUCED_BUDGET: Budget
+    REDUCED: dict = {}
 
     def __init__(self, reduced: bool = False):
         self.reduced = reduced
 
-    def budget(self) -> Budget:
+    def config_class(self):
+        """The task's base-LM settings dataclass (its fields are the base LM's cache key)."""
         raise NotImplementedError
+
+    def config(self, base_seed: int):
+        """The base-LM settings of ``base_seed`` (with ``REDUCED`` applied in the CI setting)."""
+        return self.config_class()(seed=base_seed, **(self.REDUCED if self.reduced else {}))
+
+    def budget(self) -> Budget:
+        return self.REDUCED_BUDGET if self.reduced else self.BUDGET
 
     def prepare(self, base_seed: int, cache: Path, runner=None, progress: bool = False) -> TaskData:
         """The base LM of ``base_seed`` and its data, built once and cached under ``cache``;
@@ -110,21 +123,14 @@ class SentimentTask(Task):
     N_TRAIN, N_EVAL, K, MAX_PAIRS, RM_EPOCHS = 600, 256, 6, 6, 2.0
     REDUCED = dict(corpus_sentences=3000, heldout_sentences=600, vocab_size=384, hidden_size=48,
                    num_hidden_layers=2, num_attention_heads=4, lm_steps=60, lm_batch_size=32, max_new_tokens=12)  # fmt: skip
+    BUDGET = Budget(steps=40, online_lr=5e-4, offline_lr=5e-4, max_completion_length=24)
+    REDUCED_BUDGET = Budget(steps=3, online_lr=5e-4, offline_lr=5e-4, prompts_per_batch=4, num_generations=2,
+                            pairs_per_batch=8, max_completion_length=12)  # fmt: skip
 
-    def config(self, base_seed: int):
+    def config_class(self):
         from .gold import GoldTaskConfig
 
-        cfg = GoldTaskConfig(seed=base_seed)
-        if self.reduced:
-            for k, v in self.REDUCED.items():
-                setattr(cfg, k, v)
-        return cfg
-
-    def budget(self) -> Budget:
-        if self.reduced:
-            return Budget(steps=3, online_lr=5e-4, offline_lr=5e-4, prompts_per_batch=4, num_generations=2,
-                          pairs_per_batch=8, max_completion_length=12)  # fmt: skip
-        return Budget(steps=40, online_lr=5e-4, offline_lr=5e-4, max_completion_length=24)
+        return GoldTaskConfig
 
     def prepare(self, base_seed: int, cache: Path, runner=None, progress: bool = False) -> TaskData:
         from .gold import build_base_model, fingerprint, load_base, sample_preferences, split_prompts
@@ -232,21 +238,14 @@ class ArithmeticTask(Task):
 
     # a small base LM that still solves some 2-digit sums (about 0.3 at temperature 1), so pairs exist
     REDUCED = dict(corpus_problems=3000, max_digits=2, long_digits=3, lm_steps=600, lm_batch_size=32)
+    BUDGET = Budget(steps=40, online_lr=1e-4, offline_lr=1e-4, max_completion_length=48)
+    REDUCED_BUDGET = Budget(steps=3, online_lr=1e-4, offline_lr=1e-4, prompts_per_batch=4, num_generations=2,
+                            pairs_per_batch=8, max_completion_length=48)  # fmt: skip
 
-    def config(self, base_seed: int):
+    def config_class(self):
         from .arithmetic import ArithTaskConfig
 
-        cfg = ArithTaskConfig(seed=base_seed)
-        if self.reduced:
-            for k, v in self.REDUCED.items():
-                setattr(cfg, k, v)
-        return cfg
-
-    def budget(self) -> Budget:
-        if self.reduced:
-            return Budget(steps=3, online_lr=1e-4, offline_lr=1e-4, prompts_per_batch=4, num_generations=2,
-                          pairs_per_batch=8, max_completion_length=48)  # fmt: skip
-        return Budget(steps=40, online_lr=1e-4, offline_lr=1e-4, max_completion_length=48)
+        return ArithTaskConfig
 
     def prepare(self, base_seed: int, cache: Path, runner=None, progress: bool = False) -> TaskData:
         from .arithmetic import build_base_model, build_task_data
