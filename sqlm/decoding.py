@@ -91,6 +91,7 @@ from typing import Any
 import torch
 
 from .errors import SqlmError
+from .fused import accepts_logits_to_keep
 
 
 STRATEGIES = ("sample", "best_of_n", "value_beam")
@@ -270,28 +271,27 @@ class Compute:
 # ----------------------------------------------------------------------------- the lockstep engine
 
 
-def _cache_of(output):
+def cache_of(output):
+    """The KV cache of a model output (``cache`` in transformers 5, ``past_key_values`` before)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        from .fused import accepts_logits_to_keep
-
-        return accepts_logits_to_keep(model)
-    except (TypeError, ValueError, AttributeError):
-        return False
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to one width: ``(ids, attention mask)`` ``[B, W]``."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r) :] = 1
+        if len(r):
+            ids[i, width - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -347,7 +347,7 @@ class _Engine:
             self.device = torch.device("cpu")
 
     def _call(self, model, ids, mask, pos, cache, prefill: bool):
-        kwargs = {"logits_to_keep": 1} if prefill and _accepts_logits_to_keep(model) else {}
+        kwargs = {"logits_to_keep": 1} if prefill and accepts_logits_to_keep(model) else {}
         out = model(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos.to(self.device),
             cache=cache, use_cache=True, **kwargs,
@@ -360,14 +360,14 @@ class _Engine:
             self.compute.reference_forward_passes += 1
             self.compute.reference_forward_tokens += tokens
         z = out.logits[:, -1]
-        return z.to(torch.promote_types(z.dtype, torch.float32)).cpu(), _cache_of(out)
+        return z.to(torch.promote_types(z.dtype, torch.float32)).cpu(), cache_of(out)
 
     def start(self, prompt_ids: Sequence[Sequence[int]], owners: Sequence[int]) -> _Rows:
         """One row per prompt at ``s_0``: the prompts run once through each model."""
         if any(len(p) == 0 for p in prompt_ids):
             raise SqlmError("every prompt must have at least one token")
-        ids, mask = _left_pad(prompt_ids, self.pad_id)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask = left_pad(prompt_ids, self.pad_id)
+        pos = positions(mask)
         z, cache = self._call(self.model, ids, mask, pos, None, prefill=True)
         z_ref = ref_cache = None
         if self.ref is not None:

@@ -363,18 +363,18 @@ def greedy_completions(
 ) -> list[list[int]]:
     """The argmax completion of each prompt (ends at and includes the first EOS, or is
     ``max_new_tokens`` long); the batching and KV cache of ``sampling.sample_completions``."""
-    from .sampling import _cache_of, _left_pad, _positions
+    from ..decoding import cache_of, left_pad, positions
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out: list[list[int]] = []
     for start in range(0, len(prompt_ids), batch_size):
-        ids, mask = _left_pad(prompt_ids[start : start + batch_size], pad_token_id)
+        ids, mask = left_pad(prompt_ids[start : start + batch_size], pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
-        pos = _positions(mask)
+        pos = positions(mask)
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        past, logits, last = _cache_of(res), res.logits[:, -1], pos[:, -1]
+        past, logits, last = cache_of(res), res.logits[:, -1], pos[:, -1]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         steps = []
         for _ in range(max_new_tokens):
@@ -388,7 +388,7 @@ def greedy_completions(
             res = model(
                 input_ids=tok[:, None], attention_mask=mask, position_ids=last[:, None], cache=past, use_cache=True
             )
-            past, logits = _cache_of(res), res.logits[:, -1]
+            past, logits = cache_of(res), res.logits[:, -1]
         for row in torch.stack(steps, dim=1).tolist():
             out.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
     model.train(was_training)

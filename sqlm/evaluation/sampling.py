@@ -12,28 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..decoding import cache_of, left_pad, positions
 from .metrics import sequence_kl
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, width - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _cache_of(output):
-    """The KV cache of a model output (``cache`` in transformers 5, ``past_key_values`` before)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 def _progress(total: int, desc: str | None, enabled: bool):
@@ -67,11 +47,11 @@ def sample_completions(
     bar = _progress(len(prompt_ids), desc, progress)
     for start in range(0, len(prompt_ids), batch_size):
         rows = prompt_ids[start : start + batch_size]
-        ids, mask = _left_pad(rows, pad_token_id)
+        ids, mask = left_pad(rows, pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
-        pos = _positions(mask)
+        pos = positions(mask)
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        past, logits = _cache_of(res), res.logits[:, -1]
+        past, logits = cache_of(res), res.logits[:, -1]
         b = ids.shape[0]
         done = torch.zeros(b, dtype=torch.bool)
         tokens = []
@@ -93,7 +73,7 @@ def sample_completions(
                 cache=past,
                 use_cache=True,
             )
-            past, logits = _cache_of(res), res.logits[:, -1]
+            past, logits = cache_of(res), res.logits[:, -1]
         steps = torch.stack(tokens, dim=1)
         for i in range(b):
             row = steps[i].tolist()
@@ -130,7 +110,7 @@ def completion_logits(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Ten
     """Logits of the state before each position: ``out[:, t]`` predicts ``ids[:, t]`` (``out[:, 0]`` is 0)."""
     device = next(model.parameters()).device
     logits = (
-        model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=_positions(attn).to(device))
+        model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=positions(attn).to(device))
         .logits.float()
         .cpu()
     )
