@@ -79,7 +79,8 @@ class SoftQConfig(TrainingArguments):
         default="unified_pcl",
         metadata={
             "help": "Path-consistency loss (sqlm.losses.LOSS_SPECS): 'pcl' (value head), 'unified_pcl' (V from the "
-            "logits), 'soft_q' (one-step Bellman, target network), 'advantage_pcl' (Guo et al. 2021 eq. 9), "
+            "logits), 'soft_q' (one-step Bellman, target network), 'multistep_soft_q' (Q regressed on its d-step soft "
+            "return, the target detached), 'advantage_pcl' (Guo et al. 2021 eq. 9), "
             "'multistep_pcl' (Guo et al. 2021 eq. 10), and Guo et al.'s forms with their reversed terms, mixed by "
             "guo_coefficient: 'advantage_pcl_mix' (their v2_v2r), 'multistep_pcl_mix' (v3_v3r), 'guo_pcl_mix' "
             "(v2_v2r_v3_v3r).",
@@ -98,8 +99,8 @@ class SoftQConfig(TrainingArguments):
     rollout_length: int | None = field(
         default=None,
         metadata={
-            "help": "Rollout length d of the path-consistency segments (pcl, unified_pcl); None = to the end "
-            "of the path."
+            "help": "Rollout length d of the path-consistency segments (pcl, unified_pcl, multistep_soft_q); None = "
+            "to the end of the path."
         },
     )
     reduction: str = field(

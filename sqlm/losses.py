@@ -276,6 +276,42 @@ def unified_pcl_loss(
     return loss, _stats(c, mask, v, log_pi, ref_log_pi, entropy, rewards)
 
 
+def multistep_soft_q_loss(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    d: int | None = None,
+    ref_log_pi: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Soft Q-learning with d-step returns as targets (d=None: Monte-Carlo, to the end of the path):
+
+        L = 1/2 (Q_theta(s_t, a_t) - sg[ r~_t + sum_{j=1}^{d-1} gamma^j (r~_{t+j} - tau log pi(a_{t+j}|s_{t+j}))
+                                          + gamma^d V(s_{t+d}) ])^2
+
+    with the target detached (sg). Its residual is minus unified PCL's ``C(t, d)``, but the gradient
+    reaches only ``Q_theta(s_t, a_t)``: every step is regressed on its own soft return, rather than
+    every step's log-probability being moved by the residuals of all the segments that contain it
+    (the whole-path PCL gradient of the step ``k`` weighs ``sum_{t<=k} C(t)``, which grows along the
+    path). Its fixed point is ``pi*`` on any paths, as PCL's: at the optimum every action's soft return
+    ``Q*(s,a) - tau log pi*(a|s)`` is ``V*(s)``, so the targets need no importance weights; only the
+    dynamics differ. ``d = 1`` is soft_q with the online ``V``, detached, instead of a target network.
+    """
+    tau = check_tau(tau)
+    _check_shapes("q", q, v=v, rewards=rewards, mask=mask, ref_log_pi=ref_log_pi)
+    log_pi = ((q - v) / tau).detach()
+    c = path_consistency(v.detach(), log_pi, rewards, mask, tau=tau, gamma=gamma, d=d, ref_log_pi=ref_log_pi)
+    m = mask.float()
+    residual = (q.float() - (q.detach().float() + c)) * m  # the value -C(t, d); the gradient through Q only
+    loss = reduce_loss(0.5 * residual.pow(2), mask, reduction)
+    return loss, _stats(residual, mask, v, log_pi, ref_log_pi, entropy, rewards)
+
+
 def _target_inputs(q, v, target_v, rewards, mask, tau, gamma, ref_log_pi):
     """Checked ``(tau, gamma, mask, V_bar, r~)`` of the target-network losses; ``V_bar`` is the
     target's value, detached and masked (``None``: the online ``v``, detached)."""
@@ -566,6 +602,7 @@ LOSS_SPECS: dict[str, LossSpec] = {
     "pcl": LossSpec(pcl_loss, needs_value_head=True, uses_d=True),
     "unified_pcl": LossSpec(unified_pcl_loss, uses_d=True),
     "soft_q": LossSpec(soft_q_loss, needs_target=True),
+    "multistep_soft_q": LossSpec(multistep_soft_q_loss, uses_d=True),
     "advantage_pcl": LossSpec(advantage_pcl_loss, needs_target=True),
     "multistep_pcl": LossSpec(multistep_pcl_loss, needs_target=True),
     "advantage_pcl_mix": LossSpec(advantage_pcl_mix_loss, needs_target=True, needs_target_log_pi=True),

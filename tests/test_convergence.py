@@ -17,7 +17,7 @@ STEPS, BATCH = 500, 128
 # (high variance): it takes a smaller step.
 LR = {"pcl": 1e-2, "unified_pcl": 1e-2, "soft_q": 1e-2, "advantage_pcl": 1e-2, "multistep_pcl": 5e-3}
 # Guo et al.'s forms with their reversed terms (coefficient 0.5, as train_towards_oracle's default)
-LR.update({"advantage_pcl_mix": 1e-2, "multistep_pcl_mix": 5e-3, "guo_pcl_mix": 5e-3})
+LR.update({"advantage_pcl_mix": 1e-2, "multistep_pcl_mix": 5e-3, "guo_pcl_mix": 5e-3, "multistep_soft_q": 5e-3})
 
 ADVANTAGE_REASON = (
     "Guo et al. eq. 9: the gradient only moves A = Q - V = tau log pi, and V_bar (the Polyak copy of "

@@ -164,6 +164,7 @@ def _loss_inputs(logits, actions, mask, tau, ref, rewards, vbar, values):
             so.q, so.v, rewards, mask, ref_log_pi=ref, entropy=so.entropy, **kw
         ),
         "soft_q": lambda **kw: soft_q_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
+        "multistep_soft_q": lambda **kw: LOSSES["multistep_soft_q"](so.q, so.v, rewards, mask, ref_log_pi=ref, **kw),
         "advantage_pcl": lambda **kw: advantage_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
         "multistep_pcl": lambda **kw: multistep_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
         **{
@@ -200,7 +201,7 @@ def test_padding_prompt_and_tokens_after_eos_do_not_change_the_loss(gen, loss_ty
     assert mask.sum() == n
     padded = [embed(x, 5.0) for x in bare]
     kw = dict(tau=tau, gamma=gamma, reduction=reduction)
-    if loss_type in ("pcl", "unified_pcl"):
+    if loss_type in ("pcl", "unified_pcl", "multistep_soft_q"):
         for d in (1, 2, None):
             a, sa = _loss_inputs(bare_logits, bare_actions, torch.ones(1, n), tau, *bare)[loss_type](d=d, **kw)
             b, sb = _loss_inputs(logits, actions, mask, tau, *padded)[loss_type](d=d, **kw)
@@ -273,7 +274,7 @@ def test_stats(gen):
 def _call(loss_type, b=2, t=3, **kw):
     x = torch.zeros(b, t)
     m = torch.ones(b, t)
-    if loss_type in ("pcl", "unified_pcl"):
+    if loss_type in ("pcl", "unified_pcl", "multistep_soft_q"):
         return LOSSES[loss_type](x, x, x, m, **kw)
     return LOSSES[loss_type](x, x, x, x, m, **kw)
 
@@ -286,7 +287,7 @@ def test_bad_scalars_name_the_argument(loss_type):
     for gamma in (0, 0.0, -0.1, 1.01, 2, True):
         with pytest.raises(ValueError, match="gamma"):
             _call(loss_type, tau=1.0, gamma=gamma)
-    if loss_type in ("pcl", "unified_pcl"):
+    if loss_type in ("pcl", "unified_pcl", "multistep_soft_q"):
         for d in (0, -1, 1.5, True):
             with pytest.raises(ValueError, match="d "):
                 _call(loss_type, tau=1.0, d=d)
@@ -297,7 +298,7 @@ def test_bad_scalars_name_the_argument(loss_type):
 @pytest.mark.parametrize("loss_type", sorted(LOSSES))
 def test_bad_shapes_name_the_argument(loss_type):
     x, m = torch.zeros(2, 3), torch.ones(2, 3)
-    if loss_type in ("pcl", "unified_pcl"):
+    if loss_type in ("pcl", "unified_pcl", "multistep_soft_q"):
         with pytest.raises(ValueError, match="rewards"):
             LOSSES[loss_type](x, x, torch.zeros(2, 4), m, tau=1.0)
         with pytest.raises(ValueError, match="mask"):
@@ -507,3 +508,21 @@ def test_guo_coefficient_out_of_range_names_the_argument():
     for c in (-0.1, 1.5, True, float("nan")):
         with pytest.raises(ValueError, match="coefficient"):
             LOSSES["guo_pcl_mix"](x, x, x, x, m, tau=1.0, coefficient=c)
+
+
+@pytest.mark.parametrize("d", [1, 3, None])
+def test_multistep_soft_q_is_pcl_residual_with_the_gradient_through_q_only(d):
+    """Its residual is minus unified PCL's C(t, d); each step's gradient reaches only Q(s_t, a_t) (on
+    the logits: the taken action's logit alone), with weight C(t, d) of that step."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 5, 6, generator=gen, requires_grad=True)
+    actions = torch.randint(0, 6, (2, 5), generator=gen)
+    r, ref, m = torch.randn(2, 5, generator=gen), -torch.rand(2, 5, generator=gen), contiguous_mask([5, 3], 5)
+    so = soft_outputs(logits, actions, 0.7)
+    per, _ = LOSSES["multistep_soft_q"](so.q, so.v, r, m, tau=0.7, gamma=0.9, d=d, ref_log_pi=ref, reduction="none")
+    c = path_consistency(so.v, so.log_pi, r, m, tau=0.7, gamma=0.9, d=d, ref_log_pi=ref)
+    torch.testing.assert_close(per, 0.5 * c.pow(2) * m, atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(per.sum(), logits)
+    want = torch.zeros_like(g)  # d/dz of 1/2 (Q - target)^2 with Q = tau z[a]: -C * tau on the taken action
+    want.scatter_(-1, actions[..., None], (-c.detach() * 0.7 * m)[..., None])
+    torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
