@@ -157,6 +157,9 @@ def test_full_and_default_settings():
     assert all(len(full.values(METHODS[m])) >= 3 for m in METHODS)
     # TRL's defaults are among the baselines' knob values
     assert 0.0 in full.values(METHODS["grpo"]) and 0.05 in full.values(METHODS["rloo"])
+    # a task's own range where it has one (arithmetic: sqlm's KL is small, larger tau values)
+    assert full.values(METHODS["sqlm-online"], ArithmeticTask()) == (0.1, 0.3, 1.0)
+    assert full.values(METHODS["sqlm-online"], SentimentTask()) == METHODS["sqlm-online"].values
     knobs = PipelineArguments(knobs='{"sqlm-online": [0.3]}').sweep_config()
     assert knobs.values(METHODS["sqlm-online"]) == (0.3,)
 

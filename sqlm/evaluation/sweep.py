@@ -88,10 +88,17 @@ class SweepConfig:
     # variants of a method, judged like it: name -> {"base": method, "flags": [...], "values": [...]}
     attempts: dict[str, dict] = field(default_factory=dict)
 
-    def values(self, method: Method) -> tuple[float, ...]:
+    def values(self, method: Method, task: Task | None = None) -> tuple[float, ...]:
+        """The knob values of ``method``: the ``knobs`` override, else its default value, else (``full``)
+        its full sweep, with the task's own range where the task has one (``Task.KNOBS``; an attempt
+        uses its base method's)."""
         if method.name in self.knobs:
             return tuple(self.knobs[method.name])
-        return method.values if self.full else method.default
+        if not self.full:
+            return method.default
+        base = self.attempts.get(method.name, {}).get("base", method.name)
+        own = self.attempts.get(method.name, {}).get("values")
+        return tuple(own) if own else tuple(getattr(task, "KNOBS", {}).get(base, method.values))
 
     def method(self, name: str) -> Method:
         """A method of :data:`METHODS`, or an attempt: its base method with further flags (in which
@@ -278,7 +285,7 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
                                    extra=_extra(data, cfg))  # fmt: skip
             path.write_text(json.dumps(ev))
         base_results[b] = {**json.loads(path.read_text()), **data.info}
-    runs = [(m, knob, b, s) for m in methods for knob in cfg.values(m) for b in cfg.bases for s in cfg.seeds]
+    runs = [(m, knob, b, s) for m in methods for knob in cfg.values(m, task) for b in cfg.bases for s in cfg.seeds]
     results = []
     bar = _bar(len(runs), f"{task.name} runs", cfg.progress)
     for method, knob, b, s in runs:

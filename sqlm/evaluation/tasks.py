@@ -73,6 +73,7 @@ class Task:
     BUDGET: Budget
     REDUCED_BUDGET: Budget
     REDUCED: dict = {}
+    KNOBS: dict[str, tuple[float, ...]] = {}  # the full sweep's knob values where the task needs its own
 
     def __init__(self, reduced: bool = False):
         self.reduced = reduced
@@ -238,6 +239,8 @@ class ArithmeticTask(Task):
 
     # a small base LM that still solves some 2-digit sums (about 0.3 at temperature 1), so pairs exist
     REDUCED = dict(corpus_problems=3000, max_digits=2, long_digits=3, lm_steps=600, lm_batch_size=32)
+    # sqlm's KL here is small: a larger tau reaches down to the baselines' KL range
+    KNOBS = dict.fromkeys(("sqlm-online", "sqlm-mixed", "sqlm-offline"), (0.1, 0.3, 1.0))
     BUDGET = Budget(steps=40, online_lr=1e-4, offline_lr=1e-4, max_completion_length=48)
     REDUCED_BUDGET = Budget(steps=3, online_lr=1e-4, offline_lr=1e-4, prompts_per_batch=4, num_generations=2,
                             pairs_per_batch=8, max_completion_length=48)  # fmt: skip
