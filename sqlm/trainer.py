@@ -308,6 +308,7 @@ class SoftQTrainer(Trainer):
             optimizers=optimizers,
         )
 
+        self._check_engine_enabled()
         self.ref_model = self._prepare_aux(ref_model)
         self.target_model = self._prepare_aux(self.target_model)
         if self.target_model is not None:
@@ -431,6 +432,23 @@ class SoftQTrainer(Trainer):
                 cache_dir=sqlm_cache_dir("reference"),
                 device=device,
             )
+
+    def _check_engine_enabled(self) -> None:
+        """The engine the launch asks for (accelerate config, ``deepspeed`` / ``fsdp`` keys) is the one that
+        runs: accelerate turns FSDP on only for accelerator devices (CUDA, XPU, ...), and otherwise trains
+        unsharded without a word (e.g. on CPU processes, or without a launcher)."""
+        engine = self.args.sharding_engine()
+        if engine is None:
+            return
+        kind, level = engine
+        if self.is_deepspeed_enabled if kind == "deepspeed" else self.is_fsdp_enabled:
+            return
+        name = f"DeepSpeed ZeRO-{level}" if kind == "deepspeed" else f"FSDP{level}"
+        why = "" if kind == "deepspeed" else "; accelerate enables FSDP only on GPUs or other accelerators"
+        raise SqlmError(
+            f"the launch asks for {name}, but accelerate runs it unsharded (distributed type "
+            f"{self.accelerator.distributed_type.value}{why}): launch with recipes/accelerate/ddp.yaml instead"
+        )
 
     def _prepare_aux(self, m):
         if m is None:

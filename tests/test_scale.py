@@ -404,6 +404,25 @@ def test_a_target_network_is_accepted_under_fsdp2_and_zero3(tmp_path, monkeypatc
     assert args.uses_target_model and args.sharding_engine() in (("fsdp", 2), ("deepspeed", 3))
 
 
+def test_fsdp_that_accelerate_does_not_enable_is_an_error(tmp_path, tokenizer, monkeypatch):
+    """accelerate enables FSDP only on accelerators (accelerate/state.py: the FSDP switch is in the
+    MULTI_GPU/MULTI_XPU/... branch): on CPU, or without a launcher, it trains unsharded without a word.
+    The trainer says so before any step."""
+    from sqlm.errors import SqlmError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(SqlmError, match="asks for FSDP2, but accelerate runs it unsharded") as e:
+        SoftQTrainer(
+            make_model(tokenizer),
+            config(tmp_path, loss_type="soft_q"),
+            train_dataset=pref_data(),
+            processing_class=tokenizer,
+            reward_funcs=[good_reward],
+        )
+    assert "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- memory accounting
 
 
