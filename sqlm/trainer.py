@@ -70,6 +70,62 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- target network
 
 
+def _zero3_partitioned(model: nn.Module) -> bool:
+    first = next(model.parameters(), None)
+    return first is not None and hasattr(first, "ds_tensor")
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of the initial policy, for the reference or the target network.
+
+    A policy that DeepSpeed ZeRO-3 partitioned while loading it (``zero3_init_flag``) holds only its
+    own partition of each parameter (``ds_tensor``; ``p.data`` is empty): a deepcopy would copy empty
+    parameters without their partitions. The copy is then built from the policy's config under
+    ``zero.Init`` (``_from_config``: partitioned the same way) and takes the policy's partitions piece
+    by piece, with no gather of whole parameters; buffers (not partitioned) are copied as they are."""
+    if not _zero3_partitioned(model):
+        return copy.deepcopy(model)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        raise SqlmError(
+            "the model is partitioned by DeepSpeed ZeRO-3 but no ZeRO-3 config is active: create the "
+            "SoftQConfig (or TrainingArguments) before loading the model under ZeRO-3"
+        )
+    dtype = next(model.parameters()).ds_tensor.dtype
+    clone = type(model)._from_config(copy.deepcopy(model.config), dtype=dtype)
+    polyak_update(model, clone, 1.0, names=[n for n, _ in clone.named_parameters()])
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for n, b in clone.named_buffers():
+            if n in buffers:
+                b.copy_(buffers[n])
+    return clone
+
+
+def prepare_deepspeed_target(model: nn.Module, accelerator) -> nn.Module:
+    """The target network under DeepSpeed, prepared as TRL's ``prepare_deepspeed`` prepares a
+    reference (inference engine; ZeRO-3 partitions it like the policy, lower stages keep a whole copy
+    per process), with one difference: under ZeRO-3 no parameter is *persistent*. DeepSpeed keeps
+    the gathered copy of a persistent (small) parameter after the first forward and never re-reads its
+    partition, so a Polyak update of the partition would be invisible to the target's forward; with
+    ``stage3_param_persistence_threshold: 0`` every forward gathers the updated partitions."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    if zero.get("stage", 0) == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    else:
+        zero["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
 def _trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and VALUE_HEAD_ATTR not in n]
 
@@ -225,7 +281,7 @@ class SoftQTrainer(Trainer):
             elif args.precompute_ref_log_probs and args.mode == "offline":
                 ref_is_policy = True
             else:
-                ref_model = copy.deepcopy(model)
+                ref_model = frozen_copy(model)
 
         if peft_config is not None:
             from peft import get_peft_model
@@ -242,7 +298,7 @@ class SoftQTrainer(Trainer):
             if _is_peft(model):
                 self._target_pairs = add_target_adapter(model, TARGET_ADAPTER)
             else:
-                self.target_model = copy.deepcopy(model)
+                self.target_model = frozen_copy(model)
         if args.uses_value_head:
             attach_value_head(model)
 
@@ -453,11 +509,14 @@ class SoftQTrainer(Trainer):
     def _prepare_aux(self, m):
         if m is None:
             return None
-        # the target network is sharded exactly as the reference (TRL's prepare_deepspeed / prepare_fsdp),
-        # so its pieces line up with the policy's for the shard-by-shard Polyak update
+        # the target network is sharded exactly as the reference (TRL's prepare_deepspeed / prepare_fsdp;
+        # under ZeRO-3 without persistent parameters, see prepare_deepspeed_target), so its pieces line up
+        # with the policy's for the shard-by-shard Polyak update
         if self.is_deepspeed_enabled:
             from trl.models import prepare_deepspeed
 
+            if m is self.target_model:
+                return prepare_deepspeed_target(m, self.accelerator)
             return prepare_deepspeed(m, self.accelerator)
         if self.is_fsdp_enabled:
             if m is self.target_model and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
