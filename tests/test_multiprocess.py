@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart" / "sqlm" / "config.yaml"
@@ -239,3 +241,320 @@ def _initial_params():
     torch.manual_seed(0)
     model = tiny_causal_lm(64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
     return {k: v.detach() for k, v in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- SoftQTrainer under FSDP2 / ZeRO
+
+SHARDED_WORKER = textwrap.dedent(
+    '''
+    """One SoftQTrainer run (soft_q, target network) under the engine of the accelerate config it is
+    launched with, on CPU processes. argv: model folder, output_dir, checkpoint to resume or "-"."""
+    import json, os, sys
+    import torch
+    import torch.distributed as dist
+
+    ENGINE = os.environ["SQLM_TEST_ENGINE"]  # fsdp2 | zero2 | zero3
+    OUT = os.environ["SQLM_TEST_OUT"]
+
+    # Every collective this process starts, counted (wrapped before DeepSpeed caches the functions).
+    COLLECTIVES = []
+    def counting(name, fn):
+        def wrapper(*a, **k):
+            COLLECTIVES.append(name)
+            return fn(*a, **k)
+        return wrapper
+    for name in ("all_gather_into_tensor", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list",
+                 "all_reduce", "reduce_scatter_tensor", "reduce_scatter", "all_to_all_single"):
+        setattr(dist, name, counting(name, getattr(dist, name)))
+
+
+    def let_accelerate_use_fsdp_on_cpu():
+        """accelerate 1.16 turns FSDP on only for accelerator devices: AcceleratorState.__init__ sets
+        distributed_type FSDP and state.fsdp_plugin only inside `elif self.distributed_type in
+        [MULTI_GPU, MULTI_MLU, ...]` (accelerate/state.py:947-976), a list without MULTI_CPU, so CPU
+        processes silently run DDP. This test-only patch does, after __init__ on MULTI_CPU, exactly what
+        that branch does for a plugin and mixed_precision "no"; everything after the choice of the
+        distributed type is accelerate's, transformers' and sqlm's own code. (DeepSpeed needs no patch:
+        AcceleratorState picks it whenever the Accelerator itself is not told cpu=True, state.py:935,
+        which the Trainer never does, and DeepSpeed reuses the gloo group of use_cpu's MULTI_CPU state.)
+        """
+        import accelerate.state as state
+        from accelerate.utils import DistributedType
+
+        init = state.AcceleratorState.__init__
+
+        def patched(self, *args, fsdp_plugin=None, **kwargs):
+            init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+            if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+                self.distributed_type = DistributedType.FSDP
+                self.fsdp_plugin = fsdp_plugin
+                state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+        state.AcceleratorState.__init__ = patched
+
+
+    if ENGINE == "fsdp2":
+        let_accelerate_use_fsdp_on_cpu()
+
+    from datasets import Dataset
+    from sqlm.config import SoftQConfig
+    from sqlm.forward import local_shard
+    from sqlm.loading import load_model, load_tokenizer, model_init_kwargs
+    from sqlm.trainer import SoftQTrainer
+
+    def good_reward(prompts, completions, **kwargs):
+        return [1.0 if "good" in c else -1.0 for c in completions]
+
+    model_dir, output_dir, resume = sys.argv[1], sys.argv[2], sys.argv[3]
+    args = SoftQConfig(output_dir=output_dir, use_cpu=True, **json.loads(os.environ["SQLM_TEST_ARGS"]))
+    rank = args.process_index
+    # loaded after the config, as `sqlm train` does: under ZeRO-3 with zero3_init_flag, zero.Init partitions it
+    model = load_model(model_dir, model_init_kwargs(args))
+    partitioned_at_load = hasattr(next(model.parameters()), "ds_tensor")
+    rows = json.loads(os.environ["SQLM_TEST_ROWS"])
+    trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(rows),
+                           processing_class=load_tokenizer(model_dir), reward_funcs=[good_reward])
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    target = getattr(trainer.target_model, "module", trainer.target_model)
+    engine = ("fsdp" if trainer.is_fsdp_enabled and trainer.accelerator.is_fsdp2 else
+              f"zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}" if trainer.is_deepspeed_enabled else "none")
+
+    # the Polyak step, checked on this process's pieces: exactly (1 - a) * target + a * policy, no collective
+    alpha, polyak = args.target_model_mixup_alpha, {"steps": 0, "exact": True, "collectives": []}
+    update = trainer.update_target_model
+    def checked_update():
+        names = trainer._target_names
+        src, dst = dict(policy.named_parameters()), dict(target.named_parameters())
+        before = {n: local_shard(dst[n]).clone() for n in names}
+        n_coll = len(COLLECTIVES)
+        update()
+        polyak["collectives"] += COLLECTIVES[n_coll:]
+        for n in names:
+            expected = before[n].mul(1.0 - alpha).add(local_shard(src[n]), alpha=alpha)
+            polyak["exact"] &= torch.equal(local_shard(dst[n]), expected)
+        polyak["steps"] += 1
+    trainer.update_target_model = checked_update
+
+    trainer.train(resume_from_checkpoint=None if resume == "-" else resume)
+    trainer.save_model()
+
+    def pieces(m):  # local piece / whole parameter sizes: is it sharded?
+        return sum(local_shard(p).numel() for p in m.parameters()), sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters())
+
+    def full(m):
+        import contextlib
+        if trainer.is_deepspeed_enabled and hasattr(next(m.parameters()), "ds_tensor"):
+            import deepspeed
+            ctx = deepspeed.zero.GatheredParameters(list(m.parameters()))
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p.data).detach().clone() for n, p in m.named_parameters()}
+
+    weights = {"policy": full(policy), "target": full(target)}
+    if rank == 0:
+        torch.save(weights, os.path.join(OUT, "final.pt"))
+    report = dict(engine=engine, world=args.world_size, step=trainer.state.global_step, polyak=polyak,
+                  partitioned_at_load=partitioned_at_load, target_pieces=pieces(target), n_collectives=len(COLLECTIVES))
+    with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    '''
+)
+
+# the run every engine is compared with: soft_q with a target network on offline pairs (the same rows on
+# every process; accelerate gives each its half of a global batch of 4 rows)
+SHARDED_ARGS = dict(
+    per_device_train_batch_size=2,
+    max_steps=4,
+    learning_rate=5e-3,
+    lr_scheduler_type="constant",
+    logging_steps=1,
+    save_strategy="steps",
+    save_steps=2,
+    report_to="none",
+    seed=0,
+    max_length=32,
+    loss_type="soft_q",
+    target_model_mixup_alpha=0.3,
+    dataloader_num_workers=0,
+)
+ENGINE_CONFIGS = {"fsdp2": "fsdp.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
+
+
+def _tiny_model_dir(tmp_path):
+    """The trainer tests' tiny model and tokenizer, saved for the processes to load (safetensors)."""
+    from test_trainer import BAD, GOOD, PROMPTS, make_model
+
+    from sqlm.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer([p + GOOD for p in PROMPTS] * 4 + [p + BAD for p in PROMPTS] * 4, vocab_size=300)
+    folder = tmp_path / "model"
+    make_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _rows():
+    from test_trainer import pref_data
+
+    return pref_data().to_list()
+
+
+def _launch(tmp_path, engine, model_dir, output_dir, resume="-"):
+    """`accelerate launch` of SHARDED_WORKER with recipes/accelerate/<engine config> on 2 CPU processes."""
+    import json
+
+    out = tmp_path / f"report-{output_dir.name}"
+    out.mkdir()
+    worker = tmp_path / "sharded_worker.py"
+    worker.write_text(SHARDED_WORKER)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        SQLM_CACHE=str(tmp_path / "cache"),
+        SQLM_TEST_ENGINE=engine,
+        SQLM_TEST_OUT=str(out),
+        SQLM_TEST_ARGS=json.dumps(SHARDED_ARGS),
+        SQLM_TEST_ROWS=json.dumps(_rows()),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes" / "accelerate" / ENGINE_CONFIGS[engine]),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(worker),
+        str(model_dir),
+        str(output_dir),
+        str(resume),
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    import torch
+
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return torch.load(out / "final.pt", weights_only=True), reports
+
+
+def _single_process(tmp_path, model_dir):
+    """The same run in one process on the whole global batch (4 rows a step)."""
+    from datasets import Dataset
+    from test_trainer import good_reward
+
+    from sqlm.config import SoftQConfig
+    from sqlm.loading import load_model, load_tokenizer, model_init_kwargs
+    from sqlm.trainer import SoftQTrainer
+
+    kw = {**SHARDED_ARGS, "per_device_train_batch_size": 4, "save_strategy": "no"}
+    args = SoftQConfig(output_dir=str(tmp_path / "single"), use_cpu=True, **kw)
+    trainer = SoftQTrainer(
+        load_model(str(model_dir), model_init_kwargs(args)),
+        args,
+        train_dataset=Dataset.from_list(_rows()),
+        processing_class=load_tokenizer(str(model_dir)),
+        reward_funcs=[good_reward],
+    )
+    trainer.train()
+    return {
+        "policy": {n: p.detach() for n, p in trainer.model.named_parameters()},
+        "target": {n: p.detach() for n, p in trainer.target_model.named_parameters()},
+    }
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """(model folder, the run's final policy and target in one process on the whole global batch)."""
+    tmp = tmp_path_factory.mktemp("one_process")
+    model_dir = _tiny_model_dir(tmp)
+    return model_dir, _single_process(tmp, model_dir)
+
+
+def _assert_matches_one_process(got, expected):
+    import torch
+
+    for part in ("policy", "target"):
+        assert got[part].keys() == expected[part].keys()
+        for n, v in expected[part].items():
+            torch.testing.assert_close(got[part][n], v, rtol=1e-5, atol=1e-6, msg=f"{part} {n}")
+
+
+def _engine_available(engine):
+    if engine == "fsdp2":
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
+        except ImportError as e:
+            pytest.skip(f"this torch build has no FSDP2 (torch.distributed.fsdp.fully_shard): {e}")
+    else:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            pytest.skip(f"deepspeed is not installed ({e}); scripts/setup.sh installs it (CPU build, no ops)")
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_soft_q_target_under_sharding_matches_one_process_and_resumes_exactly(tmp_path, engine, one_process_run):
+    """SoftQTrainer under accelerate's FSDP2 / DeepSpeed ZeRO-3 plugin on 2 CPU processes (gloo), with the
+    recipes' launch configs (ZeRO-3 with zero3_init_flag: the policy is partitioned while it loads, and
+    the reference and target are built from its partitions). DeepSpeed runs as accelerate sets it up;
+    FSDP2, which accelerate enables only on accelerators, takes one test-only patch of that choice
+    (the worker's let_accelerate_use_fsdp_on_cpu, see its docstring).
+
+    (a) policy and target equal a one-process run of the same global batch (fp32 tolerance); (b) the
+    target, sharded, moved by exactly the Polyak rule on each process's pieces, with no collective; (c) a
+    resumed run (new processes, from checkpoint-2) ends bit-identical to the uninterrupted one."""
+    import torch
+
+    _engine_available(engine)
+    model_dir, single = one_process_run
+    full, reports = _launch(tmp_path, engine, model_dir, tmp_path / "full")
+    expected_engine = "fsdp" if engine == "fsdp2" else engine
+    for r in reports:
+        assert r["engine"] == expected_engine and r["world"] == 2 and r["step"] == 4, r
+        local, whole = r["target_pieces"]
+        assert local < whole, f"the target is not sharded: {local} of {whole} elements on one process"
+        assert r["polyak"]["steps"] == 4 and r["polyak"]["exact"], r["polyak"]
+        assert r["polyak"]["collectives"] == [], f"collectives in the Polyak update: {r['polyak']['collectives']}"
+        assert r["n_collectives"] > 0  # the spy sees the engine's collectives
+        assert r["partitioned_at_load"] == (engine == "zero3")
+
+    _assert_matches_one_process(full, single)  # (a)
+    from safetensors.torch import load_file
+
+    start = load_file(model_dir / "model.safetensors")
+    assert any(not torch.allclose(full["target"][n], start[n]) for n in start), "the target never moved"
+    # the saved output_dir loads as the final policy
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    for n, p in saved.named_parameters():
+        assert torch.equal(p, full["policy"][n]), f"saved {n}"
+
+    # (c) kill and resume: new processes continue from checkpoint-2 and end where the full run ended
+    resumed, reports = _launch(tmp_path, engine, model_dir, tmp_path / "resumed", tmp_path / "full" / "checkpoint-2")
+    assert [r["polyak"]["steps"] for r in reports] == [2, 2]
+    for part in ("policy", "target"):
+        for n, v in full[part].items():
+            assert torch.equal(resumed[part][n], v), f"resumed {part} {n} differs from the uninterrupted run"
+
+
+def test_soft_q_target_under_zero2_matches_one_process(tmp_path, one_process_run):
+    """ZeRO-2 (the recipes' zero2.yaml) on 2 CPU processes: the target is a whole copy on each process
+    (as TRL prepares a reference below ZeRO-3), moved by exactly the Polyak rule; policy and target equal
+    the one-process run."""
+    _engine_available("zero2")
+    model_dir, single = one_process_run
+    full, reports = _launch(tmp_path, "zero2", model_dir, tmp_path / "full")
+    for r in reports:
+        assert r["engine"] == "zero2" and r["world"] == 2 and r["step"] == 4, r
+        assert r["target_pieces"][0] == r["target_pieces"][1]  # not sharded
+        assert r["polyak"]["steps"] == 4 and r["polyak"]["exact"] and r["polyak"]["collectives"] == [], r["polyak"]
+        assert not r["partitioned_at_load"]
+    _assert_matches_one_process(full, single)
