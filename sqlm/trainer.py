@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -937,6 +938,19 @@ class SoftQTrainer(Trainer):
         if self.args.should_save:
             mark_complete(folder, self.state.global_step)
             ckpt.rotate(run_dir, limit, self.state.best_model_checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """``Trainer._save`` (the model of the output_dir and of every checkpoint); with a target adapter, only
+        the policy adapter is written: PEFT would add the target as a ``target/`` adapter folder, which is
+        not what a user loads. Checkpoints keep the target in ``target_model.safetensors`` (resume reads it)."""
+        if self._target_pairs is None:
+            return super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained = functools.partial(model.save_pretrained, selected_adapters=[model.active_adapter])
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained  # the class's method again
 
     def save_aux_state(self, folder: str) -> None:
         """Save what the HF checkpoint lacks into ``folder``: the target network (safetensors), this

@@ -154,12 +154,28 @@ def test_lora_target_values_equal_a_manual_merge(tmp_path, tokenizer):
     torch.testing.assert_close(trainer.reference_log_pi(model, batch), model_log_pi(base, batch), rtol=1e-5, atol=1e-5)
 
 
-def test_lora_target_adapter_resumes_exactly(tmp_path, tokenizer):
+def test_lora_target_adapter_resumes_exactly_and_stays_out_of_the_saved_adapter(tmp_path, tokenizer):
+    """Checkpoints keep the target adapter in target_model.safetensors, which resume reads; the saved
+    model (output_dir, and each checkpoint's adapter) is the policy adapter alone, what a user loads."""
+    from peft import PeftModel
+
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2, learning_rate=5e-3)
     full = lora_trainer(tmp_path, tokenizer, **kw)
     full.train()
-    ckpt = tmp_path / "out" / "checkpoint-2"
+    full.save_model()
+    out = tmp_path / "out"
+    ckpt = out / "checkpoint-2"
     assert (ckpt / "target_model.safetensors").exists()
+    for folder in (out, ckpt):
+        assert (folder / "adapter_model.safetensors").exists()
+        assert not (folder / TARGET_ADAPTER).exists(), f"{folder} holds the target adapter"
+    loaded = PeftModel.from_pretrained(make_model(tokenizer), out)
+    assert set(loaded.peft_config) == {"default"}
+    trained = adapter_params(full.model, "default")
+    got = adapter_params(loaded, "default")
+    assert got.keys() == trained.keys()
+    for n, v in trained.items():
+        assert torch.equal(got[n], v), n
     resumed = lora_trainer(tmp_path, tokenizer, **{**kw, "output_dir": str(tmp_path / "r")})
     resumed.train(resume_from_checkpoint=str(ckpt))
     a, b = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
