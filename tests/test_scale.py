@@ -393,6 +393,26 @@ def test_hf_generation_is_named_in_the_logs(tmp_path, tokenizer):
             {"precompute_ref_log_probs": True},
             r"'precompute_ref_log_probs' is not supported under FSDP2",
         ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            {"reward_funcs": ["keyword", "terminal"], "reward_kwargs": {"terminal": {"reward_model": "rm"}}},
+            r"key 'reward_funcs': 'terminal' loads a model, which is not supported under DeepSpeed ZeRO-3",
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            {"reward_funcs": ["bradley_terry"]},
+            r"'bradley_terry' loads a model, which is not supported under DeepSpeed ZeRO-3",
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            {
+                "reward_funcs": ["weighted"],
+                "reward_kwargs": {
+                    "weighted": {"components": [{"name": "length"}, {"name": "abc", "reward_model": "rm"}]}
+                },
+            },
+            r"'weighted/abc' loads a model, which is not supported under DeepSpeed ZeRO-3",
+        ),
     ],
 )
 def test_unsupported_sharding_is_refused_by_the_config(tmp_path, monkeypatch, env, kw, match):
@@ -418,6 +438,27 @@ def test_a_target_network_is_accepted_under_fsdp2_and_zero3(tmp_path, monkeypatc
         monkeypatch.setenv(k, v)
     args._check_engine()  # no error
     assert args.uses_target_model and args.sharding_engine() in (("fsdp", 2), ("deepspeed", 3))
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+        {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+    ],
+)
+def test_a_reward_model_is_accepted_under_fsdp2_and_zero2(tmp_path, monkeypatch, env):
+    args = SoftQConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        reward_funcs=["terminal"],
+        reward_kwargs={"terminal": {"reward_model": "rm"}},
+    )
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    args._check_engine()  # no error: the reward model loads whole on each process
+    assert args.model_reward_funcs() == ["terminal"]
 
 
 def test_fsdp_that_accelerate_does_not_enable_is_an_error(tmp_path, tokenizer, monkeypatch):
