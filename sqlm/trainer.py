@@ -79,9 +79,11 @@ def _zero3_partitioned(model: nn.Module) -> bool:
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A copy of the initial policy, for the reference or the target network.
 
-    A policy that DeepSpeed ZeRO-3 partitioned while loading it (``zero3_init_flag``) holds only its
-    own partition of each parameter (``ds_tensor``; ``p.data`` is empty): a deepcopy would copy empty
-    parameters without their partitions. The copy is then built from the policy's config under
+    Under accelerate's ZeRO-3, transformers partitions every model loaded once the training arguments
+    exist (``zero.Init``; accelerate registers the DeepSpeed config with transformers whatever
+    ``zero3_init_flag`` says), so the policy of ``sqlm train`` holds only its own partition of each
+    parameter (``ds_tensor``; ``p.data`` is empty): a deepcopy would copy empty parameters without
+    their partitions. The copy is then built from the policy's config under
     ``zero.Init`` (``_from_config``: partitioned the same way) and takes the policy's partitions piece
     by piece, with no gather of whole parameters; buffers (not partitioned) are copied as they are."""
     if not _zero3_partitioned(model):

@@ -308,7 +308,7 @@ SHARDED_WORKER = textwrap.dedent(
     model_dir, output_dir, resume = sys.argv[1], sys.argv[2], sys.argv[3]
     args = SoftQConfig(output_dir=output_dir, use_cpu=True, **json.loads(os.environ["SQLM_TEST_ARGS"]))
     rank = args.process_index
-    # loaded after the config, as `sqlm train` does: under ZeRO-3 with zero3_init_flag, zero.Init partitions it
+    # loaded after the config, as `sqlm train` does: under ZeRO-3, zero.Init partitions it
     model = load_model(model_dir, model_init_kwargs(args))
     partitioned_at_load = hasattr(next(model.parameters()), "ds_tensor")
     rows = json.loads(os.environ["SQLM_TEST_ROWS"])
@@ -358,6 +358,7 @@ SHARDED_WORKER = textwrap.dedent(
                   partitioned_at_load=partitioned_at_load, target_pieces=pieces(target), n_collectives=len(COLLECTIVES))
     with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
+    dist.destroy_process_group()
     '''
 )
 
@@ -502,8 +503,8 @@ def _engine_available(engine):
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
 def test_soft_q_target_under_sharding_matches_one_process_and_resumes_exactly(tmp_path, engine, one_process_run):
     """SoftQTrainer under accelerate's FSDP2 / DeepSpeed ZeRO-3 plugin on 2 CPU processes (gloo), with the
-    recipes' launch configs (ZeRO-3 with zero3_init_flag: the policy is partitioned while it loads, and
-    the reference and target are built from its partitions). DeepSpeed runs as accelerate sets it up;
+    recipes' launch configs (under ZeRO-3 transformers partitions the policy while it loads, as every
+    model loaded once the config exists, and the reference and target are built from its partitions). DeepSpeed runs as accelerate sets it up;
     FSDP2, which accelerate enables only on accelerators, takes one test-only patch of that choice
     (the worker's let_accelerate_use_fsdp_on_cpu, see its docstring).
 
