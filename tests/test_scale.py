@@ -530,3 +530,13 @@ def test_bench_memory_formulas():
     assert saved == pytest.approx(2 * p / 1e9)
     table = bench.formula_table()
     assert "| ZeRO-3, full fine-tune | 16.8 fits | 172.4 does not fit |" in table
+
+
+def test_bench_memory_trainer_row_runs(tmp_path):
+    """The measured rows run the trainer (one process here): the accounting sees every part of a soft_q run."""
+    bench = _bench()
+    got = bench.run_trainer_row("ddp", bench.SMALL, str(tmp_path))
+    state = got["state"]
+    assert got["world"] == 1 and got["peak_rss_mb"] > 0
+    assert state["policy"] > 0 and state["reference"] == state["policy"] and state["target"] == state["policy"]
+    assert state["grads"] == state["policy"] and state["optimizer"] == 2 * state["policy"]  # Adam: m and v
