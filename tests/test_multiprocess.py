@@ -39,6 +39,23 @@ WORKER = textwrap.dedent(
 )
 
 
+def _run(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a new session: on timeout the launcher and every worker it started are
+    killed (a hung distributed run leaves no processes behind), then TimeoutExpired is raised."""
+    import signal
+
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -437,7 +454,7 @@ def _launch(tmp_path, engine, model_dir, output_dir, resume="-"):
         str(output_dir),
         str(resume),
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = _run(cmd, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]
     import torch
 
@@ -559,3 +576,54 @@ def test_soft_q_target_under_zero2_matches_one_process(tmp_path, one_process_run
         assert r["polyak"]["steps"] == 4 and r["polyak"]["exact"] and r["polyak"]["collectives"] == [], r["polyak"]
         assert not r["partitioned_at_load"]
     _assert_matches_one_process(full, single)
+
+
+def test_quickstart_trains_under_zero3_on_two_processes(tmp_path):
+    """The README's quickstart recipe (a `tiny:` model built and cached by the main process first) through
+    `accelerate launch` with recipes/accelerate/zero3.yaml on 2 CPU processes. The main process used to
+    build the model under zero.Init alone, whose collectives waited for the other process, which waited for
+    it: the launch hung."""
+    _engine_available("zero3")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        SQLM_CACHE=str(tmp_path / "cache"),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes" / "accelerate" / "zero3.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "scripts" / "train.py"),
+        "--config",
+        str(QUICKSTART),
+        "--use_cpu",
+        "true",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--loss_type",
+        "soft_q",
+    ]
+    try:
+        proc = _run(cmd, timeout=150, cwd=tmp_path, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ZeRO-3 launch of the quickstart hung (killed after 150 s)")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    from transformers import AutoModelForCausalLM
+
+    (cached,) = [p for p in (tmp_path / "cache" / "tiny").iterdir() if not p.name.startswith(".")]
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    initial = AutoModelForCausalLM.from_pretrained(cached)
+    assert any(not (a == b).all() for a, b in zip(initial.parameters(), final.parameters()))
