@@ -226,6 +226,20 @@ def polyak_update(
             b.copy_(a)
         else:
             b.mul_(1.0 - alpha).add_(a.to(b.dtype), alpha=alpha)
+        drop_gathered(dst[d])
+
+
+def drop_gathered(p: torch.Tensor) -> None:
+    """After its partition (``ds_tensor``) was written: free the whole copy DeepSpeed ZeRO-3 may hold of
+    the parameter, so that the next forward gathers the new partitions. A *persistent* (small) ZeRO-3
+    parameter keeps its gathered copy from its first forward on and never re-reads its partition; its
+    updates would be invisible. Frees memory only: no collective. Other tensors: nothing to do."""
+    if not hasattr(p, "ds_tensor"):
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if p.ds_status == ZeroParamStatus.AVAILABLE:
+        p.partition()
 
 
 # ----------------------------------------------------------------------------- adapters (PEFT)

@@ -49,6 +49,7 @@ from .forward import (
     adapter_active,
     add_target_adapter,
     attach_value_head,
+    drop_gathered,
     local_shard,
     model_log_pi,
     model_values,
@@ -106,29 +107,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
-def prepare_deepspeed_target(model: nn.Module, accelerator) -> nn.Module:
-    """The target network under DeepSpeed, prepared as TRL's ``prepare_deepspeed`` prepares a
-    reference (inference engine; ZeRO-3 partitions it like the policy, lower stages keep a whole copy
-    per process), with one difference: under ZeRO-3 no parameter is *persistent*. DeepSpeed keeps
-    the gathered copy of a persistent (small) parameter after the first forward and never re-reads its
-    partition, so a Polyak update of the partition would be invisible to the target's forward; with
-    ``stage3_param_persistence_threshold: 0`` every forward gathers the updated partitions."""
-    import deepspeed
-
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    config.pop("optimizer", None)
-    config.pop("scheduler", None)
-    zero = config.setdefault("zero_optimization", {})
-    zero.pop("offload_optimizer", None)
-    if zero.get("stage", 0) == 3:
-        zero["stage3_param_persistence_threshold"] = 0
-    else:
-        zero["stage"] = 0
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine
-
-
 def _trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and VALUE_HEAD_ATTR not in n]
 
@@ -144,7 +122,7 @@ class TargetNetworkCallback(TrainerCallback):
         # that loaded no weights (e.g. FSDP's cpu_ram_efficient_loading) got theirs by broadcast only
         # into the policy. A resumed run keeps the target it loaded.
         t = self.trainer
-        if t.target_is_sharded and not t._target_loaded:
+        if t.target_model is not None and t.target_is_sharded and not t._target_loaded:
             policy = t.accelerator.unwrap_model(t.model)
             target = getattr(t.target_model, "module", t.target_model)
             if any(p.is_meta for p in target.parameters()):
@@ -512,14 +490,11 @@ class SoftQTrainer(Trainer):
     def _prepare_aux(self, m):
         if m is None:
             return None
-        # the target network is sharded exactly as the reference (TRL's prepare_deepspeed / prepare_fsdp;
-        # under ZeRO-3 without persistent parameters, see prepare_deepspeed_target), so its pieces line up
-        # with the policy's for the shard-by-shard Polyak update
+        # the target network is sharded exactly as the reference (TRL's prepare_deepspeed / prepare_fsdp),
+        # so its pieces line up with the policy's for the shard-by-shard Polyak update
         if self.is_deepspeed_enabled:
             from trl.models import prepare_deepspeed
 
-            if m is self.target_model:
-                return prepare_deepspeed_target(m, self.accelerator)
             return prepare_deepspeed(m, self.accelerator)
         if self.is_fsdp_enabled:
             if m is self.target_model and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
@@ -531,8 +506,9 @@ class SoftQTrainer(Trainer):
 
     @property
     def target_is_sharded(self) -> bool:
-        """The target network is a separate model sharded by ZeRO-3 or FSDP (saved per process)."""
-        if self.target_model is None:
+        """The target network is sharded by ZeRO-3 or FSDP, as a separate model or as the target adapter of
+        the sharded policy: each process holds (and saves) only its own pieces."""
+        if not self.has_target:
             return False
         zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         return zero3 or self.is_fsdp_enabled
@@ -602,6 +578,7 @@ class SoftQTrainer(Trainer):
                     f"holds {tuple(piece.shape)} (a sharded checkpoint resumes on the same number of processes)"
                 )
             piece.copy_(t.to(piece.device, piece.dtype))
+            drop_gathered(params[n])
         self._target_loaded = True
 
     # ------------------------------------------------------------------ trajectories

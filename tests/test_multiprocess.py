@@ -271,6 +271,7 @@ SHARDED_WORKER = textwrap.dedent(
     import torch.distributed as dist
 
     ENGINE = os.environ["SQLM_TEST_ENGINE"]  # fsdp2 | zero2 | zero3
+    LORA = os.environ.get("SQLM_TEST_LORA") == "1"  # the target is then a second adapter
     OUT = os.environ["SQLM_TEST_OUT"]
 
     # Every collective this process starts, counted (wrapped before DeepSpeed caches the functions).
@@ -329,10 +330,18 @@ SHARDED_WORKER = textwrap.dedent(
     model = load_model(model_dir, model_init_kwargs(args))
     partitioned_at_load = hasattr(next(model.parameters()), "ds_tensor")
     rows = json.loads(os.environ["SQLM_TEST_ROWS"])
-    trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(rows),
-                           processing_class=load_tokenizer(model_dir), reward_funcs=[good_reward])
+    peft_config = None
+    if LORA:
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(model_dir),
+                           reward_funcs=[good_reward], peft_config=peft_config)
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    target = getattr(trainer.target_model, "module", trainer.target_model)
+    if LORA:  # (policy adapter, target adapter) parameter names of the one model
+        target, pairs = policy, trainer._target_pairs
+    else:
+        target = getattr(trainer.target_model, "module", trainer.target_model)
+        pairs = [(n, n) for n in trainer._target_names]
     engine = ("fsdp" if trainer.is_fsdp_enabled and trainer.accelerator.is_fsdp2 else
               f"zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}" if trainer.is_deepspeed_enabled else "none")
 
@@ -340,23 +349,22 @@ SHARDED_WORKER = textwrap.dedent(
     alpha, polyak = args.target_model_mixup_alpha, {"steps": 0, "exact": True, "collectives": []}
     update = trainer.update_target_model
     def checked_update():
-        names = trainer._target_names
         src, dst = dict(policy.named_parameters()), dict(target.named_parameters())
-        before = {n: local_shard(dst[n]).clone() for n in names}
+        before = {d: local_shard(dst[d]).clone() for _, d in pairs}
         n_coll = len(COLLECTIVES)
         update()
         polyak["collectives"] += COLLECTIVES[n_coll:]
-        for n in names:
-            expected = before[n].mul(1.0 - alpha).add(local_shard(src[n]), alpha=alpha)
-            polyak["exact"] &= torch.equal(local_shard(dst[n]), expected)
+        for s, d in pairs:
+            expected = before[d].mul(1.0 - alpha).add(local_shard(src[s]), alpha=alpha)
+            polyak["exact"] &= torch.equal(local_shard(dst[d]), expected)
         polyak["steps"] += 1
     trainer.update_target_model = checked_update
 
     trainer.train(resume_from_checkpoint=None if resume == "-" else resume)
     trainer.save_model()
 
-    def pieces(m):  # local piece / whole parameter sizes: is it sharded?
-        return sum(local_shard(p).numel() for p in m.parameters()), sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters())
+    def pieces(params):  # local piece / whole parameter sizes: is it sharded?
+        return sum(local_shard(p).numel() for p in params), sum(getattr(p, "ds_numel", p.numel()) for p in params)
 
     def full(m):
         import contextlib
@@ -368,11 +376,17 @@ SHARDED_WORKER = textwrap.dedent(
         with ctx:
             return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p.data).detach().clone() for n, p in m.named_parameters()}
 
-    weights = {"policy": full(policy), "target": full(target)}
+    if LORA:  # the two adapters' weights
+        whole = full(policy)
+        weights = {"policy": {s: whole[s] for s, _ in pairs}, "target": {d: whole[d] for _, d in pairs}}
+    else:
+        weights = {"policy": full(policy), "target": full(target)}
     if rank == 0:
         torch.save(weights, os.path.join(OUT, "final.pt"))
+    target_params = dict(target.named_parameters())
     report = dict(engine=engine, world=args.world_size, step=trainer.state.global_step, polyak=polyak,
-                  partitioned_at_load=partitioned_at_load, target_pieces=pieces(target), n_collectives=len(COLLECTIVES))
+                  partitioned_at_load=partitioned_at_load, target_pieces=pieces([target_params[d] for _, d in pairs]),
+                  n_collectives=len(COLLECTIVES))
     with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
@@ -418,7 +432,7 @@ def _rows():
     return pref_data().to_list()
 
 
-def _launch(tmp_path, engine, model_dir, output_dir, resume="-"):
+def _launch(tmp_path, engine, model_dir, output_dir, resume="-", lora=False):
     """`accelerate launch` of SHARDED_WORKER with recipes/accelerate/<engine config> on 2 CPU processes."""
     import json
 
@@ -436,6 +450,7 @@ def _launch(tmp_path, engine, model_dir, output_dir, resume="-"):
         SQLM_TEST_OUT=str(out),
         SQLM_TEST_ARGS=json.dumps(SHARDED_ARGS),
         SQLM_TEST_ROWS=json.dumps(_rows()),
+        SQLM_TEST_LORA="1" if lora else "0",
     )
     cmd = [
         sys.executable,
@@ -462,9 +477,11 @@ def _launch(tmp_path, engine, model_dir, output_dir, resume="-"):
     return torch.load(out / "final.pt", weights_only=True), reports
 
 
-def _single_process(tmp_path, model_dir):
+def _single_process(tmp_path, model_dir, lora=False):
     """The same run in one process on the whole global batch (4 rows a step)."""
     from datasets import Dataset
+    from test_scale import adapter_params
+    from test_scale import lora as lora_config
     from test_trainer import good_reward
 
     from sqlm.config import SoftQConfig
@@ -479,8 +496,11 @@ def _single_process(tmp_path, model_dir):
         train_dataset=Dataset.from_list(_rows()),
         processing_class=load_tokenizer(str(model_dir)),
         reward_funcs=[good_reward],
+        peft_config=lora_config() if lora else None,
     )
     trainer.train()
+    if lora:
+        return {"policy": adapter_params(trainer.model, "default"), "target": adapter_params(trainer.model, "target")}
     return {
         "policy": {n: p.detach() for n, p in trainer.model.named_parameters()},
         "target": {n: p.detach() for n, p in trainer.target_model.named_parameters()},
@@ -489,10 +509,17 @@ def _single_process(tmp_path, model_dir):
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
-    """(model folder, the run's final policy and target in one process on the whole global batch)."""
+    """(model folder, lora -> the run's final policy and target in one process on the whole global batch)."""
     tmp = tmp_path_factory.mktemp("one_process")
     model_dir = _tiny_model_dir(tmp)
-    return model_dir, _single_process(tmp, model_dir)
+    runs = {}
+
+    def run(lora=False):
+        if lora not in runs:
+            runs[lora] = _single_process(tmp / f"lora{int(lora)}", model_dir, lora)
+        return runs[lora]
+
+    return model_dir, run
 
 
 def _assert_matches_one_process(got, expected):
@@ -517,13 +544,14 @@ def _engine_available(engine):
             pytest.skip(f"deepspeed is not installed ({e}); scripts/setup.sh installs it (CPU build, no ops)")
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
-def test_soft_q_target_under_sharding_matches_one_process_and_resumes_exactly(tmp_path, engine, one_process_run):
+@pytest.mark.parametrize("engine,lora", [("fsdp2", False), ("zero3", False), ("fsdp2", True), ("zero3", True)])
+def test_soft_q_target_under_sharding_matches_one_process_and_resumes_exactly(tmp_path, engine, lora, one_process_run):
     """SoftQTrainer under accelerate's FSDP2 / DeepSpeed ZeRO-3 plugin on 2 CPU processes (gloo), with the
-    recipes' launch configs (under ZeRO-3 transformers partitions the policy while it loads, as every
-    model loaded once the config exists, and the reference and target are built from its partitions). DeepSpeed runs as accelerate sets it up;
-    FSDP2, which accelerate enables only on accelerators, takes one test-only patch of that choice
-    (the worker's let_accelerate_use_fsdp_on_cpu, see its docstring).
+    recipes' launch configs: a full fine-tune (under ZeRO-3 transformers partitions the policy while it
+    loads, as every model loaded once the config exists, and the reference and target are built from its
+    partitions), and LoRA with the target as a second adapter, sharded with the policy. DeepSpeed runs as
+    accelerate sets it up; FSDP2, which accelerate enables only on accelerators, takes one test-only
+    patch of that choice (the worker's let_accelerate_use_fsdp_on_cpu, see its docstring).
 
     (a) policy and target equal a one-process run of the same global batch (fp32 tolerance); (b) the
     target, sharded, moved by exactly the Polyak rule on each process's pieces, with no collective; (c) a
@@ -531,8 +559,8 @@ def test_soft_q_target_under_sharding_matches_one_process_and_resumes_exactly(tm
     import torch
 
     _engine_available(engine)
-    model_dir, single = one_process_run
-    full, reports = _launch(tmp_path, engine, model_dir, tmp_path / "full")
+    model_dir, one_process = one_process_run
+    full, reports = _launch(tmp_path, engine, model_dir, tmp_path / "full", lora=lora)
     expected_engine = "fsdp" if engine == "fsdp2" else engine
     for r in reports:
         assert r["engine"] == expected_engine and r["world"] == 2 and r["step"] == 4, r
@@ -543,20 +571,31 @@ def test_soft_q_target_under_sharding_matches_one_process_and_resumes_exactly(tm
         assert r["n_collectives"] > 0  # the spy sees the engine's collectives
         assert r["partitioned_at_load"] == (engine == "zero3")
 
-    _assert_matches_one_process(full, single)  # (a)
-    from safetensors.torch import load_file
+    _assert_matches_one_process(full, one_process(lora))  # (a)
+    if lora:  # lora_B starts at 0: the target adapter moved; the output_dir is the policy adapter alone
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
 
-    start = load_file(model_dir / "model.safetensors")
-    assert any(not torch.allclose(full["target"][n], start[n]) for n in start), "the target never moved"
-    # the saved output_dir loads as the final policy
-    from transformers import AutoModelForCausalLM
+        assert any(bool(v.any()) for n, v in full["target"].items() if "lora_B" in n), "the target never moved"
+        assert not (tmp_path / "full" / "target").exists()
+        saved = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "full")
+        assert set(saved.peft_config) == {"default"}
+        params = dict(saved.named_parameters())
+        for n, v in full["policy"].items():
+            assert torch.equal(params[n], v), f"saved {n}"
+    else:
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
-    for n, p in saved.named_parameters():
-        assert torch.equal(p, full["policy"][n]), f"saved {n}"
+        start = load_file(model_dir / "model.safetensors")
+        assert any(not torch.allclose(full["target"][n], start[n]) for n in start), "the target never moved"
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "full")  # the output_dir: the final policy
+        for n, p in saved.named_parameters():
+            assert torch.equal(p, full["policy"][n]), f"saved {n}"
 
     # (c) kill and resume: new processes continue from checkpoint-2 and end where the full run ended
-    resumed, reports = _launch(tmp_path, engine, model_dir, tmp_path / "resumed", tmp_path / "full" / "checkpoint-2")
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    resumed, reports = _launch(tmp_path, engine, model_dir, tmp_path / "resumed", ckpt, lora=lora)
     assert [r["polyak"]["steps"] for r in reports] == [2, 2]
     for part in ("policy", "target"):
         for n, v in full[part].items():
@@ -568,14 +607,14 @@ def test_soft_q_target_under_zero2_matches_one_process(tmp_path, one_process_run
     (as TRL prepares a reference below ZeRO-3), moved by exactly the Polyak rule; policy and target equal
     the one-process run."""
     _engine_available("zero2")
-    model_dir, single = one_process_run
+    model_dir, one_process = one_process_run
     full, reports = _launch(tmp_path, "zero2", model_dir, tmp_path / "full")
     for r in reports:
         assert r["engine"] == "zero2" and r["world"] == 2 and r["step"] == 4, r
         assert r["target_pieces"][0] == r["target_pieces"][1]  # not sharded
         assert r["polyak"]["steps"] == 4 and r["polyak"]["exact"] and r["polyak"]["collectives"] == [], r["polyak"]
         assert not r["partitioned_at_load"]
-    _assert_matches_one_process(full, single)
+    _assert_matches_one_process(full, one_process())
 
 
 def test_quickstart_trains_under_zero3_on_two_processes(tmp_path):
