@@ -271,6 +271,11 @@ SHARDED_WORKER = textwrap.dedent(
     import torch.distributed as dist
 
     ENGINE = os.environ["SQLM_TEST_ENGINE"]  # fsdp2 | zero2 | zero3
+    if ENGINE != "fsdp2":
+        import deepspeed.comm.torch
+        # DeepSpeed's CPU shared-memory op (used for inference all-reduce only, not by ZeRO training) sometimes
+        # aborts the process at interpreter exit ("terminate called without an active exception")
+        deepspeed.comm.torch.build_shm_op = lambda: None
     LORA = os.environ.get("SQLM_TEST_LORA") == "1"  # the target is then a second adapter
     OUT = os.environ["SQLM_TEST_OUT"]
 
@@ -617,18 +622,39 @@ def test_soft_q_target_under_zero2_matches_one_process(tmp_path, one_process_run
     _assert_matches_one_process(full, one_process())
 
 
+QUICKSTART_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    import deepspeed.comm.torch
+    import torch.distributed as dist
+    from sqlm.cli import main
+
+    # DeepSpeed's CPU shared-memory op (used for inference all-reduce only, not by ZeRO training) sometimes
+    # aborts the process at interpreter exit ("terminate called without an active exception")
+    deepspeed.comm.torch.build_shm_op = lambda: None
+    rc = main(["train", *sys.argv[1:]])  # what scripts/train.py runs
+    with open(os.path.join(os.environ["SQLM_TEST_OUT"], f"after{os.environ['RANK']}.txt"), "w") as f:
+        f.write(f"{rc} {dist.is_initialized()}")
+    sys.exit(rc)
+    """
+)
+
+
 def test_quickstart_trains_under_zero3_on_two_processes(tmp_path):
     """The README's quickstart recipe (a `tiny:` model built and cached by the main process first) through
     `accelerate launch` with recipes/accelerate/zero3.yaml on 2 CPU processes. The main process used to
     build the model under zero.Init alone, whose collectives waited for the other process, which waited for
-    it: the launch hung."""
+    it: the launch hung. `sqlm train` also ends its process group before exit."""
     _engine_available("zero3")
+    worker = tmp_path / "quickstart_worker.py"
+    worker.write_text(QUICKSTART_WORKER)
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
         OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
         SQLM_CACHE=str(tmp_path / "cache"),
+        SQLM_TEST_OUT=str(tmp_path),
     )
     cmd = [
         sys.executable,
@@ -642,7 +668,7 @@ def test_quickstart_trains_under_zero3_on_two_processes(tmp_path):
         "no",
         "--main_process_port",
         str(_free_port()),
-        str(ROOT / "scripts" / "train.py"),
+        str(worker),
         "--config",
         str(QUICKSTART),
         "--use_cpu",
@@ -659,6 +685,8 @@ def test_quickstart_trains_under_zero3_on_two_processes(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("the ZeRO-3 launch of the quickstart hung (killed after 150 s)")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in (0, 1):  # sqlm train returned 0 and had destroyed the process group
+        assert (tmp_path / f"after{r}.txt").read_text() == "0 False"
 
     from transformers import AutoModelForCausalLM
 
