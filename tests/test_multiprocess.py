@@ -1,7 +1,10 @@
-"""Two CPU processes (gloo) through `accelerate launch` with recipes/accelerate/ddp.yaml.
+"""Two CPU processes (gloo) through `accelerate launch` with recipes/accelerate/ddp.yaml, fsdp.yaml,
+zero2.yaml and zero3.yaml.
 
-`accelerate launch --cpu --num_processes 2` starts only one process; the DDP config with
-`--num_processes 2 --mixed_precision no` and `use_cpu: true` in the recipe starts two.
+`accelerate launch --cpu --num_processes 2` starts only one process; the configs with
+`--num_processes 2 --mixed_precision no` and `use_cpu: true` in the recipe start two. DeepSpeed runs
+on its CPU accelerator (scripts/setup.sh installs it); FSDP needs one test-only patch of accelerate's
+choice of engine (see SHARDED_WORKER).
 """
 
 from __future__ import annotations
@@ -217,8 +220,8 @@ def _single_process_fsdp2_twin():
 def test_fsdp2_target_polyak_on_local_shards_matches_one_process(tmp_path):
     """FSDP2 on 2 CPU processes (gloo, torchrun): the target, sharded like a reference, moves by exactly
     the Polyak rule on each process's local shards with no collective, and policy / target / target
-    values equal a single-process run of the same global batch. (accelerate enables FSDP only on GPU
-    machines, so the trainer's FSDP2 path itself is not run here.)"""
+    values equal a single-process run of the same global batch, with torch's fully_shard alone (the
+    trainer's FSDP2 path: test_soft_q_target_under_sharding_matches_one_process_and_resumes_exactly)."""
     import torch
 
     worker = tmp_path / "fsdp2_worker.py"
