@@ -8,7 +8,8 @@ every output is ``[N, L-1-start]``.
 
 :func:`_forward` chooses, in this one place, between the fused LM head (``sqlm.fused``: the head is
 applied a chunk of path rows at a time, no ``[N, T, V]`` logits) and the plain logits (e.g. LoRA
-on the LM head, or a model sharded by FSDP2 or ZeRO-3: :func:`is_sharded`). The three readings of a model are built on it:
+on the LM head, or a model sharded by FSDP2 or ZeRO-3: :func:`is_sharded`). The three readings of
+a model are built on it:
 
 * :func:`policy_soft_outputs`: ``Q``, ``V``, ``log pi`` (with gradient) of the policy, and its
   value head's ``V_phi`` (:func:`attach_value_head`);
