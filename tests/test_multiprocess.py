@@ -342,16 +342,21 @@ SHARDED_WORKER = textwrap.dedent(
     if LORA:
         from peft import LoraConfig
         peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(model_dir),
-                           reward_funcs=[good_reward], peft_config=peft_config)
+    trainer = SoftQTrainer(model, args, train_dataset=Dataset.from_list(rows),
+                           processing_class=load_tokenizer(model_dir), reward_funcs=[good_reward],
+                           peft_config=peft_config)
     policy = trainer.accelerator.unwrap_model(trainer.model)
     if LORA:  # (policy adapter, target adapter) parameter names of the one model
         target, pairs = policy, trainer._target_pairs
     else:
         target = getattr(trainer.target_model, "module", trainer.target_model)
         pairs = [(n, n) for n in trainer._target_names]
-    engine = ("fsdp" if trainer.is_fsdp_enabled and trainer.accelerator.is_fsdp2 else
-              f"zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}" if trainer.is_deepspeed_enabled else "none")
+    if trainer.is_fsdp_enabled and trainer.accelerator.is_fsdp2:
+        engine = "fsdp"
+    elif trainer.is_deepspeed_enabled:
+        engine = f"zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    else:
+        engine = "none"
 
     # the Polyak step, checked on this process's pieces: exactly (1 - a) * target + a * policy, no collective
     alpha, polyak = args.target_model_mixup_alpha, {"steps": 0, "exact": True, "collectives": []}
@@ -382,7 +387,8 @@ SHARDED_WORKER = textwrap.dedent(
         else:
             ctx = contextlib.nullcontext()
         with ctx:
-            return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p.data).detach().clone() for n, p in m.named_parameters()}
+            return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p.data).detach().clone()
+                    for n, p in m.named_parameters()}
 
     if LORA:  # the two adapters' weights
         whole = full(policy)
@@ -397,6 +403,7 @@ SHARDED_WORKER = textwrap.dedent(
                   n_collectives=len(COLLECTIVES))
     with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
+    dist.barrier()  # every process done before the group goes (left to the exit, gloo sometimes aborts)
     dist.destroy_process_group()
     '''
 )
@@ -440,9 +447,15 @@ def _rows():
     return pref_data().to_list()
 
 
+EXIT_ABORT = "terminate called without an active exception"
+
+
 def _launch(tmp_path, engine, model_dir, output_dir, resume="-", lora=False):
-    """`accelerate launch` of SHARDED_WORKER with recipes/accelerate/<engine config> on 2 CPU processes."""
+    """`accelerate launch` of SHARDED_WORKER with recipes/accelerate/<engine config> on 2 CPU processes.
+    A launch that a process's exit aborted (EXIT_ABORT: gloo/DeepSpeed threads at interpreter exit on
+    CPU, rare once the worker destroys its process group) is run once more from scratch."""
     import json
+    import shutil
 
     out = tmp_path / f"report-{output_dir.name}"
     out.mkdir()
@@ -478,6 +491,12 @@ def _launch(tmp_path, engine, model_dir, output_dir, resume="-", lora=False):
         str(resume),
     ]
     proc = _run(cmd, timeout=300, cwd=tmp_path, env=env)
+    if proc.returncode != 0 and EXIT_ABORT in proc.stderr:
+        for folder in (out, output_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+        out.mkdir()
+        cmd[cmd.index("--main_process_port") + 1] = str(_free_port())
+        proc = _run(cmd, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]
     import torch
 
