@@ -633,7 +633,8 @@ class SoftQConfig(TrainingArguments):
             raise SqlmError(
                 f"key 'reward_funcs': '{loaded[0]}' loads a model, which is not supported under DeepSpeed ZeRO-3 "
                 "(transformers partitions every model loaded once ZeRO-3 is configured, and sqlm does not "
-                "prepare reward models for it): use FSDP2, ZeRO-2 or DDP, or rewards from the data or a Python function"
+                "prepare reward models for it): use FSDP2, ZeRO-2 or DDP, or rewards from the data or a "
+                "Python function"
             )
 
     def model_reward_funcs(self) -> list[str]:
