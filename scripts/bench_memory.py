@@ -9,13 +9,18 @@ Measured (2 CPU processes, gloo; a Qwen2-shaped model of about 100M parameters b
 * ``fsdp2``: policy, reference and target sharded with ``torch.distributed.fsdp.fully_shard`` (as
   accelerate and TRL's ``prepare_fsdp`` shard them), Adam, one step and one shard-local Polyak
   update, run with torchrun outside the Trainer: accelerate turns FSDP on only on GPU machines;
-* ``zero2`` / ``zero3``: DeepSpeed, run only where it can (a CUDA GPU and the deepspeed package);
-  otherwise the row says why.
+* ``zero2`` / ``zero3``: ``SoftQTrainer`` under DeepSpeed through ``accelerate launch`` with
+  recipes/accelerate/zero2.yaml / zero3.yaml (fp32, ``use_cpu``; DeepSpeed's CPU accelerator on gloo):
+  ZeRO-2 partitions the gradients and optimizer state and keeps whole weights, a whole reference and a
+  whole target per process; ZeRO-3 partitions everything, the reference and the target too. Without
+  the deepspeed package the row says so.
 
 Each process reports its peak resident set (``VmHWM``) and the model state it holds, counted from
 its tensors: parameters of the policy (its local shards when sharded), their gradients (counted
-as the trainable parameters' size: they all exist at the peak), the optimizer state, the reference
-and the target network. Activations are not in the model state.
+as the trainable parameters' size: they all exist at the peak; under ZeRO, this process's
+partition), the optimizer state (Adam's moments, plus DeepSpeed's fp32 master partitions, a copy
+even in fp32 training), the reference and the target network. Activations are not in the model
+state.
 
 Then the same accounting from formulas (bytes per parameter, mixed-precision training: bf16 weights
 and gradients, fp32 master weights and Adam moments; frozen reference and target in bf16) for 7B
@@ -163,16 +168,40 @@ def _bytes(tensors) -> int:
     return total
 
 
-def model_state(policy, optimizer, reference=None, target=None, target_adapter: str | None = None) -> dict:
+def _zero_master(optimizer) -> list:
+    """DeepSpeed's fp32 master partitions (ZeRO-1/2 ``single_partition_of_fp32_groups``, ZeRO-3
+    ``fp32_partitioned_groups_flat``) under accelerate's optimizer wrapper; [] for a torch optimizer."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    out = []
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        out += [t for t in getattr(inner, name, None) or [] if hasattr(t, "numel")]
+    return out
+
+
+def model_state(
+    policy,
+    optimizer,
+    reference=None,
+    target=None,
+    target_adapter: str | None = None,
+    zero_stage: int | None = None,
+    world: int = 1,
+) -> dict:
     """MB held by this process: policy parameters (adapter target excluded), their gradients (the
-    trainable parameters' size), optimizer state, reference and target."""
+    trainable parameters' size; under ZeRO-1/2 a 1/world partition of them, under ZeRO-3 the size of
+    the parameters' own partitions), optimizer state (with DeepSpeed's fp32 master partitions),
+    reference and target."""
     params = [(n, p) for n, p in policy.named_parameters()]
     tgt_in_policy = [p for n, p in params if target_adapter and f".{target_adapter}." in n]
     own = [p for n, p in params if not (target_adapter and f".{target_adapter}." in n)]
     opt = [v for s in optimizer.state.values() for v in s.values() if hasattr(v, "numel") and v.dim() > 0]
+    opt += _zero_master(optimizer)
+    grads = _bytes([p for p in own if p.requires_grad])
+    if zero_stage in (1, 2):
+        grads /= world
     out = {
         "policy": _bytes(own) / MB,
-        "grads": _bytes([p for p in own if p.requires_grad]) / MB,
+        "grads": grads / MB,
         "optimizer": _bytes(opt) / MB,
         "reference": _bytes(reference.parameters()) / MB if reference is not None else 0.0,
         "target": (_bytes(target.parameters()) if target is not None else _bytes(tgt_in_policy)) / MB,
@@ -202,17 +231,6 @@ def run_trainer_row(row: str, shape: dict, out_dir: str) -> dict:
     from sqlm.trainer import SoftQTrainer
 
     tok = train_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in _rows_data()] * 4, vocab_size=300)
-    model = tiny_causal_lm(
-        shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
     peft_config = None
     if row == "lora_adapter_target":
         from peft import LoraConfig
@@ -232,6 +250,20 @@ def run_trainer_row(row: str, shape: dict, out_dir: str) -> dict:
         disable_tqdm=True,
         precompute_ref_log_probs=row == "precomputed_reference",
         dataloader_num_workers=0,
+        reward_funcs=["keyword"],
+        reward_kwargs={"keyword": {"words": ["good", "fun", "bright"]}},
+    )
+    # built once the config exists, as `sqlm train` loads its model: under ZeRO-3, zero.Init partitions it
+    model = tiny_causal_lm(
+        shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
     )
     trainer = SoftQTrainer(
         model, args, train_dataset=Dataset.from_list(_rows_data()), processing_class=tok, peft_config=peft_config
@@ -239,12 +271,15 @@ def run_trainer_row(row: str, shape: dict, out_dir: str) -> dict:
     trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.model)
     reference = trainer.ref_model
+    zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
     state = model_state(
         policy,
         trainer.optimizer,
         getattr(reference, "module", reference),
         getattr(trainer.target_model, "module", trainer.target_model),
         "target" if trainer._target_pairs else None,
+        zero_stage=zero_stage,
+        world=trainer.args.world_size,
     )
     del torch
     return {
@@ -309,12 +344,8 @@ def _free_port() -> int:
 def _deepspeed_reason() -> str | None:
     import importlib.util
 
-    import torch
-
     if importlib.util.find_spec("deepspeed") is None:
-        return "the deepspeed package is not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU (DeepSpeed's CPU accelerator did not run ZeRO through accelerate and the Trainer here)"
+        return "the deepspeed package is not installed (scripts/setup.sh installs it)"
     return None
 
 
@@ -348,6 +379,8 @@ def launch(row: str, size: str, out: Path) -> list[dict]:
             str(ROOT / "recipes" / "accelerate" / f"{row}.yaml"),
             "--num_processes",
             "2",
+            "--mixed_precision",
+            "no",
             "--main_process_port",
             str(_free_port()),
             *me,

@@ -10,3 +10,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
+# DeepSpeed for the ZeRO-2/ZeRO-3 tests (tests/test_multiprocess.py): pure Python without its ops (DS_BUILD_OPS=0),
+# built against the torch installed above (--no-build-isolation: an isolated build would pull another torch).
+.venv/bin/python -m pip show -q deepspeed >/dev/null 2>&1 ||
+  DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed==0.19.8"

@@ -641,6 +641,33 @@ class SoftQConfig(TrainingArguments):
                 f"key 'precompute_ref_log_probs' is not supported under {name} (the pass reads the whole "
                 "reference on one process): use DDP or ZeRO-2, or precompute_ref_log_probs: false"
             )
+        loaded = self.model_reward_funcs()
+        if engine == ("deepspeed", 3) and loaded:
+            raise SqlmError(
+                f"key 'reward_funcs': '{loaded[0]}' loads a model, which is not supported under DeepSpeed ZeRO-3 "
+                "(transformers partitions every model loaded once ZeRO-3 is configured, and sqlm does not "
+                "prepare reward models for it): use FSDP2, ZeRO-2 or DDP, or rewards from the data or a "
+                "Python function"
+            )
+
+    def model_reward_funcs(self) -> list[str]:
+        """The entries of ``reward_funcs`` that load a model (a reward model, the DPO pair of 'implicit',
+        the fitted 'bradley_terry'), with 'weighted' components as ``weighted/<name>``."""
+        from .rewards.auto import AUTO_REWARD
+        from .rewards.registry import REWARD_MODEL_REWARDERS
+
+        with_model = {*REWARD_MODEL_REWARDERS, "implicit", AUTO_REWARD}
+        out = []
+        for name in self.reward_funcs or []:
+            if name in with_model:
+                out.append(name)
+            elif name == "weighted":
+                spec = (self.reward_kwargs or {}).get("weighted") or {}
+                components = spec.get("components") if isinstance(spec, dict) else None
+                for c in components or []:
+                    if isinstance(c, dict) and c.get("name") in with_model:
+                        out.append(f"weighted/{c['name']}")
+        return out
 
     def _check_vllm(self) -> None:
         """``use_vllm`` needs rollouts, a known vllm_mode, the vllm package and a CUDA GPU: checked here,

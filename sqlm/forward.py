@@ -8,7 +8,8 @@ every output is ``[N, L-1-start]``.
 
 :func:`_forward` chooses, in this one place, between the fused LM head (``sqlm.fused``: the head is
 applied a chunk of path rows at a time, no ``[N, T, V]`` logits) and the plain logits (e.g. LoRA
-on the LM head). The three readings of a model are built on it:
+on the LM head, or a model sharded by FSDP2 or ZeRO-3: :func:`is_sharded`). The three readings of
+a model are built on it:
 
 * :func:`policy_soft_outputs`: ``Q``, ``V``, ``log pi`` (with gradient) of the policy, and its
   value head's ``V_phi`` (:func:`attach_value_head`);
@@ -77,7 +78,7 @@ def _forward(model: nn.Module, batch: dict[str, Any], hidden: bool = False):
     start = int(batch["logits_start"])
     actions = ids[:, start + 1 :]
     kwargs = {"output_hidden_states": True} if hidden else {}
-    if fused.supports_fused_head(model):
+    if fused.supports_fused_head(model) and not is_sharded(model):
         out, h = fused.decoder_forward(model, ids, batch["attention_mask"], **kwargs)
         mask = batch["path_mask"][:, start:] if "path_mask" in batch else None
         return out, _FusedSteps(h[:, start:-1], fused.lm_head_of(model), actions, mask)
@@ -129,6 +130,26 @@ def model_values(model: nn.Module, batch: dict[str, Any], tau: float) -> torch.T
     values = tau * _forward(model, batch)[1].log_probs()[1]
     _reshard(model)
     return values
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded by FSDP2 (the model, or the model in a ``.module``
+    wrapper, is an ``FSDPModule``) or partitioned by DeepSpeed ZeRO-3 (its parameters carry
+    ``ds_id``). Such a model is read through its logits, not the fused head: the fused head applies
+    the LM head's weight after the forward has returned, when the engine has already resharded it
+    (a DTensor shard, or an empty ZeRO-3 placeholder) and would not reduce its gradient; inside the
+    forward the engine gathers it and reduces its gradient."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        FSDPModule = ()
+    inner = model
+    while inner is not None:
+        if FSDPModule and isinstance(inner, FSDPModule):
+            return True
+        inner = getattr(inner, "module", None)
+    first = next(model.parameters(), None)
+    return first is not None and hasattr(first, "ds_id")
 
 
 def _reshard(model: nn.Module) -> None:
@@ -206,6 +227,20 @@ def polyak_update(
             b.copy_(a)
         else:
             b.mul_(1.0 - alpha).add_(a.to(b.dtype), alpha=alpha)
+        drop_gathered(dst[d])
+
+
+def drop_gathered(p: torch.Tensor) -> None:
+    """After its partition (``ds_tensor``) was written: free the whole copy DeepSpeed ZeRO-3 may hold of
+    the parameter, so that the next forward gathers the new partitions. A *persistent* (small) ZeRO-3
+    parameter keeps its gathered copy from its first forward on and never re-reads its partition; its
+    updates would be invisible. Frees memory only: no collective. Other tensors: nothing to do."""
+    if not hasattr(p, "ds_tensor"):
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if p.ds_status == ZeroParamStatus.AVAILABLE:
+        p.partition()
 
 
 # ----------------------------------------------------------------------------- adapters (PEFT)

@@ -16,6 +16,7 @@ same in ``sqlm train``, ``sqlm dpo`` and ``sqlm reward``: :func:`model_init_kwar
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,36 @@ def load_model_and_tokenizer(model_args, args, train_dataset, column_map=None, t
 
     if is_tiny_spec(name):
         from accelerate import PartialState
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import is_deepspeed_zero3_enabled
 
         texts = dataset_texts(train_dataset.rename_columns(dict(column_map)) if column_map else train_dataset)
-        with PartialState().main_process_first():
-            model, tokenizer, _ = build_tiny_model(name, texts)
+        zero3 = is_deepspeed_zero3_enabled()
+        # the main process builds and caches it first, alone: under ZeRO-3 not partitioned (zero.Init's
+        # collectives would wait for the other processes, which wait for it)
+        with PartialState().main_process_first(), unpartitioned_models():
+            model, tokenizer, path = build_tiny_model(name, texts)
+        if zero3:  # then every process loads it together, partitioned as any model under ZeRO-3
+            model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", use_safetensors=True)
         return model, tokenizer
     return load_pretrained(name, args, model_args, tokenizer_name)
+
+
+@contextlib.contextmanager
+def unpartitioned_models():
+    """Models built or loaded in here are whole even when a DeepSpeed ZeRO-3 config is registered with
+    transformers (which otherwise partitions them with ``zero.Init``, a collective of every process):
+    for work one process does alone."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_ds.set_hf_deepspeed_config(config)
 
 
 def load_policy(path: str | os.PathLike):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from .forward import (
     adapter_active,
     add_target_adapter,
     attach_value_head,
+    drop_gathered,
     local_shard,
     model_log_pi,
     policy_soft_outputs,
@@ -69,6 +71,41 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- target network
 
 
+def _zero3_partitioned(model: nn.Module) -> bool:
+    first = next(model.parameters(), None)
+    return first is not None and hasattr(first, "ds_tensor")
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of the initial policy, for the reference or the target network.
+
+    Under accelerate's ZeRO-3, transformers partitions every model loaded once the training arguments
+    exist (``zero.Init``; accelerate registers the DeepSpeed config with transformers whatever
+    ``zero3_init_flag`` says), so the policy of ``sqlm train`` holds only its own partition of each
+    parameter (``ds_tensor``; ``p.data`` is empty): a deepcopy would copy empty parameters without
+    their partitions. The copy is then built from the policy's config under
+    ``zero.Init`` (``_from_config``: partitioned the same way) and takes the policy's partitions piece
+    by piece, with no gather of whole parameters; buffers (not partitioned) are copied as they are."""
+    if not _zero3_partitioned(model):
+        return copy.deepcopy(model)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        raise SqlmError(
+            "the model is partitioned by DeepSpeed ZeRO-3 but no ZeRO-3 config is active: create the "
+            "SoftQConfig (or TrainingArguments) before loading the model under ZeRO-3"
+        )
+    dtype = next(model.parameters()).ds_tensor.dtype
+    clone = type(model)._from_config(copy.deepcopy(model.config), dtype=dtype)
+    polyak_update(model, clone, 1.0, names=[n for n, _ in clone.named_parameters()])
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for n, b in clone.named_buffers():
+            if n in buffers:
+                b.copy_(buffers[n])
+    return clone
+
+
 def _trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and VALUE_HEAD_ATTR not in n]
 
@@ -84,7 +121,7 @@ class TargetNetworkCallback(TrainerCallback):
         # that loaded no weights (e.g. FSDP's cpu_ram_efficient_loading) got theirs by broadcast only
         # into the policy. A resumed run keeps the target it loaded.
         t = self.trainer
-        if t.target_is_sharded and not t._target_loaded:
+        if t.target_model is not None and t.target_is_sharded and not t._target_loaded:
             policy = t.accelerator.unwrap_model(t.model)
             target = getattr(t.target_model, "module", t.target_model)
             if any(p.is_meta for p in target.parameters()):
@@ -224,7 +261,7 @@ class SoftQTrainer(Trainer):
             elif args.precompute_ref_log_probs and args.mode == "offline":
                 ref_is_policy = True
             else:
-                ref_model = copy.deepcopy(model)
+                ref_model = frozen_copy(model)
 
         if peft_config is not None:
             from peft import get_peft_model
@@ -241,7 +278,7 @@ class SoftQTrainer(Trainer):
             if _is_peft(model):
                 self._target_pairs = add_target_adapter(model, TARGET_ADAPTER)
             else:
-                self.target_model = copy.deepcopy(model)
+                self.target_model = frozen_copy(model)
         if args.uses_value_head:
             attach_value_head(model)
 
@@ -307,6 +344,7 @@ class SoftQTrainer(Trainer):
             optimizers=optimizers,
         )
 
+        self._check_engine_enabled()
         self.ref_model = self._prepare_aux(ref_model)
         self.target_model = self._prepare_aux(self.target_model)
         if self.target_model is not None:
@@ -433,6 +471,23 @@ class SoftQTrainer(Trainer):
                 device=device,
             )
 
+    def _check_engine_enabled(self) -> None:
+        """The engine the launch asks for (accelerate config, ``deepspeed`` / ``fsdp`` keys) is the one that
+        runs: accelerate turns FSDP on only for accelerator devices (CUDA, XPU, ...), and otherwise trains
+        unsharded without a word (e.g. on CPU processes, or without a launcher)."""
+        engine = self.args.sharding_engine()
+        if engine is None:
+            return
+        kind, level = engine
+        if self.is_deepspeed_enabled if kind == "deepspeed" else self.is_fsdp_enabled:
+            return
+        name = f"DeepSpeed ZeRO-{level}" if kind == "deepspeed" else f"FSDP{level}"
+        why = "" if kind == "deepspeed" else "; accelerate enables FSDP only on GPUs or other accelerators"
+        raise SqlmError(
+            f"the launch asks for {name}, but accelerate runs it unsharded (distributed type "
+            f"{self.accelerator.distributed_type.value}{why}): launch with recipes/accelerate/ddp.yaml instead"
+        )
+
     def _prepare_aux(self, m):
         if m is None:
             return None
@@ -452,8 +507,9 @@ class SoftQTrainer(Trainer):
 
     @property
     def target_is_sharded(self) -> bool:
-        """The target network is a separate model sharded by ZeRO-3 or FSDP (saved per process)."""
-        if self.target_model is None:
+        """The target network is sharded by ZeRO-3 or FSDP, as a separate model or as the target adapter of
+        the sharded policy: each process holds (and saves) only its own pieces."""
+        if not self.has_target:
             return False
         zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         return zero3 or self.is_fsdp_enabled
@@ -528,6 +584,7 @@ class SoftQTrainer(Trainer):
                     f"holds {tuple(piece.shape)} (a sharded checkpoint resumes on the same number of processes)"
                 )
             piece.copy_(t.to(piece.device, piece.dtype))
+            drop_gathered(params[n])
         self._target_loaded = True
 
     # ------------------------------------------------------------------ trajectories
@@ -874,6 +931,19 @@ class SoftQTrainer(Trainer):
         if self.args.should_save:
             mark_complete(folder, self.state.global_step)
             ckpt.rotate(run_dir, limit, self.state.best_model_checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """``Trainer._save`` (the model of the output_dir and of every checkpoint); with a target adapter, only
+        the policy adapter is written: PEFT would add the target as a ``target/`` adapter folder, which is
+        not what a user loads. Checkpoints keep the target in ``target_model.safetensors`` (resume reads it)."""
+        if self._target_pairs is None:
+            return super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained = functools.partial(model.save_pretrained, selected_adapters=[model.active_adapter])
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained  # the class's method again
 
     def save_aux_state(self, folder: str) -> None:
         """Save what the HF checkpoint lacks into ``folder``: the target network (safetensors), this

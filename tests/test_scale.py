@@ -154,12 +154,28 @@ def test_lora_target_values_equal_a_manual_merge(tmp_path, tokenizer):
     torch.testing.assert_close(trainer.reference_log_pi(model, batch), model_log_pi(base, batch), rtol=1e-5, atol=1e-5)
 
 
-def test_lora_target_adapter_resumes_exactly(tmp_path, tokenizer):
+def test_lora_target_adapter_resumes_exactly_and_stays_out_of_the_saved_adapter(tmp_path, tokenizer):
+    """Checkpoints keep the target adapter in target_model.safetensors, which resume reads; the saved
+    model (output_dir, and each checkpoint's adapter) is the policy adapter alone, what a user loads."""
+    from peft import PeftModel
+
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2, learning_rate=5e-3)
     full = lora_trainer(tmp_path, tokenizer, **kw)
     full.train()
-    ckpt = tmp_path / "out" / "checkpoint-2"
+    full.save_model()
+    out = tmp_path / "out"
+    ckpt = out / "checkpoint-2"
     assert (ckpt / "target_model.safetensors").exists()
+    for folder in (out, ckpt):
+        assert (folder / "adapter_model.safetensors").exists()
+        assert not (folder / TARGET_ADAPTER).exists(), f"{folder} holds the target adapter"
+    loaded = PeftModel.from_pretrained(make_model(tokenizer), out)
+    assert set(loaded.peft_config) == {"default"}
+    trained = adapter_params(full.model, "default")
+    got = adapter_params(loaded, "default")
+    assert got.keys() == trained.keys()
+    for n, v in trained.items():
+        assert torch.equal(got[n], v), n
     resumed = lora_trainer(tmp_path, tokenizer, **{**kw, "output_dir": str(tmp_path / "r")})
     resumed.train(resume_from_checkpoint=str(ckpt))
     a, b = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
@@ -377,6 +393,26 @@ def test_hf_generation_is_named_in_the_logs(tmp_path, tokenizer):
             {"precompute_ref_log_probs": True},
             r"'precompute_ref_log_probs' is not supported under FSDP2",
         ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            {"reward_funcs": ["keyword", "terminal"], "reward_kwargs": {"terminal": {"reward_model": "rm"}}},
+            r"key 'reward_funcs': 'terminal' loads a model, which is not supported under DeepSpeed ZeRO-3",
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            {"reward_funcs": ["bradley_terry"]},
+            r"'bradley_terry' loads a model, which is not supported under DeepSpeed ZeRO-3",
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            {
+                "reward_funcs": ["weighted"],
+                "reward_kwargs": {
+                    "weighted": {"components": [{"name": "length"}, {"name": "abc", "reward_model": "rm"}]}
+                },
+            },
+            r"'weighted/abc' loads a model, which is not supported under DeepSpeed ZeRO-3",
+        ),
     ],
 )
 def test_unsupported_sharding_is_refused_by_the_config(tmp_path, monkeypatch, env, kw, match):
@@ -402,6 +438,46 @@ def test_a_target_network_is_accepted_under_fsdp2_and_zero3(tmp_path, monkeypatc
         monkeypatch.setenv(k, v)
     args._check_engine()  # no error
     assert args.uses_target_model and args.sharding_engine() in (("fsdp", 2), ("deepspeed", 3))
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+        {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+    ],
+)
+def test_a_reward_model_is_accepted_under_fsdp2_and_zero2(tmp_path, monkeypatch, env):
+    args = SoftQConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        reward_funcs=["terminal"],
+        reward_kwargs={"terminal": {"reward_model": "rm"}},
+    )
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    args._check_engine()  # no error: the reward model loads whole on each process
+    assert args.model_reward_funcs() == ["terminal"]
+
+
+def test_fsdp_that_accelerate_does_not_enable_is_an_error(tmp_path, tokenizer, monkeypatch):
+    """accelerate enables FSDP only on accelerators (accelerate/state.py: the FSDP switch is in the
+    MULTI_GPU/MULTI_XPU/... branch): on CPU, or without a launcher, it trains unsharded without a word.
+    The trainer says so before any step."""
+    from sqlm.errors import SqlmError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(SqlmError, match="asks for FSDP2, but accelerate runs it unsharded") as e:
+        SoftQTrainer(
+            make_model(tokenizer),
+            config(tmp_path, loss_type="soft_q"),
+            train_dataset=pref_data(),
+            processing_class=tokenizer,
+            reward_funcs=[good_reward],
+        )
+    assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- memory accounting
@@ -454,3 +530,13 @@ def test_bench_memory_formulas():
     assert saved == pytest.approx(2 * p / 1e9)
     table = bench.formula_table()
     assert "| ZeRO-3, full fine-tune | 16.8 fits | 172.4 does not fit |" in table
+
+
+def test_bench_memory_trainer_row_runs(tmp_path):
+    """The measured rows run the trainer (one process here): the accounting sees every part of a soft_q run."""
+    bench = _bench()
+    got = bench.run_trainer_row("ddp", bench.SMALL, str(tmp_path))
+    state = got["state"]
+    assert got["world"] == 1 and got["peak_rss_mb"] > 0
+    assert state["policy"] > 0 and state["reference"] == state["policy"] and state["target"] == state["policy"]
+    assert state["grads"] == state["policy"] and state["optimizer"] == 2 * state["policy"]  # Adam: m and v

@@ -129,4 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = run(argv)
     if trainer.accelerator.is_main_process:
         print(f"sqlm train: saved to {trainer.args.output_dir}")
+    # every process done, then the process group is destroyed before the interpreter exits (left to the
+    # exit, gloo's threads sometimes abort it: "terminate called without an active exception", exit code -6)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return 0
