@@ -227,7 +227,7 @@ def run_trainer_row(row: str, shape: dict, out_dir: str) -> dict:
     from datasets import Dataset
 
     from sqlm.config import SoftQConfig
-    from sqlm.tiny import tiny_causal_lm, train_tokenizer
+    from sqlm.tiny import train_tokenizer
     from sqlm.trainer import SoftQTrainer
 
     tok = train_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in _rows_data()] * 4, vocab_size=300)
@@ -254,17 +254,7 @@ def run_trainer_row(row: str, shape: dict, out_dir: str) -> dict:
         reward_kwargs={"keyword": {"words": ["good", "fun", "bright"]}},
     )
     # built once the config exists, as `sqlm train` loads its model: under ZeRO-3, zero.Init partitions it
-    model = tiny_causal_lm(
-        shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
+    model = _model(shape, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     trainer = SoftQTrainer(
         model, args, train_dataset=Dataset.from_list(_rows_data()), processing_class=tok, peft_config=peft_config
     )
@@ -290,6 +280,22 @@ def run_trainer_row(row: str, shape: dict, out_dir: str) -> dict:
     }
 
 
+def _model(shape: dict, **config):
+    """The benchmark's Qwen2-shaped model of ``shape`` (tied embeddings)."""
+    from sqlm.tiny import tiny_causal_lm
+
+    return tiny_causal_lm(
+        shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        tie_word_embeddings=True,
+        **config,
+    )
+
+
 def run_fsdp2_row(shape: dict) -> dict:
     import copy
 
@@ -298,19 +304,10 @@ def run_fsdp2_row(shape: dict) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from sqlm.forward import polyak_update
-    from sqlm.tiny import tiny_causal_lm
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    policy = tiny_causal_lm(
-        shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
-        tie_word_embeddings=True,
-    )
+    policy = _model(shape)
     reference, target = copy.deepcopy(policy).eval(), copy.deepcopy(policy).eval()
     for layer in policy.model.layers:
         fully_shard(layer)
@@ -370,28 +367,14 @@ def launch(row: str, size: str, out: Path) -> list[dict]:
             str(_free_port()),
             *me,
         ]
-    elif row in ("zero2", "zero3"):
+    else:  # ZeRO rows with their DeepSpeed config, every other row under DDP
+        config = f"{row}.yaml" if row in ("zero2", "zero3") else "ddp.yaml"
         cmd = [
             sys.executable,
             "-m",
             "accelerate.commands.launch",
             "--config_file",
-            str(ROOT / "recipes" / "accelerate" / f"{row}.yaml"),
-            "--num_processes",
-            "2",
-            "--mixed_precision",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-            *me,
-        ]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(ROOT / "recipes" / "accelerate" / "ddp.yaml"),
+            str(ROOT / "recipes" / "accelerate" / config),
             "--num_processes",
             "2",
             "--mixed_precision",

@@ -65,6 +65,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _accelerate_launch(config: str, *args: str) -> list[str]:
+    """``accelerate launch`` of 2 processes, no mixed precision, a free port, with ``recipes/accelerate/<config>``."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "recipes" / "accelerate" / config), "--num_processes", "2", "--mixed_precision", "no",
+            "--main_process_port", str(_free_port()), *args]  # fmt: skip
+
+
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
@@ -76,18 +83,8 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
         SQLM_TEST_OUT=str(tmp_path),
         TOKENIZERS_PARALLELISM="false",
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "recipes" / "accelerate" / "ddp.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
+    cmd = _accelerate_launch(
+        "ddp.yaml",
         str(worker),
         "--config",
         str(QUICKSTART),
@@ -109,7 +106,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
         "8",
         "--logging_steps",
         "1",
-    ]
+    )
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
@@ -473,23 +470,13 @@ def _launch(tmp_path, engine, model_dir, output_dir, resume="-", lora=False):
         SQLM_TEST_ROWS=json.dumps(_rows()),
         SQLM_TEST_LORA="1" if lora else "0",
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "recipes" / "accelerate" / ENGINE_CONFIGS[engine]),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
+    cmd = _accelerate_launch(
+        ENGINE_CONFIGS[engine],
         str(worker),
         str(model_dir),
         str(output_dir),
         str(resume),
-    ]
+    )
     proc = _run(cmd, timeout=300, cwd=tmp_path, env=env)
     if proc.returncode != 0 and EXIT_ABORT in proc.stderr:
         for folder in (out, output_dir):
@@ -678,18 +665,8 @@ def test_quickstart_trains_under_zero3_on_two_processes(tmp_path):
         SQLM_CACHE=str(tmp_path / "cache"),
         SQLM_TEST_OUT=str(tmp_path),
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "recipes" / "accelerate" / "zero3.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
+    cmd = _accelerate_launch(
+        "zero3.yaml",
         str(worker),
         "--config",
         str(QUICKSTART),
@@ -701,7 +678,7 @@ def test_quickstart_trains_under_zero3_on_two_processes(tmp_path):
         "2",
         "--loss_type",
         "soft_q",
-    ]
+    )
     try:
         proc = _run(cmd, timeout=150, cwd=tmp_path, env=env)
     except subprocess.TimeoutExpired:
