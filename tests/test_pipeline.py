@@ -122,12 +122,17 @@ def test_an_attempt_is_its_base_method_with_further_flags(tmp_path):
     attempt = cfg.method("sqlm-online-abc")
     assert attempt.compare == METHODS["sqlm-online"].compare and cfg.values(attempt) == (0.3,)
     assert [m.name for m in cfg.all_methods()][-1] == "sqlm-online-abc"
+    only = PipelineArguments(attempts={"x": {"base": "dpo", "tasks": ["arithmetic"]}}).sweep_config()
+    assert "x" in [m.name for m in only.all_methods("arithmetic")] and "x" not in [
+        m.name for m in only.all_methods("sentiment")
+    ]
     data = _data(tmp_path)
     data.info["reward_model"] = "/rm"
     base = run_argv(SentimentTask(), METHODS["sqlm-online"], data, 0.3, 0, 40, tmp_path / "o", mid=False)
     got = run_argv(SentimentTask(), attempt, data, 0.3, 0, 40, tmp_path / "o", mid=False)
     assert got == base + ["--reward_funcs", "abc", "--reward_kwargs", '{"abc": {"reward_model": "/rm"}}']
-    for bad in ({"x": {"base": "ppo"}}, {"grpo": {"base": "grpo"}}, {"x": {"base": "grpo", "flags": "--beta"}}):
+    for bad in ({"x": {"base": "ppo"}}, {"grpo": {"base": "grpo"}}, {"x": {"base": "grpo", "flags": "--beta"}},
+                {"x": {"base": "grpo", "tasks": ["math"]}}):  # fmt: skip
         with pytest.raises(SqlmError, match="'attempts'"):
             PipelineArguments(attempts=bad)
 

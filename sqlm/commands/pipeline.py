@@ -80,7 +80,8 @@ class PipelineArguments:
         default=None,
         metadata={
             "help": "Variants of a method, run and judged like it: {name: {base: METHOD, flags: [--key, value, ...], "
-            "values: [knob values]}}; '{reward_model}' in a flag is the task's reward model (sentiment)."
+            "values: [knob values], tasks: [the tasks it runs on; default all]}}; '{reward_model}' in a flag is the "
+            "task's reward model (sentiment)."
         },
     )
     steps: int | None = field(default=None, metadata={"help": "Optimizer steps of every run (default: the task's)."})
@@ -124,10 +125,12 @@ class PipelineArguments:
                     f"key 'attempts': '{name}' must be a new name mapping to {{base: one of {', '.join(METHODS)}, "
                     f"flags: [...], values: [...]}}, got {spec!r}"
                 )
-            flags, values = spec.get("flags", []), spec.get("values", [])
-            if set(spec) - {"base", "flags", "values"} or not isinstance(flags, list) or not isinstance(values, list):
+            flags, values, tasks = spec.get("flags", []), spec.get("values", []), spec.get("tasks", [])
+            lists = all(isinstance(x, list) for x in (flags, values, tasks))
+            if set(spec) - {"base", "flags", "values", "tasks"} or not lists or set(tasks) - set(TASKS):
                 raise SqlmError(
-                    f"key 'attempts': '{name}' takes base, flags (a list) and values (a list), got {spec!r}"
+                    f"key 'attempts': '{name}' takes base, flags, values and tasks (lists; tasks of "
+                    f"{', '.join(TASKS)}), got {spec!r}"
                 )
             spec["flags"] = [str(f) for f in flags]
         for key in ("steps", "n_eval"):

@@ -85,7 +85,8 @@ class SweepConfig:
     n_boot: int = 1000
     keep_models: bool = False  # keep each run's weights (default: logs and results only)
     progress: bool = True
-    # variants of a method, judged like it: name -> {"base": method, "flags": [...], "values": [...]}
+    # variants of a method, judged like it: name -> {"base": method, "flags": [...], "values": [...],
+    # "tasks": [...] (default: every task)}
     attempts: dict[str, dict] = field(default_factory=dict)
 
     def values(self, method: Method, task: Task | None = None) -> tuple[float, ...]:
@@ -111,9 +112,10 @@ class SweepConfig:
         return replace(base, name=name, extra=base.extra + tuple(spec.get("flags", ())),
                        values=values or base.values, default=values or base.default)  # fmt: skip
 
-    def all_methods(self) -> list[Method]:
-        """The methods, then the attempts."""
-        return [self.method(m) for m in [*self.methods, *self.attempts]]
+    def all_methods(self, task: str | None = None) -> list[Method]:
+        """The methods, then the attempts (those of ``task``: an attempt with ``tasks`` runs on those only)."""
+        attempts = [a for a, spec in self.attempts.items() if task is None or task in spec.get("tasks", [task])]
+        return [self.method(m) for m in [*self.methods, *attempts]]
 
 
 # ----------------------------------------------------------------------------- one run
@@ -267,7 +269,7 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
     unknown += [f"{a} (base {s.get('base')})" for a, s in cfg.attempts.items() if s.get("base") not in METHODS]
     if unknown:
         raise SqlmError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    methods = cfg.all_methods()
+    methods = cfg.all_methods(task.name)
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     root = cache / "sweeps" / task.name
