@@ -263,7 +263,14 @@ def write_summary(args: PipelineArguments, results: dict, oracle: dict | None, o
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"tasks": results, "oracle": oracle, "wall_s": wall}, default=str))
+    summary = {
+        name: {k: res[k] for k in ("metric", "table", "verdicts", "bases", "wall_s")} for name, res in results.items()
+    }
+    (out / "results.json").write_text(
+        json.dumps(
+            {"tasks": summary, "oracle": oracle, "wall_s": wall}, indent=1, default=str
+        )  # runs: <task>/results.json
+    )
     return path
 
 

@@ -407,7 +407,10 @@ def plot_frontier(table: dict, base_results: dict, task: Task, path: Path) -> Pa
         for r in rows:
             ax.annotate(f"{r['knob_name'][0]}={r['knob']:g}", (r["kl"], r["score"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("KL(π ‖ base), nats per completion")
+    kls = [r["kl"] for r in table.values() if r["kl"] > 0]
+    if kls and max(kls) > 20 * min(kls):  # one method far out in KL: a log scale past the smallest KL
+        ax.set_xscale("symlog", linthresh=min(kls))
+    ax.set_xlabel("KL(π ‖ base), nats per completion" + (" (log scale)" if kls and max(kls) > 20 * min(kls) else ""))
     ax.set_ylabel(f"{task.metric} (held-out, T=1)")
     ax.set_title(f"{task.name}: {task.metric} vs KL (mean ± s.e. over runs; base LM at KL 0)")
     ax.legend(fontsize=8)
