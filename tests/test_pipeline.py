@@ -11,7 +11,7 @@ import pytest
 
 from sqlm.commands.pipeline import PipelineArguments, main, run_pipeline
 from sqlm.errors import SqlmError
-from sqlm.evaluation.sweep import METHODS, run_argv
+from sqlm.evaluation.sweep import METHODS, mean_pm_se, run_argv
 from sqlm.evaluation.tasks import ArithmeticTask, SentimentTask, TaskData
 
 
@@ -52,7 +52,9 @@ def test_reduced_pipeline_end_to_end(tmp_path, capsys):
         rows = _table(md, "| method | knob | runs |")
         for r in res["table"]:
             cells = rows[(r["method"], f"{r['knob_name']}={r['knob']:g}")]
-            assert cells[1] == f"{r['score']:.3f} ± {r['score_se']:.3f}"
+            assert r["n_runs"] == 1 and cells[1] == f"{r['score']:.3f}"  # one run: no s.e. (not "± 0.000")
+        summary_rows = _table(summary.split(f"## {task}", 1)[1], "| method | knob | runs |")
+        assert all("±" not in c for cells in summary_rows.values() for c in cells)
         pairs = {(v["a"], v["b"]) for v in res["verdicts"]}
         assert pairs == {("sqlm-online", "grpo"), ("sqlm-online", "rloo"), ("sqlm-mixed", "grpo"),
                          ("sqlm-mixed", "rloo"), ("sqlm-offline", "dpo")}  # fmt: skip
@@ -74,6 +76,11 @@ def test_reduced_pipeline_end_to_end(tmp_path, capsys):
     res2 = run_pipeline(args)
     assert {p: p.stat().st_mtime_ns for p in done} == stamps
     assert res2["seconds"] < 60 and res2["oracle"] is None
+
+
+def test_a_cell_of_one_run_shows_no_standard_error():
+    assert mean_pm_se(0.5, 0.0, 1) == "0.500"
+    assert mean_pm_se(0.5, 0.01, 3, 2) == "0.50 ± 0.01"
 
 
 def _data(tmp_path) -> TaskData:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -341,6 +342,9 @@ def main(name: str, dataclass_types, trainer_cls, doc: str, argv: list[str] | No
         print(f"usage: sqlm {name} RECIPE.yaml [--key value ...]\n\n{doc}")
         return 0
     start = time.time()
+    # TRL 1.16 reads transformers' deprecated alias at every generation step: one FutureWarning a run
+    # that a user can do nothing about
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     recipe, script_args, config, model_args = parse(dataclass_types, argv)
     trainer = build_trainer(trainer_cls(), script_args, config, model_args, recipe)
     t = time.time()

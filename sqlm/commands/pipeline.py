@@ -238,7 +238,7 @@ def write_summary(args: PipelineArguments, results: dict, oracle: dict | None, o
     """``output_dir/report.md``: every task's verdicts and plots (its full report beside), and the
     exact-oracle section."""
     from ..evaluation.oracle_compare import oracle_section
-    from ..evaluation.sweep import verdict_lines
+    from ..evaluation.sweep import mean_pm_se, verdict_lines
 
     cfg = args.sweep_config()
     lines = ["# sqlm vs DPO, GRPO and RLOO on the embedded gold tasks", "",
@@ -251,7 +251,7 @@ def write_summary(args: PipelineArguments, results: dict, oracle: dict | None, o
         for r in res["table"]:
             lines.append(
                 f"| {r['method']} | {r['knob_name']}={r['knob']:g} | {r['n_runs']} | "
-                f"{r['score']:.3f} ± {r['score_se']:.3f} | {r['kl']:.2f} ± {r['kl_se']:.2f} |"
+                f"{mean_pm_se(r['score'], r['score_se'], r['n_runs'])} | {mean_pm_se(r['kl'], r['kl_se'], r['n_runs'], 2)} |"
             )
         base = ", ".join(f"base {b}: {r['score']:.3f}" for b, r in res["bases"].items())
         lines += ["", f"Base LM {res['metric']}: {base}.", "", *verdict_lines(res["verdicts"], res["metric"]), ""]

@@ -452,8 +452,9 @@ def plot_efficiency(table: dict, base_results: dict, task: Task, path: Path) -> 
     return path
 
 
-def _f(m, se, nd=3):
-    return f"{m:.{nd}f} ± {se:.{nd}f}"
+def mean_pm_se(m: float, se: float, n_runs: int, nd: int = 3) -> str:
+    """``mean ± s.e.``; the mean alone for one run, which has no standard error over runs."""
+    return f"{m:.{nd}f}" if n_runs < 2 else f"{m:.{nd}f} ± {se:.{nd}f}"
 
 
 def verdict_lines(verdicts: list[dict], metric: str) -> list[str]:
@@ -505,18 +506,19 @@ def write_report(task: Task, cfg: SweepConfig, results, failed, base_results, ta
               "|---|---|---|---|" + ("---|" if greedy else "") + ("---|" if long else "")
               + "---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (m, knob), r in table.items():
+        n = r["n_runs"]
         lines.append(
-            f"| {m} | {r['knob_name']}={knob:g} | {r['n_runs']} | {_f(r['score'], r['score_se'])} |"
-            + (f" {_f(r['greedy'], r['greedy_se'])} |" if greedy else "")
+            f"| {m} | {r['knob_name']}={knob:g} | {r['n_runs']} | {mean_pm_se(r['score'], r['score_se'], n)} |"
+            + (f" {mean_pm_se(r['greedy'], r['greedy_se'], n)} |" if greedy else "")
             + (f" {r['long_score']:.3f} / {r['long_greedy']:.3f} |" if long else "")
-            + f" {_f(r['kl'], r['kl_se'], 2)} | {_f(r['length'], r['length_se'], 1)} | {r['distinct1']:.3f} | "
+            + f" {mean_pm_se(r['kl'], r['kl_se'], n, 2)} | {mean_pm_se(r['length'], r['length_se'], n, 1)} | {r['distinct1']:.3f} | "
             f"{r['distinct2']:.3f} | {r['generated_completions']:.0f} | {r['generated_tokens']:.0f} | "
             f"{r['optimizer_steps']:.0f} | {r['wall_time_s']:.1f} |"
         )
     lines += ["", "## Matched-KL verdicts", "",
               (f"Difference A − B of the mean {task.metric} over the KL range both frontiers cover (linear between a "
                "method's knob values, no extrapolation), with a 95% bootstrap interval over runs (paired) and prompts "
-               f"({cfg.n_boot} replicates); **tie** when the interval holds 0. 'with base' adds the base LM at KL 0 to "
+               f"({cfg.n_boot} replicates; over prompts alone where a cell has one run); **tie** when the interval holds 0. 'with base' adds the base LM at KL 0 to "
                "both frontiers (the range starts at 0); 'trained points only' uses the trained points alone."), "",
               *verdict_lines(verdicts, task.metric)]  # fmt: skip
     if failed:
