@@ -169,6 +169,12 @@ def test_full_and_default_settings():
     assert all(len(full.values(METHODS[m])) >= 3 for m in METHODS)
     # TRL's defaults are among the baselines' knob values
     assert 0.0 in full.values(METHODS["grpo"]) and 0.05 in full.values(METHODS["rloo"])
+    # the baselines' grids reach further than sqlm's on every task (5 values, up to beta = 1 or more), so
+    # that a comparison never rests on a straight line from the base LM where sqlm has points
+    for task in (SentimentTask(), ArithmeticTask()):
+        for b in ("grpo", "rloo", "dpo"):
+            vals = full.values(METHODS[b], task)
+            assert len(vals) == 5 and max(vals) >= 1.0, (task.name, b, vals)
     # a task's own range where it has one (arithmetic: sqlm's KL is small, larger tau values)
     assert full.values(METHODS["sqlm-online"], ArithmeticTask()) == (0.1, 0.3, 1.0)
     assert full.values(METHODS["sqlm-online"], SentimentTask()) == METHODS["sqlm-online"].values

@@ -59,12 +59,14 @@ METHODS: dict[str, Method] = {
                compare=("grpo", "rloo")),
         Method("sqlm-mixed", "sqlm", "mixed", "sqlm/config_mixed.yaml", "tau", (0.03, 0.1, 0.3), (0.1,),
                compare=("grpo", "rloo")),
-        # TRL's defaults are swept with larger values: GRPO's beta 0 (no reference), RLOO's 0.05
-        Method("grpo", "grpo", "online", "grpo/config.yaml", "beta", (0.0, 0.04, 0.1), (0.0,)),
-        Method("rloo", "rloo", "online", "rloo/config.yaml", "beta", (0.05, 0.1, 0.2), (0.05,)),
+        # TRL's defaults are swept with larger values: GRPO's beta 0 (no reference), RLOO's 0.05; the
+        # baselines' grids reach further than sqlm's tau grids (5 values, up to beta = 1), so that they
+        # have points wherever sqlm has on either task
+        Method("grpo", "grpo", "online", "grpo/config.yaml", "beta", (0.0, 0.04, 0.1, 0.3, 1.0), (0.0,)),
+        Method("rloo", "rloo", "online", "rloo/config.yaml", "beta", (0.05, 0.1, 0.2, 0.5, 1.0), (0.05,)),
         Method("sqlm-offline", "sqlm", "offline", "sqlm/config_offline.yaml", "tau", (0.03, 0.1, 0.3), (0.1,),
                compare=("dpo",)),
-        Method("dpo", "dpo", "offline", "dpo/config.yaml", "beta", (0.03, 0.1, 0.3), (0.1,)),
+        Method("dpo", "dpo", "offline", "dpo/config.yaml", "beta", (0.03, 0.1, 0.3, 1.0, 3.0), (0.1,)),
     )
 }  # fmt: skip
 
