@@ -38,6 +38,10 @@ WORKER = textwrap.dedent(
     target = getattr(trainer.target_model, "module", trainer.target_model)
     with open(os.path.join(os.environ["SQLM_TEST_OUT"], f"rank{trainer.args.process_index}.txt"), "w") as f:
         f.write(f"{trainer.args.world_size} {trainer.state.global_step} {digest(model)} {digest(target)}")
+    # as `sqlm train` does: the process group ends before the interpreter exits (left to the exit, gloo's
+    # threads sometimes abort a finished process: "terminate called without an active exception", -6)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     """
 )
 
