@@ -134,11 +134,11 @@ def model_values(model: nn.Module, batch: dict[str, Any], tau: float) -> torch.T
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model``'s parameters are sharded by FSDP2 (the model, or the model in a ``.module``
-    wrapper, is an ``FSDPModule``) or partitioned by DeepSpeed ZeRO-3 (its parameters carry
-    ``ds_id``). Such a model is read through its logits, not the fused head: the fused head applies
-    the LM head's weight after the forward has returned, when the engine has already resharded it
-    (a DTensor shard, or an empty ZeRO-3 placeholder) and would not reduce its gradient; inside the
-    forward the engine gathers it and reduces its gradient."""
+    wrapper, is an ``FSDPModule``) or partitioned by DeepSpeed ZeRO-3 (:func:`is_zero3_partitioned`).
+    Such a model is read through its logits, not the fused head: the fused head applies the LM head's
+    weight after the forward has returned, when the engine has already resharded it (a DTensor shard,
+    or an empty ZeRO-3 placeholder) and would not reduce its gradient; inside the forward the engine
+    gathers it and reduces its gradient."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover
@@ -148,8 +148,14 @@ def is_sharded(model: nn.Module) -> bool:
         if FSDPModule and isinstance(inner, FSDPModule):
             return True
         inner = getattr(inner, "module", None)
+    return is_zero3_partitioned(model)
+
+
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are partitioned by DeepSpeed ZeRO-3 (``zero.Init``): each holds only
+    this process's partition (``ds_tensor``) and an empty ``data``."""
     first = next(model.parameters(), None)
-    return first is not None and hasattr(first, "ds_id")
+    return first is not None and hasattr(first, "ds_tensor")
 
 
 def _reshard(model: nn.Module) -> None:

@@ -50,6 +50,7 @@ from .forward import (
     add_target_adapter,
     attach_value_head,
     drop_gathered,
+    is_zero3_partitioned,
     local_shard,
     model_log_pi,
     policy_soft_outputs,
@@ -71,11 +72,6 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- target network
 
 
-def _zero3_partitioned(model: nn.Module) -> bool:
-    first = next(model.parameters(), None)
-    return first is not None and hasattr(first, "ds_tensor")
-
-
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A copy of the initial policy, for the reference or the target network.
 
@@ -86,7 +82,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     their partitions. The copy is then built from the policy's config under
     ``zero.Init`` (``_from_config``: partitioned the same way) and takes the policy's partitions piece
     by piece, with no gather of whole parameters; buffers (not partitioned) are copied as they are."""
-    if not _zero3_partitioned(model):
+    if not is_zero3_partitioned(model):
         return copy.deepcopy(model)
     from transformers.integrations import is_deepspeed_zero3_enabled
 

@@ -99,8 +99,8 @@ class SweepConfig:
             return tuple(self.knobs[method.name])
         if not self.full:
             return method.default
-        base = self.attempts.get(method.name, {}).get("base", method.name)
-        own = self.attempts.get(method.name, {}).get("values")
+        spec = self.attempts.get(method.name, {})
+        base, own = spec.get("base", method.name), spec.get("values")
         return tuple(own) if own else tuple(getattr(task, "KNOBS", {}).get(base, method.values))
 
     def method(self, name: str) -> Method:
@@ -410,9 +410,10 @@ def plot_frontier(table: dict, base_results: dict, task: Task, path: Path) -> Pa
             ax.annotate(f"{r['knob_name'][0]}={r['knob']:g}", (r["kl"], r["score"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
     kls = [r["kl"] for r in table.values() if r["kl"] > 0]
-    if kls and max(kls) > 20 * min(kls):  # one method far out in KL: a log scale past the smallest KL
+    log_x = bool(kls) and max(kls) > 20 * min(kls)  # one method far out in KL: a log scale past the smallest KL
+    if log_x:
         ax.set_xscale("symlog", linthresh=min(kls))
-    ax.set_xlabel("KL(π ‖ base), nats per completion" + (" (log scale)" if kls and max(kls) > 20 * min(kls) else ""))
+    ax.set_xlabel("KL(π ‖ base), nats per completion" + (" (log scale)" if log_x else ""))
     ax.set_ylabel(f"{task.metric} (held-out, T=1)")
     ax.set_title(f"{task.name}: {task.metric} vs KL (mean ± s.e. over runs; base LM at KL 0)")
     ax.legend(fontsize=8)
@@ -510,7 +511,7 @@ def write_report(task: Task, cfg: SweepConfig, results, failed, base_results, ta
     for (m, knob), r in table.items():
         n = r["n_runs"]
         lines.append(
-            f"| {m} | {r['knob_name']}={knob:g} | {r['n_runs']} | {mean_pm_se(r['score'], r['score_se'], n)} |"
+            f"| {m} | {r['knob_name']}={knob:g} | {n} | {mean_pm_se(r['score'], r['score_se'], n)} |"
             + (f" {mean_pm_se(r['greedy'], r['greedy_se'], n)} |" if greedy else "")
             + (f" {r['long_score']:.3f} / {r['long_greedy']:.3f} |" if long else "")
             + f" {mean_pm_se(r['kl'], r['kl_se'], n, 2)} | {mean_pm_se(r['length'], r['length_se'], n, 1)} | {r['distinct1']:.3f} | "
