@@ -76,17 +76,17 @@ def _accelerate_launch(config: str, *args: str) -> list[str]:
             "--main_process_port", str(_free_port()), *args]  # fmt: skip
 
 
+def _worker_env(tmp_path, out, **extra) -> dict[str, str]:
+    """The environment of launched workers: offline, one thread each, their own sqlm cache, ``out`` where
+    they write what the test reads (``SQLM_TEST_OUT``), and ``extra``."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                SQLM_CACHE=str(tmp_path / "cache"), SQLM_TEST_OUT=str(out), **extra)  # fmt: skip
+
+
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        SQLM_CACHE=str(tmp_path / "cache"),
-        SQLM_TEST_OUT=str(tmp_path),
-        TOKENIZERS_PARALLELISM="false",
-    )
+    env = _worker_env(tmp_path, tmp_path)
     cmd = _accelerate_launch(
         "ddp.yaml",
         str(worker),
@@ -111,7 +111,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
         "--logging_steps",
         "1",
     )
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = _run(cmd, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
     for world, steps, _, _ in lines:
@@ -227,7 +227,7 @@ def test_fsdp2_target_polyak_on_local_shards_matches_one_process(tmp_path):
 
     worker = tmp_path / "fsdp2_worker.py"
     worker.write_text(FSDP2_WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", SQLM_TEST_OUT=str(tmp_path), HF_HUB_OFFLINE="1")
+    env = _worker_env(tmp_path, tmp_path)
     cmd = [
         sys.executable,
         "-m",
@@ -238,7 +238,7 @@ def test_fsdp2_target_polyak_on_local_shards_matches_one_process(tmp_path):
         str(_free_port()),
         str(worker),
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = _run(cmd, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = torch.load(tmp_path / "fsdp2.pt", weights_only=True)
     assert bool(got.pop("exact")), "the target did not move by exactly the Polyak rule on its local shards"
@@ -462,14 +462,10 @@ def _launch(tmp_path, engine, model_dir, output_dir, resume="-", lora=False):
     out.mkdir()
     worker = tmp_path / "sharded_worker.py"
     worker.write_text(SHARDED_WORKER)
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        SQLM_CACHE=str(tmp_path / "cache"),
+    env = _worker_env(
+        tmp_path,
+        out,
         SQLM_TEST_ENGINE=engine,
-        SQLM_TEST_OUT=str(out),
         SQLM_TEST_ARGS=json.dumps(SHARDED_ARGS),
         SQLM_TEST_ROWS=json.dumps(_rows()),
         SQLM_TEST_LORA="1" if lora else "0",
@@ -661,14 +657,7 @@ def test_quickstart_trains_under_zero3_on_two_processes(tmp_path):
     _engine_available("zero3")
     worker = tmp_path / "quickstart_worker.py"
     worker.write_text(QUICKSTART_WORKER)
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        SQLM_CACHE=str(tmp_path / "cache"),
-        SQLM_TEST_OUT=str(tmp_path),
-    )
+    env = _worker_env(tmp_path, tmp_path)
     cmd = _accelerate_launch(
         "zero3.yaml",
         str(worker),
