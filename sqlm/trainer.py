@@ -1113,6 +1113,15 @@ def batch_metrics(
     return out
 
 
+def kl_k3(log_pi: torch.Tensor, ref_log_pi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[N]``: ``sum_t exp(r_t) - 1 - r_t`` with ``r_t = log pi_ref(a_t|s_t) - log pi(a_t|s_t)`` on the
+    path ``mask`` (Schulman's k3, the per-token KL TRL's GRPO logs as ``kl``). Each term is >= 0, and on
+    tokens drawn from pi its expectation is KL(pi || pi_ref) at that state, so on paths sampled from pi
+    the sum estimates the sequence KL without bias and, unlike ``sum_t -r_t``, never goes negative."""
+    r = (ref_log_pi.float() - log_pi.float()) * mask.float()  # 0 off the mask, where exp(0) - 1 - 0 = 0
+    return (torch.expm1(r) - r).sum(-1)
+
+
 def policy_metrics(
     log_pi: torch.Tensor,
     ref_log_pi: torch.Tensor | None,
@@ -1130,8 +1139,9 @@ def policy_metrics(
     ``rewards/margins`` (chosen minus rejected) and ``rewards/accuracies`` (share of pairs whose
     chosen implicit reward is higher). With a reference: ``log_ratio_ref``, the mean over paths of
     ``sum_t log pi/pi_ref`` (on offline paths this is no KL and may be negative), and on the paths
-    sampled from pi itself (``on_policy`` ``[N]``) ``kl_ref``, the same mean, which there is an
-    unbiased estimate of the sequence KL(pi || pi_ref)."""
+    sampled from pi itself (``on_policy`` ``[N]``) ``kl_ref``, the mean of :func:`kl_k3` (TRL GRPO's
+    ``kl`` estimator, summed over each path): an unbiased estimate of the sequence KL(pi || pi_ref)
+    that, unlike the mean log-ratio, is never negative."""
     m = mask.float()
     seq_logp = (log_pi.float() * m).sum(-1)
     out: dict[str, float] = {}
@@ -1144,7 +1154,8 @@ def policy_metrics(
     ratio = ((log_pi.float() - ref_log_pi.float()) * m).sum(-1)
     out["log_ratio_ref"] = float(ratio.mean())
     if on_policy is not None and bool(on_policy.any()):
-        out["kl_ref"] = float(ratio[on_policy.to(ratio.device)].mean())
+        rows = on_policy.to(ratio.device)
+        out["kl_ref"] = float(kl_k3(log_pi[rows], ref_log_pi[rows], m[rows]).mean())
     if pair_index is not None and len(pair_index):
         chosen, rejected = tau * ratio[c], tau * ratio[r]
         out["rewards/chosen"] = float(chosen.mean())

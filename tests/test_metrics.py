@@ -3,6 +3,7 @@ rewards on pairs, GRPO's rewards and completion lengths), checked by hand on a t
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from datasets import Dataset
 from sqlm.config import SoftQConfig
 from sqlm.data import Trajectory
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
-from sqlm.trainer import SoftQTrainer, batch_metrics, policy_metrics
+from sqlm.trainer import SoftQTrainer, batch_metrics, kl_k3, policy_metrics
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,12 +108,33 @@ def test_pair_metrics_by_hand():
     assert out["logps/chosen"] == pytest.approx((-3.0 + -1.5) / 2)
     assert out["logps/rejected"] == pytest.approx((-4.0 + -3.0) / 2)
     assert out["log_ratio_ref"] == pytest.approx((1 - 2 + 1.5 - 1.5) / 4)
-    assert out["kl_ref"] == pytest.approx((1.5 - 1.5) / 2)
+    # kl_ref on the on-policy rows 2, 3: k3 = exp(r) - 1 - r per token, r = log pi_ref - log pi = -0.5, 0.5
+    k3 = (3 * (math.exp(-0.5) - 1 + 0.5) + 3 * (math.exp(0.5) - 1 - 0.5)) / 2
+    assert out["kl_ref"] == pytest.approx(k3)
     # one pair where the rejected path gains more: accuracy 1/2
     swapped = policy_metrics(log_pi, ref, mask, tau, torch.tensor([[0, 1], [3, 2]]))
     assert swapped["rewards/accuracies"] == 0.5 and "kl_ref" not in swapped
     # no reference: only the log-probs
     assert set(policy_metrics(log_pi, None, mask, tau, pairs)) == {"logps/chosen", "logps/rejected"}
+
+
+def test_kl_ref_is_k3_and_never_negative(gen):
+    """On samples the mean of sum_t log pi/pi_ref can be negative (a real model logged -0.013): kl_ref
+    is TRL GRPO's k3, exp(r) - 1 - r with r = log pi_ref - log pi, >= 0 per token, summed on the path."""
+    ref = -torch.rand(8, 5, generator=gen)
+    log_pi = ref - 0.1 - torch.rand(8, 5, generator=gen)  # pi below pi_ref on every sampled token
+    mask = torch.ones(8, 5)
+    mask[:, 3:] = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 0.0]] * 4)  # paths of 4 and 3 tokens, then padding
+    log_pi = log_pi.masked_fill(mask == 0, -30.0)  # padding must not count
+    on_policy = torch.ones(8, dtype=torch.bool)
+    out = policy_metrics(log_pi, ref, mask, 0.1, on_policy=on_policy)
+    assert out["log_ratio_ref"] < 0 < out["kl_ref"]  # the naive mean is negative, k3 is not
+    r = (ref - log_pi) * mask
+    assert out["kl_ref"] == pytest.approx(float((torch.exp(r) - 1 - r).sum(-1).mean()), rel=1e-5)
+    assert float(kl_k3(log_pi, log_pi, mask).abs().max()) == 0  # pi = pi_ref: 0
+    # only the on-policy rows count
+    part = policy_metrics(log_pi, ref, mask, 0.1, on_policy=torch.arange(8) < 2)
+    assert part["kl_ref"] == pytest.approx(float(kl_k3(log_pi[:2], ref[:2], mask[:2]).mean()), rel=1e-6)
 
 
 def test_batch_metrics_by_hand():
