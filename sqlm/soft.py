@@ -174,3 +174,26 @@ def path_mask(
     # number of EOS strictly before t; a step is kept while none came before it
     before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
     return (mask & (before == 0)).float()
+
+
+def fold_rewards_into_path(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rewards ``[N, T]`` with whatever lies on steps after each path's last step (``mask``, one
+    contiguous run per row) added to that last step; everything else unchanged.
+
+    A path ends at its first EOS, but a completion may hold tokens after it: ChatML closes an assistant
+    turn with ``<|im_end|>\\n``, so a sequence reward put on the completion's last token lands on the
+    ``\\n``, outside the path, and no loss would see it. The tokens after the end are not actions of the
+    MDP (the state after EOS has V = 0), so their reward belongs to the action that ended the path; it
+    is added undiscounted. Rows without a step are returned as they are."""
+    if rewards.shape != mask.shape:
+        raise ValueError(f"rewards and mask must have one shape, got {tuple(rewards.shape)} and {tuple(mask.shape)}")
+    on = mask.bool()
+    has_step = on.any(-1)
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    last = torch.where(on, positions, torch.full_like(positions, -1)).max(-1).values  # [N]
+    after = positions > last.unsqueeze(-1)
+    spill = torch.where(after & has_step.unsqueeze(-1), rewards, torch.zeros_like(rewards)).sum(-1)
+    out = torch.where(after & has_step.unsqueeze(-1), torch.zeros_like(rewards), rewards).clone()
+    rows = has_step.nonzero().squeeze(-1)
+    out[rows, last[rows]] += spill[rows]
+    return out

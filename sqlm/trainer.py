@@ -63,7 +63,7 @@ from .rewards.base import TokenRewarder
 from .rewards.registry import resolve_rewarders
 from .rewards.scoring import score_trajectories
 from .rollout import ReplayBuffer, generate_completions, generate_completions_vllm, vllm_generation
-from .soft import SoftOutputs, path_mask
+from .soft import SoftOutputs, fold_rewards_into_path, path_mask
 
 
 logger = logging.getLogger(__name__)
@@ -719,6 +719,8 @@ class SoftQTrainer(Trainer):
             batch["on_policy"] = on_policy
         actions = batch["input_ids"][:, 1:]
         batch["path_mask"] = path_mask(actions, batch["completion_mask"][:, 1:], self.eos_token_ids)
+        # a reward on a token after the path's end (ChatML's "\n" after <|im_end|>) goes to its last step
+        batch["token_rewards"][:, 1:] = fold_rewards_into_path(batch["token_rewards"][:, 1:], batch["path_mask"])
         first = batch["completion_mask"].float().argmax(-1)
         batch["logits_start"] = max(int(first.min()) - 1, 0)
         lengths = batch["path_mask"].sum(-1).float()

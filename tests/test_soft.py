@@ -138,3 +138,14 @@ def test_bad_shapes_name_the_argument():
         soft_outputs(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), 1.0)
     with pytest.raises(ValueError, match="chunk_size"):
         soft_outputs(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), 1.0, chunk_size=0)
+
+
+def test_fold_rewards_into_path_moves_what_lies_after_the_end_onto_the_last_step():
+    from sqlm.soft import fold_rewards_into_path
+
+    rewards = torch.tensor([[0.0, 0.5, 0.0, 1.0, 2.0], [0.0, 0.0, 3.0, 0.0, 0.0], [7.0, 0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 0, 0, 0]]).float()
+    out = fold_rewards_into_path(rewards, mask)
+    assert out.tolist() == [[0.0, 0.5, 3.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0, 0.0], [7.0, 0.0, 0.0, 0.0, 0.0]]
+    assert torch.equal(fold_rewards_into_path(out, mask), out)  # idempotent
+    assert out.sum(-1)[:2].tolist() == rewards.sum(-1)[:2].tolist()  # nothing lost

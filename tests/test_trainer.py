@@ -397,3 +397,49 @@ def test_guo_mix_reads_the_target_networks_advantage(tmp_path, tokenizer):
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     online, _ = LOSSES["guo_pcl_mix"](soft.q, soft.v, args.tau * lse_bar, rewards, mask, **kw)
     assert not torch.allclose(loss, online, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["unified_pcl", "pcl", "soft_q"])
+def test_sequence_reward_after_the_end_of_turn_reaches_the_loss(tmp_path, tokenizer, loss_type):
+    """ChatML ends an assistant turn with ``<|im_end|>\\n``: the completion's last token lies after the
+    EOS that ends the path. A score-column reward put there must still reach the loss, as if it sat on
+    the EOS itself (it was dropped: step-1 loss 1e-14 on SmolLM2's chat pairs scored 1/0)."""
+    eos, newline = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" good")[0])
+    args = config(
+        tmp_path, loss_type=loss_type, tau=0.5, chosen_score_column="score_chosen", rejected_score_column="score_rejected"
+    )
+    data = pref_data(2).map(lambda r: {"score_chosen": 1.0, "score_rejected": 0.0})
+    trainer = SoftQTrainer(make_model(tokenizer), args, train_dataset=data, processing_class=tokenizer)
+
+    def loss_of(tail: list[int]) -> float:
+        rows = [dict(r) for r in trainer.train_dataset]
+        for r in rows:
+            for side in ("chosen", "rejected"):
+                ids = [t for t in r[f"{side}_ids"] if t != eos]
+                r[f"{side}_ids"] = ids + [eos] + tail
+        batch = trainer.build_batch(rows)
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, batch).item()
+
+    at_eos, after_eos = loss_of([]), loss_of([newline])
+    assert at_eos > 1e-3
+    assert after_eos == pytest.approx(at_eos, rel=1e-5)
+
+
+def test_a_reward_on_any_completion_token_moves_the_loss(tmp_path, tokenizer):
+    """Dense rewards: a reward on any single completion token, inside the path or after its EOS,
+    changes the loss (value_anchor reference at step 0: the loss is 0 without rewards)."""
+    eos = tokenizer.eos_token_id
+    trainer = SoftQTrainer(
+        make_model(tokenizer), config(tmp_path, tau=0.5), train_dataset=pref_data(2), processing_class=tokenizer
+    )
+    rows = [dict(r) for r in trainer.train_dataset][:1]
+    ids = [t for t in rows[0]["chosen_ids"] if t != eos] + [eos, rows[0]["chosen_ids"][0]]
+    rows[0]["chosen_ids"] = ids
+    for k in range(len(ids)):
+        r = dict(rows[0])
+        r["chosen_token_rewards"] = [1.0 if j == k else 0.0 for j in range(len(ids))]
+        r["rejected_token_rewards"] = [0.0] * len(r["rejected_ids"])
+        batch = trainer.build_batch([r])
+        with torch.no_grad():
+            assert trainer.compute_loss(trainer.model, batch).item() > 1e-4, f"reward on completion token {k}"
