@@ -11,7 +11,10 @@
 The model keys of TRL's ``ModelConfig`` (``model_name_or_path``, ``model_revision``, ``dtype``,
 ``attn_implementation``; ``use_peft`` and ``lora_*`` for :func:`sqlm.config.get_peft_config`) mean the
 same in ``sqlm train``, ``sqlm dpo`` and ``sqlm reward``: :func:`model_init_kwargs` reads them.
-``model_name_or_path: tiny[:...]`` builds a tiny model offline (:func:`sqlm.tiny.build_tiny_model`).
+``model_name_or_path: tiny[:...]`` builds a tiny model offline (:func:`sqlm.tiny.build_tiny_model`); a
+path ending in ``.gguf`` (or ``model_init_kwargs: {gguf_file: ...}`` beside a folder), or a packaged
+model's short name such as ``smollm2-135m-instruct``, loads a GGUF model through its converted
+safetensors folder (:mod:`sqlm.gguf`), in every loader here.
 """
 
 from __future__ import annotations
@@ -76,17 +79,26 @@ def load_model(name: str, init_kwargs: dict[str, Any], architecture=None):
     ``architecture`` is an ``AutoModelFor...`` class (default: the config's)."""
     from trl.trainer.utils import create_model_from_path
 
+    from .gguf import resolve_model_path
+
     if init_kwargs.get("use_safetensors") is not True:
         raise SqlmError("sqlm loads weights from safetensors only (use_safetensors must be true)")
+    init_kwargs = dict(init_kwargs)
+    name = resolve_model_path(name, init_kwargs.pop("gguf_file", None))
     try:
         return create_model_from_path(name, architecture, **init_kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise SqlmError(f"could not load model '{name}'{_offline_hint(name)}: {_one_line(e)}") from None
 
 
-def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None
+):
     from transformers import AutoTokenizer
 
+    from .gguf import resolve_model_path
+
+    name = resolve_model_path(name, gguf_file)
     try:
         return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError) as e:
@@ -97,7 +109,10 @@ def load_pretrained(name: str, args, model_args, tokenizer_name: str | None = No
     """Causal LM and tokenizer from a hub id or local folder, with :func:`model_init_kwargs`."""
     kwargs = model_init_kwargs(args, model_args)
     model = load_model(name, kwargs)
-    tokenizer = load_tokenizer(tokenizer_name or name, model_args.model_revision, kwargs["trust_remote_code"])
+    gguf_file = None if tokenizer_name else kwargs.get("gguf_file")
+    tokenizer = load_tokenizer(
+        tokenizer_name or name, model_args.model_revision, kwargs["trust_remote_code"], gguf_file
+    )
     return model, tokenizer
 
 
@@ -147,7 +162,9 @@ def load_policy(path: str | os.PathLike):
     tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = Path(path)
+    from .gguf import resolve_model_path
+
+    p = Path(resolve_model_path(path))
     if not p.exists():
         raise SqlmError(f"model folder not found: {path}")
     try:
@@ -156,10 +173,10 @@ def load_policy(path: str | os.PathLike):
 
             if not (p / "adapter_model.safetensors").is_file():
                 raise SqlmError(f"adapter folder {path} has no adapter_model.safetensors (safetensors only)")
-            model = AutoPeftModelForCausalLM.from_pretrained(str(path)).merge_and_unload()
+            model = AutoPeftModelForCausalLM.from_pretrained(str(p)).merge_and_unload()
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+            model = AutoModelForCausalLM.from_pretrained(str(p), use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError, ImportError) as e:
         raise SqlmError(f"could not load model '{path}': {_one_line(e)}") from None
     model.eval()

@@ -84,6 +84,11 @@ def _did_you_mean(value: str, options: Sequence[str]) -> str:
 
 
 def unknown_key_error(key: str, valid: Sequence[str], where: str) -> SqlmError:
+    if key == "gguf_file":
+        return SqlmError(
+            f"unknown key 'gguf_file' in {where}; name the GGUF model in model_name_or_path (a path ending in "
+            ".gguf, or a packaged short name such as smollm2-135m-instruct), or put gguf_file under model_init_kwargs"
+        )
     if key in RENAMED_KEYS and RENAMED_KEYS[key].split()[0] in valid:
         return SqlmError(f"unknown key '{key}' in {where}; use {RENAMED_KEYS[key]}")
     return SqlmError(f"unknown key '{key}' in {where}{_did_you_mean(key, valid)}")

@@ -406,7 +406,11 @@ def test_sequence_reward_after_the_end_of_turn_reaches_the_loss(tmp_path, tokeni
     the EOS itself (it was dropped: step-1 loss 1e-14 on SmolLM2's chat pairs scored 1/0)."""
     eos, newline = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" good")[0])
     args = config(
-        tmp_path, loss_type=loss_type, tau=0.5, chosen_score_column="score_chosen", rejected_score_column="score_rejected"
+        tmp_path,
+        loss_type=loss_type,
+        tau=0.5,
+        chosen_score_column="score_chosen",
+        rejected_score_column="score_rejected",
     )
     data = pref_data(2).map(lambda r: {"score_chosen": 1.0, "score_rejected": 0.0})
     trainer = SoftQTrainer(make_model(tokenizer), args, train_dataset=data, processing_class=tokenizer)

@@ -163,7 +163,9 @@ def _reward_model(name: str, trust_remote_code: bool):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ..data import _one_line
+    from ..gguf import resolve_model_path
 
+    name = resolve_model_path(name)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code

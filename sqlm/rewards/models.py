@@ -84,6 +84,9 @@ def load_reward_model(path: str, *, eager_attention: bool = False, dtype: str | 
     """``(model, tokenizer)`` of a saved sequence-classification reward model, in eval mode."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from ..gguf import resolve_model_path
+
+    path = resolve_model_path(path)
     kwargs: dict[str, Any] = {"dtype": as_dtype(dtype)}
     if eager_attention:
         kwargs["attn_implementation"] = "eager"
@@ -99,6 +102,9 @@ def load_causal_lm(path: str, dtype: str | torch.dtype = "float32"):
     """``(model, tokenizer)`` of a saved causal LM, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..gguf import resolve_model_path
+
+    path = resolve_model_path(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(path)
