@@ -73,3 +73,50 @@ def test_bradley_terry_reward_is_fitted_once_and_the_margin_grows(pairs_only_rec
     again = capsys.readouterr().out
     assert len(fits) == 1 and "bradley_terry reward model (from the cache" in again
     assert logs(again)[0]["reward_model/eval_accuracy"] == first["reward_model/eval_accuracy"]
+
+
+GOOD, BAD = " good and fun.", " bad and dull."
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    """A tiny policy and its tokenizer (pad distinct from EOS), and 32 preference pairs."""
+    from datasets import Dataset
+
+    from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
+
+    prompts = [f"Rate film {i}:" for i in range(32)]
+    tokenizer = train_tokenizer([p + s for p in prompts for s in (GOOD, BAD)], vocab_size=300)
+    model = tiny_model_for_tokenizer(tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1)  # fmt: skip
+    pairs = Dataset.from_list([{"prompt": p, "chosen": GOOD, "rejected": BAD} for p in prompts])
+    return model, tokenizer, pairs
+
+
+def auto_args(tmp_path, **reward_kwargs):
+    from sqlm.config import SoftQConfig
+
+    return SoftQConfig(output_dir=str(tmp_path / "o"), reward_funcs=["bradley_terry"], use_cpu=True,
+                       report_to="none", per_device_train_batch_size=8, max_length=32,
+                       reward_kwargs={"bradley_terry": reward_kwargs} if reward_kwargs else None)  # fmt: skip
+
+
+def test_bradley_terry_warns_when_the_held_out_pairs_are_too_few(tiny_policy, tmp_path, caplog):
+    """32 pairs hold out 4 (test_size 0.1): an accuracy there reads nothing, so a warning gives its
+    binomial standard error; the report keeps the number of pairs beside the accuracy."""
+    from sqlm.rewards.auto import bradley_terry_rewarder
+
+    model, tokenizer, pairs = tiny_policy
+    with caplog.at_level("WARNING", logger="sqlm.rewards.auto"):
+        _, report = bradley_terry_rewarder(model, tokenizer, pairs, auto_args(tmp_path), tmp_path / "cache")
+    assert report["eval_pairs"] == 4 and 0 <= report["eval_accuracy"] <= 1
+    (msg,) = [r.getMessage() for r in caplog.records if "held-out" in r.getMessage()]
+    assert "only 4 pairs" in msg and "standard error is 0.25" in msg and "reward_kwargs.bradley_terry.test_size" in msg
+
+    # with 20 held-out pairs (test_size 0.625 of 32), no warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sqlm.rewards.auto"):
+        _, report = bradley_terry_rewarder(
+            model, tokenizer, pairs, auto_args(tmp_path, test_size=0.625), tmp_path / "cache"
+        )
+    assert report["eval_pairs"] == 20 and not [r for r in caplog.records if "held-out" in r.getMessage()]

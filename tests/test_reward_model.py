@@ -3,6 +3,7 @@ real-model recipes parse."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,28 @@ def test_pad_equal_to_eos_is_refused():
         _check_pad(tok, RewardScriptArguments())
     _check_pad(tok, RewardScriptArguments(tokenizer_pad_token="<unk>"))
     assert tok.pad_token == "<unk>"
+
+
+def test_heldout_warning_gives_the_standard_error():
+    from sqlm.rewards.train import MIN_HELDOUT_PAIRS, heldout_warning
+
+    msg = heldout_warning(0.5, 4, "hold out more")
+    assert "only 4 pairs" in msg and "standard error is 0.25 at chance" in msg and msg.endswith("hold out more")
+    assert "\n" not in msg
+    assert heldout_warning(0.5, MIN_HELDOUT_PAIRS, "x") is None
+    assert "inf" in heldout_warning(0.0, 0, "x")
+
+
+def test_small_held_out_set_is_reported_with_its_size_and_a_warning(tmp_path, capsys, caplog):
+    """4 held-out pairs: an accuracy of 0.5 or 1.0 there says nothing; the command says how many pairs
+    it read and warns with the binomial standard error."""
+    from sqlm.cli import main
+
+    flags = ["--output_dir", str(tmp_path / "rm"), "--tiny_train_size", "32", "--tiny_eval_size", "4",
+             "--num_train_epochs", "1", "--disable_tqdm", "true", "--logging_steps", "100"]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert main(["reward", str(RECIPES[0]), *flags]) == 0
+    assert re.search(
+        r"held-out accuracy \(chosen scored above rejected\): [0-9.]+ on 4 pairs", capsys.readouterr().out
+    )
+    assert any("on only 4 pairs" in r.message and "standard error is 0.25" in r.message for r in caplog.records)

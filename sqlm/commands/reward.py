@@ -5,7 +5,8 @@ A thin wrapper over TRL's ``RewardTrainer`` (loss ``−log σ(R(x, y_c) − R(x,
 :class:`RewardScriptArguments` (TRL's ``ModelConfig`` -- model, dtype, LoRA -- plus the data) and of
 TRL's ``RewardConfig`` (training), with the names TRL uses. The model is saved to ``output_dir`` as
 safetensors and loads with ``AutoModelForSequenceClassification``; held-out accuracy (chosen scored
-above rejected) is written to ``output_dir/reward_eval.json``.
+above rejected) is printed with the number of held-out pairs (a warning when they are fewer than 20,
+too few to read) and written to ``output_dir/reward_eval.json``.
 
 With ``tiny: true`` nothing is downloaded: the tokenizer, the model and a preference dataset with a
 learnable preference are built locally (:mod:`sqlm.rewards.toy`).
@@ -13,6 +14,7 @@ learnable preference are built locally (:mod:`sqlm.rewards.toy`).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from ..config import get_peft_config
     from ..recipe import parse_recipe
-    from ..rewards.train import train_reward_model
+    from ..rewards.train import MIN_HELDOUT_PAIRS, heldout_warning, train_reward_model
 
     recipe, overrides = split_argv(argv)
     script_args, config = parse_recipe(recipe_dataclasses(), recipe, overrides)
@@ -143,5 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, train, evaluation = load_data_and_model(script_args, config, recipe_dir)
     _, report = train_reward_model(model, tokenizer, train, evaluation, config, get_peft_config(script_args))
     if report is not None and "eval_accuracy" in report:
-        print(f"held-out accuracy (chosen scored above rejected): {report['eval_accuracy']:.3f}")
+        accuracy, pairs = report["eval_accuracy"], report["eval_pairs"]
+        print(f"held-out accuracy (chosen scored above rejected): {accuracy:.3f} on {pairs} pairs")
+        keys = "tiny_eval_size" if script_args.tiny else "dataset_test_split, eval_fraction, max_eval_samples"
+        fix = f"hold out at least {MIN_HELDOUT_PAIRS} pairs ({keys})"
+        if msg := heldout_warning(accuracy, pairs, fix):
+            logging.getLogger(__name__).warning(msg)
     return 0

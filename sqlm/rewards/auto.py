@@ -6,7 +6,8 @@ Bradley-Terry reward model on the training pairs (TRL's ``RewardTrainer``, loss
 policy's own initial weights with a one-output score head, and then scores paths with it through a
 token rewarder (``terminal`` by default, or ``abc`` / ``uniform`` / ``prefix``). A split of the pairs
 (``test_size``, drawn with a fixed seed) is held out of the fit and the model's accuracy on it
-(chosen scored above rejected) is reported.
+(chosen scored above rejected) is reported with their number, and a warning when they are too few to
+read (:func:`sqlm.rewards.train.heldout_warning`).
 
 The fitted model is cached under ``reward_cache_dir`` (default ``$SQLM_CACHE/rewards``) in
 ``bradley_terry/<key>``, where the key hashes the pairs, the initial weights, the tokenizer and the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ from typing import Any
 
 from ..errors import SqlmError
 
+
+logger = logging.getLogger(__name__)
 
 AUTO_REWARD = "bradley_terry"
 FIT_VERSION = 1
@@ -155,7 +159,7 @@ def bradley_terry_rewarder(policy, tokenizer, train_dataset, args, cache_root: s
     from accelerate import PartialState
 
     from .registry import build_rewarder
-    from .train import check_pad_token
+    from .train import MIN_HELDOUT_PAIRS, check_pad_token, heldout_warning
 
     settings = AutoRewardSettings.from_kwargs((args.reward_kwargs or {}).get(AUTO_REWARD), args)
     try:
@@ -185,6 +189,9 @@ def bradley_terry_rewarder(policy, tokenizer, train_dataset, args, cache_root: s
         os.replace(tmp, path)  # complete or absent: a killed fit leaves only a .tmp folder
         fitted = True
     report = json.loads(done.read_text())
+    fix = f"hold out at least {MIN_HELDOUT_PAIRS} pairs (reward_kwargs.{AUTO_REWARD}.test_size, now {settings.test_size})"
+    if PartialState().is_main_process and (msg := heldout_warning(report["eval_accuracy"], report["eval_pairs"], fix)):
+        logger.warning("reward_funcs '%s': %s", AUTO_REWARD, msg)
     rewarder = build_rewarder(settings.rewarder, reward_model=str(path), policy_tokenizer=tokenizer,
                               **settings.rewarder_kwargs)  # fmt: skip
     rewarder.name = AUTO_REWARD

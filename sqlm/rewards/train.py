@@ -10,9 +10,14 @@ safetensors (LoRA merged) with its tokenizer, and reports the held-out pair accu
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..errors import SqlmError
+
+
+MIN_HELDOUT_PAIRS = 20
+"""Fewer held-out pairs than this give an accuracy too noisy to read (standard error above 0.11)."""
 
 
 def check_pad_token(tokenizer, pad_token: str | None = None) -> None:
@@ -27,6 +32,19 @@ def check_pad_token(tokenizer, pad_token: str | None = None) -> None:
             "the tokenizer has no pad token distinct from EOS; set tokenizer_pad_token to an unused token "
             "(a sequence classifier reads its score at the last non-pad token, which would skip the EOS)"
         )
+
+
+def heldout_warning(accuracy: float, pairs: int, fix: str) -> str | None:
+    """The one-line warning for a pair accuracy measured on fewer than :data:`MIN_HELDOUT_PAIRS`
+    held-out pairs, with its binomial standard error at chance, ``sqrt(0.5 * 0.5 / pairs)``, and
+    ``fix`` (how to hold out more); None when there are enough pairs."""
+    if pairs >= MIN_HELDOUT_PAIRS:
+        return None
+    se = 0.5 / math.sqrt(pairs) if pairs > 0 else math.inf
+    return (
+        f"held-out accuracy {accuracy:.3f} is measured on only {pairs} pairs: its binomial standard error is "
+        f"{se:.2f} at chance (0.5), too wide to read; {fix}"
+    )
 
 
 def check_preference_columns(dataset, name: str) -> None:
