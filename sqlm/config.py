@@ -554,6 +554,10 @@ class SoftQConfig(TrainingArguments):
 
                 if msg := unknown_name_error(name):
                     raise SqlmError(f"key 'reward_funcs': {msg}")
+        from .rewards.auto import AUTO_REWARD, AutoRewardSettings
+
+        if AUTO_REWARD in (self.reward_funcs or []):  # its settings, checked before any model loads
+            AutoRewardSettings.from_kwargs((self.reward_kwargs or {}).get(AUTO_REWARD), self)
         if self.reward_weights is not None:
             n = len(self.reward_funcs or [])
             if len(self.reward_weights) != n:

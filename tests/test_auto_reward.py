@@ -120,3 +120,63 @@ def test_bradley_terry_warns_when_the_held_out_pairs_are_too_few(tiny_policy, tm
             model, tokenizer, pairs, auto_args(tmp_path, test_size=0.625), tmp_path / "cache"
         )
     assert report["eval_pairs"] == 20 and not [r for r in caplog.records if "held-out" in r.getMessage()]
+
+
+def test_bradley_terry_on_a_policy_that_pads_with_eos_takes_a_pad_token(tiny_policy, tmp_path):
+    """SmolLM2 and Llama pad with their EOS: the error names reward_kwargs.bradley_terry.tokenizer_pad_token,
+    which sqlm train accepts; the reward model pads with it and the policy keeps its own padding."""
+    import copy
+
+    from sqlm.errors import SqlmError
+    from sqlm.rewards.auto import bradley_terry_rewarder
+
+    model, tokenizer, pairs = tiny_policy
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    with pytest.raises(SqlmError, match=r"set reward_kwargs\.bradley_terry\.tokenizer_pad_token to an unused token"):
+        bradley_terry_rewarder(model, tokenizer, pairs, auto_args(tmp_path), tmp_path / "cache")
+    args = auto_args(tmp_path, tokenizer_pad_token="<unk>")
+    rewarder, report = bradley_terry_rewarder(model, tokenizer, pairs, args, tmp_path / "cache")
+    assert tokenizer.pad_token == tokenizer.eos_token  # the policy's tokenizer is unchanged
+    unk = tokenizer.convert_tokens_to_ids("<unk>")
+    assert rewarder.model.config.pad_token_id == unk and rewarder.tokenizer.pad_token == "<unk>"
+    assert report["fitted"] and Path(report["path"]).is_dir()
+    with pytest.raises(SqlmError, match=r"tokenizer_pad_token '<nope>' is not in the tokenizer's vocabulary"):
+        bradley_terry_rewarder(model, tokenizer, pairs, auto_args(tmp_path, tokenizer_pad_token="<nope>"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tokenizer_pad_tokn": "<unk>"}, r"unknown key 'tokenizer_pad_tokn' in reward_kwargs\.bradley_terry .*"
+                                          r"did you mean 'tokenizer_pad_token'\?"),
+        ({"beta": 0.5}, r"unknown key 'beta' in reward_kwargs\.bradley_terry .*rewarder 'terminal' also takes"),
+        ({"rewarder": "prefix", "beta": 0.5}, r"unknown key 'beta'"),
+    ],
+)  # fmt: skip
+def test_unknown_bradley_terry_key_is_an_error_before_any_model_loads(tmp_path, kwargs, match):
+    from sqlm.errors import SqlmError
+
+    with pytest.raises(SqlmError, match=match):
+        auto_args(tmp_path, **kwargs)
+    auto_args(tmp_path, rewarder="abc", beta=0.5, batch_size=4, tokenizer_pad_token="<unk>")  # all known
+
+
+def test_sqlm_train_takes_the_bradley_terry_pad_token(pairs_only_recipe, tmp_path, capsys, monkeypatch):
+    """The recipe key parses in sqlm train; a misspelt one stops it with one line before any model loads."""
+    from sqlm import loading
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", no_model)
+    base = ["train", str(pairs_only_recipe), "--reward_funcs", "bradley_terry", "--output_dir", str(tmp_path / "o")]
+    assert cli([*base, "--reward_kwargs", '{"bradley_terry": {"tokenizer_pad_tokn": "<unk>"}}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown key 'tokenizer_pad_tokn' in reward_kwargs.bradley_terry" in err
+    from sqlm.commands.train import parse_train_args
+
+    args, _, _ = parse_train_args(
+        base[1:] + ["--reward_kwargs", '{"bradley_terry": {"tokenizer_pad_token": "<unk>"}}']
+    )
+    assert args.reward_kwargs == {"bradley_terry": {"tokenizer_pad_token": "<unk>"}}

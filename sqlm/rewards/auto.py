@@ -16,17 +16,22 @@ settings below, so a rerun of the same recipe reuses it.
 Settings (``reward_kwargs: {bradley_terry: {...}}``): ``rewarder`` (default ``terminal``),
 ``test_size`` (fraction of the pairs held out, default 0.1), ``num_train_epochs`` (default 1),
 ``learning_rate`` and ``per_device_train_batch_size`` (default: the policy's), ``max_length``
-(default: the policy's); any other key goes to the rewarder (e.g. ``beta`` of ``abc``).
+(default: the policy's), ``tokenizer_pad_token`` (as ``sqlm reward``'s: the reward model's pad token,
+needed when the policy pads with its EOS; the policy's own tokenizer is left alone); the rewarder's
+own keys (e.g. ``beta`` of ``abc``, ``batch_size``) go to it, and any other key is an error.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import hashlib
+import inspect
 import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +54,31 @@ class AutoRewardSettings:
     learning_rate: float | None = None
     per_device_train_batch_size: int | None = None
     max_length: int | None = None
+    tokenizer_pad_token: str | None = None
     rewarder_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any] | None, args) -> AutoRewardSettings:
+        """The settings from ``reward_kwargs.bradley_terry`` (defaults from ``args``, the policy's
+        config); a key neither these settings nor the rewarder take is an error."""
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise SqlmError(f"reward_kwargs.{AUTO_REWARD} must be a mapping, got {type(kwargs).__name__} {kwargs!r}")
         kw = dict(kwargs or {})
-        known = {k: kw.pop(k) for k in ("rewarder", "test_size", "num_train_epochs", "learning_rate",
-                                        "per_device_train_batch_size", "max_length") if k in kw}  # fmt: skip
-        s = cls(**known, rewarder_kwargs=kw)
+        own = [f.name for f in fields(cls) if f.name != "rewarder_kwargs"]
+        s = cls(**{k: kw.pop(k) for k in own if k in kw}, rewarder_kwargs=kw)
         if s.rewarder not in REWARDERS:
             raise SqlmError(
                 f"reward_kwargs.{AUTO_REWARD}.rewarder must be one of {', '.join(REWARDERS)}, got {s.rewarder!r}"
             )
+        takes = rewarder_keys(s.rewarder)
+        for key in kw:
+            if key not in takes:
+                close = difflib.get_close_matches(key, [*own, *takes], n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise SqlmError(
+                    f"unknown key '{key}' in reward_kwargs.{AUTO_REWARD} (known: {', '.join(own)}; rewarder "
+                    f"'{s.rewarder}' also takes {', '.join(sorted(takes))}){hint}"
+                )
         if not 0 < s.test_size < 1:
             raise SqlmError(f"reward_kwargs.{AUTO_REWARD}.test_size must be a fraction in (0, 1), got {s.test_size!r}")
         s.learning_rate = float(s.learning_rate if s.learning_rate is not None else args.learning_rate)
@@ -69,9 +87,37 @@ class AutoRewardSettings:
         return s
 
     def fit_settings(self) -> dict[str, Any]:
-        """What changes the fitted model (the rewarder that reads it does not)."""
+        """What changes the fitted model (the rewarder that reads it does not; the pad token is part of
+        the tokenizer's fingerprint in :func:`fit_key`)."""
         return {k: getattr(self, k) for k in ("test_size", "num_train_epochs", "learning_rate",
                                               "per_device_train_batch_size", "max_length")}  # fmt: skip
+
+
+def rewarder_keys(rewarder: str) -> set[str]:
+    """The keys of ``reward_kwargs.bradley_terry`` that go to its token rewarder: the keyword arguments
+    of that rewarder class and ``build_rewarder``'s ``dtype`` / ``device`` (the reward model, its
+    tokenizer, the policy's tokenizer and ``max_length`` are set by the fit)."""
+    from .registry import REWARD_MODEL_REWARDERS
+
+    keys = {"dtype", "device"}
+    for klass in REWARD_MODEL_REWARDERS[rewarder].__mro__:
+        if "__init__" in vars(klass):
+            params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+            keys |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return keys - {"self", "reward_model", "tokenizer", "policy_tokenizer", "max_length"}
+
+
+def reward_tokenizer(tokenizer, pad_token: str | None):
+    """The tokenizer the reward model is fitted with: the policy's, or with ``pad_token`` a copy of it
+    that pads with that token (the policy keeps its own padding); its pad token must not be EOS."""
+    from .train import check_pad_token
+
+    tok = copy.deepcopy(tokenizer) if pad_token is not None else tokenizer
+    try:
+        check_pad_token(tok, pad_token, key=f"reward_kwargs.{AUTO_REWARD}.tokenizer_pad_token")
+    except SqlmError as e:
+        raise SqlmError(f"reward_funcs '{AUTO_REWARD}': {e}") from None
+    return tok
 
 
 def pairs_only(dataset):
@@ -159,19 +205,16 @@ def bradley_terry_rewarder(policy, tokenizer, train_dataset, args, cache_root: s
     from accelerate import PartialState
 
     from .registry import build_rewarder
-    from .train import MIN_HELDOUT_PAIRS, check_pad_token, heldout_warning
+    from .train import MIN_HELDOUT_PAIRS, heldout_warning
 
     settings = AutoRewardSettings.from_kwargs((args.reward_kwargs or {}).get(AUTO_REWARD), args)
-    try:
-        check_pad_token(tokenizer)
-    except SqlmError as e:
-        raise SqlmError(f"reward_funcs '{AUTO_REWARD}': {e}") from None
+    rm_tokenizer = reward_tokenizer(tokenizer, settings.tokenizer_pad_token)
     pairs = pairs_only(train_dataset)
     if len(pairs) < 4:
         raise SqlmError(
             f"reward_funcs '{AUTO_REWARD}' needs at least 4 training pairs (a split is held out), got {len(pairs)}"
         )
-    path = Path(cache_root) / AUTO_REWARD / fit_key(pairs, policy, tokenizer, settings)
+    path = Path(cache_root) / AUTO_REWARD / fit_key(pairs, policy, rm_tokenizer, settings)
     done = path / "reward_eval.json"
     fitted = False
     if not done.is_file():
@@ -184,7 +227,7 @@ def bradley_terry_rewarder(policy, tokenizer, train_dataset, args, cache_root: s
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        fit_reward_model(init_reward_model(policy), tokenizer, split["train"], split["test"], settings, args, tmp)
+        fit_reward_model(init_reward_model(policy), rm_tokenizer, split["train"], split["test"], settings, args, tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)  # complete or absent: a killed fit leaves only a .tmp folder
         fitted = True

@@ -20,16 +20,17 @@ MIN_HELDOUT_PAIRS = 20
 """Fewer held-out pairs than this give an accuracy too noisy to read (standard error above 0.11)."""
 
 
-def check_pad_token(tokenizer, pad_token: str | None = None) -> None:
+def check_pad_token(tokenizer, pad_token: str | None = None, key: str = "tokenizer_pad_token") -> None:
     """Set ``pad_token`` (when given) and insist on a pad token distinct from EOS: a sequence
-    classifier reads its score at the last non-pad token, which would skip the EOS."""
+    classifier reads its score at the last non-pad token, which would skip the EOS. ``key``: the
+    recipe key that sets ``pad_token``, named in the errors."""
     if pad_token is not None:
         if pad_token not in tokenizer.get_vocab():
-            raise SqlmError(f"tokenizer_pad_token '{pad_token}' is not in the tokenizer's vocabulary")
+            raise SqlmError(f"{key} '{pad_token}' is not in the tokenizer's vocabulary")
         tokenizer.pad_token = pad_token
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise SqlmError(
-            "the tokenizer has no pad token distinct from EOS; set tokenizer_pad_token to an unused token "
+            f"the tokenizer has no pad token distinct from EOS; set {key} to an unused token "
             "(a sequence classifier reads its score at the last non-pad token, which would skip the EOS)"
         )
 
