@@ -2,8 +2,9 @@
 
 A recipe is a YAML mapping whose keys are the fields of the command's config dataclasses (the same
 names as TRL's configs). Flags on the command line override the recipe (``--key value``). Recipes
-are read with ``yaml.safe_load`` only. Unknown keys, wrong types and malformed YAML raise
-:class:`sqlm.errors.SqlmError` naming the key (and the closest valid key).
+are read with ``yaml.safe_load`` only. Unknown keys, wrong types, malformed YAML and a ``report_to``
+tracker that is not installed raise :class:`sqlm.errors.SqlmError` naming the key (and the closest
+valid key).
 """
 
 from __future__ import annotations
@@ -98,6 +99,43 @@ def choice_error(key: str, value: Any, choices: Sequence[Any]) -> SqlmError:
     """The one-line error of a value that is not one of a key's choices, with the closest choice."""
     names = [str(getattr(c, "value", c)) for c in choices]
     return SqlmError(f"key '{key}' must be one of {', '.join(names)}, got {value!r}{_did_you_mean(str(value), names)}")
+
+
+# report_to integrations -> (transformers' check that the package is installed, what to pip install)
+TRACKERS = {
+    "tensorboard": ("is_tensorboard_available", "tensorboard"),
+    "wandb": ("is_wandb_available", "wandb"),
+    "trackio": ("is_trackio_available", "trackio"),
+    "mlflow": ("is_mlflow_available", "mlflow"),
+    "comet_ml": ("is_comet_available", "comet_ml"),
+    "neptune": ("is_neptune_available", "neptune"),
+    "clearml": ("is_clearml_available", "clearml"),
+    "swanlab": ("is_swanlab_available", "swanlab"),
+    "dvclive": ("is_dvclive_available", "dvclive"),
+    "codecarbon": ("is_codecarbon_available", "codecarbon"),
+}
+TRACKERS_EXTRA = ("tensorboard", "wandb", "trackio")  # pip install 'sqlm[trackers]'
+
+
+def check_report_to(report_to: str | Sequence[str] | None) -> None:
+    """Each tracker ``report_to`` names must be one transformers knows and be installed: checked when
+    the recipe is read, before any model loads (transformers fails only when the Trainer starts)."""
+    from transformers.integrations import integration_utils
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    known = ("none", "all", *integration_utils.INTEGRATION_TO_CALLBACK)
+    for name in names:
+        if name not in known:
+            raise choice_error("report_to", name, known)
+        if name in TRACKERS and not getattr(integration_utils, TRACKERS[name][0])():
+            package = TRACKERS[name][1]
+            extra = (
+                f" (or pip install 'sqlm[trackers]' for {', '.join(TRACKERS_EXTRA)})" if name in TRACKERS_EXTRA else ""
+            )
+            raise SqlmError(
+                f"key 'report_to' names '{name}', which is not installed: pip install {package}{extra}, "
+                "or set report_to: none"
+            )
 
 
 class _FlagError(Exception):
@@ -256,6 +294,8 @@ def parse_recipe(
         raise SqlmError(f"unexpected command-line arguments: {' '.join(remaining)}")
     for obj in objs:
         check_types(obj, where)
+        if hasattr(obj, "report_to"):  # the training config of every command
+            check_report_to(obj.report_to)
     return tuple(objs)
 
 

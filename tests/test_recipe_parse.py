@@ -73,3 +73,50 @@ def test_safe_loader_refuses_python_tags(tmp_path):
     recipe.write_text("steps: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(SqlmError, match="not valid YAML"):
         load_yaml(recipe)
+
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart"
+COMMAND_RECIPES = {"train": "sqlm", "dpo": "dpo", "grpo": "grpo", "rloo": "rloo", "online_dpo": "online_dpo",
+                   "reward": "reward"}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMAND_RECIPES)
+def test_report_to_a_tracker_that_is_not_installed_is_one_line_before_any_model(
+    command, tmp_path, capsys, monkeypatch
+):
+    """report_to: tensorboard without tensorboard stopped with a 30-line traceback once the model had
+    loaded; every command now says so in one line when it reads the recipe."""
+    from transformers.integrations import integration_utils
+
+    from sqlm import loading
+    from sqlm.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: False)
+    for name in ("load_model", "load_model_and_tokenizer", "load_pretrained"):
+        monkeypatch.setattr(loading, name, no_model)
+    recipe = QUICKSTART / COMMAND_RECIPES[command] / "config.yaml"
+    out = tmp_path / "out"
+    assert main([command, str(recipe), "--report_to", "tensorboard", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "key 'report_to' names 'tensorboard', which is not installed: pip install tensorboard" in err
+    assert "pip install 'sqlm[trackers]'" in err and not out.exists()
+
+
+def test_report_to_checks(monkeypatch):
+    from transformers.integrations import integration_utils
+
+    from sqlm.recipe import check_report_to
+
+    monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: False)
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: True)
+    check_report_to(["tensorboard"])  # installed
+    check_report_to("none")
+    check_report_to([])  # "none" / "all" after transformers read them
+    with pytest.raises(SqlmError, match=r"names 'wandb', which is not installed: pip install wandb"):
+        check_report_to(["tensorboard", "wandb"])
+    with pytest.raises(SqlmError, match=r"key 'report_to' must be one of .*did you mean 'tensorboard'\?"):
+        check_report_to("tensorbord")
