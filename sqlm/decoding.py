@@ -651,8 +651,36 @@ def check_reference(args: DecodingArguments, ref_model) -> None:
     raise SqlmError("value_anchor 'reference' needs a reference model (set ref_model, or value_anchor: none)")
 
 
-def _reward_fn(rewarder, tokenizer, pad: int, prompt_ids, prompt_texts, compute: Compute):
-    """``list[Finished] -> list[float]``: the sum over tokens of ``rewarder``'s rewards of each completion."""
+def prompt_token_ids(prompts: Sequence[Any], tokenizer) -> list[list[int]]:
+    """Each prompt's token ids as ``sqlm train`` tokenises them (:func:`sqlm.data.tokenize_prompt`): a
+    text as it is, a conversation (a list of ``{role, content}`` messages) through the tokenizer's chat
+    template with the generation prompt."""
+    from trl.data_utils import is_conversational
+
+    from .data import tokenize_prompt
+
+    out = []
+    for i, prompt in enumerate(prompts):
+        row = {"prompt": prompt}
+        if is_conversational(row) and getattr(tokenizer, "chat_template", None) is None:
+            raise SqlmError(f"prompt {i} is a conversation, but the model's tokenizer has no chat template")
+        out.append(tokenize_prompt(row, tokenizer)["prompt_ids"])
+    return out
+
+
+def as_completion(prompt: Any, text: str | None) -> Any:
+    """A completion as TRL's reward functions get it (and ``sqlm train`` gives it): after a
+    conversational prompt, a list with one assistant message; else the text."""
+    from trl.data_utils import is_conversational
+
+    if text is not None and is_conversational({"prompt": prompt}):
+        return [{"role": "assistant", "content": text}]
+    return text
+
+
+def _reward_fn(rewarder, tokenizer, pad: int, prompt_ids, prompts, compute: Compute, columns=None):
+    """``list[Finished] -> list[float]``: the sum over tokens of ``rewarder``'s rewards of each completion
+    (``columns``: the prompts' other columns, per prompt instance, passed on as ``sqlm train`` does)."""
     from .rewards.base import make_batch
 
     def fn(items: list[Finished]) -> list[float]:
@@ -662,7 +690,9 @@ def _reward_fn(rewarder, tokenizer, pad: int, prompt_ids, prompt_texts, compute:
         texts = [tokenizer.decode(c, skip_special_tokens=True) if tokenizer is not None else None for c in comps]
         batch = make_batch(
             [list(prompt_ids[f.owner]) for f in items], comps, pad,
-            prompts=[prompt_texts[f.owner] for f in items], completions=texts,
+            prompts=[prompts[f.owner] for f in items],
+            completions=[as_completion(prompts[f.owner], t) for f, t in zip(items, texts)],
+            columns={k: [v[f.owner] for f in items] for k, v in (columns or {}).items()},
         )  # fmt: skip
         compute.reward_calls += 1
         compute.reward_sequences += len(items)
@@ -722,7 +752,7 @@ def _decode_batch(engine, batch_ids, owners, args, draws, reward_fn, tokenizer, 
 def decode(
     model,
     tokenizer,
-    prompts: Sequence[str] | None,
+    prompts: Sequence[Any] | None,
     args: DecodingArguments | None = None,
     *,
     ref_model=None,
@@ -736,11 +766,14 @@ def decode(
     pad_token_id: int | None = None,
     keep_candidates: bool = False,
     progress: bool = False,
+    columns: dict[str, Sequence[Any]] | None = None,
 ) -> DecodeResult:
     """Decode every prompt with ``args.strategy`` (see the module docstring).
 
-    ``prompts`` are texts (tokenised with ``tokenizer``) or None with ``prompt_ids``; ``rewarder`` is a
-    :class:`sqlm.rewards.TokenRewarder` or TRL-style function (default: ``args.reward_funcs``).
+    ``prompts`` are texts or conversations (lists of ``{role, content}`` messages), tokenised as
+    ``sqlm train`` tokenises them (:func:`prompt_token_ids`), or None with ``prompt_ids``; ``rewarder``
+    is a :class:`sqlm.rewards.TokenRewarder` or TRL-style function (default: ``args.reward_funcs``),
+    which also gets ``columns`` (the prompts' other dataset columns, one value per prompt).
     ``batch_size`` prompts are decoded together, each with its samples or beams as rows of one batch.
     ``num_return_sequences`` independent results per prompt (each its own samples or beams).
     Returns one row per prompt and return index, in prompt order: the completion, its ``score``
@@ -764,7 +797,7 @@ def decode(
     if prompt_ids is None:
         if prompts is None or tokenizer is None:
             raise SqlmError("give prompts and a tokenizer, or prompt_ids")
-        prompt_ids = tokenizer(list(prompts))["input_ids"]
+        prompt_ids = prompt_token_ids(prompts, tokenizer)
     prompt_ids = [list(p) for p in prompt_ids]
     texts = list(prompts) if prompts is not None else [None] * len(prompt_ids)
     if not prompt_ids:
@@ -776,9 +809,10 @@ def decode(
     nrs = num_return_sequences
     inst_ids = [prompt_ids[i // nrs] for i in range(len(prompt_ids) * nrs)]
     inst_texts = [texts[i // nrs] for i in range(len(prompt_ids) * nrs)]
+    inst_columns = {k: [v[i // nrs] for i in range(len(prompt_ids) * nrs)] for k, v in (columns or {}).items()}
     reward_fn = None
     if rewarder is not None and args.strategy != "sample":
-        reward_fn = _reward_fn(rewarder, tokenizer, pad, inst_ids, inst_texts, compute)
+        reward_fn = _reward_fn(rewarder, tokenizer, pad, inst_ids, inst_texts, compute, inst_columns)
     tau = float(args.tau)
     models = [m for m in (model, ref) if m is not None]
     states = [m.training for m in models]

@@ -7,6 +7,7 @@ subset), read from its KV cache of token ids: a model that represents ``pi*`` ex
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -390,3 +391,101 @@ def test_sqlm_eval_takes_a_strategy_reports_its_compute_and_shows_gold_the_promp
     c = rows["sqlm@0.5"]["compute"]
     assert c["prompts"] == 8 and c["tokens_generated"] > 0 and c["reference_forward_passes"] > 0
     assert "| sqlm@0.5 | best_of_n[implicit, N=2] |" in (out / "report.md").read_text()
+
+
+CHAT_GOLD = '''
+def gold(prompts, completions, answer, **kwargs):
+    """TRL's signature, reading a column: the row's answer if it sees a chat prompt and an assistant turn."""
+    ok = [isinstance(p, list) and c[0]["role"] == "assistant" for p, c in zip(prompts, completions)]
+    assert len(kwargs["completion_ids"]) == len(answer)
+    return [float(a) if o else -1.0 for a, o in zip(answer, ok)]
+'''
+
+
+def _chat_files(tiny, tmp_path, with_answer=True):
+    """The policy and reference saved, and a prompts file of conversations (with an 'answer' column)."""
+    model, ref, tok = tiny
+    for name, m in (("policy", model), ("ref", ref)):
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    rows = [{"prompt": [{"role": "user", "content": p}], **({"answer": i} if with_answer else {"level": 1})}
+            for i, p in enumerate(PROMPTS)]  # fmt: skip
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "chatgold.py").write_text(CHAT_GOLD)
+    return [r["prompt"] for r in rows]
+
+
+def test_conversational_prompts_are_tokenised_as_training_tokenises_them(tiny):
+    from sqlm.data import tokenize_prompt
+    from sqlm.decoding import prompt_token_ids
+
+    model, ref, tok = tiny
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    ids = prompt_token_ids(chats, tok)
+    assert ids == [tokenize_prompt({"prompt": c}, tok)["prompt_ids"] for c in chats]
+    assert (
+        ids[0]
+        == tok.apply_chat_template(chats[0], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )
+    assert tok.decode(ids[0]).endswith("assistant: ")  # the generation prompt of the tiny template
+    assert prompt_token_ids(PROMPTS, tok) == tok(PROMPTS)["input_ids"]  # texts as before
+    res = decode(model, tok, chats, STRATEGIES["sample"], max_new_tokens=5, seed=1)
+    same = decode(model, tok, None, STRATEGIES["sample"], max_new_tokens=5, seed=1, prompt_ids=ids)
+    assert [r["completion_ids"] for r in res.rows] == [r["completion_ids"] for r in same.rows]
+    assert res.rows[0]["prompt"] == chats[0]
+    plain = copy.deepcopy(tok)  # a tokenizer without a chat template: one line
+    plain.chat_template = None
+    with pytest.raises(SqlmError, match=r"prompt 0 is a conversation, but the model's tokenizer has no chat template"):
+        prompt_token_ids(chats, plain)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_generate_and_eval_take_chat_prompts_and_give_gold_the_columns(tiny, tmp_path, monkeypatch, command):
+    """Conversational prompts, as sqlm train takes them, were refused ('must hold non-empty prompt
+    strings'); a gold function with TRL's signature that reads 'answer' crashed after all decoding."""
+    from sqlm import cli
+
+    chats = _chat_files(tiny, tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["--prompts_file", str(tmp_path / "prompts.jsonl"), "--gold", "chatgold:gold", "--max_new_tokens", "4"]
+    if command == "generate":
+        out = tmp_path / "c.jsonl"
+        argv = ["generate", "--model_name_or_path", str(tmp_path / "policy"), "--output_file", str(out), *common]
+        assert cli.main(argv) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == chats
+        assert [r["gold"] for r in rows] == [0.0, 1.0, 2.0, 3.0]  # each row's own answer
+    else:
+        out = tmp_path / "eval"
+        argv = ["eval", "--models", f"sqlm@0.5={tmp_path / 'policy'}", "--ref_model", str(tmp_path / "ref"),
+                "--samples_per_prompt", "2", "--output_dir", str(out), *common]  # fmt: skip
+        assert cli.main(argv) == 0
+        rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+        assert rows["sqlm@0.5"]["gold"] == pytest.approx(1.5) and rows["reference"]["gold"] == pytest.approx(1.5)
+        assert rows["sqlm@0.5"]["examples"][0]["prompt"] == chats[0]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_gold_needing_a_column_the_prompts_lack_stops_before_decoding(tiny, tmp_path, monkeypatch, capsys, command):
+    from sqlm import cli, decoding, loading
+    from sqlm.evaluation import evaluate
+
+    _chat_files(tiny, tmp_path, with_answer=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    capsys.readouterr()  # what saving the models printed
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded or decoding started")
+
+    for mod, name in ((loading, "load_policy"), (evaluate, "load_policy"), (decoding, "decode")):
+        monkeypatch.setattr(mod, name, never)
+    prompts = str(tmp_path / "prompts.jsonl")
+    if command == "generate":
+        argv = ["generate", "--model_name_or_path", str(tmp_path / "policy")]
+    else:
+        argv = ["eval", "--models", f"sqlm@0.5={tmp_path / 'policy'}", "--ref_model", str(tmp_path / "ref")]
+    assert cli.main([*argv, "--prompts_file", prompts, "--gold", "chatgold:gold"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert f"gold function 'chatgold:gold' needs a column 'answer', which prompts_file {prompts} lacks" in err
+    assert "(columns: prompt, level)" in err

@@ -6,8 +6,12 @@ Gold reward, KL(pi || pi_ref), win rate against DPO, distinct-1/2 and length of 
 
 Every model decodes with the recipe's ``strategy`` (``sample``, ``best_of_n``, ``value_beam`` and
 their keys, :mod:`sqlm.decoding`) at its own tau (``PARAM``), and the report adds what each spent
-(tokens generated, forward passes), so strategies compare at equal compute. A ``gold`` reward
-function sees each completion's prompt (``sqlm.evaluation.arithmetic:arith_reward`` needs it).
+(tokens generated, forward passes), so strategies compare at equal compute. Prompts are texts or
+conversations (lists of ``{role, content}`` messages, through the chat template as ``sqlm train``
+does). A ``gold`` reward function is called as TRL calls one: each completion's prompt
+(``sqlm.evaluation.arithmetic:arith_reward`` needs it), the completion (an assistant message list
+after a conversation), its token ids and the prompts file's other columns (e.g. ``answer``); one
+that needs a column the file lacks stops before anything is decoded.
 """
 
 from __future__ import annotations
@@ -62,7 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print("usage: sqlm eval RECIPE.yaml [--key value ...]\n\n" + (evaluate.__doc__ or ""))
         return 0
-    from ..evaluation.evaluate import ModelSpec, evaluate_models, gold_scorer, load_prompts, write_report
+    from ..evaluation.evaluate import (
+        ModelSpec,
+        evaluate_models,
+        gold_scorer,
+        load_prompt_rows,
+        prompt_columns,
+        write_report,
+    )
     from ..recipe import parse_recipe
 
     recipe, overrides = split_argv(argv)
@@ -74,21 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts_file is None:
         raise SqlmError("set prompts_file: held-out prompts (.json list or .jsonl with 'prompt')")
     specs = [ModelSpec.parse(m) for m in args.models]
-    prompts = load_prompts(args.prompts_file)
-    if args.num_prompts is not None:
-        prompts = prompts[: args.num_prompts]
+    rows = load_prompt_rows(args.prompts_file)[: args.num_prompts]
+    prompts, columns = [r["prompt"] for r in rows], prompt_columns(rows)
+    search = [str(Path(recipe).resolve().parent)] if recipe else []
+    # the gold function's signature against the prompts' columns, before any model loads
+    gold = gold_scorer(args.gold, columns, f"prompts_file {args.prompts_file}", search)
     rewarder = None
     if decoding.reward_funcs:
         from ..decoding import build_rewarder
         from ..loading import load_policy
 
-        search = [str(Path(recipe).resolve().parent)] if recipe else []
         rewarder = build_rewarder(decoding, load_policy(args.ref_model)[1], search)
     results = evaluate_models(
         specs,
         args.ref_model,
         prompts,
-        gold=gold_scorer(args.gold),
+        gold=gold,
         baseline_method=args.baseline_method,
         samples_per_prompt=args.samples_per_prompt,
         max_new_tokens=args.max_new_tokens,
@@ -96,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         decoding=decoding,
         rewarder=rewarder,
+        columns=columns,
     )
     report = write_report(results, args.output_dir, title=args.title)
     print(f"sqlm eval: report at {report}")

@@ -30,8 +30,10 @@ class GenerateArguments:
     prompts_file: str | None = field(
         default=None,
         metadata={
-            "help": "Prompts: .json list of strings or .jsonl with a 'prompt' column (a relative path not found "
-            "in the current folder is looked up beside the recipe)."
+            "help": "Prompts: .json list or .jsonl rows with a 'prompt' column, each a text or a conversation "
+            "(a list of {role, content} messages, through the chat template as sqlm train does); other columns go "
+            "to the gold and reward functions (a relative path not found in the current folder is looked up "
+            "beside the recipe)."
         },
     )
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
@@ -46,7 +48,10 @@ class GenerateArguments:
     )
     gold: str | None = field(
         default=None,
-        metadata={"help": "Optional 'module:function' (TRL reward signature) to score the results, e.g. the checker."},
+        metadata={
+            "help": "Optional 'module:function' (TRL reward signature) to score the results, e.g. the checker; it "
+            "gets the prompts, completions, completion_ids and the prompts file's other columns (e.g. answer)."
+        },
     )
     output_file: str = field(
         default="outputs/generate/completions.jsonl", metadata={"help": "Where the JSON lines go."}
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     from ..decoding import build_rewarder, check_reference, decode
-    from ..evaluation.evaluate import load_prompts
+    from ..evaluation.evaluate import gold_scorer, gold_scores, load_prompt_rows, prompt_columns
     from ..loading import load_policy
     from ..recipe import parse_recipe
 
@@ -96,24 +101,28 @@ def main(argv: list[str] | None = None) -> int:
     if recipe and not prompts_file.is_absolute() and not prompts_file.is_file():
         beside = Path(recipe).resolve().parent / prompts_file  # a prompts file shipped beside the recipe
         prompts_file = beside if beside.is_file() else prompts_file
-    prompts = load_prompts(str(prompts_file))[: args.num_prompts]
+    rows = load_prompt_rows(str(prompts_file))[: args.num_prompts]
+    prompts, columns = [r["prompt"] for r in rows], prompt_columns(rows)
+    search = [str(Path(recipe).resolve().parent)] if recipe else []
+    # the gold function's signature against the prompts' columns, before any model loads
+    gold = gold_scorer(args.gold, columns, f"prompts_file {prompts_file}", search) if args.gold else None
     model, tokenizer = load_policy(args.model_name_or_path)
     ref = load_policy(args.ref_model)[0] if args.ref_model is not None else None
-    search = [str(Path(recipe).resolve().parent)] if recipe else []
     rewarder = build_rewarder(dec, tokenizer, search) if dec.reward_funcs else None
     t0 = time.time()
     result = decode(
         model, tokenizer, prompts, dec, ref_model=ref, rewarder=rewarder, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed, num_return_sequences=args.num_return_sequences,
-        keep_candidates=args.keep_candidates, progress=True,
+        keep_candidates=args.keep_candidates, progress=True, columns=columns,
     )  # fmt: skip
     wall = time.time() - t0
     summary = {"label": dec.label(), "wall_time_s": round(wall, 2), **result.compute.as_dict()}
-    if args.gold is not None:
-        from ..rewards.registry import import_callable
-
-        fn = import_callable(args.gold, search)
-        golds = fn(prompts=[r["prompt"] for r in result.rows], completions=[r["completion"] for r in result.rows])
+    if gold is not None:
+        golds = gold_scores(
+            gold, [r["completion"] for r in result.rows], [r["prompt"] for r in result.rows],
+            completion_ids=[r["completion_ids"] for r in result.rows],
+            **{k: [v[r["prompt_index"]] for r in result.rows] for k, v in columns.items()},
+        )  # fmt: skip
         for r, g in zip(result.rows, golds):
             r["gold"] = None if g is None else float(g)
         vals = [r["gold"] for r in result.rows if r["gold"] is not None]

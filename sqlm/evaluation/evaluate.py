@@ -57,49 +57,121 @@ class ModelSpec:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_prompts(path: str) -> list[str]:
+def _is_prompt(value) -> bool:
+    """A non-empty text, or a conversation: a non-empty list of ``{role, content}`` messages."""
+    if isinstance(value, str):
+        return bool(value)
+    return bool(value) and isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def load_prompt_rows(path: str) -> list[dict]:
+    """The rows of a prompts file (a .json list or .jsonl lines), each ``{"prompt": ..., **columns}``:
+    the prompt is a text or, as ``sqlm train`` takes it, a conversation (a list of ``{role, content}``
+    messages); a row may be a bare prompt. Other columns (e.g. ``answer``) go to a gold or reward
+    function as keyword arguments, as TRL passes a dataset's columns."""
     p = Path(path)
     if not p.is_file():
         raise SqlmError(f"prompts_file not found: {path}")
     text = p.read_text()
-    if p.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        out = [r["prompt"] if isinstance(r, dict) else r for r in rows]
-    else:
-        data = json.loads(text)
-        out = [r["prompt"] if isinstance(r, dict) else r for r in data]
-    if not out or not all(isinstance(x, str) and x for x in out):
-        raise SqlmError(f"prompts_file {path} must hold non-empty prompt strings")
-    return out
+    try:
+        data = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if p.suffix == ".jsonl"
+            else json.loads(text)
+        )
+    except json.JSONDecodeError as e:
+        raise SqlmError(f"prompts_file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, list) or not data:
+        raise SqlmError(f"prompts_file {path} must hold a non-empty list of prompts or rows with a 'prompt'")
+    rows = []
+    for i, r in enumerate(data):
+        row = dict(r) if isinstance(r, dict) else {"prompt": r}
+        if not _is_prompt(row.get("prompt")):
+            raise SqlmError(
+                f"row {i} of prompts_file {path}: 'prompt' must be a non-empty text or a list of "
+                f"{{role, content}} messages, got {str(row.get('prompt'))[:60]!r}"
+            )
+        rows.append(row)
+    return rows
 
 
-def gold_scorer(spec: str):
-    """``texts -> scores``: the built-in sentiment scorer, or ``(texts, prompts) -> scores`` from a
-    TRL-style reward function (which sees each completion's prompt, as a checker needs)."""
+def prompt_columns(rows: list[dict]) -> dict[str, list]:
+    """``{column: one value per row}`` of the rows' columns besides ``prompt`` (None where a row lacks one)."""
+    names = dict.fromkeys(k for r in rows for k in r if k != "prompt")
+    return {k: [r.get(k) for r in rows] for k in names}
+
+
+def prompt_text(prompt) -> str:
+    """A prompt for reading in a report: a text as it is, a conversation's last message."""
+    return prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
+
+
+REWARD_ARGS = ("prompts", "completions", "completion_ids")
+"""What TRL gives every reward function besides the dataset's columns."""
+
+
+def _parameters(fn) -> tuple[list, bool]:
+    """``(named parameters, takes **kwargs)`` of ``fn`` (``([], True)`` when it cannot be read)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return [], True
+    return params, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_reward_function(fn, name: str, columns, where: str) -> None:
+    """One line, before anything is decoded, when ``fn`` requires an argument that neither TRL's
+    reward arguments (:data:`REWARD_ARGS`) nor the ``columns`` of ``where`` give."""
+    params, _ = _parameters(fn)
+    given = {*REWARD_ARGS, *columns}
+    for p in params:
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in given:
+            have = ", ".join(["prompt", *columns])
+            raise SqlmError(f"gold function '{name}' needs a column '{p.name}', which {where} lacks (columns: {have})")
+
+
+def call_reward_function(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with only the keyword arguments ``fn`` takes (all of them when it takes
+    ``**kwargs``, as TRL's reward functions do)."""
+    params, takes_all = _parameters(fn)
+    if not takes_all:
+        names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        kwargs = {k: v for k, v in kwargs.items() if k in names}
+    return fn(*args, **kwargs)
+
+
+def gold_scorer(spec: str, columns=None, where: str = "the prompts file", search_dirs=()):
+    """``texts -> scores``: the built-in sentiment scorer, or a TRL-style reward function, called as
+    TRL calls one: ``prompts``, ``completions`` (an assistant message list after a conversational
+    prompt), ``completion_ids`` and the prompts' other columns. With ``columns`` (the names the
+    prompts file has), a function that needs a column ``where`` lacks is an error now, before any
+    decoding."""
     if spec == "sentiment":
         from .gold import gold_reward
 
         return gold_reward
+    from ..decoding import as_completion
     from ..rewards.registry import import_callable
 
-    fn = import_callable(spec)
+    fn = import_callable(spec, search_dirs)
+    if columns is not None:
+        check_reward_function(fn, spec, list(columns), where)
 
-    def score(texts, prompts=None):
+    def score(texts, prompts=None, **kwargs):
         prompts = [""] * len(texts) if prompts is None else list(prompts)
-        return [float(x) for x in fn(prompts=prompts, completions=texts)]
+        completions = [as_completion(p, t) for p, t in zip(prompts, texts)]
+        values = call_reward_function(fn, prompts=prompts, completions=completions, **kwargs)
+        return [None if x is None else float(x) for x in values]  # None: TRL's "does not apply"
 
     return score
 
 
-def gold_scores(gold, texts: list[str], prompts: list[str]) -> list[float]:
-    """``gold(texts, prompts=prompts)`` when the scorer takes prompts, else ``gold(texts)``."""
-    import inspect
-
-    try:
-        takes_prompts = "prompts" in inspect.signature(gold).parameters
-    except (TypeError, ValueError):
-        takes_prompts = False
-    return list(gold(texts, prompts=prompts) if takes_prompts else gold(texts))
+def gold_scores(gold, texts: list[str], prompts: list, **kwargs) -> list[float]:
+    """``gold(texts, prompts=..., **kwargs)`` (``completion_ids``, the prompts' columns), with only
+    the keyword arguments the scorer takes."""
+    return list(call_reward_function(gold, texts, prompts=prompts, **kwargs))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -109,7 +181,7 @@ def score_model(
     model,
     ref_model,
     tokenizer,
-    prompts: list[str],
+    prompts: list,
     *,
     gold,
     samples_per_prompt: int = 1,
@@ -120,10 +192,14 @@ def score_model(
     progress: bool = True,
     decoding=None,
     rewarder=None,
+    columns: dict[str, list] | None = None,
 ) -> dict:
     """Sample (or decode with ``decoding``, a :class:`sqlm.decoding.DecodingArguments`), then per
     completion: gold score, exact sequence KL, sampled log-ratio, length, text; with ``decoding``
-    also the strategy's ``score`` per completion and its ``compute`` (:class:`sqlm.decoding.Compute`)."""
+    also the strategy's ``score`` per completion and its ``compute`` (:class:`sqlm.decoding.Compute`).
+    ``prompts`` are texts or conversations (tokenised as ``sqlm train`` does); ``columns`` (one value
+    per prompt) go to the gold scorer and the rewarder."""
+    from ..decoding import prompt_token_ids
     from .gold import completion_text
     from .sampling import exact_sequence_kl, sample_k_per_prompt
 
@@ -139,9 +215,9 @@ def score_model(
         res = decode(
             model, tokenizer, prompts, decoding, ref_model=ref_model, rewarder=rewarder,
             max_new_tokens=max_new_tokens, batch_size=max(1, batch_size // _rows_per_prompt(decoding)), seed=seed,
-            num_return_sequences=samples_per_prompt, progress=progress,
+            num_return_sequences=samples_per_prompt, progress=progress, columns=columns,
         )  # fmt: skip
-        ids = tokenizer(list(prompts))["input_ids"]
+        ids = prompt_token_ids(prompts, tokenizer)
         flat = [ids[r["prompt_index"]] for r in res.rows]
         comps = [r["completion_ids"] for r in res.rows]
         out = {"score": [r["score"] for r in res.rows], "compute": res.compute.as_dict(), "label": decoding.label()}
@@ -151,7 +227,8 @@ def score_model(
     texts = [completion_text(tokenizer, c) for c in comps]
     lengths = [len(c) - (1 if c and c[-1] == tokenizer.eos_token_id else 0) for c in comps]
     flat_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    gold_values = gold_scores(gold, texts, flat_prompts)
+    flat_columns = {k: [v for v in vals for _ in range(samples_per_prompt)] for k, vals in (columns or {}).items()}
+    gold_values = gold_scores(gold, texts, flat_prompts, completion_ids=comps, **flat_columns)
     return {"gold": gold_values, "kl": kl, "log_ratio": ratio, "length": lengths, "texts": texts, **out}
 
 
@@ -196,7 +273,7 @@ def baseline_for(spec: ModelSpec, specs: list[ModelSpec], method: str) -> ModelS
 def evaluate_models(
     specs: list[ModelSpec],
     ref_path: str,
-    prompts: list[str],
+    prompts: list,
     *,
     gold=None,
     baseline_method: str = "dpo",
@@ -208,6 +285,7 @@ def evaluate_models(
     cache: dict | None = None,
     decoding=None,
     rewarder=None,
+    columns: dict[str, list] | None = None,
 ) -> dict:
     """Score every model and the reference; returns ``{"rows": [...], "settings": {...}}``.
 
@@ -219,7 +297,8 @@ def evaluate_models(
     included, decodes with that strategy instead of plain sampling, at its own ``tau`` (a model's
     ``PARAM``; the recipe's ``tau`` where it has none); each row then also carries the strategy
     (``decoding``) and what it cost (``compute``: tokens generated, forward passes and token
-    positions, per prompt and in total). ``rewarder`` serves the ``reward_model`` scorer.
+    positions, per prompt and in total). ``rewarder`` serves the ``reward_model`` scorer. ``prompts``
+    are texts or conversations; ``columns`` (one value per prompt) go to ``gold`` and ``rewarder``.
     """
     from .metrics import win_rate
 
@@ -235,6 +314,7 @@ def evaluate_models(
         seed=seed,
         batch_size=batch_size,
         progress=progress,
+        columns=columns,
     )
     for spec in all_specs:
         if spec.name in cache:
@@ -493,7 +573,9 @@ def write_report(
     md += ["## Samples", ""]
     for r in rows:
         for ex in r["examples"][:2]:
-            md.append(f"- **{r['name']}**: {ex['prompt']!s}⟨{ex['completion'].strip()}⟩ (gold {ex['gold']:.2f})")
+            md.append(
+                f"- **{r['name']}**: {prompt_text(ex['prompt'])}⟨{ex['completion'].strip()}⟩ (gold {ex['gold']:.2f})"
+            )
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return out / "report.md"

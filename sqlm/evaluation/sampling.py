@@ -152,11 +152,14 @@ def exact_sequence_kl(
     return kls, ratios
 
 
-def sample_k_per_prompt(model, tokenizer, prompts: Sequence[str], k: int, **kwargs) -> tuple[list, list[list[int]]]:
-    """``k`` completions of every prompt (prompt-major order) with :func:`sample_completions`
+def sample_k_per_prompt(model, tokenizer, prompts: Sequence, k: int, **kwargs) -> tuple[list, list[list[int]]]:
+    """``k`` completions of every prompt (a text or a conversation, tokenised as ``sqlm train`` does:
+    :func:`sqlm.decoding.prompt_token_ids`), prompt-major order, with :func:`sample_completions`
     (``kwargs``: its keyword arguments but the token ids); returns (the prompts' ids, each repeated
     ``k`` times, the completions)."""
-    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    from ..decoding import prompt_token_ids
+
+    prompt_ids = prompt_token_ids(prompts, tokenizer)
     flat = [p for p in prompt_ids for _ in range(k)]
     comps = sample_completions(
         model, flat, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs
