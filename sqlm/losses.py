@@ -276,6 +276,68 @@ def unified_pcl_loss(
     return loss, _stats(c, mask, v, log_pi, ref_log_pi, entropy, rewards)
 
 
+def group_means(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the mean of ``x`` ``[B]`` over the rows of each row's group (``group`` ``[B]`` ids)."""
+    ids, inverse = torch.unique(group, return_inverse=True)
+    sums = torch.zeros(len(ids), dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+    counts = torch.zeros(len(ids), dtype=x.dtype, device=x.device).index_add_(0, inverse, torch.ones_like(x))
+    return (sums / counts)[inverse]
+
+
+def group_pcl_loss(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    group: torch.Tensor,
+    tau: float,
+    gamma: float = 1.0,
+    ref_log_pi: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Group path consistency: the whole-path residual of each completion, measured against the other
+    completions of the same prompt.
+
+        C_i = -V(s_0) + sum_t gamma^t [r~_t - tau log pi(a_t|s_t)]     (seed Corollary 2, one segment: the whole path)
+        G_i = C_i - mean_{j in group(i)} C_j
+        L   = sum_i 1/2 G_i^2
+
+    Paths of one group start in the same state ``s_0`` (the same prompt), so ``V(s_0)`` cancels from
+    ``G`` exactly: ``G_i - G_j = (R_i - tau log pi/pi_ref(y_i)) - (R_j - tau log pi/pi_ref(y_j))``. All
+    ``G`` are 0 iff ``R(y) - tau log pi(y)/pi_ref(y)`` is the same for every path of the prompt, i.e.
+    ``pi(y|x) = pi_ref(y|x) exp((R(x, y) - c(x)) / tau)``, which normalisation makes ``pi*`` with
+    ``c(x) = V*(x)``: the fixed point of every other loss here, whatever policy drew the paths. The
+    gradient is ``-tau * G_i * grad log pi(y_i)``: REINFORCE on ``R - tau log pi/pi_ref`` with the group
+    mean as baseline (RLOO-like, without its ``n/(n-1)``), so failures are pushed down from the first
+    step, while the residual of a lone path from ``V(s_0) = V_ref(s_0)`` gives a failure no signal until
+    the value has risen. A path alone in its group gives ``G = 0`` (no signal).
+
+    ``G_i / 2`` squared sits on each path's first step, so ``reduction`` "token" divides the batch's sum
+    by its path steps (TRL GRPO's ``dapo`` normalisation), "sequence" by its paths. ``v`` is only read
+    to form ``log pi``; ``d`` does not apply.
+    """
+    tau = check_tau(tau)
+    log_pi = (q - v) / tau
+    c = path_consistency(v, log_pi, rewards, mask, tau=tau, gamma=gamma, d=None, ref_log_pi=ref_log_pi)
+    m = mask.float()
+    rows = m.sum(-1) > 0
+    first = m.argmax(-1)
+    c0 = c.gather(1, first[:, None]).squeeze(1)
+    if group.shape != c0.shape:
+        raise ValueError(f"group must be [B] = {tuple(c0.shape)}, got {tuple(group.shape)}")
+    # rows with no step neither count in their group's mean nor get a loss
+    ids = torch.where(rows, group.to(c0.device), torch.full_like(group, -1).to(c0.device))
+    g = torch.where(rows, c0 - group_means(c0, ids), torch.zeros_like(c0))
+    per_step = torch.zeros_like(m).scatter(1, first[:, None], (0.5 * g.pow(2))[:, None]) * m
+    loss = reduce_loss(per_step, mask, reduction)
+    residual = torch.zeros_like(m).scatter(1, first[:, None], g[:, None].detach()) * m
+    stats = _stats(residual, mask, v, log_pi, ref_log_pi, entropy, rewards)
+    stats["consistency"] = g.abs()[rows].mean().item() if rows.any() else 0.0  # |G| per path
+    return loss, stats
+
+
 def multistep_soft_q_loss(
     q: torch.Tensor,
     v: torch.Tensor,
@@ -565,6 +627,7 @@ class LossSpec:
     needs_target_log_pi: bool = False
     needs_value_head: bool = False
     uses_d: bool = False
+    needs_groups: bool = False
 
     def __call__(
         self,
@@ -581,12 +644,17 @@ class LossSpec:
         gamma: float = 1.0,
         ref_log_pi: torch.Tensor | None = None,
         reduction: str = "token",
+        group: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """``(loss, stats)`` from the policy's soft outputs (``q``, ``v``, ``log_pi``, ``entropy``),
         the per-step rewards and path mask, and what the loss reads besides."""
         kw = dict(tau=tau, gamma=gamma, ref_log_pi=ref_log_pi, entropy=soft.entropy, reduction=reduction)
         if self.uses_d:
             kw["d"] = d
+        if self.needs_groups:
+            if group is None:
+                raise ValueError(f"{self.fn.__name__} needs group, the prompt group id of each row [B]")
+            kw["group"] = group
         if self.needs_target_log_pi:
             kw.update(target_log_pi=target_log_pi, coefficient=coefficient)
         if self.needs_value_head:
@@ -601,6 +669,7 @@ class LossSpec:
 LOSS_SPECS: dict[str, LossSpec] = {
     "pcl": LossSpec(pcl_loss, needs_value_head=True, uses_d=True),
     "unified_pcl": LossSpec(unified_pcl_loss, uses_d=True),
+    "group_pcl": LossSpec(group_pcl_loss, needs_groups=True),
     "soft_q": LossSpec(soft_q_loss, needs_target=True),
     "multistep_soft_q": LossSpec(multistep_soft_q_loss, uses_d=True),
     "advantage_pcl": LossSpec(advantage_pcl_loss, needs_target=True),

@@ -712,6 +712,7 @@ class SoftQTrainer(Trainer):
         ]
         if pairs:
             batch["pair_index"] = torch.tensor(pairs, dtype=torch.long)
+        batch["group_ids"] = prompt_groups(all_trajs)
         if fresh and self._samples_policy():
             # fresh rollouts drawn from pi itself: their sum of log pi/pi_ref estimates KL(pi||pi_ref)
             on_policy = torch.zeros(len(all_trajs), dtype=torch.bool)
@@ -818,6 +819,7 @@ class SoftQTrainer(Trainer):
             gamma=args.gamma,
             ref_log_pi=ref_log_pi,
             reduction="none",
+            group=inputs.get("group_ids"),
         )
         # the normaliser of the whole optimizer batch (get_batch_samples), else of this batch alone
         total = normaliser(mask, args.reduction) if num_items_in_batch is None else num_items_in_batch
@@ -1059,6 +1061,13 @@ class GroupRepeatSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.n * self.repeat
+
+
+def prompt_groups(trajectories: list[Trajectory]) -> torch.Tensor:
+    """``[N]`` group ids: trajectories with the same prompt tokens share one (a prompt's online
+    completions, a preference pair's two sides, replayed samples of the same prompt)."""
+    seen: dict[tuple[int, ...], int] = {}
+    return torch.tensor([seen.setdefault(tuple(t.prompt_ids), len(seen)) for t in trajectories], dtype=torch.long)
 
 
 def _groups(rows: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:

@@ -14,8 +14,15 @@ from sqlm.tiny import tiny_causal_lm
 START_KL, END_KL = 0.5, 0.05
 STEPS, BATCH = 500, 128
 # Adam, decaying linearly to lr/10. The multi-step advantage form is a policy gradient on-policy
-# (high variance): it takes a smaller step.
-LR = {"pcl": 1e-2, "unified_pcl": 1e-2, "soft_q": 1e-2, "advantage_pcl": 1e-2, "multistep_pcl": 5e-3}
+# (high variance): it takes a smaller step, and so does group_pcl (REINFORCE with the group mean as baseline).
+LR = {
+    "pcl": 1e-2,
+    "unified_pcl": 1e-2,
+    "group_pcl": 5e-3,
+    "soft_q": 1e-2,
+    "advantage_pcl": 1e-2,
+    "multistep_pcl": 5e-3,
+}
 # Guo et al.'s forms with their reversed terms (coefficient 0.5, as train_towards_oracle's default)
 LR.update({"advantage_pcl_mix": 1e-2, "multistep_pcl_mix": 5e-3, "guo_pcl_mix": 5e-3, "multistep_soft_q": 5e-3})
 

@@ -164,6 +164,9 @@ def _loss_inputs(logits, actions, mask, tau, ref, rewards, vbar, values):
             so.q, so.v, rewards, mask, ref_log_pi=ref, entropy=so.entropy, **kw
         ),
         "soft_q": lambda **kw: soft_q_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
+        "group_pcl": lambda **kw: LOSSES["group_pcl"](
+            so.q, so.v, rewards, mask, group=torch.zeros(mask.shape[0], dtype=torch.long), ref_log_pi=ref, **kw
+        ),
         "multistep_soft_q": lambda **kw: LOSSES["multistep_soft_q"](so.q, so.v, rewards, mask, ref_log_pi=ref, **kw),
         "advantage_pcl": lambda **kw: advantage_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
         "multistep_pcl": lambda **kw: multistep_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
@@ -276,6 +279,8 @@ def _call(loss_type, b=2, t=3, **kw):
     m = torch.ones(b, t)
     if loss_type in ("pcl", "unified_pcl", "multistep_soft_q"):
         return LOSSES[loss_type](x, x, x, m, **kw)
+    if loss_type == "group_pcl":
+        return LOSSES[loss_type](x, x, x, m, group=torch.zeros(b, dtype=torch.long), **kw)
     return LOSSES[loss_type](x, x, x, x, m, **kw)
 
 
@@ -298,7 +303,13 @@ def test_bad_scalars_name_the_argument(loss_type):
 @pytest.mark.parametrize("loss_type", sorted(LOSSES))
 def test_bad_shapes_name_the_argument(loss_type):
     x, m = torch.zeros(2, 3), torch.ones(2, 3)
-    if loss_type in ("pcl", "unified_pcl", "multistep_soft_q"):
+    if loss_type == "group_pcl":
+        g = torch.zeros(2, dtype=torch.long)
+        with pytest.raises(ValueError, match="rewards"):
+            LOSSES[loss_type](x, x, torch.zeros(2, 4), m, group=g, tau=1.0)
+        with pytest.raises(ValueError, match="group"):
+            LOSSES[loss_type](x, x, x, m, group=torch.zeros(3, dtype=torch.long), tau=1.0)
+    elif loss_type in ("pcl", "unified_pcl", "multistep_soft_q"):
         with pytest.raises(ValueError, match="rewards"):
             LOSSES[loss_type](x, x, torch.zeros(2, 4), m, tau=1.0)
         with pytest.raises(ValueError, match="mask"):
@@ -376,7 +387,8 @@ def test_every_registry_entry_takes_one_signature_and_equals_its_loss(loss_type)
     direct = _loss_inputs(logits, actions, mask, tau, ref, rewards, vbar, values)[loss_type]
     spec = LOSS_SPECS[loss_type]
     assert spec.fn is LOSSES[loss_type]
-    got, stats = spec(so, rewards, mask, value=values, target_v=vbar, d=2, ref_log_pi=ref, **kw)
+    group = torch.zeros(b, dtype=torch.long)
+    got, stats = spec(so, rewards, mask, value=values, target_v=vbar, d=2, ref_log_pi=ref, group=group, **kw)
     want, want_stats = direct(d=2, **kw) if spec.uses_d else direct(**kw)
     torch.testing.assert_close(got, want)
     assert "entropy" in stats and {k: stats[k] for k in want_stats} == pytest.approx(want_stats)
@@ -526,3 +538,32 @@ def test_multistep_soft_q_is_pcl_residual_with_the_gradient_through_q_only(d):
     want = torch.zeros_like(g)  # d/dz of 1/2 (Q - target)^2 with Q = tau z[a]: -C * tau on the taken action
     want.scatter_(-1, actions[..., None], (-c.detach() * 0.7 * m)[..., None])
     torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
+
+
+def test_group_pcl_is_the_whole_path_residual_against_its_group_mean(gen):
+    """By hand: ``G_i = C_i - group mean`` with ``C_i = -V(s_0) + (R + tau log pi_ref - tau log pi)`` summed
+    over the path, loss ``mean_i G_i^2 / 2`` per path; a start value shared by a group cancels (the same
+    shift of every logit at the first state of every row changes nothing), and a path alone in its
+    group has no loss."""
+    from sqlm.losses import group_pcl_loss
+
+    b, t, vocab, tau = 5, 4, 6, 0.3
+    logits = torch.randn(b, t, vocab, generator=gen)
+    actions = torch.randint(0, vocab, (b, t), generator=gen)
+    mask = contiguous_mask([4, 2, 3, 1, 2], t, starts=[0, 1, 0, 2, 1])
+    rewards, ref = torch.randn(b, t, generator=gen), -torch.rand(b, t, generator=gen)
+    group = torch.tensor([0, 0, 1, 1, 2])
+
+    def loss(lg):
+        so = soft_outputs(lg, actions, tau)
+        return group_pcl_loss(so.q, so.v, rewards, mask, group=group, tau=tau, ref_log_pi=ref, reduction="sequence")
+
+    so = soft_outputs(logits, actions, tau)
+    v0 = so.v[torch.arange(b), mask.argmax(-1)]
+    x = ((rewards + tau * ref - tau * so.log_pi) * mask).sum(-1) - v0
+    g = torch.stack([x[0] - x[:2].mean(), x[1] - x[:2].mean(), x[2] - x[2:4].mean(), x[3] - x[2:4].mean(), x[4] * 0])
+    torch.testing.assert_close(loss(logits)[0], (0.5 * g.pow(2)).sum() / b)
+    shifted = logits.clone()
+    first = mask.argmax(-1)
+    shifted[torch.arange(b), first] += 5.0  # V(s_0) + 5 tau on every row
+    torch.testing.assert_close(loss(shifted)[0], loss(logits)[0])

@@ -447,3 +447,27 @@ def test_a_reward_on_any_completion_token_moves_the_loss(tmp_path, tokenizer):
         batch = trainer.build_batch([r])
         with torch.no_grad():
             assert trainer.compute_loss(trainer.model, batch).item() > 1e-4, f"reward on completion token {k}"
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_group_pcl_trains_on_prompt_groups(tmp_path, tokenizer, mode):
+    """group_pcl: the batch carries one group id per prompt (an online prompt's completions, a pair's
+    two sides), and training moves the policy."""
+    trainer = SoftQTrainer(
+        make_model(tokenizer),
+        config(tmp_path, mode=mode, loss_type="group_pcl", tau=0.5, per_device_train_batch_size=4),
+        train_dataset=pref_data(),
+        processing_class=tokenizer,
+        reward_funcs=[lambda completions, **kw: [len(c) / 10 for c in completions]]
+        if mode == "online"
+        else [good_reward],
+    )
+    rows = [dict(r) for r in trainer.train_dataset][:2]
+    batch = trainer.build_batch([rows[0], rows[0], rows[1], rows[1]] if mode == "online" else rows)
+    ids = batch["group_ids"].tolist()
+    assert ids == [0, 0, 1, 1]  # two prompts: two completions each (online) or chosen and rejected
+    before = snapshot(trainer.model)
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss)) and out.training_loss > 0
+    after = snapshot(trainer.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)

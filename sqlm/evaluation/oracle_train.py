@@ -142,6 +142,7 @@ def train_towards_oracle(
             gamma=gamma,
             ref_log_pi=ref,
             reduction=reduction,
+            group=torch.zeros(len(tokens), dtype=torch.long, device=device),  # every path starts at the root
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
