@@ -36,23 +36,14 @@ from typing import Any
 import torch
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational, maybe_extract_prompt
 
+# the schema lives in sqlm.columns; importing it here also keeps sqlm.data.REF_COLUMNS etc. working
+from .columns import ALL_REF_COLUMNS, REF_COLUMNS, TEXT_COLUMNS, TOKEN_COLUMNS, TOKEN_REWARD_COLUMNS
 from .errors import SqlmError
-from .rewards.cache import TOKEN_REWARD_COLUMNS
 
 
 logger = logging.getLogger(__name__)
 
 PREFERENCE, PROMPT_COMPLETION, PROMPT_ONLY = "preference", "prompt_completion", "prompt"
-# columns added by tokenisation; everything else is passed to reward functions
-TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "row_index")
-TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion")
-# precomputed log pi_ref(a_t|s_t) and logsumexp z_ref(s_t) of each side's completion tokens
-REF_COLUMNS = {
-    "chosen": ("chosen_ref_log_probs", "chosen_ref_logsumexp"),
-    "rejected": ("rejected_ref_log_probs", "rejected_ref_logsumexp"),
-    "completion": ("ref_log_probs", "ref_logsumexp"),
-}
-ALL_REF_COLUMNS = tuple(c for cols in REF_COLUMNS.values() for c in cols)
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 FORMAT_HELP = (

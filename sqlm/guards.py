@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from .checkpoint import checkpoint_step, is_complete
+from .columns import TOKEN_REWARD_COLUMNS
 from .errors import SqlmError
-from .rewards.cache import TOKEN_REWARD_COLUMNS
 
 
 NAN_POLICIES = ("stop", "skip")

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SqlmError
+from .registry import AUTO_REWARD, REWARD_MODEL_REWARDERS, build_rewarder
 
 
 logger = logging.getLogger(__name__)
 
-AUTO_REWARD = "bradley_terry"
 FIT_VERSION = 1
 SPLIT_SEED = 0  # the held-out pairs are the same on every run, whatever the training seed
 REWARDERS = ("terminal", "abc", "uniform", "prefix")
@@ -97,8 +97,6 @@ def rewarder_keys(rewarder: str) -> set[str]:
     """The keys of ``reward_kwargs.bradley_terry`` that go to its token rewarder: the keyword arguments
     of that rewarder class and ``build_rewarder``'s ``dtype`` / ``device`` (the reward model, its
     tokenizer, the policy's tokenizer and ``max_length`` are set by the fit)."""
-    from .registry import REWARD_MODEL_REWARDERS
-
     keys = {"dtype", "device"}
     for klass in REWARD_MODEL_REWARDERS[rewarder].__mro__:
         if "__init__" in vars(klass):
@@ -204,7 +202,6 @@ def bradley_terry_rewarder(policy, tokenizer, train_dataset, args, cache_root: s
     ``eval_pairs`` (the held-out pairs), ``path`` and ``fitted`` (False: from the cache)."""
     from accelerate import PartialState
 
-    from .registry import build_rewarder
     from .train import MIN_HELDOUT_PAIRS, heldout_warning
 
     settings = AutoRewardSettings.from_kwargs((args.reward_kwargs or {}).get(AUTO_REWARD), args)

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..columns import TOKEN_REWARD_COLUMNS
 from ..errors import SqlmError
 from .base import TokenRewarder, make_batch
 from .models import tokenizer_fingerprint
@@ -31,12 +32,6 @@ from .models import tokenizer_fingerprint
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-# the dense-reward column of each side of a row; the trainer reads them, this module writes them
-TOKEN_REWARD_COLUMNS = {
-    "chosen": "chosen_token_rewards",
-    "rejected": "rejected_token_rewards",
-    "completion": "token_rewards",
-}
 COLUMNS = (TOKEN_REWARD_COLUMNS["chosen"], TOKEN_REWARD_COLUMNS["rejected"])
 COMPLETION_COLUMN = TOKEN_REWARD_COLUMNS["completion"]  # prompt-completion data
 ALL_COLUMNS = (*COLUMNS, COMPLETION_COLUMN)

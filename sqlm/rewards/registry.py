@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from ..errors import SqlmError
-from .auto import AUTO_REWARD
 from .base import CallableRewarder, TokenRewarder, WeightedSum, as_rewarder
 from .builtin import BUILTIN_REWARDS
 from .models import (
@@ -35,6 +34,8 @@ from .models import (
 )
 
 
+# the reward fitted by the trainer on its own training pairs (:mod:`sqlm.rewards.auto`)
+AUTO_REWARD = "bradley_terry"
 REWARD_MODEL_REWARDERS = {
     "terminal": TerminalRewarder,
     "uniform": UniformRewarder,
