@@ -182,24 +182,97 @@ def test_full_and_default_settings():
     assert knobs.values(METHODS["sqlm-online"]) == (0.3,)
 
 
-def test_training_runs_are_keyed_by_the_training_code(tmp_path, monkeypatch):
-    """A cached run must not survive a change to sqlm's training code."""
+# ----------------------------------------------------------------------------- the training key
+
+
+def _counting(runner, calls: list):
+    def run(command, argv):
+        calls.append(command)
+        runner(command, argv)
+
+    return run
+
+
+def _with_a_line_after_docstring(fn, line: str):
+    """``fn``'s code compiled from its own source text with ``line`` inserted after its docstring (as
+    an edit of the file would, without touching the file)."""
+    import __future__
+
+    import ast
+    import inspect
+    import textwrap
+
+    src = textwrap.dedent(inspect.getsource(fn))
+    body = ast.parse(src).body[0].body
+    assert isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), "no docstring"
+    lines = src.splitlines(keepends=True)
+    at = body[1].lineno - 1
+    lines.insert(at, " " * body[1].col_offset + line + "\n")
+    ns: dict = {}
+    flags = __future__.annotations.compiler_flag
+    exec(compile("".join(lines), fn.__code__.co_filename, "exec", flags=flags, dont_inherit=True), fn.__globals__, ns)
+    return ns[fn.__name__].__code__
+
+
+@pytest.fixture(scope="module")
+def training_keys():
+    """The training key of every method on the sentiment task, as a sweep computes them (a few seconds),
+    and the commands the canaries ran."""
+    from sqlm.commands.pipeline import run_command
     from sqlm.evaluation import sweep
 
-    before = sweep.training_code_fingerprint()
-    assert before == sweep.training_code_fingerprint()  # stable
-    fake = tmp_path / "sqlm"
-    (fake / "evaluation").mkdir(parents=True)
-    (fake / "commands").mkdir(parents=True)
-    for name in sweep._TRAINING_CODE:
-        if name.endswith(".py"):
-            (fake / name).write_text("x = 1\n")
-    monkeypatch.setattr(sweep, "__file__", str(fake / "evaluation" / "sweep.py"))
-    one = sweep.training_code_fingerprint()
-    (fake / "losses.py").write_text("x = 2\n")
-    assert sweep.training_code_fingerprint() != one
-    (fake / "commands" / "grpo.py").write_text("x = 3\n")  # the baselines' commands count too
-    assert sweep.training_code_fingerprint() not in (one, before)
+    saved, calls = dict(sweep._TRAINING_KEYS), []
+    sweep._TRAINING_KEYS.clear()
+    try:
+        task, runner = SentimentTask(reduced=True), _counting(run_command, calls)
+        keys = {name: sweep.training_key(task, m, runner) for name, m in METHODS.items()}
+        again = {name: sweep.training_key(task, m, runner) for name, m in METHODS.items()}
+    finally:
+        sweep._TRAINING_KEYS.clear()
+        sweep._TRAINING_KEYS.update(saved)
+    assert again == keys
+    return keys, calls
+
+
+def test_training_key_is_a_canary_per_method_computed_once(training_keys):
+    """Each method's key is the digest of its own canary run (through its own command) and the library
+    versions; a process computes it once, however many runs and sweeps read it."""
+    keys, calls = training_keys
+    assert sorted(calls) == sorted(m.command for m in METHODS.values())  # once each, through its command
+    digests = [k["canary"] for k in keys.values()]
+    assert len(set(digests)) == len(METHODS) and all(len(d) == 64 for d in digests)
+    versions = keys["dpo"]["versions"]
+    assert set(versions) == {"sqlm", "trl", "transformers", "torch"} and all(versions.values())
+
+
+def test_training_key_follows_behaviour_not_source_text(training_keys, monkeypatch):
+    """The key survives a comment-only edit of the loss sqlm's recipes use, and changes when that loss
+    or a default of SoftQConfig changes behaviour; a change to sqlm leaves DPO's key alone."""
+    from sqlm.commands.pipeline import run_command
+    from sqlm.config import SoftQConfig
+    from sqlm.evaluation.canary import canary_digest
+    from sqlm.evaluation.sweep import canary_argv
+    from sqlm.losses import loss_spec
+
+    keys, _ = training_keys
+    task = SentimentTask(reduced=True)
+
+    def digest(name: str) -> str:
+        method = METHODS[name]
+        return canary_digest(method.command, canary_argv(task, method), run_command)
+
+    loss = loss_spec("unified_pcl").fn  # recipes/gold/sqlm/config_online.yaml's loss_type
+    with monkeypatch.context() as m:
+        m.setattr(loss, "__code__", _with_a_line_after_docstring(loss, "# only a comment: the same behaviour"))
+        assert digest("sqlm-online") == keys["sqlm-online"]["canary"]
+    with monkeypatch.context() as m:
+        m.setattr(loss, "__code__", _with_a_line_after_docstring(loss, "rewards = 2 * rewards"))
+        assert digest("sqlm-online") != keys["sqlm-online"]["canary"]
+    with monkeypatch.context() as m:
+        m.setattr(SoftQConfig.__dataclass_fields__["reward_scale"], "default", 2.0)  # no recipe sets it
+        assert digest("sqlm-online") != keys["sqlm-online"]["canary"]
+        assert digest("dpo") == keys["dpo"]["canary"]
+    assert digest("sqlm-online") == keys["sqlm-online"]["canary"]  # all restored: deterministic
 
 
 def test_pipeline_recipes_parse():

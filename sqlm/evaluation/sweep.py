@@ -18,9 +18,38 @@ task's paired recipe and the shared :class:`sqlm.evaluation.tasks.Budget`:
 Each run is evaluated on the task's held-out prompts (temperature-1 samples with common random
 numbers per base LM: score, exact KL to the base, length, distinct-n) and cached under
 ``cache/sweeps/<task>/<method>-<knob>-b<base>-s<seed>-<hash>/result.json`` by a hash of everything it
-depends on (sqlm's training code included), so a rerun only trains what changed. The summary is mean
-± s.e. over runs; a comparison of two methods is the difference of their frontiers at matched KL with
-a bootstrap interval over runs and prompts (:mod:`sqlm.evaluation.compare`).
+depends on, so a rerun only trains what changed. The summary is mean ± s.e. over runs; a comparison
+of two methods is the difference of their frontiers at matched KL with a bootstrap interval over runs
+and prompts (:mod:`sqlm.evaluation.compare`).
+
+**The cache key.** A run's key holds its settings (method, command, recipe text, knob, budget, steps,
+seed, base LM, data, reward argv, evaluation sizes) and the *training key* of its method on its task
+(:func:`training_key`): the versions of sqlm, TRL, transformers and torch, and the digest of a
+behavioural canary (:mod:`sqlm.evaluation.canary`). The canary trains the method for
+``CANARY_STEPS`` deterministic optimizer steps (one CPU thread, deterministic algorithms) through the
+same runner, command, recipe and :func:`run_argv` as the real runs, with a tiny Qwen2-shaped model
+(hidden size 16, one layer) and reward model built from a config, 8 prompts and 8 pairs, and hashes
+the weights, the last logged loss and the counts it leaves. Each (task, method) is run once per
+process, about half a second each on a CPU (a few seconds per sweep). So the key changes when what
+trains a method behaves differently (a loss, a default of ``SoftQConfig`` or of a TRL config, data
+handling, batching, rewards scoring, a TRL trainer, a library version) and only for the methods
+whose behaviour changed; it does not change for a comment, a rename or a move of code.
+
+What the canary cannot see, so a change there keeps old results (delete ``cache/sweeps`` to redo them):
+
+* code paths it does not take: several processes (DDP, ZeRO, FSDP), a GPU, bf16/fp16, vLLM, PEFT
+  (unless an attempt's flags turn it on: attempts get their own canary, with their flags), settings
+  no sweep recipe or argv sets, and the half-way checkpoints of ``mid_eval``;
+* behaviour that shows only after more than ``CANARY_STEPS`` steps (a target-network sync interval,
+  a full replay buffer, a learning-rate schedule), only at larger sizes (truncation at
+  ``max_length``, chunking over long sequences or a large vocabulary) or only on other data
+  (conversational prompts, long completions);
+* the task's own reward: the canary scores with sqlm's ``terminal`` rewarder on a random reward model
+  (sentiment's kind of reward), not with arithmetic's checker, whose code is not keyed, nor with the
+  sentiment task's fitted reward model (keyed by its path, which hashes its data and recipe, not the
+  code that fitted it);
+* everything after training: ``task.evaluate``, decoding and the metrics (the stages before it, base
+  LMs and data, are cached under keys of their own).
 """
 
 from __future__ import annotations
@@ -28,11 +57,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import SqlmError
+from .canary import CANARY_STEPS, CanaryTask, canary_digest, canary_knob, library_versions
 from .gold import fingerprint
 from .tasks import Task, TaskData, log
 
@@ -123,24 +154,6 @@ class SweepConfig:
 # ----------------------------------------------------------------------------- one run
 
 
-# sqlm's own training code: a cached run is redone when any of it changes (a changed default or fix
-# must not hide behind an old result)
-_TRAINING_CODE = ("soft.py", "losses.py", "fused.py", "forward.py", "trainer.py", "data.py", "rollout.py",
-                  "config.py", "tiny.py", "loading.py", "rewards", "commands/train.py", "commands/dpo.py",
-                  "commands/reward.py", "commands/grpo.py", "commands/rloo.py", "commands/_online_baseline.py",
-                  "commands/_stats.py")  # fmt: skip
-
-
-def training_code_fingerprint() -> str:
-    """A hash of the source of sqlm's training code (:data:`_TRAINING_CODE`)."""
-    root = Path(__file__).resolve().parents[1]
-    files: list[Path] = []
-    for name in _TRAINING_CODE:
-        p = root / name
-        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
-    return fingerprint({str(f.relative_to(root)): f.read_text(encoding="utf-8") for f in files if f.is_file()})
-
-
 # A runner trains with a sqlm command in this process: ``runner(command, argv)`` (``sqlm pipeline``
 # passes one that calls ``sqlm.commands.<command>.main(argv)``; the library never imports commands).
 Runner = Callable[[str, list[str]], None]
@@ -178,6 +191,34 @@ def run_argv(task: Task, method: Method, data: TaskData, knob: float, seed: int,
     return argv + [x.replace("{reward_model}", rm) for x in method.extra]
 
 
+# the training key of each (task, method) of this process: computed once, by the first sweep that needs it
+_TRAINING_KEYS: dict[tuple[str, str, Method], dict] = {}
+
+
+def canary_argv(task: Task, method: Method) -> Callable[[TaskData, Path], list[str]]:
+    """``argv_of(data, out)`` of ``method``'s canary: :func:`run_argv` with the task's recipe, the
+    canary's budget, its knob value and seed 0, so the canary parses and trains as the real runs do."""
+    canary_task, knob = CanaryTask(task), canary_knob(method.values)
+    return lambda data, out: run_argv(canary_task, method, data, knob, 0, CANARY_STEPS, out, False)
+
+
+def training_key(task: Task, method: Method, runner: Runner) -> dict:
+    """The code part of the cache key of ``method``'s runs on ``task``: the versions of sqlm, TRL,
+    transformers and torch, and the digest of the method's behavioural canary
+    (:mod:`sqlm.evaluation.canary`), computed once per process. A canary that fails gives a key that
+    matches no cached run (the real run then reports the failure)."""
+    k = (task.name, str(task.recipes), method)
+    if k not in _TRAINING_KEYS:
+        try:
+            digest = canary_digest(method.command, canary_argv(task, method), runner)
+        except Exception as e:  # noqa: BLE001 - the run itself trains and reports what fails
+            log(f"training-code canary of {method.name} on {task.name} failed ({type(e).__name__}: {e}); "
+                "its runs are not read from the cache")  # fmt: skip
+            digest = f"failed-{uuid.uuid4().hex}"
+        _TRAINING_KEYS[k] = {"versions": library_versions(), "canary": digest}
+    return _TRAINING_KEYS[k]
+
+
 def evaluate_folder(task: Task, path: Path, ref, tokenizer, prompts: list[str], seed: int, samples: int,
                     extra: dict[str, list[str]] | None = None) -> dict:  # fmt: skip
     """``task.evaluate`` of the model saved in ``path`` (deterministic, one thread)."""
@@ -205,7 +246,7 @@ def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
                task=task.name, budget=vars(task.budget()), steps=steps, base=data.base.name,
                data=[data.prompts_file.parent.name, data.pairs_file.name], reward=data.reward_argv, seed=seed,
                n_eval=len(prompts), samples=cfg.eval_samples, mid=mid, extra={k: len(v) for k, v in extra.items()},
-               recipe=(task.recipes / method.recipe).read_text(), code=training_code_fingerprint())  # fmt: skip
+               recipe=(task.recipes / method.recipe).read_text(), code=training_key(task, method, runner))  # fmt: skip
     folder = root / f"{method.name}-{knob:g}-b{data.base_seed}-s{seed}-{fingerprint(key)}"
     done = folder / "result.json"
     if done.is_file():
@@ -272,6 +313,10 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
     if unknown:
         raise SqlmError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     methods = cfg.all_methods(task.name)
+    t = time.time()
+    for method in methods:  # the code part of every run's key, before any run (cached in this process)
+        training_key(task, method, runner)
+    log(f"{task.name}: training-code canaries of {len(methods)} methods in {time.time() - t:.1f}s")
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     root = cache / "sweeps" / task.name
