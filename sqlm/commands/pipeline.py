@@ -20,7 +20,8 @@ The default is one base LM and one training seed at each method's default knob v
 minutes on 2 CPU cores from a cold cache); ``--full true`` runs the full tables: 2 base LMs x 3 training
 seeds, every method's knob sweep, half-way evaluations for the efficiency plot. Every stage and run
 is cached under ``cache_dir`` (default ``$SQLM_CACHE`` or ``~/.cache/sqlm``) by a hash of everything it
-depends on, sqlm's training code included, so a rerun does only what changed (``--full true`` after
+depends on, a run also by its method's behavioural canary (:mod:`sqlm.evaluation.canary`: what a few
+deterministic steps of the method do, not its source text), so a rerun does only what changed (``--full true`` after
 the default reuses its runs). ``--reduced true`` is the CI setting (tiny base LMs, a few steps).
 """
 
