@@ -98,6 +98,13 @@ def test_the_recipes_this_project_documents_exist():
         "recipes/qwen2.5-0.5b-instruct/sqlm/config_soft_q_fsdp2.yaml",
         "recipes/llama-3.2-1b-instruct/sqlm/config_soft_q_zero3.yaml",
         "recipes/llama-3.2-1b-instruct/sqlm/config_soft_q_fsdp2.yaml",
+        "recipes/smollm2-135m-instruct/sqlm/config.yaml",
+        "recipes/smollm2-135m-instruct/sqlm/config_offline.yaml",
+        "recipes/smollm2-135m-instruct/dpo/config.yaml",
+        "recipes/smollm2-135m-instruct/grpo/config.yaml",
+        "recipes/smollm2-135m-instruct/rloo/config.yaml",
+        "recipes/smollm2-135m-instruct/reward/config.yaml",
+        "recipes/smollm2-135m-instruct/generate/config.yaml",
     ):
         assert name in rel, name
 
