@@ -122,6 +122,8 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``sqlm train``: 0 once the run is saved. A process of a multi-process launch does not return: it
+    exits with code 0 when every process has finished (see :func:`finish`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if wants_help(argv):
         print(usage())
@@ -129,8 +131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = run(argv)
     if trainer.accelerator.is_main_process:
         print(f"sqlm train: saved to {trainer.args.output_dir}")
-    # every process done, then the process group is destroyed before the interpreter exits (left to the
-    # exit, gloo's threads sometimes abort it: "terminate called without an active exception", exit code -6)
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    finish(trainer)
     return 0
+
+
+def finish(trainer) -> None:
+    """The end of a complete, saved run: every process waits for the others and ends its process groups
+    (:func:`sqlm.shutdown.end_process_group`). A process of a multi-process launch then exits with code 0
+    here (:func:`sqlm.shutdown.exit_process`: ``atexit`` handlers run, the saved files are synced, the
+    interpreter's finalisation is skipped): the gloo threads of the groups that FSDP2 / DeepSpeed still hold
+    outlive ``destroy_process_group()`` and, left to the finalisation, sometimes abort the finished process
+    ("terminate called without an active exception", exit code -6). A single process returns as before."""
+    from ..shutdown import end_process_group, exit_process
+
+    launched = trainer.accelerator.num_processes > 1
+    end_process_group(trainer.accelerator)
+    if launched:
+        out = trainer.args.output_dir
+        exit_process(0, fsync=[out, os.path.join(out, "merged")] if out else ())
