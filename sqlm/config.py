@@ -79,7 +79,8 @@ class SoftQConfig(TrainingArguments):
         default="unified_pcl",
         metadata={
             "help": "Path-consistency loss (sqlm.losses.LOSS_SPECS): 'pcl' (value head), 'unified_pcl' (V from the "
-            "logits), 'soft_q' (one-step Bellman, target network), 'multistep_soft_q' (Q regressed on its d-step soft "
+            "logits), 'group_pcl' (each completion's whole-path residual against its prompt group's mean: V cancels), "
+            "'soft_q' (one-step Bellman, target network), 'multistep_soft_q' (Q regressed on its d-step soft "
             "return, the target detached), 'advantage_pcl' (Guo et al. 2021 eq. 9), "
             "'multistep_pcl' (Guo et al. 2021 eq. 10), and Guo et al.'s forms with their reversed terms, mixed by "
             "guo_coefficient: 'advantage_pcl_mix' (their v2_v2r), 'multistep_pcl_mix' (v3_v3r), 'guo_pcl_mix' "
@@ -514,6 +515,12 @@ class SoftQConfig(TrainingArguments):
             raise bad("target_model_sync_steps", f"must be >= 1, got {self.target_model_sync_steps!r}")
         if self.value_anchor not in ("reference", "none"):
             raise choice_error("value_anchor", self.value_anchor, ("reference", "none"))
+        if LOSS_SPECS[self.loss_type].needs_groups and self.mode != "offline" and self.num_generations < 2:
+            raise bad(
+                "num_generations",
+                f"must be >= 2 for loss_type '{self.loss_type}' online (a completion alone in its prompt group "
+                f"has no signal), got {self.num_generations!r}",
+            )
         needs_head = LOSS_SPECS[self.loss_type].needs_value_head
         if self.value_head is False and needs_head:
             raise bad(

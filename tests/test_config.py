@@ -212,3 +212,12 @@ def test_pin_memory_is_off_without_an_accelerator(recwarn):
         loader = torch.utils.data.DataLoader([1, 2], pin_memory=cfg().dataloader_pin_memory)
         list(loader)
         assert not [w for w in recwarn if "pin_memory" in str(w.message)]
+
+
+def test_group_pcl_online_needs_two_completions_per_prompt():
+    from sqlm.config import SoftQConfig
+    from sqlm.errors import SqlmError
+
+    with pytest.raises(SqlmError, match="key 'num_generations' must be >= 2 for loss_type 'group_pcl'"):
+        SoftQConfig(output_dir="/tmp/x", use_cpu=True, loss_type="group_pcl", mode="online", num_generations=1)
+    SoftQConfig(output_dir="/tmp/x", use_cpu=True, loss_type="group_pcl", mode="offline", num_generations=1)
