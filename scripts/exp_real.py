@@ -243,6 +243,10 @@ def main(argv=None) -> int:
         print(f"plot: {plot(args.out)}")
         return 0
     args.overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.method == "sqlm" and args.overrides.get("loss_type", "auto") == "auto":
+        from sqlm.config import default_loss_type
+
+        args.overrides["loss_type"] = default_loss_type("online")  # records name the loss that ran
     path = args.out / f"{run_name(args)}.json"
     if path.exists() and not args.force:
         print(f"done before: {path}")
