@@ -25,6 +25,15 @@ from .recipe import choice_error
 MODES = ("offline", "online", "mixed")
 
 
+def default_loss_type(mode: str) -> str:
+    """``loss_type: auto``: ``group_pcl`` when the policy samples its own completions (online, mixed),
+    ``unified_pcl`` offline. On SmolLM2-135M-Instruct chat arithmetic (scripts/results/real/learning_speed)
+    unified_pcl online reached 0.24 held-out accuracy after 30 steps (one seed), TRL GRPO 0.42-0.50 and
+    group_pcl 0.39-0.45 (three seeds); offline, unified_pcl's per-position residuals give dense rewards their
+    per-token credit, which group_pcl (a whole-path residual) cannot."""
+    return "unified_pcl" if mode == "offline" else "group_pcl"
+
+
 def _accelerator_supports_bf16() -> bool:
     import torch
 
@@ -76,16 +85,19 @@ class SoftQConfig(TrainingArguments):
 
     # ------------------------------------------------------------------ loss
     loss_type: str = field(
-        default="unified_pcl",
+        default="auto",
         metadata={
-            "help": "Path-consistency loss (sqlm.losses.LOSS_SPECS): 'pcl' (value head), 'unified_pcl' (V from the "
+            "help": "Path-consistency loss (sqlm.losses.LOSS_SPECS). 'auto' (default): 'group_pcl' when the policy samples "
+            "(mode online or mixed: on a real model it learned about as fast as TRL GRPO, where unified_pcl lagged far "
+            "behind), "
+            "'unified_pcl' offline (per-token credit from dense rewards). 'pcl' (value head), 'unified_pcl' (V from the "
             "logits), 'group_pcl' (each completion's whole-path residual against its prompt group's mean: V cancels), "
             "'soft_q' (one-step Bellman, target network), 'multistep_soft_q' (Q regressed on its d-step soft "
             "return, the target detached), 'advantage_pcl' (Guo et al. 2021 eq. 9), "
             "'multistep_pcl' (Guo et al. 2021 eq. 10), and Guo et al.'s forms with their reversed terms, mixed by "
             "guo_coefficient: 'advantage_pcl_mix' (their v2_v2r), 'multistep_pcl_mix' (v3_v3r), 'guo_pcl_mix' "
             "(v2_v2r_v3_v3r).",
-            "choices": list(LOSS_SPECS),
+            "choices": ["auto", *LOSS_SPECS],
         },
     )
     tau: float = field(
@@ -466,6 +478,8 @@ class SoftQConfig(TrainingArguments):
             self.dataloader_pin_memory = (not self.use_cpu) and _accelerator_available()
         if self.beta is not None:
             self.tau = self.beta
+        if self.loss_type == "auto":
+            self.loss_type = default_loss_type(self.mode)
         for name in ("generation_kwargs", "reward_kwargs", "dataset_column_map", "model_init_kwargs"):
             setattr(self, name, _as_dict(getattr(self, name), name))
         self._validate()
