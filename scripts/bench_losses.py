@@ -61,6 +61,7 @@ def make_inputs(batch: int, seq: int, vocab: int, device: str, seed: int = 0) ->
         "ref_log_pi": -torch.rand(batch, seq, generator=g).to(device) * 5,
         "target_v": torch.randn(batch, seq, generator=g).to(device),
         "values": torch.randn(batch, seq, generator=g).to(device).requires_grad_(),
+        "group": (torch.arange(batch) // 2).to(device),  # prompt groups of two (group_pcl)
     }
 
 
@@ -80,6 +81,7 @@ def run_case(name: str, x: dict) -> None:
             tau=TAU,
             gamma=GAMMA,
             ref_log_pi=x["ref_log_pi"],
+            group=x["group"],
         )
     loss.backward()
 

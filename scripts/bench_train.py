@@ -468,7 +468,7 @@ def table(results: list[list[dict]], args) -> str:
             notes.append(f"KV cache: {one}/{calls} decode forwards fed 1 new token")
         n_tok = statistics.median([r["tokens"] for r in ok])
         lines.append(
-            f"| {name} | {st:.2f} | {1 / st:.3f} | {n_tok:.0f} | {n_tok / st:.0f} | {rng(t_ratios)} | {peak_mem:.0f} "
+            f"| {name} | {st:.3g} | {1 / st:.3f} | {n_tok:.0f} | {n_tok / st:.0f} | {rng(t_ratios)} | {peak_mem:.0f} "
             f"| {rng(m_ratios)} | {resident:.1f} | {nbytes / mib:.1f} | {'; '.join(notes)} |"
         )
     method = "cuda.max_memory_allocated" if _cuda(args.device) else "VmHWM (resident-set high-water mark)"

@@ -25,13 +25,13 @@ from .recipe import choice_error
 MODES = ("offline", "online", "mixed")
 
 
-def default_loss_type(mode: str) -> str:
-    """``loss_type: auto``: ``group_pcl`` when the policy samples its own completions (online, mixed),
-    ``unified_pcl`` offline. On SmolLM2-135M-Instruct chat arithmetic (scripts/results/real/learning_speed)
+def default_loss_type(mode: str, num_generations: int = 2) -> str:
+    """``loss_type: auto``: ``group_pcl`` when the policy samples groups of its own completions (online,
+    mixed, ``num_generations >= 2``), else ``unified_pcl``. On SmolLM2-135M-Instruct chat arithmetic (scripts/results/real/learning_speed)
     unified_pcl online reached 0.24 held-out accuracy after 30 steps (one seed), TRL GRPO 0.42-0.50 and
     group_pcl 0.39-0.45 (three seeds); offline, unified_pcl's per-position residuals give dense rewards their
     per-token credit, which group_pcl (a whole-path residual) cannot."""
-    return "unified_pcl" if mode == "offline" else "group_pcl"
+    return "group_pcl" if mode != "offline" and num_generations >= 2 else "unified_pcl"
 
 
 def _accelerator_supports_bf16() -> bool:
@@ -88,6 +88,7 @@ class SoftQConfig(TrainingArguments):
         default="auto",
         metadata={
             "help": "Path-consistency loss (sqlm.losses.LOSS_SPECS). 'auto' (default): 'group_pcl' when the policy samples "
+            "groups (num_generations >= 2) "
             "(mode online or mixed: on a real model it learned about as fast as TRL GRPO, where unified_pcl lagged far "
             "behind), "
             "'unified_pcl' offline (per-token credit from dense rewards). 'pcl' (value head), 'unified_pcl' (V from the "
@@ -479,7 +480,7 @@ class SoftQConfig(TrainingArguments):
         if self.beta is not None:
             self.tau = self.beta
         if self.loss_type == "auto":
-            self.loss_type = default_loss_type(self.mode)
+            self.loss_type = default_loss_type(self.mode, self.num_generations)
         for name in ("generation_kwargs", "reward_kwargs", "dataset_column_map", "model_init_kwargs"):
             setattr(self, name, _as_dict(getattr(self, name), name))
         self._validate()

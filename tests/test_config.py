@@ -221,3 +221,15 @@ def test_group_pcl_online_needs_two_completions_per_prompt():
     with pytest.raises(SqlmError, match="key 'num_generations' must be >= 2 for loss_type 'group_pcl'"):
         SoftQConfig(output_dir="/tmp/x", use_cpu=True, loss_type="group_pcl", mode="online", num_generations=1)
     SoftQConfig(output_dir="/tmp/x", use_cpu=True, loss_type="group_pcl", mode="offline", num_generations=1)
+
+
+def test_loss_type_auto_is_group_pcl_when_the_policy_samples_groups():
+    from sqlm.config import SoftQConfig
+
+    def loss(**kw):
+        return SoftQConfig(output_dir="/tmp/x", use_cpu=True, **kw).loss_type
+
+    assert loss() == "unified_pcl"  # offline
+    assert loss(mode="online") == loss(mode="mixed") == "group_pcl"
+    assert loss(mode="online", num_generations=1, per_device_train_batch_size=1) == "unified_pcl"
+    assert loss(mode="online", loss_type="soft_q") == "soft_q"

@@ -109,11 +109,10 @@ def test_every_dpo_recipe_parses_and_matches_its_sqlm_pair(path):
 
     _, script_args, config, model_args = parse([str(path), "--bf16", "false", "--use_cpu", "true"])
     assert config.beta > 0
-    pair = path.parent.parent / "sqlm" / path.name
+    # a task whose sqlm recipes come per mode pairs DPO with the offline one
+    pair = path.parent.parent / "sqlm" / "config_offline.yaml"
     if not pair.is_file():
-        pair = path.parent.parent / "sqlm" / "config.yaml" if path.name == "config.yaml" else pair
-    if not pair.is_file():  # a task whose sqlm recipes come per mode pairs DPO with the offline one
-        pair = path.parent.parent / "sqlm" / "config_offline.yaml"
+        pair = path.parent.parent / "sqlm" / path.name
     if not pair.is_file():
         pytest.skip(f"no paired sqlm recipe {pair.relative_to(ROOT)} yet")
     a, b = yaml.safe_load(pair.read_text()), yaml.safe_load(path.read_text())
