@@ -338,57 +338,25 @@ def sample_texts(
 ) -> list[str]:
     """One reply per conversational prompt, rendered by the tokenizer's chat template as training
     renders it (:func:`sqlm.data.tokenize_prompt`), decoded without special tokens. Batched with left
-    padding and a KV cache; ``temperature`` 0 is greedy, else pure sampling from ``softmax(z / T)``
-    (no top-k / top-p) with a seeded CPU generator."""
-    import torch
-
+    padding and a KV cache (:func:`sqlm.evaluation.sampling.sample_completions`); ``temperature`` 0 is
+    greedy, else pure sampling from ``softmax(z / T)`` (no top-k / top-p) with a seeded CPU generator."""
     from ..data import tokenize_prompt
-    from ..decoding import cache_of, left_pad, positions
+    from .sampling import sample_completions
 
-    if max_new_tokens < 1 or temperature < 0:
-        raise SqlmError(f"need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens} and {temperature}")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
     ids = [tokenize_prompt({"prompt": list(p)}, tokenizer)["prompt_ids"] for p in prompts]
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    texts: list[str] = []
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            x, mask = left_pad(ids[start : start + batch_size], pad)
-            x, mask = x.to(device), mask.to(device)
-            pos = positions(mask)
-            out = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-            b = x.shape[0]
-            done = torch.zeros(b, dtype=torch.bool)
-            steps, last = [], pos[:, -1]
-            for _ in range(max_new_tokens):
-                z = out.logits[:, -1].float().cpu()
-                if temperature == 0:
-                    tok = z.argmax(-1)
-                else:
-                    tok = torch.multinomial(torch.softmax(z / temperature, -1), 1, generator=gen).squeeze(1)
-                tok = torch.where(done, torch.full_like(tok, pad), tok)
-                steps.append(tok)
-                done |= tok == eos
-                if bool(done.all()):
-                    break
-                mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
-                last = last + 1
-                out = model(
-                    input_ids=tok[:, None].to(device),
-                    attention_mask=mask,
-                    position_ids=last[:, None],
-                    cache=cache_of(out),
-                    use_cache=True,
-                )
-            for row in torch.stack(steps, 1).tolist():
-                row = row[: row.index(eos) + 1] if eos in row else row
-                texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    model.train(was_training)
-    return texts
+    completions = sample_completions(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=eos if pad is None else pad,
+        seed=seed,
+        batch_size=batch_size,
+        temperature=temperature,
+        progress=False,
+    )
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in completions]
 
 
 def accuracy(model, tokenizer, rows: Sequence[dict], **kwargs) -> dict[str, Any]:

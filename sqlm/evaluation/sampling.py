@@ -32,11 +32,12 @@ def sample_completions(
     pad_token_id: int,
     seed: int = 0,
     batch_size: int = 64,
+    temperature: float = 1.0,
     desc: str | None = "sampling",
     progress: bool = True,
 ) -> list[list[int]]:
-    """One completion per prompt, sampled from ``softmax(logits)``; each list ends at (and includes)
-    the first EOS, or has ``max_new_tokens`` tokens."""
+    """One completion per prompt, sampled from ``softmax(logits / temperature)`` (``temperature`` 0:
+    greedy); each list ends at (and includes) the first EOS, or has ``max_new_tokens`` tokens."""
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt must have at least one token")
     was_training = model.training
@@ -50,15 +51,18 @@ def sample_completions(
         ids, mask = left_pad(rows, pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         pos = positions(mask)
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         past, logits = cache_of(res), res.logits[:, -1]
         b = ids.shape[0]
         done = torch.zeros(b, dtype=torch.bool)
         tokens = []
         last_pos = pos[:, -1]
         for _ in range(max_new_tokens):
-            probs = torch.softmax(logits.float().cpu(), dim=-1)
-            tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            z = logits.float().cpu()
+            if temperature == 0:
+                tok = z.argmax(-1)
+            else:
+                tok = torch.multinomial(torch.softmax(z / temperature, dim=-1), 1, generator=gen).squeeze(1)
             tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
             tokens.append(tok)
             done |= tok == eos_token_id
