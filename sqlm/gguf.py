@@ -22,6 +22,7 @@ from GGUF.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -125,7 +126,15 @@ def check_gguf_file(path: Path) -> str:
     return architecture
 
 
-def _content_hash(path: Path, chunk: int = 1 << 22) -> str:
+def _content_hash(path: Path) -> str:
+    """The hash of the file's bytes, read once per process for a given path, size and mtime (every
+    loader of a command resolves the same name: model, tokenizer, reference)."""
+    st = path.stat()
+    return _hash_bytes(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_bytes(path: str, size: int, mtime_ns: int, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256(f"sqlm-gguf-v{FORMAT_VERSION}".encode())
     with open(path, "rb") as f:
         while block := f.read(chunk):
