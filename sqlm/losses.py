@@ -284,6 +284,48 @@ def group_means(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return (sums / counts)[inverse]
 
 
+GROUP_SCALES = ("none", "group", "batch")
+
+
+def path_rewards(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """``[B]``: each path's discounted reward ``sum_t gamma^t r_t`` over its masked steps (``t`` counted from
+    the path's first step)."""
+    m = mask.float()
+    t = (m.cumsum(-1) - 1).clamp(min=0)
+    return (rewards * m * torch.pow(torch.as_tensor(gamma, dtype=m.dtype, device=m.device), t)).sum(-1)
+
+
+@torch.no_grad()
+def residual_scales(r: torch.Tensor, group: torch.Tensor, rows: torch.Tensor, scale: str, tau: float) -> torch.Tensor:
+    """``[B]`` weights ``1 / (tau * s)`` of :func:`group_pcl_loss`'s ``scale`` from the path rewards ``r``
+    ``[B]`` (rows with ``rows`` False and ids -1 excluded). ``s`` is the unbiased standard deviation of ``r``
+    over the row's group ("group") or over the batch ("batch"). Where that is 0 (every reward the same: the
+    residuals hold only the log-ratio differences) ``s`` falls back to the batch's deviation, and to 1 where
+    the whole batch has one reward, so such paths keep their small residuals instead of having them blown up."""
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"scale must be one of {GROUP_SCALES}, got {scale!r}")
+    if scale == "none":
+        return torch.ones_like(r)
+    live = r[rows]
+    batch = live.std() if live.numel() > 1 else torch.zeros((), dtype=r.dtype, device=r.device)
+    batch = torch.where(batch > 0, batch, torch.ones_like(batch))
+    if scale == "batch":
+        s = batch.expand_as(r)
+    else:
+        mean = group_means(r, group)
+        sq = group_means((r - mean).pow(2), group)
+        n = _group_sizes(group).to(r.dtype)
+        s = (sq * n / (n - 1).clamp(min=1)).sqrt()
+        s = torch.where(s > 0, s, batch)
+    return 1.0 / (tau * s)
+
+
+def _group_sizes(group: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the number of rows in each row's group."""
+    _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    return counts[inverse]
+
+
 def group_pcl_loss(
     q: torch.Tensor,
     v: torch.Tensor,
@@ -296,6 +338,7 @@ def group_pcl_loss(
     ref_log_pi: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     reduction: str = "token",
+    scale: str = "none",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Group path consistency: the whole-path residual of each completion, measured against the other
     completions of the same prompt.
@@ -317,6 +360,13 @@ def group_pcl_loss(
     ``G_i / 2`` squared sits on each path's first step, so ``reduction`` "token" divides the batch's sum
     by its path steps (TRL GRPO's ``dapo`` normalisation), "sequence" by its paths. ``v`` is only read
     to form ``log pi``; ``d`` does not apply.
+
+    ``scale`` weighs each path's ``G_i^2 / 2`` by ``w = 1 / (tau * s)``, ``s`` a reward scale computed without
+    gradient (:func:`residual_scales`): "group" the standard deviation of the path rewards in the path's
+    group (TRL GRPO's ``scale_rewards: group``), "batch" over the batch, "none" ``w = 1``. The gradient is
+    then ``-(G_i / s) grad log pi(y_i)``: GRPO's advantage with ``R - tau log pi/pi_ref`` in place of ``R``,
+    free of tau and of the reward's units. A positive weight held constant in the gradient leaves the zero
+    set of every ``G`` and so the fixed point ``pi*`` unchanged.
     """
     tau = check_tau(tau)
     log_pi = (q - v) / tau
@@ -330,7 +380,8 @@ def group_pcl_loss(
     # rows with no step neither count in their group's mean nor get a loss
     ids = torch.where(rows, group.to(c0.device), torch.full_like(group, -1).to(c0.device))
     g = torch.where(rows, c0 - group_means(c0, ids), torch.zeros_like(c0))
-    per_step = torch.zeros_like(m).scatter(1, first[:, None], (0.5 * g.pow(2))[:, None]) * m
+    w = residual_scales(path_rewards(rewards, mask, gamma), ids, rows, scale, tau)
+    per_step = torch.zeros_like(m).scatter(1, first[:, None], (0.5 * w * g.pow(2))[:, None]) * m
     loss = reduce_loss(per_step, mask, reduction)
     residual = torch.zeros_like(m).scatter(1, first[:, None], g[:, None].detach()) * m
     stats = _stats(residual, mask, v, log_pi, ref_log_pi, entropy, rewards)
@@ -645,6 +696,7 @@ class LossSpec:
         ref_log_pi: torch.Tensor | None = None,
         reduction: str = "token",
         group: torch.Tensor | None = None,
+        group_scale: str = "none",
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """``(loss, stats)`` from the policy's soft outputs (``q``, ``v``, ``log_pi``, ``entropy``),
         the per-step rewards and path mask, and what the loss reads besides."""
@@ -654,7 +706,7 @@ class LossSpec:
         if self.needs_groups:
             if group is None:
                 raise ValueError(f"{self.fn.__name__} needs group, the prompt group id of each row [B]")
-            kw["group"] = group
+            kw.update(group=group, scale=group_scale)
         if self.needs_target_log_pi:
             kw.update(target_log_pi=target_log_pi, coefficient=coefficient)
         if self.needs_value_head:

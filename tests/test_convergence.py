@@ -93,3 +93,17 @@ def test_loss_converges_to_the_oracle(oracles, loss_type, reward, on_policy):
     assert res.curve[0][1] >= START_KL
     assert res.curve[-1][1] < END_KL, curve
     assert sol.kl(model) == pytest.approx(res.curve[-1][1])
+
+
+@pytest.mark.parametrize("reward", ["token", "terminal"])
+@pytest.mark.parametrize("on_policy", [True, False], ids=["on", "off"])
+def test_group_pcl_scaled_by_the_reward_deviation_converges_to_the_same_oracle(oracles, reward, on_policy):
+    """``group_scale: group`` weighs each path's squared residual by ``1 / (tau * s)``, ``s`` held constant in
+    the gradient: the zero set of the residuals, and with it ``pi*``, is unchanged, on- and off-policy."""
+    sol = oracles[reward]
+    model = tiny_causal_lm(8, seed=2, hidden_size=32, num_hidden_layers=1)
+    res = train_towards_oracle(model, sol, "group_pcl", steps=STEPS, batch_size=BATCH, lr=LR["group_pcl"],
+                               on_policy=on_policy, eval_every=100, seed=0, group_scale="group")  # fmt: skip
+    curve = " ".join(f"{s}:{kl:.3f}" for s, kl in res.curve)
+    assert res.curve[0][1] >= START_KL
+    assert res.curve[-1][1] < END_KL, curve

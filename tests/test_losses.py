@@ -567,3 +567,42 @@ def test_group_pcl_is_the_whole_path_residual_against_its_group_mean(gen):
     first = mask.argmax(-1)
     shifted[torch.arange(b), first] += 5.0  # V(s_0) + 5 tau on every row
     torch.testing.assert_close(loss(shifted)[0], loss(logits)[0])
+
+
+def test_group_pcl_scale_weighs_each_path_by_its_groups_reward_deviation(gen):
+    """By hand: ``scale="group"`` weighs path i's ``G_i^2 / 2`` by ``1 / (tau * s_g)``, ``s_g`` the unbiased
+    standard deviation of the path rewards in its group; a group whose rewards are all equal takes the
+    batch's deviation; "batch" takes the batch's for every path. The weights carry no gradient, so the
+    gradient is ``-(G_i / s_g) grad log pi(y_i)`` (GRPO's advantage with ``R - tau log pi/pi_ref`` as R)."""
+    from sqlm.losses import group_pcl_loss
+
+    b, t, vocab, tau = 6, 3, 5, 0.2
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    # a group's paths start in one state s_0: one row of start logits per group
+    start = torch.randn(2, 1, vocab, generator=gen, requires_grad=True)
+    rest = torch.randn(b, t - 1, vocab, generator=gen, requires_grad=True)
+    logits = torch.cat([start[group], rest], 1)
+    actions = torch.randint(0, vocab, (b, t), generator=gen)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    rewards = torch.zeros(b, t)
+    rewards[:, -1] = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0])  # group 1: all equal
+    ref = -torch.rand(b, t, generator=gen)
+    so = soft_outputs(logits, actions, tau)
+    x = ((rewards + tau * ref - tau * so.log_pi) * mask).sum(-1) - so.v[:, 0]
+    g = torch.cat([x[:3] - x[:3].mean(), x[3:] - x[3:].mean()])
+    r = rewards.sum(-1)
+    s_group = torch.tensor([r[:3].std()] * 3 + [r.std()] * 3)
+    for scale, s in (("group", s_group), ("batch", r.std().expand(b)), ("none", torch.full((b,), 1 / tau))):
+        got, _ = group_pcl_loss(so.q, so.v, rewards, mask, group=group, tau=tau, ref_log_pi=ref, reduction="sequence",
+                                scale=scale)  # fmt: skip
+        torch.testing.assert_close(got.detach(), (0.5 * g.pow(2) / (tau * s)).sum().detach() / b)
+    so = soft_outputs(logits, actions, tau)
+    loss, _ = group_pcl_loss(so.q, so.v, rewards, mask, group=group, tau=tau, ref_log_pi=ref, reduction="sequence",
+                             scale="group")  # fmt: skip
+    grad = torch.autograd.grad(loss, (start, rest))
+    advantage = (g / s_group).detach()
+    log_pi = soft_outputs(torch.cat([start[group], rest], 1), actions, tau).log_pi
+    want = torch.autograd.grad(-(advantage * log_pi.sum(-1)).sum() / b, (start, rest))
+    torch.testing.assert_close(grad, want)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        group_pcl_loss(so.q, so.v, rewards, mask, group=group, tau=tau, scale="rank")

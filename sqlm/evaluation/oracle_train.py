@@ -58,6 +58,7 @@ def train_towards_oracle(
     coefficient: float = 0.5,
     value_head: torch.nn.Module | None = None,
     progress: bool = False,
+    group_scale: str = "none",
 ) -> TrainResult:
     """Train ``model`` with the loss ``sqlm.losses.LOSS_SPECS[loss_type]`` on paths of ``solution.mdp``.
 
@@ -68,7 +69,8 @@ def train_towards_oracle(
     updated after each optimizer step (Guo et al.'s mixes also its ``log pi_bar``, weighted against their
     forward terms by ``coefficient``). ``d`` is the rollout
     length of ``pcl`` / ``unified_pcl`` (None: to the end). The learning rate decays linearly from
-    ``lr`` to ``final_lr`` (default ``lr / 10``). Returns the exact KL curve, measured
+    ``lr`` to ``final_lr`` (default ``lr / 10``). ``group_scale`` is ``group_pcl``'s ``scale`` (every path
+    is in one group: they all start at the root). Returns the exact KL curve, measured
     before the first step and every ``eval_every`` steps (and after the last).
     """
     spec = loss_spec(loss_type)
@@ -143,6 +145,7 @@ def train_towards_oracle(
             ref_log_pi=ref,
             reduction=reduction,
             group=torch.zeros(len(tokens), dtype=torch.long, device=device),  # every path starts at the root
+            group_scale=group_scale,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
