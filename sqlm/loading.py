@@ -28,7 +28,7 @@ from .errors import SqlmError
 
 
 def _one_line(e: BaseException) -> str:
-    from .data import _one_line as one_line
+    from .data.sources import one_line
 
     return one_line(e)
 

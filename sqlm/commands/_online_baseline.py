@@ -127,7 +127,8 @@ class SqlmRewardFunction:
         self.__name__ = rewarder.name
 
     def __call__(self, prompts, completions, completion_ids, prompt_ids=None, **kwargs) -> list[float]:
-        from ..data import TEXT_COLUMNS, TOKEN_COLUMNS, Trajectory
+        from ..columns import TEXT_COLUMNS, TOKEN_COLUMNS
+        from ..data.trajectories import Trajectory
         from ..rewards.scoring import score_trajectories
 
         if prompt_ids is None:
@@ -162,7 +163,7 @@ def _reward_model(name: str, trust_remote_code: bool):
     """A sequence-classification reward model (safetensors only) and its tokenizer, for TRL to score."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..data import _one_line
+    from ..data.sources import one_line
     from ..gguf import resolve_model_path
 
     name = resolve_model_path(name)
@@ -172,7 +173,7 @@ def _reward_model(name: str, trust_remote_code: bool):
         )
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise SqlmError(f"could not load the reward model '{name}' named in reward_funcs: {_one_line(e)}") from None
+        raise SqlmError(f"could not load the reward model '{name}' named in reward_funcs: {one_line(e)}") from None
     return model.eval(), tokenizer
 
 
@@ -229,7 +230,7 @@ def prompt_dataset(
     """The rows with sqlm's ``prompt_ids`` (``sqlm.data.prepare_dataset`` in online mode, as ``sqlm
     train --mode online`` prepares them); the text columns stay for the reward functions."""
     from ..config import _as_dict
-    from ..data import prepare_dataset
+    from ..data.prepare import prepare_dataset
 
     args = SimpleNamespace(
         mode="online",
@@ -284,7 +285,7 @@ def build_trainer(trainer_cls: type, script_args, config, model_args, recipe: st
     """A ready ``trainer_cls`` (made by :func:`make_trainer_class`, or ``sqlm online_dpo``'s) from the
     parsed recipe."""
     from ..config import _as_dict
-    from ..data import load_train_eval
+    from ..data.sources import load_train_eval
     from ..loading import check_model_args, load_model_and_tokenizer
 
     if script_args.dataset_name is None:

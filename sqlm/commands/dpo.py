@@ -105,7 +105,7 @@ class SqlmDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        from ..data import prepare_dataset
+        from ..data.prepare import prepare_dataset
 
         if self._sqlm_data_args is None:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -116,7 +116,7 @@ class SqlmDPOTrainer(DPOTrainer):
 def build_trainer(script_args, config, model_args, recipe: str | None = None):
     """A ready :class:`SqlmDPOTrainer` from the three parsed dataclasses."""
     from ..config import get_peft_config
-    from ..data import load_train_eval
+    from ..data.sources import load_train_eval
     from ..loading import check_model_args, load_model_and_tokenizer
 
     if script_args.dataset_name is None:
