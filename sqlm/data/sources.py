@@ -121,6 +121,30 @@ def decode_message_columns(dataset, where: str):
     return dataset
 
 
+def _looked_in(base_dir: str | os.PathLike | None) -> str:
+    return f" (looked in {os.getcwd()}" + (f" and beside the recipe, in {base_dir})" if base_dir else ")")
+
+
+def _file_builder(path: Path, split: str | None, missing_ok: bool) -> str | None:
+    """The ``datasets`` builder of a local data file, once the file is checked: a known extension, a
+    split it has (``train``; with ``missing_ok`` another split is None), not empty, UTF-8 text."""
+    builder = _FILE_BUILDERS.get(path.suffix)
+    if builder is None:
+        raise SqlmError(f"dataset file {path} has an unknown extension; use one of {', '.join(_FILE_BUILDERS)}")
+    if not _is_train_split(split):
+        if missing_ok:
+            return None
+        raise SqlmError(
+            f"unknown split '{split}' of dataset file {path}: a single file has one split, 'train'; name a "
+            "held-out file as the split, or hold rows out with dataset_test_size"
+        )
+    if path.stat().st_size == 0:
+        raise SqlmError(f"dataset file {path} is empty")
+    if builder in ("json", "csv"):
+        check_utf8(path)
+    return builder
+
+
 def load_split(
     name: str,
     split: str,
@@ -145,27 +169,14 @@ def load_split(
     if split_path is not None and split_path.suffix in _FILE_BUILDERS:
         name, split = str(split_path), "train"
     elif split and split_path is None and Path(split).suffix in _FILE_BUILDERS:
-        where = f" (looked in {os.getcwd()}" + (f" and beside the recipe, in {base_dir})" if base_dir else ")")
-        raise SqlmError(f"could not load split file '{split}': no such file{where}")
+        raise SqlmError(f"could not load split file '{split}': no such file{_looked_in(base_dir)}")
     path = _resolve_path(name, base_dir)
     if path is None and _looks_like_path(name):
-        where = f" (looked in {os.getcwd()}" + (f" and beside the recipe, in {base_dir})" if base_dir else ")")
-        raise SqlmError(f"could not load dataset '{name}': no such file or folder{where}")
+        raise SqlmError(f"could not load dataset '{name}': no such file or folder{_looked_in(base_dir)}")
     if path is not None and path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix)
+        builder = _file_builder(path, split, missing_ok)
         if builder is None:
-            raise SqlmError(f"dataset file {path} has an unknown extension; use one of {', '.join(_FILE_BUILDERS)}")
-        if not _is_train_split(split):
-            if missing_ok:
-                return None
-            raise SqlmError(
-                f"unknown split '{split}' of dataset file {path}: a single file has one split, 'train'; name a "
-                "held-out file as the split, or hold rows out with dataset_test_size"
-            )
-        if path.stat().st_size == 0:
-            raise SqlmError(f"dataset file {path} is empty")
-        if builder in ("json", "csv"):
-            check_utf8(path)
+            return None
     try:
         if path is not None and path.is_file():
             ds = datasets.load_dataset(builder, data_files=str(path), split=split or "train")
