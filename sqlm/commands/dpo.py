@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 from trl import DPOConfig, DPOTrainer
 
-from ..config import _accelerator_supports_bf16, _as_dict
+from ..config import accelerator_supports_bf16, as_mapping
 from ..errors import SqlmError
 from ..recipe import split_argv, wants_help
 from ._stats import write_run_stats
@@ -68,7 +68,7 @@ class SqlmDPOConfig(DPOConfig):
 
     def __post_init__(self):
         if self.bf16 is None:
-            self.bf16 = (not self.fp16) and (not self.use_cpu) and _accelerator_supports_bf16()
+            self.bf16 = (not self.fp16) and (not self.use_cpu) and accelerator_supports_bf16()
         super().__post_init__()
 
 
@@ -80,7 +80,7 @@ def recipe_dataclasses():
 
 
 def _column_map(value):
-    return _as_dict(value, "dataset_column_map")
+    return as_mapping(value, "dataset_column_map")
 
 
 def data_args(script_args: DPOScriptArguments, config) -> SimpleNamespace:
