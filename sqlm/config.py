@@ -9,6 +9,7 @@ Field names follow TRL wherever TRL has the same concept (``max_length``, ``max_
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -17,12 +18,19 @@ from typing import Any
 import trl
 from transformers import TrainingArguments
 
+from .data.holdout import check_hold_out
 from .errors import SqlmError
-from .losses import LOSS_SPECS, REDUCTIONS
+from .losses import LOSS_SPECS
 from .recipe import choice_error
 
 
+# the choices of each key that has a fixed set: the field's help and its check read the same tuple
+LOSS_TYPES = ("auto", *LOSS_SPECS)  # 'auto' is resolved in __post_init__, before the checks
+TRAIN_REDUCTIONS = ("token", "sequence", "sequence_mean")  # sqlm.losses.REDUCTIONS less 'sum' and 'none'
 MODES = ("offline", "online", "mixed")
+VALUE_ANCHORS = ("reference", "none")
+VLLM_MODES = ("colocate", "server")
+NAN_POLICIES = ("stop", "skip")
 
 
 def default_loss_type(mode: str, num_generations: int = 2) -> str:
@@ -34,7 +42,8 @@ def default_loss_type(mode: str, num_generations: int = 2) -> str:
     return "group_pcl" if mode != "offline" and num_generations >= 2 else "unified_pcl"
 
 
-def _accelerator_supports_bf16() -> bool:
+def accelerator_supports_bf16() -> bool:
+    """Whether a CUDA GPU that supports bf16 is visible (the default of ``bf16``)."""
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -61,7 +70,9 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _as_dict(value: Any, name: str) -> dict | None:
+def as_mapping(value: Any, name: str) -> dict | None:
+    """A mapping key's value: a dict (YAML) or a JSON object string, as a dict (None stays None); any
+    other value is a one-line error naming the key."""
     if value is None or isinstance(value, dict):
         return value
     if isinstance(value, str):
@@ -72,6 +83,18 @@ def _as_dict(value: Any, name: str) -> dict | None:
         if isinstance(out, dict):
             return out
     raise SqlmError(f"key '{name}' must be a mapping, got {type(value).__name__} {value!r}")
+
+
+def _bad(key: str, msg: str) -> SqlmError:
+    return SqlmError(f"key '{key}' {msg}")
+
+
+def _finite_number(config: Any, key: str) -> float:
+    """``config.key``, which must be a finite int or float (not a bool)."""
+    value = getattr(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(key, f"must be a finite number, got {value!r}")
+    return value
 
 
 @dataclass
@@ -98,7 +121,7 @@ class SoftQConfig(TrainingArguments):
             "'multistep_pcl' (Guo et al. 2021 eq. 10), and Guo et al.'s forms with their reversed terms, mixed by "
             "guo_coefficient: 'advantage_pcl_mix' (their v2_v2r), 'multistep_pcl_mix' (v3_v3r), 'guo_pcl_mix' "
             "(v2_v2r_v3_v3r).",
-            "choices": ["auto", *LOSS_SPECS],
+            "choices": LOSS_TYPES,
         },
     )
     tau: float = field(
@@ -124,7 +147,7 @@ class SoftQConfig(TrainingArguments):
             "optimizer batch weighs the same), 'sequence' (sum over a path, mean over paths), "
             "'sequence_mean' (mean within a path, mean over paths). Normalised over the whole optimizer "
             "batch (all gradient-accumulation steps and processes).",
-            "choices": ["token", "sequence", "sequence_mean"],
+            "choices": TRAIN_REDUCTIONS,
         },
     )
     guo_coefficient: float = field(
@@ -211,7 +234,7 @@ class SoftQConfig(TrainingArguments):
             "help": "Where trajectories come from: 'offline' (the dataset's completions; preference data gives "
             "both chosen and rejected), 'online' (sampled from the current policy at temperature 1 = the "
             "soft policy), 'mixed' (both, see mix_ratio).",
-            "choices": list(MODES),
+            "choices": MODES,
         },
     )
     mix_ratio: float = field(
@@ -279,7 +302,7 @@ class SoftQConfig(TrainingArguments):
         metadata={
             "help": "'colocate': a vLLM engine in each training process, sharing its GPU; 'server': a separate "
             "`trl vllm-serve` process (see vllm_server_*).",
-            "choices": ["colocate", "server"],
+            "choices": VLLM_MODES,
         },
     )
     vllm_server_base_url: str | None = field(
@@ -444,7 +467,7 @@ class SoftQConfig(TrainingArguments):
             "help": "What a NaN/inf in a reward, a value or the loss does: 'stop' (the run ends with an error "
             "naming the step and the source; no update and no checkpoint for it) or 'skip' (that optimizer "
             "step makes no update; skipped steps are counted and logged as nonfinite/skipped_steps).",
-            "choices": ["stop", "skip"],
+            "choices": NAN_POLICIES,
         },
     )
 
@@ -474,7 +497,7 @@ class SoftQConfig(TrainingArguments):
 
     def __post_init__(self):
         if self.bf16 is None:
-            self.bf16 = (not self.fp16) and (not self.use_cpu) and _accelerator_supports_bf16()
+            self.bf16 = (not self.fp16) and (not self.use_cpu) and accelerator_supports_bf16()
         if self.dataloader_pin_memory is None:
             self.dataloader_pin_memory = (not self.use_cpu) and _accelerator_available()
         if self.beta is not None:
@@ -482,7 +505,7 @@ class SoftQConfig(TrainingArguments):
         if self.loss_type == "auto":
             self.loss_type = default_loss_type(self.mode, self.num_generations)
         for name in ("generation_kwargs", "reward_kwargs", "dataset_column_map", "model_init_kwargs"):
-            setattr(self, name, _as_dict(getattr(self, name), name))
+            setattr(self, name, as_mapping(getattr(self, name), name))
         self._validate()
         super().__post_init__()
         self._validate_generation_batches()
@@ -505,47 +528,52 @@ class SoftQConfig(TrainingArguments):
             )
 
     def _validate(self) -> None:
-        def bad(key: str, msg: str) -> SqlmError:
-            return SqlmError(f"key '{key}' {msg}")
+        """Every key checked before any model loads, one section at a time; the first bad key raises a
+        one-line error that names it."""
+        self._validate_loss()
+        self._validate_target_and_reference()
+        self._validate_trajectories()
+        self._check_engine()
+        self._validate_rewards()
+        self._validate_data()
+        if self.nan_policy not in NAN_POLICIES:
+            raise choice_error("nan_policy", self.nan_policy, NAN_POLICIES)
+        self._validate_training_ranges()
 
+    def _validate_loss(self) -> None:
+        """The loss: its type, temperature, discount, rollout length, reduction, Guo et al.'s mix and
+        whether it has a value head."""
         if self.loss_type not in LOSS_SPECS:
             raise choice_error("loss_type", self.loss_type, LOSS_SPECS)
         if not (self.tau > 0 and math.isfinite(self.tau)):
-            raise bad("tau" if self.beta is None else "beta", f"must be a finite number > 0, got {self.tau!r}")
+            raise _bad("tau" if self.beta is None else "beta", f"must be a finite number > 0, got {self.tau!r}")
         if not 0 < self.gamma <= 1:
-            raise bad("gamma", f"must be in (0, 1], got {self.gamma!r}")
+            raise _bad("gamma", f"must be in (0, 1], got {self.gamma!r}")
         if self.rollout_length is not None and self.rollout_length < 1:
-            raise bad("rollout_length", f"must be >= 1 or null, got {self.rollout_length!r}")
-        if self.reduction not in REDUCTIONS or self.reduction in ("sum", "none"):
-            raise choice_error("reduction", self.reduction, ("token", "sequence", "sequence_mean"))
-        if self.mode not in MODES:
-            raise choice_error("mode", self.mode, MODES)
-        if not 0 <= self.mix_ratio <= 1:
-            raise bad("mix_ratio", f"must be in [0, 1], got {self.mix_ratio!r}")
+            raise _bad("rollout_length", f"must be >= 1 or null, got {self.rollout_length!r}")
+        if self.reduction not in TRAIN_REDUCTIONS:
+            raise choice_error("reduction", self.reduction, TRAIN_REDUCTIONS)
         if not 0 <= self.guo_coefficient <= 1:
-            raise bad("guo_coefficient", f"must be in [0, 1], got {self.guo_coefficient!r}")
-        if not 0 < self.target_model_mixup_alpha <= 1:
-            raise bad("target_model_mixup_alpha", f"must be in (0, 1], got {self.target_model_mixup_alpha!r}")
-        if self.target_model_sync_steps < 1:
-            raise bad("target_model_sync_steps", f"must be >= 1, got {self.target_model_sync_steps!r}")
-        if self.value_anchor not in ("reference", "none"):
-            raise choice_error("value_anchor", self.value_anchor, ("reference", "none"))
-        if LOSS_SPECS[self.loss_type].needs_groups and self.mode != "offline" and self.num_generations < 2:
-            raise bad(
-                "num_generations",
-                f"must be >= 2 for loss_type '{self.loss_type}' online (a completion alone in its prompt group "
-                f"has no signal), got {self.num_generations!r}",
-            )
+            raise _bad("guo_coefficient", f"must be in [0, 1], got {self.guo_coefficient!r}")
         needs_head = LOSS_SPECS[self.loss_type].needs_value_head
         if self.value_head is False and needs_head:
-            raise bad(
+            raise _bad(
                 "value_head", f"must be on for loss_type '{self.loss_type}' (its V comes from a separate value head)"
             )
         if self.value_head and not needs_head:
             users = " or ".join(f"'{n}'" for n, s in LOSS_SPECS.items() if s.needs_value_head)
-            raise bad(
+            raise _bad(
                 "value_head", f"is used only by loss_type {users}, not '{self.loss_type}' (V comes from the logits)"
             )
+
+    def _validate_target_and_reference(self) -> None:
+        """The target network's update, the values' anchor and the precomputed reference pass."""
+        if not 0 < self.target_model_mixup_alpha <= 1:
+            raise _bad("target_model_mixup_alpha", f"must be in (0, 1], got {self.target_model_mixup_alpha!r}")
+        if self.target_model_sync_steps < 1:
+            raise _bad("target_model_sync_steps", f"must be >= 1, got {self.target_model_sync_steps!r}")
+        if self.value_anchor not in VALUE_ANCHORS:
+            raise choice_error("value_anchor", self.value_anchor, VALUE_ANCHORS)
         if self.precompute_ref_log_probs:
             if self.mode == "online":
                 raise SqlmError(
@@ -558,18 +586,40 @@ class SoftQConfig(TrainingArguments):
                     "key 'precompute_ref_log_probs' needs use_reference: true (there is no reference to precompute)"
                 )
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
-            raise bad("precompute_ref_batch_size", f"must be >= 1 or null, got {self.precompute_ref_batch_size!r}")
+            raise _bad("precompute_ref_batch_size", f"must be >= 1 or null, got {self.precompute_ref_batch_size!r}")
+
+    def _validate_trajectories(self) -> None:
+        """Where trajectories come from: the mode and its mix, online generation (group size, length
+        limit, sampling, vLLM) and the replay buffer."""
+        if self.mode not in MODES:
+            raise choice_error("mode", self.mode, MODES)
+        if not 0 <= self.mix_ratio <= 1:
+            raise _bad("mix_ratio", f"must be in [0, 1], got {self.mix_ratio!r}")
+        if LOSS_SPECS[self.loss_type].needs_groups and self.mode != "offline" and self.num_generations < 2:
+            raise _bad(
+                "num_generations",
+                f"must be >= 2 for loss_type '{self.loss_type}' online (a completion alone in its prompt group "
+                f"has no signal), got {self.num_generations!r}",
+            )
         if self.num_generations < 1:
-            raise bad("num_generations", f"must be >= 1, got {self.num_generations!r}")
+            raise _bad("num_generations", f"must be >= 1, got {self.num_generations!r}")
         if self.mode != "offline" and not self.max_completion_length:
-            raise bad("max_completion_length", f"must be set for mode '{self.mode}' (the generation limit)")
+            raise _bad("max_completion_length", f"must be set for mode '{self.mode}' (the generation limit)")
         if self.use_vllm:
             self._check_vllm()
-        self._check_engine()
         if self.replay_buffer_size < 0:
-            raise bad("replay_buffer_size", f"must be >= 0, got {self.replay_buffer_size!r}")
+            raise _bad("replay_buffer_size", f"must be >= 0, got {self.replay_buffer_size!r}")
+        if self.replay_batch_size is not None and self.replay_batch_size < 0:
+            raise _bad("replay_batch_size", f"must be >= 0 or null, got {self.replay_batch_size!r}")
         if self.temperature <= 0:
-            raise bad("temperature", f"must be > 0, got {self.temperature!r}")
+            raise _bad("temperature", f"must be > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise _bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise _bad("top_k", f"must be >= 1 or null, got {self.top_k!r}")
+
+    def _validate_rewards(self) -> None:
+        """The reward functions' names (and 'bradley_terry''s settings), weights and scale."""
         for name in self.reward_funcs or []:
             if isinstance(name, str) and ":" not in name:
                 from .rewards.registry import unknown_name_error
@@ -583,52 +633,38 @@ class SoftQConfig(TrainingArguments):
         if self.reward_weights is not None:
             n = len(self.reward_funcs or [])
             if len(self.reward_weights) != n:
-                raise bad("reward_weights", f"has {len(self.reward_weights)} values for {n} reward_funcs")
+                raise _bad("reward_weights", f"has {len(self.reward_weights)} values for {n} reward_funcs")
+        if not math.isfinite(self.reward_scale):
+            raise _bad("reward_scale", f"must be a finite number, got {self.reward_scale!r}")
+        for i, w in enumerate(self.reward_weights or []):
+            if not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise _bad("reward_weights", f"must be finite numbers, got {w!r} at position {i}")
+
+    def _validate_data(self) -> None:
+        """Data loading: the length limits and sample counts, the raw columns kept, the hold-out keys."""
         for key in (
             "max_length",
             "max_prompt_length",
             "max_completion_length",
-            "top_k",
             "max_train_samples",
             "max_eval_samples",
         ):
             value = getattr(self, key)
             if value is not None and value < 1:
-                raise bad(key, f"must be >= 1 or null, got {value!r}")
+                raise _bad(key, f"must be >= 1 or null, got {value!r}")
         if (
             self.max_length is not None
             and self.max_prompt_length is not None
             and self.max_prompt_length >= self.max_length
         ):
-            raise bad(
+            raise _bad(
                 "max_prompt_length",
                 f"must be < max_length ({self.max_length}) to leave room for a completion, "
                 f"got {self.max_prompt_length!r}",
             )
-        if self.replay_batch_size is not None and self.replay_batch_size < 0:
-            raise bad("replay_batch_size", f"must be >= 0 or null, got {self.replay_batch_size!r}")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not math.isfinite(self.reward_scale):
-            raise bad("reward_scale", f"must be a finite number, got {self.reward_scale!r}")
-        for i, w in enumerate(self.reward_weights or []):
-            if not isinstance(w, (int, float)) or not math.isfinite(w):
-                raise bad("reward_weights", f"must be finite numbers, got {w!r} at position {i}")
-        if self.nan_policy not in ("stop", "skip"):
-            raise choice_error("nan_policy", self.nan_policy, ("stop", "skip"))
         if self.remove_unused_columns:
-            raise bad("remove_unused_columns", "must be false: rewards and rollouts read the raw columns")
-        size = self.dataset_test_size
-        if size is not None:
-            if not (math.isfinite(size) and size > 0 and (size < 1 or size == int(size))):
-                raise bad(
-                    "dataset_test_size", f"must be a fraction in (0, 1) or a whole number of rows >= 1, got {size!r}"
-                )
-            if self.dataset_test_split:
-                raise SqlmError(
-                    "keys 'dataset_test_split' and 'dataset_test_size' cannot both be set: choose one eval set"
-                )
-        self._validate_training_ranges(bad)
+            raise _bad("remove_unused_columns", "must be false: rewards and rollouts read the raw columns")
+        check_hold_out(self.dataset_test_size, self.dataset_test_split)
 
     def sharding_engine(self) -> tuple[str, int] | None:
         """``("deepspeed", zero stage)``, ``("fsdp", version)`` or None: from this config's ``deepspeed`` /
@@ -700,8 +736,8 @@ class SoftQConfig(TrainingArguments):
         before any model is loaded."""
         if self.mode == "offline":
             raise SqlmError("key 'use_vllm' is for mode 'online' or 'mixed'; mode 'offline' generates nothing")
-        if self.vllm_mode not in ("colocate", "server"):
-            raise choice_error("vllm_mode", self.vllm_mode, ("colocate", "server"))
+        if self.vllm_mode not in VLLM_MODES:
+            raise choice_error("vllm_mode", self.vllm_mode, VLLM_MODES)
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise SqlmError(
                 f"key 'vllm_gpu_memory_utilization' must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}"
@@ -720,27 +756,21 @@ class SoftQConfig(TrainingArguments):
                 f"key 'use_vllm' needs {' and '.join(missing)}: set use_vllm: false to sample with HF generate"
             )
 
-    def _validate_training_ranges(self, bad) -> None:
+    def _validate_training_ranges(self) -> None:
         """The TrainingArguments fields users set most, checked before transformers or torch trip over them."""
-
-        def number(key: str) -> float:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad(key, f"must be a finite number, got {value!r}")
-            return value
-
+        number = functools.partial(_finite_number, self)
         if number("learning_rate") <= 0:
-            raise bad("learning_rate", f"must be > 0, got {self.learning_rate!r}")
+            raise _bad("learning_rate", f"must be > 0, got {self.learning_rate!r}")
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if number(key) < 1:
-                raise bad(key, f"must be >= 1, got {getattr(self, key)!r}")
+                raise _bad(key, f"must be >= 1, got {getattr(self, key)!r}")
         if number("max_steps") < 1 and self.max_steps != -1:
-            raise bad("max_steps", f"must be >= 1, or -1 to train for num_train_epochs, got {self.max_steps!r}")
+            raise _bad("max_steps", f"must be >= 1, or -1 to train for num_train_epochs, got {self.max_steps!r}")
         if number("num_train_epochs") <= 0:
-            raise bad("num_train_epochs", f"must be > 0, got {self.num_train_epochs!r}")
+            raise _bad("num_train_epochs", f"must be > 0, got {self.num_train_epochs!r}")
         warmup = number("warmup_steps")
         if warmup < 0 or (warmup >= 1 and warmup != int(warmup)):
-            raise bad(
+            raise _bad(
                 "warmup_steps",
                 f"must be a whole number of steps >= 0 or a ratio in [0, 1) of the steps, got {warmup!r}",
             )
@@ -750,19 +780,19 @@ class SoftQConfig(TrainingArguments):
                 continue
             value = number(key)
             if value <= 0 or (value > 1 and value != int(value)):
-                raise bad(
+                raise _bad(
                     key, f"must be a whole number of steps >= 1 or a fraction in (0, 1] of the steps, got {value!r}"
                 )
         for key in ("weight_decay", "max_grad_norm"):
             if number(key) < 0:
-                raise bad(key, f"must be >= 0, got {getattr(self, key)!r}")
+                raise _bad(key, f"must be >= 0, got {getattr(self, key)!r}")
         for key in ("adam_beta1", "adam_beta2"):
             if not 0 <= number(key) < 1:
-                raise bad(key, f"must be in [0, 1), got {getattr(self, key)!r}")
+                raise _bad(key, f"must be in [0, 1), got {getattr(self, key)!r}")
         if number("adam_epsilon") <= 0:
-            raise bad("adam_epsilon", f"must be > 0, got {self.adam_epsilon!r}")
+            raise _bad("adam_epsilon", f"must be > 0, got {self.adam_epsilon!r}")
         if self.dataloader_num_workers < 0:
-            raise bad("dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers!r}")
+            raise _bad("dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers!r}")
 
     @property
     def uses_target_model(self) -> bool:

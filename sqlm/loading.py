@@ -28,7 +28,7 @@ from .errors import SqlmError
 
 
 def _one_line(e: BaseException) -> str:
-    from .data import _one_line as one_line
+    from .data.sources import one_line
 
     return one_line(e)
 
@@ -54,9 +54,9 @@ def model_init_kwargs(args, model_args=None) -> dict[str, Any]:
     trust = getattr(args, "trust_remote_code", False) or getattr(model_args, "trust_remote_code", False)
     kwargs["trust_remote_code"] = bool(trust)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    from .config import _as_dict
+    from .config import as_mapping
 
-    extra = _as_dict(getattr(args, "model_init_kwargs", None), "model_init_kwargs")
+    extra = as_mapping(getattr(args, "model_init_kwargs", None), "model_init_kwargs")
     kwargs.update(extra or {})
     if kwargs.get("use_safetensors", True) is not True:
         raise SqlmError(

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..config import _accelerator_supports_bf16, get_peft_config
+from ..config import accelerator_supports_bf16, get_peft_config
 from ..errors import SqlmError
 from ..recipe import wants_help
 from ._stats import write_run_stats
@@ -110,7 +110,7 @@ class AutoBf16:
 
     def __post_init__(self):
         if self.bf16 is None:
-            self.bf16 = (not self.fp16) and (not self.use_cpu) and _accelerator_supports_bf16()
+            self.bf16 = (not self.fp16) and (not self.use_cpu) and accelerator_supports_bf16()
         super().__post_init__()
 
 
@@ -127,7 +127,8 @@ class SqlmRewardFunction:
         self.__name__ = rewarder.name
 
     def __call__(self, prompts, completions, completion_ids, prompt_ids=None, **kwargs) -> list[float]:
-        from ..data import TEXT_COLUMNS, TOKEN_COLUMNS, Trajectory
+        from ..columns import TEXT_COLUMNS, TOKEN_COLUMNS
+        from ..data.trajectories import Trajectory
         from ..rewards.scoring import score_trajectories
 
         if prompt_ids is None:
@@ -162,7 +163,7 @@ def _reward_model(name: str, trust_remote_code: bool):
     """A sequence-classification reward model (safetensors only) and its tokenizer, for TRL to score."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..data import _one_line
+    from ..data.sources import one_line
     from ..gguf import resolve_model_path
 
     name = resolve_model_path(name)
@@ -172,20 +173,20 @@ def _reward_model(name: str, trust_remote_code: bool):
         )
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise SqlmError(f"could not load the reward model '{name}' named in reward_funcs: {_one_line(e)}") from None
+        raise SqlmError(f"could not load the reward model '{name}' named in reward_funcs: {one_line(e)}") from None
     return model.eval(), tokenizer
 
 
 def build_reward_funcs(script_args: PromptRewardArguments, tokenizer, trust_remote_code: bool = False):
     """``(reward_funcs, reward_processing_classes)`` for a TRL online trainer from the recipe's
     ``reward_funcs`` / ``reward_kwargs`` / ``allow_code_rewards`` (see the module docstring)."""
-    from ..config import _as_dict
+    from ..config import as_mapping
     from ..rewards.registry import resolve_reward_funcs
 
     names = list(script_args.reward_funcs or [])
     if not names:
         raise SqlmError("set reward_funcs (e.g. [keyword], [terminal] with reward_kwargs, or a reward model folder)")
-    kwargs = _as_dict(script_args.reward_kwargs, "reward_kwargs") or {}
+    kwargs = as_mapping(script_args.reward_kwargs, "reward_kwargs") or {}
     sqlm_names = [n for n in names if _is_sqlm_reward(n)]
     for n in names:
         if n not in sqlm_names and not (Path(n).is_dir() or n.count("/") == 1):
@@ -228,12 +229,12 @@ def prompt_dataset(
 ):
     """The rows with sqlm's ``prompt_ids`` (``sqlm.data.prepare_dataset`` in online mode, as ``sqlm
     train --mode online`` prepares them); the text columns stay for the reward functions."""
-    from ..config import _as_dict
-    from ..data import prepare_dataset
+    from ..config import as_mapping
+    from ..data.prepare import prepare_dataset
 
     args = SimpleNamespace(
         mode="online",
-        dataset_column_map=_as_dict(script_args.dataset_column_map, "dataset_column_map"),
+        dataset_column_map=as_mapping(script_args.dataset_column_map, "dataset_column_map"),
         chosen_score_column=None,
         rejected_score_column=None,
         max_length=max_length,
@@ -283,8 +284,8 @@ def make_trainer_class(base: type) -> type:
 def build_trainer(trainer_cls: type, script_args, config, model_args, recipe: str | None = None):
     """A ready ``trainer_cls`` (made by :func:`make_trainer_class`, or ``sqlm online_dpo``'s) from the
     parsed recipe."""
-    from ..config import _as_dict
-    from ..data import load_train_eval
+    from ..config import as_mapping
+    from ..data.sources import load_train_eval
     from ..loading import check_model_args, load_model_and_tokenizer
 
     if script_args.dataset_name is None:
@@ -297,7 +298,7 @@ def build_trainer(trainer_cls: type, script_args, config, model_args, recipe: st
             "temperature %s: sqlm samples at 1.0 (the soft policy); this run is not paired", config.temperature
         )
     train, evaluation = load_train_eval(script_args, str(Path(recipe).resolve().parent) if recipe else None)
-    column_map = _as_dict(script_args.dataset_column_map, "dataset_column_map")
+    column_map = as_mapping(script_args.dataset_column_map, "dataset_column_map")
     model, tokenizer = load_model_and_tokenizer(
         model_args, config, train, column_map, script_args.tokenizer_name_or_path
     )

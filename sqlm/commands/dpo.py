@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 from trl import DPOConfig, DPOTrainer
 
-from ..config import _accelerator_supports_bf16, _as_dict
+from ..config import accelerator_supports_bf16, as_mapping
 from ..errors import SqlmError
 from ..recipe import split_argv, wants_help
 from ._stats import write_run_stats
@@ -68,7 +68,7 @@ class SqlmDPOConfig(DPOConfig):
 
     def __post_init__(self):
         if self.bf16 is None:
-            self.bf16 = (not self.fp16) and (not self.use_cpu) and _accelerator_supports_bf16()
+            self.bf16 = (not self.fp16) and (not self.use_cpu) and accelerator_supports_bf16()
         super().__post_init__()
 
 
@@ -80,7 +80,7 @@ def recipe_dataclasses():
 
 
 def _column_map(value):
-    return _as_dict(value, "dataset_column_map")
+    return as_mapping(value, "dataset_column_map")
 
 
 def data_args(script_args: DPOScriptArguments, config) -> SimpleNamespace:
@@ -105,7 +105,7 @@ class SqlmDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        from ..data import prepare_dataset
+        from ..data.prepare import prepare_dataset
 
         if self._sqlm_data_args is None:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -116,7 +116,7 @@ class SqlmDPOTrainer(DPOTrainer):
 def build_trainer(script_args, config, model_args, recipe: str | None = None):
     """A ready :class:`SqlmDPOTrainer` from the three parsed dataclasses."""
     from ..config import get_peft_config
-    from ..data import load_train_eval
+    from ..data.sources import load_train_eval
     from ..loading import check_model_args, load_model_and_tokenizer
 
     if script_args.dataset_name is None:

@@ -101,7 +101,7 @@ class PipelineArguments:
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
-        from ..config import _as_dict
+        from ..config import as_mapping
         from ..evaluation.sweep import METHODS
         from ..evaluation.tasks import TASKS
 
@@ -111,7 +111,7 @@ class PipelineArguments:
         bad = [m for m in self.methods or [] if m not in METHODS]
         if bad:
             raise SqlmError(f"key 'methods': unknown {bad}; choose from {', '.join(METHODS)}")
-        self.knobs = _as_dict(self.knobs, "knobs") or {}
+        self.knobs = as_mapping(self.knobs, "knobs") or {}
         for m, values in self.knobs.items():
             if m not in METHODS:
                 raise SqlmError(f"key 'knobs': unknown method '{m}'; choose from {', '.join(METHODS)}")
@@ -119,7 +119,7 @@ class PipelineArguments:
                 raise SqlmError(f"key 'knobs': '{m}' must map to a non-empty list of numbers, got {values!r}")
             if METHODS[m].knob == "tau" and any(v <= 0 for v in values):
                 raise SqlmError(f"key 'knobs': tau of '{m}' must be > 0, got {values}")
-        self.attempts = _as_dict(self.attempts, "attempts") or {}
+        self.attempts = as_mapping(self.attempts, "attempts") or {}
         for name, spec in self.attempts.items():
             if name in METHODS or not isinstance(spec, dict) or spec.get("base") not in METHODS:
                 raise SqlmError(

@@ -89,7 +89,7 @@ def load_data_and_model(script_args: RewardScriptArguments, config, recipe_dir: 
     model (a sequence classifier with one label, loaded as every command loads models) and data."""
     from transformers import AutoModelForSequenceClassification, set_seed
 
-    from ..data import load_train_eval, take_first
+    from ..data.sources import load_train_eval, take_first
     from ..loading import check_model_args, load_model, load_tokenizer, model_init_kwargs
     from ..rewards.train import check_preference_columns
 

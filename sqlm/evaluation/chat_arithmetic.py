@@ -340,7 +340,7 @@ def sample_texts(
     renders it (:func:`sqlm.data.tokenize_prompt`), decoded without special tokens. Batched with left
     padding and a KV cache (:func:`sqlm.evaluation.sampling.sample_completions`); ``temperature`` 0 is
     greedy, else pure sampling from ``softmax(z / T)`` (no top-k / top-p) with a seeded CPU generator."""
-    from ..data import tokenize_prompt
+    from ..data.tokenization import tokenize_prompt
     from .sampling import sample_completions
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -41,7 +41,7 @@ def tokenize_preference_example(example: dict[str, Any], tokenizer) -> dict[str,
     """``prompt_ids``, ``chosen_ids``, ``rejected_ids`` of one preference row: the trainer's own
     :func:`sqlm.data.tokenize_preference` (as TRL's DPOTrainer), so cached rewards and the trainer
     agree token for token."""
-    from ..data import tokenize_preference
+    from ..data.tokenization import tokenize_preference
 
     out = tokenize_preference(example, tokenizer)
     return {k: list(out[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
@@ -50,7 +50,7 @@ def tokenize_preference_example(example: dict[str, Any], tokenizer) -> dict[str,
 def tokenize_prompt_completion_example(example: dict[str, Any], tokenizer) -> dict[str, list[int]]:
     """``prompt_ids``, ``completion_ids`` of a prompt-completion row, tokenized as one side of a
     preference pair (:func:`sqlm.data.tokenize_prompt_completion`)."""
-    from ..data import tokenize_prompt_completion
+    from ..data.tokenization import tokenize_prompt_completion
 
     out = tokenize_prompt_completion(example, tokenizer)
     return {"prompt_ids": list(out["prompt_ids"]), "completion_ids": list(out["completion_ids"])}

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data import Trajectory
+from ..data.trajectories import Trajectory
 from .base import RewardBatch, TokenRewarder, make_batch
 
 
