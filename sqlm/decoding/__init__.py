@@ -76,12 +76,11 @@ drawn in a fixed order, so a prompt's result does not depend on the batch it is 
 Compute (:class:`Compute`): tokens generated (every sampled token, discarded candidates included),
 forward passes and token positions processed (padding excluded) of the policy and the reference,
 and sequences scored by a rewarder.
-
-Layout: :mod:`~sqlm.decoding.arguments` (the keys and their checks), :mod:`~sqlm.decoding.engine`
-(the lockstep engine, its rows, draws and compute counts), :mod:`~sqlm.decoding.strategies` (sampling,
-the best-of-N scorers, beam search and its scores), :mod:`~sqlm.decoding.inputs` (prompts, special ids,
-the rewarder on completions), :mod:`~sqlm.decoding.api` (:func:`decode`, :func:`score_completions`).
 """
+
+# The modules: arguments (the keys and their checks), engine (the lockstep engine, its rows, draws and
+# compute counts), strategies (sampling, the best-of-N scorers, beam search and its one score formula),
+# inputs (prompts, special ids, the rewarder on completions), api (decode, score_completions).
 
 from .api import DecodeResult, best_of_n, decode, sample, score_completions, value_beam
 from .arguments import (
