@@ -19,6 +19,7 @@ VALUE_ANCHORS = ("reference", "none")
 
 
 def check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    """The one-line error (with "did you mean") of a key whose value is not one of ``choices``."""
     if value not in choices:
         from ..recipe import choice_error
 
@@ -26,6 +27,7 @@ def check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
 
 
 def check_at_least(key: str, value: Any, low: int) -> None:
+    """The one-line error of a key that must be an integer ``>= low``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise SqlmError(f"key '{key}' must be an integer >= {low}, got {value!r}")
 
