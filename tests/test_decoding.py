@@ -467,7 +467,8 @@ def test_generate_and_eval_take_chat_prompts_and_give_gold_the_columns(tiny, tmp
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_gold_needing_a_column_the_prompts_lack_stops_before_decoding(tiny, tmp_path, monkeypatch, capsys, command):
-    from sqlm import cli, decoding, loading
+    from sqlm import cli, loading
+    from sqlm.decoding import api
     from sqlm.evaluation import evaluate
 
     _chat_files(tiny, tmp_path, with_answer=False)
@@ -477,7 +478,7 @@ def test_gold_needing_a_column_the_prompts_lack_stops_before_decoding(tiny, tmp_
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded or decoding started")
 
-    for mod, name in ((loading, "load_policy"), (evaluate, "load_policy"), (decoding, "decode")):
+    for mod, name in ((loading, "load_policy"), (evaluate, "load_policy"), (api, "decode")):
         monkeypatch.setattr(mod, name, never)
     prompts = str(tmp_path / "prompts.jsonl")
     if command == "generate":

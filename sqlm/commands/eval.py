@@ -53,7 +53,7 @@ class EvalArguments:
 def recipe_dataclasses():
     """The config classes a ``sqlm eval`` recipe parses into: its own and the decoding strategy's
     (``strategy: sample`` by default; see :mod:`sqlm.decoding`)."""
-    from ..decoding import DecodingArguments
+    from ..decoding.arguments import DecodingArguments
 
     return (EvalArguments, DecodingArguments)
 
@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     gold = gold_scorer(args.gold, columns, f"prompts_file {args.prompts_file}", search)
     rewarder = None
     if decoding.reward_funcs:
-        from ..decoding import build_rewarder
+        from ..decoding.arguments import rewarder_for
         from ..loading import load_policy
 
-        rewarder = build_rewarder(decoding, load_policy(args.ref_model)[1], search)
+        rewarder = rewarder_for(decoding, load_policy(args.ref_model)[1], search)
     results = evaluate_models(
         specs,
         args.ref_model,

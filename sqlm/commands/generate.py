@@ -60,7 +60,7 @@ class GenerateArguments:
 
 def recipe_dataclasses():
     """The config classes a ``sqlm generate`` recipe parses into."""
-    from ..decoding import DecodingArguments
+    from ..decoding.arguments import DecodingArguments
 
     return (GenerateArguments, DecodingArguments)
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             + (decoding.__doc__ or "")
         )
         return 0
-    from ..decoding import build_rewarder, check_reference, decode
+    from ..decoding.api import decode
+    from ..decoding.arguments import check_reference, rewarder_for
     from ..evaluation.evaluate import gold_scorer, gold_scores, load_prompt_rows, prompt_columns
     from ..loading import load_policy
     from ..recipe import parse_recipe
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     gold = gold_scorer(args.gold, columns, f"prompts_file {prompts_file}", search) if args.gold else None
     model, tokenizer = load_policy(args.model_name_or_path)
     ref = load_policy(args.ref_model)[0] if args.ref_model is not None else None
-    rewarder = build_rewarder(dec, tokenizer, search) if dec.reward_funcs else None
+    rewarder = rewarder_for(dec, tokenizer, search) if dec.reward_funcs else None
     t0 = time.time()
     result = decode(
         model, tokenizer, prompts, dec, ref_model=ref, rewarder=rewarder, max_new_tokens=args.max_new_tokens,

@@ -363,7 +363,7 @@ def greedy_completions(
 ) -> list[list[int]]:
     """The argmax completion of each prompt (ends at and includes the first EOS, or is
     ``max_new_tokens`` long); the batching and KV cache of ``sampling.sample_completions``."""
-    from ..decoding import cache_of, left_pad, positions
+    from ..decoding.engine import cache_of, left_pad, positions
 
     was_training = model.training
     model.eval()

@@ -152,7 +152,7 @@ def gold_scorer(spec: str, columns=None, where: str = "the prompts file", search
         from .gold import gold_reward
 
         return gold_reward
-    from ..decoding import as_completion
+    from ..decoding.inputs import as_completion
     from ..rewards.registry import import_callable
 
     fn = import_callable(spec, search_dirs)
@@ -199,7 +199,7 @@ def score_model(
     also the strategy's ``score`` per completion and its ``compute`` (:class:`sqlm.decoding.Compute`).
     ``prompts`` are texts or conversations (tokenised as ``sqlm train`` does); ``columns`` (one value
     per prompt) go to the gold scorer and the rewarder."""
-    from ..decoding import prompt_token_ids
+    from ..decoding.inputs import prompt_token_ids
     from .gold import completion_text
     from .sampling import exact_sequence_kl, sample_k_per_prompt
 
@@ -210,7 +210,7 @@ def score_model(
             batch_size=batch_size, desc=desc, progress=progress,
         )  # fmt: skip
     else:
-        from ..decoding import decode
+        from ..decoding.api import decode
 
         res = decode(
             model, tokenizer, prompts, decoding, ref_model=ref_model, rewarder=rewarder,

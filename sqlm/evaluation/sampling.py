@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..decoding import cache_of, left_pad, positions
+from ..decoding.engine import cache_of, left_pad, positions
 from .metrics import sequence_kl
 
 
@@ -161,7 +161,7 @@ def sample_k_per_prompt(model, tokenizer, prompts: Sequence, k: int, **kwargs) -
     :func:`sqlm.decoding.prompt_token_ids`), prompt-major order, with :func:`sample_completions`
     (``kwargs``: its keyword arguments but the token ids); returns (the prompts' ids, each repeated
     ``k`` times, the completions)."""
-    from ..decoding import prompt_token_ids
+    from ..decoding.inputs import prompt_token_ids
 
     prompt_ids = prompt_token_ids(prompts, tokenizer)
     flat = [p for p in prompt_ids for _ in range(k)]
