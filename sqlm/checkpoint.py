@@ -17,6 +17,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,23 @@ def rotate(run_dir: str | os.PathLike, save_total_limit: int | None, best_model_
     from transformers.trainer_utils import rotate_checkpoints
 
     rotate_checkpoints(str(run_dir), save_total_limit, best_model_checkpoint, use_mtime=True)
+
+
+@contextmanager
+def tensors_only(checkpoint: str | os.PathLike | None) -> Iterator[None]:
+    """Around the load of a checkpoint's optimizer / scheduler state: transformers reads these torch
+    files with ``weights_only=True`` (no code runs); a file that holds more than tensors is refused
+    with a one-line error."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        msg = " ".join(str(e).split())[:300]
+        raise SqlmError(
+            f"checkpoint {checkpoint}: refusing to load optimizer/scheduler state that holds "
+            f"more than tensors (weights_only load failed: {msg})"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- auxiliary state

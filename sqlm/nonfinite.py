@@ -9,7 +9,7 @@ import logging
 import torch
 from transformers import TrainerCallback
 
-from .guards import NonFiniteError
+from .guards import NonFiniteError, nonfinite_value_source
 
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,12 @@ class NonFiniteCallback(TrainerCallback):
         """Record a non-finite ``source`` of this step (only the first one is named)."""
         if self.source is None:
             self.source = source
+
+    def check_loss(self, loss: torch.Tensor, mask: torch.Tensor, inputs: dict[str, torch.Tensor | None]) -> None:
+        """A non-finite ``loss``: record the first of its ``inputs`` (by name, on the path ``mask``) that
+        holds a NaN/inf, else the loss itself (unless this step already has a source)."""
+        if self.source is None and not bool(torch.isfinite(loss.detach())):
+            self.found(nonfinite_value_source(inputs, mask) or "loss")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         t = self.trainer

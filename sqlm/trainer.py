@@ -8,10 +8,9 @@ Per optimizer step:
    normaliser of the loss over the whole optimizer batch (all micro-batches and all processes), so
    gradient accumulation and data parallelism give the gradient of one big batch.
 2. ``compute_loss`` reads the model through ``sqlm.forward`` (Q, V, log pi of the taken tokens), the
-   reference ``log pi_ref`` (:class:`sqlm.reference.Reference`) and the target network's ``V_bar``
-   when used (:mod:`sqlm.target`), and calls the loss's entry of ``sqlm.losses.LOSS_SPECS`` with
-   per-step tensors, reduced by ``sqlm.losses.normaliser``; the batch's metrics
-   (:mod:`sqlm.train_metrics`) are logged averaged over processes.
+   reference's ``log pi_ref`` (:mod:`sqlm.reference`) and the target network's ``V_bar`` (:mod:`sqlm.target`),
+   and calls the loss's entry of ``sqlm.losses.LOSS_SPECS``, reduced by ``sqlm.losses.normaliser``;
+   the batch's metrics (:mod:`sqlm.train_metrics`) are logged averaged over processes.
 3. :class:`sqlm.nonfinite.NonFiniteCallback` acts on a NaN/inf of the step before the optimizer sees it;
    :class:`sqlm.target.TargetNetworkCallback` moves the target network towards the policy after the
    step (Polyak averaging), never inside ``compute_loss``.
@@ -24,7 +23,7 @@ import os
 import time
 
 import torch
-from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import checkpoint as ckpt
@@ -35,19 +34,11 @@ from .data import DataCollatorForSoftQ, prepare_dataset
 from .engine import check_engine_enabled, engine_shards, prepare_frozen
 from .errors import SqlmError
 from .forward import attach_value_head, policy_soft_outputs
-from .guards import nonfinite_value_source
 from .losses import loss_spec, normaliser, reduced_sum
 from .nonfinite import NonFiniteCallback
 from .reference import Reference, anchor_to_reference
-from .rewards.base import TokenRewarder
+from .rewards import setup as reward_setup
 from .rewards.registry import resolve_rewarders
-from .rewards.setup import (
-    bradley_terry,
-    bradley_terry_log,
-    cache_dense_rewards,
-    has_no_reward_signal,
-    no_reward_message,
-)
 from .rollout import ReplayBuffer, generate_completions, generate_completions_vllm, vllm_generation
 from .target import TargetNetworkCallback, build_target, is_peft
 from .train_metrics import LOSS_STATS, StepMetrics, policy_metrics
@@ -99,9 +90,6 @@ class SoftQTrainer(Trainer):
         columns of the raw rows; 8. the data, tokenised; 9. the reference's precomputed columns, read
         from the policy before its first step; 10. ``Trainer.__init__``; 11. the reference and target
         models prepared for the engine; 12. the state of the steps (batches, NaN guard, metrics)."""
-        from transformers import set_seed
-        from trl.trainer.utils import disable_dropout_in_model
-
         if args is None:
             args = SoftQConfig(output_dir="sqlm-output")
         if not isinstance(args, SoftQConfig):
@@ -111,27 +99,16 @@ class SoftQTrainer(Trainer):
         set_seed(args.seed)
 
         model, ref_model, processing_class = self._setup_models(model, ref_model, processing_class, args)
-        reward_funcs, reward_kwargs, report = bradley_terry(model, processing_class, train_dataset, args, reward_funcs)
+        reward_funcs, reward_kwargs, report = reward_setup.bradley_terry(
+            model, processing_class, train_dataset, args, reward_funcs
+        )
         self.auto_reward_report = report
-        self._first_log = bradley_terry_log(report)  # logged once, in the first log
+        self._first_log = reward_setup.bradley_terry_log(report)  # logged once, in the first log
         explicit_ref = ref_model is not None
         self.reference = Reference.build(model, ref_model, args, peft=peft_config is not None or is_peft(model))
-        model = self._setup_peft(model, peft_config)
-        self.target = build_target(model, args)
-        if args.uses_value_head:
-            attach_value_head(model)
-        if args.disable_dropout:
-            for m in (model, self.reference.model, self.target.model):
-                if m is not None:
-                    disable_dropout_in_model(m)
-
-        self.rewarders: list[TokenRewarder]
-        self.rewarders, self.reward_weights = resolve_rewarders(
-            args, processing_class, reward_funcs, search_dirs=reward_search_dirs or (), reward_kwargs=reward_kwargs
-        )
-        self._no_reward_signal = has_no_reward_signal(self.rewarders, train_dataset, args, explicit_ref)
-        train_dataset, offline_only = cache_dense_rewards(
-            train_dataset, processing_class, args, self.rewarders, self.reward_weights
+        model = self._setup_policy(model, peft_config, args)
+        train_dataset, offline_only = self._setup_rewards(
+            processing_class, train_dataset, args, reward_funcs, reward_kwargs, reward_search_dirs, explicit_ref
         )
         train_dataset, eval_dataset = self._setup_data(train_dataset, eval_dataset, processing_class, args)
         train_dataset, eval_dataset = self.reference.precompute(
@@ -188,16 +165,36 @@ class SoftQTrainer(Trainer):
             model.generation_config.pad_token_id = processing_class.pad_token_id
         return model, ref_model, processing_class
 
-    @staticmethod
-    def _setup_peft(model, peft_config):
-        """``model`` with the adapter of ``peft_config`` (None: as it is)."""
-        if peft_config is None:
-            return model
-        from peft import get_peft_model
+    def _setup_policy(self, model, peft_config, args: SoftQConfig):
+        """The policy as it trains, and the target network (``self.target``) made from it: PEFT's adapter
+        first (the target is then a second adapter of it), the target before the value head (a copy
+        has none); dropout off in every model."""
+        from trl.trainer.utils import disable_dropout_in_model
 
-        if is_peft(model):
-            raise SqlmError("model already has a PEFT adapter; pass its base model with peft_config")
-        return get_peft_model(model, peft_config)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            if is_peft(model):
+                raise SqlmError("model already has a PEFT adapter; pass its base model with peft_config")
+            model = get_peft_model(model, peft_config)
+        self.target = build_target(model, args)
+        if args.uses_value_head:
+            attach_value_head(model)
+        if args.disable_dropout:
+            for m in (model, self.reference.model, self.target.model):
+                if m is not None:
+                    disable_dropout_in_model(m)
+        return model
+
+    def _setup_rewards(self, tokenizer, train_dataset, args, reward_funcs, reward_kwargs, search_dirs, explicit_ref):
+        """The rewarders (``self.rewarders`` and their weights) and ``(train_dataset, offline_only)``: the
+        raw rows with the model-based rewarders' dense rewards cached as columns, and the rewarders that
+        then score online samples only (:mod:`sqlm.rewards.setup`)."""
+        self.rewarders, self.reward_weights = resolve_rewarders(
+            args, tokenizer, reward_funcs, search_dirs=search_dirs or (), reward_kwargs=reward_kwargs
+        )
+        self._no_reward_signal = reward_setup.has_no_reward_signal(self.rewarders, train_dataset, args, explicit_ref)
+        return reward_setup.cache_dense_rewards(train_dataset, tokenizer, args, self.rewarders, self.reward_weights)
 
     @staticmethod
     def _setup_data(train_dataset, eval_dataset, tokenizer, args: SoftQConfig):
@@ -214,8 +211,7 @@ class SoftQTrainer(Trainer):
         self.eos_token_ids = eos_token_ids(self.model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id
         self.replay_buffer = ReplayBuffer(self.args.replay_buffer_size, seed=self.args.seed + self.args.process_index)
-        self.generated_completions = 0  # completions and tokens generated for training (all rollouts)
-        self.generated_tokens = 0
+        self.generated_completions = self.generated_tokens = 0  # generated for training (all rollouts)
         self._rng_pending: str | None = None  # checkpoint whose RNG state is restored before the next batch
         self.nonfinite = NonFiniteCallback(self)
         self.add_callback(self.nonfinite)
@@ -224,16 +220,9 @@ class SoftQTrainer(Trainer):
         self.vllm_generation = vllm_generation(self) if self.args.use_vllm else None
         self._vllm_synced_step = -1
         self.batches = BatchBuilder(
-            self.args,
-            tokenizer,
-            self.rewarders,
-            self.reward_weights,
-            self.eos_token_ids,
-            self.replay_buffer,
-            generate=self._generate,
-            on_nonfinite=self.nonfinite.found,
-            offline_only=offline_only,
-        )
+            self.args, tokenizer, self.rewarders, self.reward_weights, self.eos_token_ids, self.replay_buffer,
+            generate=self._generate, on_nonfinite=self.nonfinite.found, offline_only=offline_only
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ reference and target network
 
@@ -374,16 +363,9 @@ class SoftQTrainer(Trainer):
             reduction="none",
             group=inputs.get("group_ids"),
         )
-        # the normaliser of the whole optimizer batch (get_batch_samples), else of this batch alone
-        total = normaliser(mask, args.reduction) if num_items_in_batch is None else num_items_in_batch
-        numerator = reduced_sum(per_step, mask, args.reduction)
-        loss = numerator / torch.as_tensor(total, device=numerator.device).clamp(min=1.0)
-        if num_items_in_batch is not None and args.world_size > 1:  # DDP averages gradients over processes
-            loss = loss * args.world_size
-
-        if mode == "train" and not bool(torch.isfinite(loss.detach())) and self.nonfinite.source is None:
-            # name the first non-finite input of the loss
-            named = {
+        loss = self._reduce(per_step, mask, num_items_in_batch)
+        if mode == "train":  # a non-finite loss: name its first non-finite input
+            inputs_by_name = {
                 "reward": rewards,
                 "value V(s) of the policy": soft.v,
                 "Q(s, a) of the policy": soft.q,
@@ -392,7 +374,7 @@ class SoftQTrainer(Trainer):
                 "value V_bar(s) of the target network": target_v,
                 "value V_phi(s) of the value head": head_v,
             }
-            self.nonfinite.found(nonfinite_value_source(named, mask) or "loss")
+            self.nonfinite.check_loss(loss, mask, inputs_by_name)
 
         with torch.no_grad():
             model_side = policy_metrics(
@@ -403,6 +385,17 @@ class SoftQTrainer(Trainer):
         self._metrics.add(mode, {k: stats[k] for k in LOSS_STATS if k in stats})
         self._metrics.add(mode, inputs.get("sqlm_metrics") or {})
         return (loss, {"per_step_loss": per_step}) if return_outputs else loss
+
+    def _reduce(self, per_step: torch.Tensor, mask: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """The per-step losses reduced as ``args.reduction`` says, over the normaliser of the whole optimizer
+        batch (get_batch_samples) or else of this batch."""
+        args = self.args
+        total = normaliser(mask, args.reduction) if num_items_in_batch is None else num_items_in_batch
+        numerator = reduced_sum(per_step, mask, args.reduction)
+        loss = numerator / torch.as_tensor(total, device=numerator.device).clamp(min=1.0)
+        if num_items_in_batch is not None and args.world_size > 1:  # DDP averages gradients over processes
+            loss = loss * args.world_size
+        return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         batch = self._prepare_inputs(self.build_batch(inputs["examples"], train=False))
@@ -430,15 +423,14 @@ class SoftQTrainer(Trainer):
         newest complete one of ``output_dir`` (a folder half-written by a killed run is skipped), a
         path must be complete (see :mod:`sqlm.checkpoint`)."""
         if self._no_reward_signal:
-            raise SqlmError(no_reward_message(self.args.mode))
+            raise SqlmError(reward_setup.no_reward_message(self.args.mode))
         folder = ckpt.resolve_resume(resume_from_checkpoint, self.args.output_dir)
         self._rng_pending = folder
         return super().train(
             resume_from_checkpoint=folder, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
 
-    def _load_rng_state(self, checkpoint):
-        # restored once per resume, before the first resumed batch is built (see get_batch_samples)
+    def _load_rng_state(self, checkpoint):  # once per resume, before its first batch is built (get_batch_samples)
         if checkpoint is None or checkpoint != self._rng_pending:
             return
         self._rng_pending = None
@@ -492,16 +484,8 @@ class SoftQTrainer(Trainer):
         self.target.save(folder, policy, self.args.process_index, self.args.should_save)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        import pickle
-
-        try:  # transformers reads these torch files with weights_only=True: no code runs
+        with ckpt.tensors_only(checkpoint):
             super()._load_optimizer_and_scheduler(checkpoint)
-        except pickle.UnpicklingError as e:
-            msg = " ".join(str(e).split())[:300]
-            raise SqlmError(
-                f"checkpoint {checkpoint}: refusing to load optimizer/scheduler state that holds "
-                f"more than tensors (weights_only load failed: {msg})"
-            ) from None
         if checkpoint is not None:
             self.load_aux_state(checkpoint)
 
