@@ -267,7 +267,7 @@ def run_trainer_row(row: str, shape: dict, out_dir: str) -> dict:
         trainer.optimizer,
         getattr(reference, "module", reference),
         getattr(trainer.target_model, "module", trainer.target_model),
-        "target" if trainer._target_pairs else None,
+        "target" if trainer.has_target and trainer.target_model is None else None,  # the target adapter
         zero_stage=zero_stage,
         world=trainer.args.world_size,
     )

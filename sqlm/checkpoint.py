@@ -7,8 +7,8 @@
   :func:`rotate` removes old ones (``save_total_limit``), called only once the new one is
   complete; :func:`clear_partial` removes a half-written folder of the step first.
 * **Auxiliary state.** :func:`save_aux_state` / :func:`load_aux_state` write and read what the HF
-  checkpoint lacks: the target network (safetensors), each process's replay buffer and the trainer's
-  counters (JSON; no pickles).
+  checkpoint lacks: each process's replay buffer and the trainer's counters (JSON; no pickles). The
+  target network saves its own weights (:meth:`sqlm.target.TargetNetwork.save`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,6 @@ from .errors import SqlmError
 
 
 COMPLETE_MARKER = "sqlm_checkpoint.json"
-TARGET_FILE = "target_model.safetensors"
 STATE_FILE = "sqlm_state.json"  # trainer state outside the HF TrainerState (mixed-mode credit, skip count)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -132,31 +133,37 @@ def rotate(run_dir: str | os.PathLike, save_total_limit: int | None, best_model_
     rotate_checkpoints(str(run_dir), save_total_limit, best_model_checkpoint, use_mtime=True)
 
 
+@contextmanager
+def tensors_only(checkpoint: str | os.PathLike | None) -> Iterator[None]:
+    """Around the load of a checkpoint's optimizer / scheduler state: transformers reads these torch
+    files with ``weights_only=True`` (no code runs); a file that holds more than tensors is refused
+    with a one-line error."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        msg = " ".join(str(e).split())[:300]
+        raise SqlmError(
+            f"checkpoint {checkpoint}: refusing to load optimizer/scheduler state that holds "
+            f"more than tensors (weights_only load failed: {msg})"
+        ) from None
+
+
 # ----------------------------------------------------------------------------- auxiliary state
-
-
-def _named_parameters(model) -> dict[str, Any]:
-    return dict(getattr(model, "module", model).named_parameters())
 
 
 def save_aux_state(
     folder: str | os.PathLike,
     *,
-    target_model=None,
-    target_names: list[str] = (),
     replay_buffer=None,
     process_index: int = 0,
     is_main: bool = True,
     counters: dict[str, Any] | None = None,
 ) -> None:
-    """Write into ``folder``: the target network's ``target_names`` parameters (safetensors; main
-    process), this process's replay buffer (JSON, when not empty) and ``counters`` (JSON; main process)."""
+    """Write into ``folder``: this process's replay buffer (JSON, when not empty) and ``counters`` (JSON;
+    main process)."""
     os.makedirs(folder, exist_ok=True)
-    if target_model is not None and is_main:
-        from safetensors.torch import save_file
-
-        target = _named_parameters(target_model)
-        save_file({n: target[n].detach().contiguous().cpu() for n in target_names}, os.path.join(folder, TARGET_FILE))
     if replay_buffer is not None and replay_buffer.size > 0:
         with open(os.path.join(folder, f"replay_buffer_rank{process_index}.json"), "w") as f:
             json.dump(replay_buffer.state_dict(), f, default=str)
@@ -165,25 +172,9 @@ def save_aux_state(
             json.dump(counters, f)
 
 
-def load_aux_state(
-    folder: str | os.PathLike, *, target_model=None, replay_buffer=None, process_index: int = 0
-) -> dict[str, Any]:
-    """Restore what :func:`save_aux_state` wrote: the target network's parameters (an error when a
-    target network is expected and the checkpoint has none) and the replay buffer, in place; returns
-    the counters (``{}`` when none were saved)."""
-    import torch
-
-    path = os.path.join(folder, TARGET_FILE)
-    if target_model is not None:
-        if not os.path.exists(path):
-            raise SqlmError(f"checkpoint {folder} has no {TARGET_FILE}; it was saved without a target network")
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-        target = _named_parameters(target_model)
-        with torch.no_grad():
-            for n, t in state.items():
-                target[n].data.copy_(t.to(target[n].device, target[n].dtype))
+def load_aux_state(folder: str | os.PathLike, *, replay_buffer=None, process_index: int = 0) -> dict[str, Any]:
+    """Restore what :func:`save_aux_state` wrote: the replay buffer, in place; returns the counters
+    (``{}`` when none were saved)."""
     rb = os.path.join(folder, f"replay_buffer_rank{process_index}.json")
     if replay_buffer is not None and replay_buffer.size > 0 and os.path.exists(rb):
         with open(rb) as f:

@@ -9,10 +9,16 @@ reference through :func:`sqlm.forward.model_log_pi`, so a column value is the nu
 reference would give that token. The columns are cached like the dense rewards
 (:mod:`sqlm.rewards.cache`): under ``cache_dir/<key>/``, keyed by the tokenised data (so the
 tokenizer and every truncation setting), the reference's weights and the precision.
+
+:class:`Reference` is the reference of a training run as one object, whichever it is: a model of its
+own (explicit, or a frozen copy of the initial policy), the PEFT policy's base (its adapters
+disabled), the precomputed columns (with the initial policy read once by the precompute pass), or
+none (``use_reference: false``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,9 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .data import ALL_REF_COLUMNS, REF_COLUMNS, offline_trajectories, pack_trajectories
 from .errors import SqlmError
+from .forward import adapter_active, model_log_pi
+from .paths import cache_dir as sqlm_cache_dir
+from .soft import SoftOutputs
+from .target import frozen_copy
 
 
 logger = logging.getLogger(__name__)
@@ -123,3 +134,141 @@ def add_ref_columns(
     for c, v in values.items():
         base = base.add_column(c, v)
     return base
+
+
+# ----------------------------------------------------------------------------- the reference of a run
+
+
+class Reference:
+    """``log pi_ref(a_t|s_t)`` of a training batch.
+
+    ``model``: a reference model of its own (explicit, or a frozen copy of the initial policy);
+    ``peft_base``: the PEFT policy read with every adapter disabled; ``initial_policy``: the policy
+    before its first step is the reference and is read once by :meth:`precompute`. Neither: no
+    live reference (none at all, or only the precomputed columns)."""
+
+    def __init__(self, model: nn.Module | None = None, peft_base: bool = False, initial_policy: bool = False):
+        self.model = model
+        self.peft_base = peft_base
+        self.initial_policy = initial_policy
+
+    @classmethod
+    def build(cls, model: nn.Module, ref_model: nn.Module | None, args, peft: bool) -> Reference:
+        """The reference ``args`` asks for, from the initial policy ``model`` (before PEFT wraps it) and
+        an explicit ``ref_model`` (or None). Without one: with PEFT (``peft``) the base model; precomputed
+        offline (``precompute_ref_log_probs``, mode offline) the initial policy itself, read once before
+        training; otherwise a frozen copy of it."""
+        if not args.use_reference:
+            return cls()
+        if ref_model is None:
+            if peft:
+                return cls(peft_base=True)
+            if args.precompute_ref_log_probs and args.mode == "offline":
+                return cls(initial_policy=True)
+            ref_model = frozen_copy(model)
+        ref_model.eval()
+        ref_model.requires_grad_(False)
+        return cls(ref_model)
+
+    @property
+    def live(self) -> bool:
+        """A batch's reference values can be computed now (not only read from precomputed columns)."""
+        return self.model is not None or self.peft_base
+
+    def precompute(self, policy: nn.Module, train_dataset, eval_dataset, args, pad_token_id: int):
+        """``(train_dataset, eval_dataset)`` with the reference columns of their offline rows when
+        ``precompute_ref_log_probs`` (one pass, cached); mode offline then keeps no reference model at
+        all (mixed keeps it for the online samples)."""
+        if not args.precompute_ref_log_probs or not (self.live or self.initial_policy):
+            return train_dataset, eval_dataset
+        reader = policy if self.model is None else self.model
+        train_dataset = self._with_columns(reader, train_dataset, args, pad_token_id, args.per_device_train_batch_size)
+        if eval_dataset is not None:
+            eval_dataset = self._with_columns(
+                reader, eval_dataset, args, pad_token_id, args.per_device_eval_batch_size
+            )
+        if args.mode == "offline":
+            self.model, self.peft_base = None, False
+        return train_dataset, eval_dataset
+
+    def _with_columns(self, reader, dataset, args, pad_token_id: int, batch_size: int):
+        """``dataset`` with the reference columns (computed once by the main process, then read from the
+        cache by the others). ``reader`` is the explicit reference, or the policy before its first step:
+        with PEFT read with every adapter disabled, else as it is (the initial policy is the reference)."""
+        from accelerate import PartialState
+
+        peft_base = self.peft_base  # reader is the PEFT policy; its base is the reference
+        device = args.device
+        reader.to(device)
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "float32"
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+        def ref_fn(batch):
+            with contextlib.ExitStack() as stack:
+                if amp is not None:
+                    stack.enter_context(torch.autocast(device_type=device.type, dtype=amp))
+                if peft_base:
+                    stack.enter_context(adapter_active(reader, None))
+                else:
+                    was_training = reader.training
+                    reader.eval()
+                    stack.callback(reader.train, was_training)
+                return model_log_pi(reader, batch, return_lse=True)
+
+        with PartialState().main_process_first():
+            return add_ref_columns(
+                dataset,
+                ref_fn,
+                ref_fingerprint=reference_fingerprint(reader, skip_adapters=peft_base),
+                pad_token_id=pad_token_id,
+                batch_size=args.precompute_ref_batch_size or batch_size,
+                precision=precision,
+                cache_dir=sqlm_cache_dir("reference"),
+                device=device,
+            )
+
+    def prepare(self, prepare: Callable[[nn.Module], nn.Module]) -> None:
+        """Once the Trainer exists: wrap a reference model for the engine."""
+        if self.model is not None:
+            self.model = prepare(self.model)
+
+    def log_pi(self, policy: nn.Module, inputs: dict, return_lse: bool = False):
+        """``log pi_ref(a_t|s_t)`` ``[N, T]`` (with ``return_lse`` also ``logsumexp z_ref(s_t)``): the
+        precomputed columns of the rows that carry them, and for the others the live reference, or None
+        (no reference). ``policy`` is the unwrapped policy (its base is the reference with PEFT)."""
+        pre = inputs.get("ref_precomputed")
+        if pre is None or not bool(pre.any()):
+            return self._live_log_pi(policy, inputs, return_lse)
+        start = int(inputs["logits_start"])
+        log_pi, lse = inputs["ref_log_probs"][:, start + 1 :], inputs["ref_logsumexp"][:, start + 1 :]
+        if not bool(pre.all()):  # e.g. mixed mode: the online rows need the live reference
+            rows = (~pre).nonzero().squeeze(-1)
+            sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "path_mask") if k in inputs}
+            live = self._live_log_pi(policy, {**sub, "logits_start": start}, True)
+            if live[0] is None:
+                raise SqlmError(
+                    "a batch has rows without precomputed reference log-probs (precompute_ref_log_probs) "
+                    "and no reference model is loaded"
+                )
+            log_pi, lse = log_pi.clone(), lse.clone()
+            log_pi[rows], lse[rows] = live[0].to(log_pi.dtype), live[1].to(lse.dtype)
+        return (log_pi, lse) if return_lse else log_pi
+
+    def _live_log_pi(self, policy: nn.Module, inputs: dict, return_lse: bool = False):
+        if self.model is not None:
+            return model_log_pi(self.model, inputs, return_lse)
+        if self.peft_base:
+            with adapter_active(policy, None):
+                return model_log_pi(policy, inputs, return_lse)
+        return (None, None) if return_lse else None
+
+
+def anchor_to_reference(
+    soft: SoftOutputs, target_v: torch.Tensor | None, ref_lse: torch.Tensor, mask: torch.Tensor, tau: float
+) -> tuple[SoftOutputs, torch.Tensor | None]:
+    """``value_anchor: reference``: Q and V (and the target's ``V_bar``) measured from the reference's
+    ``tau * logsumexp z_ref(s_t)`` on the path ``mask``; pi is unchanged, and ``V = 0`` where
+    ``pi = pi_ref``."""
+    anchor = tau * ref_lse * mask
+    soft = SoftOutputs(q=soft.q - anchor, v=soft.v - anchor, log_pi=soft.log_pi, entropy=soft.entropy)
+    return soft, (target_v - anchor if target_v is not None else None)

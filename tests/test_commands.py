@@ -245,19 +245,22 @@ def test_load_policy_reads_safetensors_only(tmp_path):
 
 
 def test_aux_state_round_trip_and_missing_target(tmp_path):
-    from sqlm.checkpoint import STATE_FILE, TARGET_FILE, load_aux_state, save_aux_state
+    from sqlm.checkpoint import STATE_FILE, load_aux_state, save_aux_state
+    from sqlm.target import TARGET_FILE, CopyTarget, NoTarget
 
     torch.manual_seed(0)
     target = torch.nn.Linear(3, 2)
-    save_aux_state(tmp_path / "c", target_model=target, target_names=["weight"], counters={"mix_credit": 0.5})
+    save_aux_state(tmp_path / "c", counters={"mix_credit": 0.5})
+    CopyTarget(target, names=["weight"]).save(str(tmp_path / "c"))
     assert (tmp_path / "c" / TARGET_FILE).is_file() and (tmp_path / "c" / STATE_FILE).is_file()
     other = torch.nn.Linear(3, 2)
-    counters = load_aux_state(tmp_path / "c", target_model=other)
+    CopyTarget(other, names=["weight"]).load(str(tmp_path / "c"))
+    counters = load_aux_state(tmp_path / "c")
     assert counters == {"mix_credit": 0.5}
     assert torch.equal(other.weight, target.weight) and not torch.equal(other.bias, target.bias)
-    assert load_aux_state(tmp_path / "c") == {"mix_credit": 0.5}  # no target network: nothing to restore
+    NoTarget().load(str(tmp_path / "c"))  # no target network: nothing to restore
     with pytest.raises(SqlmError, match=TARGET_FILE):
-        load_aux_state(tmp_path / "empty", target_model=other)
+        CopyTarget(other, names=["weight"]).load(str(tmp_path / "empty"))
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):

@@ -15,7 +15,8 @@ from datasets import Dataset
 from sqlm.config import SoftQConfig
 from sqlm.data import Trajectory
 from sqlm.tiny import tiny_model_for_tokenizer, train_tokenizer
-from sqlm.trainer import SoftQTrainer, batch_metrics, kl_k3, policy_metrics
+from sqlm.train_metrics import batch_metrics, kl_k3, policy_metrics
+from sqlm.trainer import SoftQTrainer
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -351,10 +351,10 @@ SHARDED_WORKER = textwrap.dedent(
                            peft_config=peft_config)
     policy = trainer.accelerator.unwrap_model(trainer.model)
     if LORA:  # (policy adapter, target adapter) parameter names of the one model
-        target, pairs = policy, trainer._target_pairs
+        target, pairs = policy, trainer.target.pairs
     else:
         target = getattr(trainer.target_model, "module", trainer.target_model)
-        pairs = [(n, n) for n in trainer._target_names]
+        pairs = [(n, n) for n in trainer.target.names]
     if trainer.is_fsdp_enabled and trainer.accelerator.is_fsdp2:
         engine = "fsdp"
     elif trainer.is_deepspeed_enabled:

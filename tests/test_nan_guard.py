@@ -101,7 +101,7 @@ def test_skip_makes_no_update_for_the_bad_step_and_counts_it(work, caplog):
     from sqlm.commands.train import run
 
     trainer = run(["recipe.yaml", "--output_dir", "out", "--nan_policy", "skip", *_kwargs(3)])
-    assert trainer.state.global_step == 6 and trainer._skipped_steps == 1
+    assert trainer.state.global_step == 6 and trainer.nonfinite.skipped_steps == 1
     assert any("skipped step 3: non-finite reward from 'nanmod:make'" in r.getMessage() for r in caplog.records)
     logged = [e.get("nonfinite/skipped_steps") for e in trainer.state.log_history if "loss" in e]
     assert logged == [None, None, 1, 1, 1, 1]

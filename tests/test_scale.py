@@ -54,7 +54,7 @@ def lora_trainer(tmp_path, tokenizer, monkeypatch=None, **kw):
 
 
 def test_lora_target_is_an_adapter_on_the_same_base(tmp_path, tokenizer, monkeypatch):
-    import sqlm.trainer as trainer_module
+    import sqlm.target as target_module
 
     copied = []
     real_deepcopy = copy.deepcopy
@@ -64,7 +64,7 @@ def test_lora_target_is_an_adapter_on_the_same_base(tmp_path, tokenizer, monkeyp
             copied.append(type(obj).__name__)
         return real_deepcopy(obj, *a, **k)
 
-    monkeypatch.setattr(trainer_module.copy, "deepcopy", spy)
+    monkeypatch.setattr(target_module.copy, "deepcopy", spy)
     base_count = sum(p.numel() for p in make_model(tokenizer).parameters())
     trainer = lora_trainer(tmp_path, tokenizer)
     assert copied == [], f"a model was deep-copied: {copied}"
@@ -195,7 +195,7 @@ def _losses(trainer):
 
 
 def _module_copies(monkeypatch):
-    import sqlm.trainer as trainer_module
+    import sqlm.target as target_module
 
     copied = []
     real_deepcopy = copy.deepcopy
@@ -205,7 +205,7 @@ def _module_copies(monkeypatch):
             copied.append(type(obj).__name__)
         return real_deepcopy(obj, *a, **k)
 
-    monkeypatch.setattr(trainer_module.copy, "deepcopy", spy)
+    monkeypatch.setattr(target_module.copy, "deepcopy", spy)
     return copied
 
 
@@ -239,7 +239,7 @@ def test_precomputed_reference_gives_the_same_losses(tmp_path, tokenizer, monkey
     assert "chosen_ref_log_probs" in pre.train_dataset.column_names
     assert "rejected_ref_logsumexp" in pre.eval_dataset.column_names
     if mode == "offline":  # no reference model is held, and none was ever copied
-        assert pre.ref_model is None and not pre._ref_is_base and copied == []
+        assert pre.ref_model is None and not pre.reference.peft_base and copied == []
     else:  # mixed: the online samples still need the live reference
         assert pre.ref_model is not None
     assert len(_losses(live)) == 3

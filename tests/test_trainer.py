@@ -122,7 +122,7 @@ def test_lora_trains_adapter_only_and_reference_is_base(tmp_path, tokenizer):
         reward_funcs=[good_reward],
         peft_config=peft_config,
     )
-    assert trainer.ref_model is None and trainer._ref_is_base
+    assert trainer.ref_model is None and trainer.reference.peft_base
     names_trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert names_trainable and all("lora_" in n for n in names_trainable)
     full_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

@@ -71,12 +71,12 @@ def save_outputs(trainer) -> None:
     """Save the model (the adapter with PEFT) and tokenizer to output_dir; with ``merge_adapter``
     also the merged model to ``output_dir/merged``. ``run`` adds ``run_stats.json`` (generated
     completions and tokens, optimizer steps, wall time), as every training command writes."""
-    from ..trainer import _is_peft
+    from ..target import is_peft
 
     args = trainer.args
     trainer.save_model(args.output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if args.merge_adapter and _is_peft(model):
+    if args.merge_adapter and is_peft(model):
         trainer.accelerator.wait_for_everyone()
         if trainer.accelerator.is_main_process:
             import copy
