@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .data import Trajectory, _passthrough_columns, offline_trajectories, pack_trajectories
+from .data.trajectories import Trajectory, offline_trajectories, pack_trajectories, passthrough_columns
 from .errors import SqlmError
 from .guards import nonfinite_reward_source
 from .rewards.scoring import score_trajectories
@@ -156,7 +156,7 @@ class BatchBuilder:
                     completion_ids=list(ids),
                     prompt=row["prompt"],
                     completion=[{"role": "assistant", "content": text}] if conv else text,
-                    columns=_passthrough_columns(row),
+                    columns=passthrough_columns(row),
                     source="online",
                 )
             )

@@ -45,9 +45,6 @@ from .trajectories import (
 )
 
 
-# the old private name, still imported by sqlm.trainer
-_passthrough_columns = passthrough_columns
-
 __all__ = [
     "ALL_REF_COLUMNS",
     "FORMAT_HELP",
