@@ -11,7 +11,8 @@ import pytest
 
 from sqlm.commands.pipeline import PipelineArguments, main, run_pipeline
 from sqlm.errors import SqlmError
-from sqlm.evaluation.sweep import METHODS, mean_pm_se, run_argv
+from sqlm.evaluation.sweep import METHODS, run_argv
+from sqlm.evaluation.sweep_report import mean_pm_se
 from sqlm.evaluation.tasks import ArithmeticTask, SentimentTask, TaskData
 
 

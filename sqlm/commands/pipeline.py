@@ -239,7 +239,7 @@ def write_summary(args: PipelineArguments, results: dict, oracle: dict | None, o
     """``output_dir/report.md``: every task's verdicts and plots (its full report beside), and the
     exact-oracle section."""
     from ..evaluation.oracle_compare import oracle_section
-    from ..evaluation.sweep import mean_pm_se, verdict_lines
+    from ..evaluation.sweep_report import mean_pm_se, verdict_lines
 
     cfg = args.sweep_config()
     lines = ["# sqlm vs DPO, GRPO and RLOO on the embedded gold tasks", "",
