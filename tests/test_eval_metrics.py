@@ -82,7 +82,7 @@ def test_kl_estimate_matches_the_oracle_exact_kl():
 
 
 def test_frontier_area_interpolates():
-    from sqlm.evaluation.evaluate import frontier_area
+    from sqlm.evaluation.evaluate_report import frontier_area
 
     rows = [
         {"method": "reference", "kl": 0.0, "gold": 0.0},
@@ -96,7 +96,7 @@ def test_frontier_area_interpolates():
 
 
 def test_matched_kl_comparison_uses_only_the_overlap():
-    from sqlm.evaluation.evaluate import gold_at_kl, matched_kl_comparison
+    from sqlm.evaluation.evaluate_report import gold_at_kl, matched_kl_comparison
 
     rows = [
         {"method": "reference", "kl": 0.0, "gold": 0.0},

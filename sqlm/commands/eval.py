@@ -66,14 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print("usage: sqlm eval RECIPE.yaml [--key value ...]\n\n" + (evaluate.__doc__ or ""))
         return 0
-    from ..evaluation.evaluate import (
-        ModelSpec,
-        evaluate_models,
-        gold_scorer,
-        load_prompt_rows,
-        prompt_columns,
-        write_report,
-    )
+    from ..evaluation.evaluate import ModelSpec, evaluate_models, gold_scorer, load_prompt_rows, prompt_columns
+    from ..evaluation.evaluate_report import write_report
     from ..recipe import parse_recipe
 
     recipe, overrides = split_argv(argv)

@@ -10,7 +10,7 @@ model, so the bootstrap can resample both the runs and the prompts.
 linearly, and optionally the base model at KL 0 (the limit of every method as its KL knob grows: with
 it the frontiers of two methods always share ``[0, min of their largest KLs]``). The difference of two
 methods is the mean, over the KL range both frontiers cover, of frontier A minus frontier B:
-``sqlm.evaluation.evaluate.matched_kl_comparison`` on rows of the two methods (no extrapolation
+``sqlm.evaluation.evaluate_report.matched_kl_comparison`` on rows of the two methods (no extrapolation
 outside either range; None when the ranges do not overlap).
 
 **Bootstrap.** Each replicate draws the runs (units, paired across methods: the same units for every
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .evaluate import matched_kl_comparison
+from .evaluate_report import matched_kl_comparison
 from .metrics import mean_se
 
 
