@@ -131,7 +131,7 @@ def pairs_only(dataset):
 
 def fit_key(pairs, policy, tokenizer, settings: AutoRewardSettings) -> str:
     from .cache import dataset_fingerprint
-    from .models import model_fingerprint, tokenizer_fingerprint
+    from .loading import model_fingerprint, tokenizer_fingerprint
 
     desc = {
         "version": FIT_VERSION,

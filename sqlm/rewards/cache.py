@@ -26,7 +26,7 @@ from typing import Any
 from ..columns import TOKEN_REWARD_COLUMNS
 from ..errors import SqlmError
 from .base import TokenRewarder, make_batch
-from .models import tokenizer_fingerprint
+from .loading import tokenizer_fingerprint
 
 
 logger = logging.getLogger(__name__)

@@ -23,15 +23,8 @@ import torch
 from ..errors import SqlmError
 from .base import CallableRewarder, TokenRewarder, WeightedSum, as_rewarder
 from .builtin import BUILTIN_REWARDS
-from .models import (
-    ABCRewarder,
-    ImplicitRewarder,
-    PrefixRewarder,
-    TerminalRewarder,
-    UniformRewarder,
-    load_causal_lm,
-    load_reward_model,
-)
+from .loading import load_causal_lm, load_reward_model
+from .models import ABCRewarder, ImplicitRewarder, PrefixRewarder, TerminalRewarder, UniformRewarder
 
 
 # the reward fitted by the trainer on its own training pairs (:mod:`sqlm.rewards.auto`)
