@@ -86,16 +86,36 @@ def _style(method: str, regime: str) -> dict:
     return {"ls": {"online": "-", "mixed": "-.", "offline": "--"}[regime], "marker": "o" if "sqlm" in method else "s"}
 
 
-def plot_frontier(table: dict, base_results: dict, task: Task, path: Path) -> Path:
-    """``frontier.png``: score against KL to the base, error bars over runs, one line per method."""
+def _figure(colors: str):
+    """``(fig, ax)`` of a 7 x 4.5 inch figure (Agg backend) whose lines take matplotlib's ``colors`` map in turn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = sum(r["score"] for r in base_results.values()) / len(base_results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.set_prop_cycle(color=plt.cm.tab10.colors)
+    ax.set_prop_cycle(color=getattr(plt.cm, colors).colors)
+    return fig, ax
+
+
+def _save(fig, ax, task: Task, xlabel: str, title: str, legend_size: int, path: Path) -> Path:
+    """Label ``ax`` (the task's metric up the y axis), save ``fig`` at ``path`` (120 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{task.metric} (held-out, T=1)")
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(table: dict, base_results: dict, task: Task, path: Path) -> Path:
+    """``frontier.png``: score against KL to the base, error bars over runs, one line per method."""
+    base = sum(r["score"] for r in base_results.values()) / len(base_results)
+    fig, ax = _figure("tab10")
     for m in dict.fromkeys(m for m, _ in table):
         rows = sorted((r for (mm, _), r in table.items() if mm == m), key=lambda r: r["kl"])
         ax.errorbar([0.0] + [r["kl"] for r in rows], [base] + [r["score"] for r in rows],
@@ -108,26 +128,15 @@ def plot_frontier(table: dict, base_results: dict, task: Task, path: Path) -> Pa
     log_x = bool(kls) and max(kls) > 20 * min(kls)  # one method far out in KL: a log scale past the smallest KL
     if log_x:
         ax.set_xscale("symlog", linthresh=min(kls))
-    ax.set_xlabel("KL(π ‖ base), nats per completion" + (" (log scale)" if log_x else ""))
-    ax.set_ylabel(f"{task.metric} (held-out, T=1)")
-    ax.set_title(f"{task.name}: {task.metric} vs KL (mean ± s.e. over runs; base LM at KL 0)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    xlabel = "KL(π ‖ base), nats per completion" + (" (log scale)" if log_x else "")
+    return _save(fig, ax, task, xlabel, f"{task.name}: {task.metric} vs KL (mean ± s.e. over runs; base LM at KL 0)",
+                 8, path)  # fmt: skip
 
 
 def plot_efficiency(table: dict, base_results: dict, task: Task, path: Path) -> Path:
     """``efficiency.png``: score against generated completions of the online and mixed methods."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     base = sum(r["score"] for r in base_results.values()) / len(base_results)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    fig, ax = _figure("tab20")
     for (m, knob), r in table.items():
         if r["regime"] == "offline":
             continue
@@ -140,14 +149,8 @@ def plot_efficiency(table: dict, base_results: dict, task: Task, path: Path) -> 
         ys.append(r["score"])
         es.append(r["score_se"])
         ax.errorbar(xs, ys, yerr=es, capsize=3, label=f"{m} {r['knob_name']}={knob:g}", **_style(m, r["regime"]))
-    ax.set_xlabel("generated completions (training)")
-    ax.set_ylabel(f"{task.metric} (held-out, T=1)")
-    ax.set_title(f"{task.name}: {task.metric} vs generated completions")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, task, "generated completions (training)",
+                 f"{task.name}: {task.metric} vs generated completions", 7, path)  # fmt: skip
 
 
 def mean_pm_se(m: float, se: float, n_runs: int, nd: int = 3) -> str:
