@@ -20,7 +20,7 @@ from transformers import TrainingArguments
 
 from .data.holdout import check_hold_out
 from .errors import SqlmError
-from .losses import LOSS_SPECS
+from .losses import GROUP_SCALES, LOSS_SPECS
 from .recipe import choice_error
 
 
@@ -148,6 +148,16 @@ class SoftQConfig(TrainingArguments):
             "'sequence_mean' (mean within a path, mean over paths). Normalised over the whole optimizer "
             "batch (all gradient-accumulation steps and processes).",
             "choices": TRAIN_REDUCTIONS,
+        },
+    )
+    group_scale: str = field(
+        default="none",
+        metadata={
+            "help": "group_pcl only: weigh each completion's squared group residual by 1/(tau*s), s the "
+            "standard deviation of the rewards in its prompt group ('group', TRL GRPO's scale_rewards) or in "
+            "the batch ('batch'), so its gradient is GRPO's advantage with R - tau*log(pi/pi_ref) for R; "
+            "the weights carry no gradient, so the optimum pi* is unchanged. 'none': no weights.",
+            "choices": GROUP_SCALES,
         },
     )
     guo_coefficient: float = field(
@@ -553,6 +563,10 @@ class SoftQConfig(TrainingArguments):
             raise _bad("rollout_length", f"must be >= 1 or null, got {self.rollout_length!r}")
         if self.reduction not in TRAIN_REDUCTIONS:
             raise choice_error("reduction", self.reduction, TRAIN_REDUCTIONS)
+        if self.group_scale not in GROUP_SCALES:
+            raise choice_error("group_scale", self.group_scale, GROUP_SCALES)
+        if self.group_scale != "none" and self.loss_type != "group_pcl":
+            raise _bad("group_scale", f"applies to loss_type 'group_pcl' only, not '{self.loss_type}'")
         if not 0 <= self.guo_coefficient <= 1:
             raise _bad("guo_coefficient", f"must be in [0, 1], got {self.guo_coefficient!r}")
         needs_head = LOSS_SPECS[self.loss_type].needs_value_head

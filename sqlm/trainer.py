@@ -362,6 +362,7 @@ class SoftQTrainer(Trainer):
             ref_log_pi=ref_log_pi,
             reduction="none",
             group=inputs.get("group_ids"),
+            group_scale=args.group_scale,
         )
         loss = self._reduce(per_step, mask, num_items_in_batch)
         if mode == "train":  # a non-finite loss: name its first non-finite input

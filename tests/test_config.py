@@ -233,3 +233,14 @@ def test_loss_type_auto_is_group_pcl_when_the_policy_samples_groups():
     assert loss(mode="online") == loss(mode="mixed") == "group_pcl"
     assert loss(mode="online", num_generations=1, per_device_train_batch_size=1) == "unified_pcl"
     assert loss(mode="online", loss_type="soft_q") == "soft_q"
+
+
+def test_group_scale_is_a_choice_of_group_pcl_only():
+    from sqlm.errors import SqlmError
+
+    kw = dict(output_dir="/tmp/x", use_cpu=True, mode="online", num_generations=2)
+    assert SoftQConfig(**kw, group_scale="group").loss_type == "group_pcl"  # auto online: group_pcl
+    with pytest.raises(SqlmError, match="key 'group_scale' applies to loss_type 'group_pcl' only, not 'unified_pcl'"):
+        SoftQConfig(**kw, loss_type="unified_pcl", group_scale="batch")
+    with pytest.raises(SqlmError, match="group_scale"):
+        SoftQConfig(**kw, group_scale="rank")
