@@ -13,7 +13,7 @@ from sqlm.commands.pipeline import PipelineArguments, main, run_pipeline
 from sqlm.errors import SqlmError
 from sqlm.evaluation.sweep import METHODS, run_argv
 from sqlm.evaluation.sweep_report import mean_pm_se
-from sqlm.evaluation.tasks import ArithmeticTask, SentimentTask, TaskData
+from sqlm.evaluation.tasks import ArithmeticTask, ChatArithmeticTask, SentimentTask, TaskData
 
 
 def _table(md: str, header: str) -> dict[tuple[str, str], list[str]]:
@@ -94,7 +94,7 @@ def _flags(argv: list[str]) -> dict[str, str]:
     return {argv[i][2:]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("--")}
 
 
-@pytest.mark.parametrize("task", [SentimentTask(), ArithmeticTask()], ids=lambda t: t.name)
+@pytest.mark.parametrize("task", [SentimentTask(), ArithmeticTask(), ChatArithmeticTask()], ids=lambda t: t.name)
 def test_every_method_of_a_regime_gets_the_same_budget(task, tmp_path):
     """Like for like: the online methods share prompts, generations, completions per step, length,
     temperature, steps, learning rate, seed and reward; mixed sqlm rolls out as many completions per
@@ -283,3 +283,7 @@ def test_pipeline_recipes_parse():
     (args,) = parse_recipe((PipelineArguments,), str(root / "config_full.yaml"), [])
     cfg = args.sweep_config()
     assert cfg.full and cfg.bases == [0, 1] and cfg.seeds == [0, 1, 2]
+    (args,) = parse_recipe((PipelineArguments,), str(root / "config_real.yaml"), [])
+    cfg = args.sweep_config()
+    assert args.tasks == ["chat_arithmetic"] and cfg.seeds == [0, 1, 2] and cfg.curve == 4
+    assert cfg.records == Path("scripts/results/real/runs") and set(cfg.methods) == set(METHODS)

@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     """The sqlm online policy after 2 steps (merged), shared by the generate test."""
     out = tmp_path_factory.mktemp("sqlm-online")
     _cli(
-        "train", RECIPES / "sqlm" / "config.yaml", *SHORT, "--output_dir", out,
+        "train", RECIPES / "sqlm" / "config_online.yaml", *SHORT, "--output_dir", out, "--merge_adapter", "true",
         "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "8",
     )  # fmt: skip
     return out
@@ -186,3 +186,36 @@ def test_target_adapter_and_value_head_train_on_tied_embeddings(tmp_path, loss_t
     assert any("lora_B" in n for n in moved)
     if loss_type == "pcl":
         assert any("value_head" in n for n in moved)
+
+
+def test_the_real_model_comparison_runs_reduced_and_resumes_from_its_records(tmp_path):
+    """``sqlm pipeline recipes/pipeline/config_real.yaml`` in the CI setting: every method on SmolLM2 chat
+    arithmetic through its own recipe (2 steps, 4 held-out and 4 hard prompts), a learning curve of one
+    checkpoint and the end per run, each finished run kept in ``records``; a second invocation with an
+    empty cache trains nothing (only the behavioural canaries run) and reads every run back."""
+    from sqlm.commands.pipeline import PipelineArguments, run_command
+    from sqlm.evaluation.sweep import METHODS, run_sweep
+    from sqlm.evaluation.tasks import ChatArithmeticTask
+
+    records = tmp_path / "records"
+    calls: list[list[str]] = []
+
+    def runner(command, argv):
+        calls.append(argv)
+        run_command(command, argv)
+
+    args = PipelineArguments(tasks=["chat_arithmetic"], reduced=True, curve=1, records=str(records), progress=False)
+    task = ChatArithmeticTask(reduced=True)
+    res = run_sweep(task, args.sweep_config(), tmp_path / "cache", tmp_path / "out", runner)
+    assert not res["failed"] and {r["method"] for r in res["runs"]} == set(METHODS)
+    for r in res["runs"]:
+        assert [p["optimizer_steps"] for p in r["curve"]] == [1, 2], r["method"]
+        assert {"score", "kl", "greedy", "eos", "length", "hard_score"} <= set(r["curve"][-1])
+        assert 0.0 <= r["eval"]["eos"] <= 1.0 and r["eval"]["kl"] >= -1e-6
+    assert len(list((records / "chat_arithmetic").glob("*.json"))) == len(METHODS)
+    calls.clear()
+    again = run_sweep(task, args.sweep_config(), tmp_path / "cache2", tmp_path / "out2", runner)
+    assert all("sqlm-canary-" in " ".join(a) for a in calls), "a finished run was trained again"
+    assert sorted(json.dumps(r["eval"]["score"]) for r in again["runs"]) == sorted(
+        json.dumps(r["eval"]["score"]) for r in res["runs"]
+    )

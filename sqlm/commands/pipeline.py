@@ -52,7 +52,9 @@ class PipelineArguments:
     )
     tasks: list[str] = field(
         default_factory=lambda: ["sentiment", "arithmetic"],
-        metadata={"help": "Gold tasks to run: sentiment, arithmetic."},
+        metadata={
+            "help": "Gold tasks to run: sentiment, arithmetic (tiny LMs sqlm pretrains; the default), chat_arithmetic (SmolLM2-135M-Instruct with LoRA)."
+        },
     )
     methods: list[str] | None = field(
         default=None,
@@ -90,6 +92,20 @@ class PipelineArguments:
         default=None, metadata={"help": "Held-out prompts per base LM (default 128; with full every prepared one)."}
     )
     eval_samples: int = field(default=1, metadata={"help": "Temperature-1 samples per held-out prompt and model."})
+    curve: int = field(
+        default=0,
+        metadata={
+            "help": "Also evaluate every run at this many evenly spaced checkpoints before its end: its learning "
+            "curve and more points of its reward-KL path (0: none)."
+        },
+    )
+    records: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder (e.g. under version control) that also keeps every finished run's result as "
+            "<task>/<run>.json, read before the cache: a sweep resumes from it on another machine."
+        },
+    )
     n_boot: int = field(default=1000, metadata={"help": "Bootstrap replicates of every verdict."})
     keep_models: bool = field(default=False, metadata={"help": "Keep every run's weights in the cache."})
     oracle: bool = field(default=True, metadata={"help": "Add the exact-oracle comparison to the report."})
@@ -138,6 +154,8 @@ class PipelineArguments:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise SqlmError(f"key '{key}' must be >= 1, got {v}")
+        if self.curve < 0:
+            raise SqlmError(f"key 'curve' must be >= 0, got {self.curve}")
         if self.eval_samples < 1:
             raise SqlmError(f"key 'eval_samples' must be >= 1, got {self.eval_samples}")
 
@@ -155,6 +173,8 @@ class PipelineArguments:
             n_eval=self.n_eval if self.n_eval is not None else (None if full or self.reduced else 128),
             eval_samples=self.eval_samples,
             mid_eval=full,
+            curve=self.curve,
+            records=Path(self.records) if self.records else None,
             n_boot=100 if self.reduced else self.n_boot,
             keep_models=self.keep_models,
             progress=self.progress,

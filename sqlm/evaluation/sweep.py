@@ -117,6 +117,8 @@ class SweepConfig:
     n_eval: int | None = None  # held-out prompts per base LM (None: all the task prepared)
     eval_samples: int = 1  # temperature-1 samples per prompt
     mid_eval: bool = False  # also evaluate online runs half-way (efficiency plot)
+    curve: int = 0  # also evaluate every run at this many evenly spaced checkpoints before its end (0: none)
+    records: Path | None = None  # also keep each finished run's result here (<task>/<run>.json), read first
     n_boot: int = 1000
     keep_models: bool = False  # keep each run's weights (default: logs and results only)
     progress: bool = True
@@ -162,9 +164,10 @@ Runner = Callable[[str, list[str]], None]
 
 
 def run_argv(task: Task, method: Method, data: TaskData, knob: float, seed: int, steps: int, out: Path,
-             mid: bool) -> list[str]:  # fmt: skip
+             mid: bool, save_every: int = 0) -> list[str]:  # fmt: skip
     """The argv of one run's command (``main(argv)``): the paired recipe, the base LM, the budget of
-    the method's regime, the knob, the seed and the reward."""
+    the method's regime, the knob, the seed and the reward; checkpoints half-way (``mid``, online) or
+    every ``save_every`` steps."""
     b = task.budget()
     recipe = task.recipes / method.recipe
     if not recipe.is_file():
@@ -185,7 +188,9 @@ def run_argv(task: Task, method: Method, data: TaskData, knob: float, seed: int,
     else:
         argv += ["--dataset_name", str(data.pairs_file), "--learning_rate", str(b.offline_lr),
                  "--per_device_train_batch_size", str(b.pairs_per_batch)]  # fmt: skip
-    if not mid:
+    if save_every:
+        argv += ["--save_strategy", "steps", "--save_steps", str(save_every)]
+    elif not mid:
         argv += ["--save_strategy", "no"]
     if method.command != "dpo":
         argv += data.reward_argv
@@ -242,21 +247,26 @@ def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
             ref, tokenizer, prompts: list[str], runner: Runner) -> dict:  # fmt: skip
     """Train (or read from the cache) and evaluate one run; a failed run is returned with ``failed``."""
     steps = cfg.steps or task.budget().steps
-    mid = cfg.mid_eval and method.regime != "offline"
+    mid = cfg.mid_eval and method.regime != "offline" and not cfg.curve
+    save_every = max(1, steps // (cfg.curve + 1)) if cfg.curve else 0
     extra = _extra(data, cfg)
     key = dict(method=[method.command, method.regime, method.recipe, method.knob, list(method.extra)], knob=knob,
                task=task.name, budget=vars(task.budget()), steps=steps, base=data.base.name,
                data=[data.prompts_file.parent.name, data.pairs_file.name], reward=data.reward_argv, seed=seed,
                n_eval=len(prompts), samples=cfg.eval_samples, mid=mid, extra={k: len(v) for k, v in extra.items()},
                recipe=(task.recipes / method.recipe).read_text(), code=training_key(task, method, runner))  # fmt: skip
+    if cfg.curve:  # only then, so that the keys of runs without a curve stay what they were
+        key["curve"] = cfg.curve
     folder = root / f"{method.name}-{knob:g}-b{data.base_seed}-s{seed}-{fingerprint(key)}"
     done = folder / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    record = cfg.records / task.name / f"{folder.name}.json" if cfg.records else None
+    for path in (record, done):
+        if path is not None and path.is_file():
+            return json.loads(path.read_text())
     if folder.exists():
         shutil.rmtree(folder)
     out = folder / "model"
-    argv = run_argv(task, method, data, knob, seed, steps, out, mid)
+    argv = run_argv(task, method, data, knob, seed, steps, out, mid, save_every)
     head = {"method": method.name, "knob_name": method.knob, "knob": knob, "base": data.base_seed, "seed": seed}
     started = time.time()
     try:
@@ -286,6 +296,9 @@ def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
         ev = evaluate_folder(task, c, ref, tokenizer, prompts, eval_seed, cfg.eval_samples)
         result["mid"] = {"optimizer_steps": int(c.name.split("-")[1]), "score": ev["score"], "kl": ev["kl"],
                          "generated_completions": round(frac * stats["generated_completions"])}  # fmt: skip
+    if cfg.curve:
+        result["curve"] = checkpoint_curve(task, checkpoints, stats, result["eval"], ref, tokenizer, prompts,
+                                           eval_seed, cfg.eval_samples, extra)  # fmt: skip
     result["eval_time_s"] = round(time.time() - t, 2)
     result["argv"] = argv
     for c in out.glob("checkpoint-*"):
@@ -294,10 +307,34 @@ def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
         for f in out.glob("*.safetensors"):
             f.unlink()
     done.write_text(json.dumps(result))
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(record)
     e = result["eval"]
     log(f"{task.name} {method.name} {method.knob}={knob:g} base {data.base_seed} seed {seed}: {task.metric} "
          f"{e['score']:.3f}, KL {e['kl']:.2f} ({train_s:.0f}s training, {result['eval_time_s']:.0f}s eval)")  # fmt: skip
     return result
+
+
+CURVE_KEYS = ("score", "kl", "greedy", "length", "eos", "hard_score", "hard_greedy", "long_score", "long_greedy")
+
+
+def checkpoint_curve(task: Task, checkpoints: list[Path], stats: dict, final: dict, ref, tokenizer,
+                     prompts: list, seed: int, samples: int, extra: dict) -> list[dict]:  # fmt: skip
+    """A run's learning curve: the evaluation of each checkpoint and of the final model (``final``), with
+    the optimizer steps, generated completions and training seconds up to it (the run's clock times the
+    share of its steps: its steps cost about the same)."""
+    total = max(stats["optimizer_steps"], 1)
+    points = []
+    for path, ev in [*((c, None) for c in checkpoints), (None, final)]:
+        n = int(path.name.split("-")[1]) if path is not None else stats["optimizer_steps"]
+        ev = ev or evaluate_folder(task, path, ref, tokenizer, prompts, seed, samples, extra)
+        points.append({"optimizer_steps": n, "generated_completions": round(n / total * stats["generated_completions"]),
+                       "train_seconds": round(n / total * stats["wall_time_s"], 1),
+                       **{k: ev[k] for k in CURVE_KEYS if k in ev}})  # fmt: skip
+    return points
 
 
 # ----------------------------------------------------------------------------- the sweep

