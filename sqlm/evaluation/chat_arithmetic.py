@@ -326,7 +326,7 @@ def write_datasets(
 # ----------------------------------------------------------------------------- sampling a model
 
 
-def sample_texts(
+def sample_replies(
     model,
     tokenizer,
     prompts: Sequence[list[dict]],
@@ -335,11 +335,13 @@ def sample_texts(
     max_new_tokens: int = 16,
     batch_size: int = 64,
     seed: int = 0,
-) -> list[str]:
+) -> tuple[list[list[int]], list[list[int]], list[str]]:
     """One reply per conversational prompt, rendered by the tokenizer's chat template as training
-    renders it (:func:`sqlm.data.tokenize_prompt`), decoded without special tokens. Batched with left
-    padding and a KV cache (:func:`sqlm.evaluation.sampling.sample_completions`); ``temperature`` 0 is
-    greedy, else pure sampling from ``softmax(z / T)`` (no top-k / top-p) with a seeded CPU generator."""
+    renders it (:func:`sqlm.data.tokenize_prompt`): ``(prompt ids, completion ids, texts)``, each
+    completion ending at (and with) its EOS or cut at ``max_new_tokens``, each text decoded without
+    special tokens. Batched with left padding and a KV cache
+    (:func:`sqlm.evaluation.sampling.sample_completions`); ``temperature`` 0 is greedy, else pure
+    sampling from ``softmax(z / T)`` (no top-k / top-p) with a seeded CPU generator."""
     from ..data.tokenization import tokenize_prompt
     from .sampling import sample_completions
 
@@ -356,7 +358,12 @@ def sample_texts(
         temperature=temperature,
         progress=False,
     )
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in completions]
+    return ids, completions, [tokenizer.decode(row, skip_special_tokens=True) for row in completions]
+
+
+def sample_texts(model, tokenizer, prompts: Sequence[list[dict]], **kwargs) -> list[str]:
+    """The texts of :func:`sample_replies` (``kwargs`` are its options)."""
+    return sample_replies(model, tokenizer, prompts, **kwargs)[2]
 
 
 def accuracy(model, tokenizer, rows: Sequence[dict], **kwargs) -> dict[str, Any]:

@@ -407,16 +407,11 @@ class ChatArithmeticTask(Task):
 
 
 def _chat_replies(model, tokenizer, rows: list[dict], new: int, seed: int, temperature: float):
-    """``(prompt ids, completion ids, texts)`` of one reply to each conversational row (KV-cached sampling
-    as ``sqlm.evaluation.chat_arithmetic.sample_texts`` does; ``temperature`` 0 is greedy)."""
-    from ..data.tokenization import tokenize_prompt
-    from .sampling import sample_completions
+    """:func:`sqlm.evaluation.chat_arithmetic.sample_replies` of the rows' prompts."""
+    from .chat_arithmetic import sample_replies
 
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids = [tokenize_prompt({"prompt": list(r["prompt"])}, tokenizer)["prompt_ids"] for r in rows]
-    done = sample_completions(model, ids, max_new_tokens=new, eos_token_id=eos, pad_token_id=eos if pad is None else pad,
-                              seed=seed, temperature=temperature, progress=False)  # fmt: skip
-    return ids, done, [tokenizer.decode(c, skip_special_tokens=True) for c in done]
+    prompts = [r["prompt"] for r in rows]
+    return sample_replies(model, tokenizer, prompts, temperature=temperature, max_new_tokens=new, seed=seed)
 
 
 def _greedy_accuracy(model, tokenizer, rows: list[dict], new: int, seed: int) -> float:
