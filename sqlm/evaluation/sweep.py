@@ -243,6 +243,19 @@ def _extra(data: TaskData, cfg: SweepConfig) -> dict[str, list[str]]:
     return {name: ps[: cfg.n_eval] if cfg.n_eval else ps for name, ps in data.extra_eval.items()}
 
 
+def run_key(task: Task, method: Method, knob: float, data: TaskData, seed: int, cfg: SweepConfig, steps: int,
+            mid: bool, n_eval: int, extra: dict, runner: Runner) -> dict:  # fmt: skip
+    """Everything a run's result depends on (its cache key; see the module docstring)."""
+    key = dict(method=[method.command, method.regime, method.recipe, method.knob, list(method.extra)], knob=knob,
+               task=task.name, budget=vars(task.budget()), steps=steps, base=data.base.name,
+               data=[data.prompts_file.parent.name, data.pairs_file.name], reward=data.reward_argv, seed=seed,
+               n_eval=n_eval, samples=cfg.eval_samples, mid=mid, extra={k: len(v) for k, v in extra.items()},
+               recipe=(task.recipes / method.recipe).read_text(), code=training_key(task, method, runner))  # fmt: skip
+    if cfg.curve:  # only then, so that the keys of runs without a curve stay what they were
+        key["curve"] = cfg.curve
+    return key
+
+
 def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, cfg: SweepConfig, root: Path,
             ref, tokenizer, prompts: list[str], runner: Runner) -> dict:  # fmt: skip
     """Train (or read from the cache) and evaluate one run; a failed run is returned with ``failed``."""
@@ -250,13 +263,7 @@ def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
     mid = cfg.mid_eval and method.regime != "offline" and not cfg.curve
     save_every = max(1, steps // (cfg.curve + 1)) if cfg.curve else 0
     extra = _extra(data, cfg)
-    key = dict(method=[method.command, method.regime, method.recipe, method.knob, list(method.extra)], knob=knob,
-               task=task.name, budget=vars(task.budget()), steps=steps, base=data.base.name,
-               data=[data.prompts_file.parent.name, data.pairs_file.name], reward=data.reward_argv, seed=seed,
-               n_eval=len(prompts), samples=cfg.eval_samples, mid=mid, extra={k: len(v) for k, v in extra.items()},
-               recipe=(task.recipes / method.recipe).read_text(), code=training_key(task, method, runner))  # fmt: skip
-    if cfg.curve:  # only then, so that the keys of runs without a curve stay what they were
-        key["curve"] = cfg.curve
+    key = run_key(task, method, knob, data, seed, cfg, steps, mid, len(prompts), extra, runner)
     folder = root / f"{method.name}-{knob:g}-b{data.base_seed}-s{seed}-{fingerprint(key)}"
     done = folder / "result.json"
     record = cfg.records / task.name / f"{folder.name}.json" if cfg.records else None
@@ -301,9 +308,19 @@ def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
                                            eval_seed, cfg.eval_samples, extra)  # fmt: skip
     result["eval_time_s"] = round(time.time() - t, 2)
     result["argv"] = argv
+    _finish(out, done, record, result, cfg.keep_models)
+    e = result["eval"]
+    log(f"{task.name} {method.name} {method.knob}={knob:g} base {data.base_seed} seed {seed}: {task.metric} "
+         f"{e['score']:.3f}, KL {e['kl']:.2f} ({train_s:.0f}s training, {result['eval_time_s']:.0f}s eval)")  # fmt: skip
+    return result
+
+
+def _finish(out: Path, done: Path, record: Path | None, result: dict, keep_models: bool) -> None:
+    """Drop a finished run's checkpoints (and weights unless kept), write its result to the cache and,
+    atomically, to its record."""
     for c in out.glob("checkpoint-*"):
         shutil.rmtree(c)
-    if not cfg.keep_models:
+    if not keep_models:
         for f in out.glob("*.safetensors"):
             f.unlink()
     done.write_text(json.dumps(result))
@@ -312,10 +329,6 @@ def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
         tmp = record.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(record)
-    e = result["eval"]
-    log(f"{task.name} {method.name} {method.knob}={knob:g} base {data.base_seed} seed {seed}: {task.metric} "
-         f"{e['score']:.3f}, KL {e['kl']:.2f} ({train_s:.0f}s training, {result['eval_time_s']:.0f}s eval)")  # fmt: skip
-    return result
 
 
 CURVE_KEYS = ("score", "kl", "greedy", "length", "eos", "hard_score", "hard_greedy", "long_score", "long_greedy")
