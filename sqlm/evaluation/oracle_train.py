@@ -40,6 +40,102 @@ def _hidden_size(model) -> int:
     return int(getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size)
 
 
+def _trainables(model, spec, value_head, device):
+    """The parameters to optimise, the value head (zero-initialised when needed and not given) and the target copy."""
+    params = list(model.parameters())
+    if spec.needs_value_head:
+        if value_head is None:
+            value_head = torch.nn.Linear(_hidden_size(model), 1).to(device)
+            torch.nn.init.zeros_(value_head.weight)
+            torch.nn.init.zeros_(value_head.bias)
+        params += list(value_head.parameters())
+    target = None
+    if spec.needs_target:
+        target = copy.deepcopy(model)
+        target.requires_grad_(False)
+    return params, value_head, target
+
+
+def _optimizer(params, lr: float, final_lr: float | None, steps: int):
+    """Adam with a learning rate decaying linearly from ``lr`` to ``final_lr`` (default ``lr / 10``)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    final_lr = lr / 10 if final_lr is None else final_lr
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 1.0 + (final_lr / lr - 1.0) * min(i / max(steps - 1, 1), 1.0)
+    )
+    return opt, sched
+
+
+def _progress_bar(progress: bool, steps: int, loss_type: str, on_policy: bool):
+    """A tqdm bar over the steps, or None without ``progress``."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=steps, desc=f"{loss_type} ({'on' if on_policy else 'off'}-policy)", leave=False, mininterval=0.5
+        )
+    return bar
+
+
+def _paths_loss(
+    model, mdp, spec, tokens, device, value_head, target, *, coefficient, d, reduction, group_scale
+) -> torch.Tensor:
+    """The loss ``spec`` on the sampled paths ``tokens``, with its value head and target network as it needs."""
+    tau, gamma = mdp.tau, mdp.gamma
+    rewards, ref, mask = mdp.step_rewards(tokens)
+    rewards, mask = rewards.to(device), mask.to(device)
+    ref = None if ref is None else ref.to(device)
+    _, cols, _ = mdp.path_indices(tokens)
+    cols = cols.to(device)
+    value = target_v = target_log_pi = None
+    if spec.needs_value_head:
+        logits, hidden = restricted_logits(model, mdp, tokens, output_hidden_states=True)
+        value = value_head(hidden.float()).squeeze(-1)
+    else:
+        logits = restricted_logits(model, mdp, tokens)
+    so = soft_outputs(logits, cols, tau)
+    if target is not None:
+        with torch.no_grad():
+            target_so = soft_outputs(restricted_logits(target, mdp, tokens), cols, tau)
+        target_v, target_log_pi = target_so.v, target_so.log_pi
+    loss, _ = spec(
+        so,
+        rewards,
+        mask,
+        value=value,
+        target_v=target_v,
+        target_log_pi=target_log_pi,
+        coefficient=coefficient,
+        d=d,
+        tau=tau,
+        gamma=gamma,
+        ref_log_pi=ref,
+        reduction=reduction,
+        group=torch.zeros(len(tokens), dtype=torch.long, device=device),  # every path starts at the root
+        group_scale=group_scale,
+    )
+    return loss
+
+
+def _record_kl(result: TrainResult, step: int, mdp, tables, solution: OracleSolution, bar) -> None:
+    """Append the exact ``KL(pi_theta || pi*)`` at ``step`` to ``result.curve`` (and show it on the bar)."""
+    kl = float(sequence_kl(mdp, tables, solution.log_pi))
+    result.curve.append((step, kl))
+    if bar is not None:
+        bar.set_postfix(kl=f"{kl:.4f}")
+
+
+def _update(opt, sched, loss: torch.Tensor, model, target, target_rate: float) -> None:
+    """One optimizer and scheduler step on ``loss``, then the Polyak update of the target network (if any)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    if target is not None:
+        polyak_update(model, target, target_rate)
+
+
 def train_towards_oracle(
     model,
     solution: OracleSolution,
@@ -75,84 +171,25 @@ def train_towards_oracle(
     """
     spec = loss_spec(loss_type)
     mdp = solution.mdp
-    tau, gamma = mdp.tau, mdp.gamma
     gen = torch.Generator().manual_seed(seed)
     device = _model_device(model)
-    params = list(model.parameters())
-    if spec.needs_value_head:
-        if value_head is None:
-            value_head = torch.nn.Linear(_hidden_size(model), 1).to(device)
-            torch.nn.init.zeros_(value_head.weight)
-            torch.nn.init.zeros_(value_head.bias)
-        params += list(value_head.parameters())
-    target = None
-    if spec.needs_target:
-        target = copy.deepcopy(model)
-        target.requires_grad_(False)
-    opt = torch.optim.Adam(params, lr=lr)
-    final_lr = lr / 10 if final_lr is None else final_lr
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 1.0 + (final_lr / lr - 1.0) * min(i / max(steps - 1, 1), 1.0)
-    )
+    params, value_head, target = _trainables(model, spec, value_head, device)
+    opt, sched = _optimizer(params, lr, final_lr, steps)
     behaviour = None if on_policy else mdp.behaviour_log_probs()
     result = TrainResult(curve=[], value_head=value_head, target=target)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=steps, desc=f"{loss_type} ({'on' if on_policy else 'off'}-policy)", leave=False, mininterval=0.5
-        )
+    bar = _progress_bar(progress, steps, loss_type, on_policy)
     for step in range(steps + 1):
         need_eval = step % eval_every == 0 or step == steps
         tables = policy_log_probs(model, mdp) if (on_policy or need_eval) else None
         if need_eval:
-            kl = float(sequence_kl(mdp, tables, solution.log_pi))
-            result.curve.append((step, kl))
-            if bar is not None:
-                bar.set_postfix(kl=f"{kl:.4f}")
+            _record_kl(result, step, mdp, tables, solution, bar)
         if step == steps:
             break
         tokens, _ = sample_paths(mdp, tables if on_policy else behaviour, batch_size, gen)
-        rewards, ref, mask = mdp.step_rewards(tokens)
-        rewards, mask = rewards.to(device), mask.to(device)
-        ref = None if ref is None else ref.to(device)
-        _, cols, _ = mdp.path_indices(tokens)
-        cols = cols.to(device)
-        value = target_v = target_log_pi = None
-        if spec.needs_value_head:
-            logits, hidden = restricted_logits(model, mdp, tokens, output_hidden_states=True)
-            value = value_head(hidden.float()).squeeze(-1)
-        else:
-            logits = restricted_logits(model, mdp, tokens)
-        so = soft_outputs(logits, cols, tau)
-        if target is not None:
-            with torch.no_grad():
-                target_so = soft_outputs(restricted_logits(target, mdp, tokens), cols, tau)
-            target_v, target_log_pi = target_so.v, target_so.log_pi
-        loss, _ = spec(
-            so,
-            rewards,
-            mask,
-            value=value,
-            target_v=target_v,
-            target_log_pi=target_log_pi,
-            coefficient=coefficient,
-            d=d,
-            tau=tau,
-            gamma=gamma,
-            ref_log_pi=ref,
-            reduction=reduction,
-            group=torch.zeros(len(tokens), dtype=torch.long, device=device),  # every path starts at the root
-            group_scale=group_scale,
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if target is not None:
-            polyak_update(model, target, target_rate)
+        loss = _paths_loss(model, mdp, spec, tokens, device, value_head, target,
+                           coefficient=coefficient, d=d, reduction=reduction, group_scale=group_scale)  # fmt: skip
+        _update(opt, sched, loss, model, target, target_rate)
         result.losses.append(loss.item())
         if bar is not None:
             bar.update(1)
