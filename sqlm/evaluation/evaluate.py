@@ -270,6 +270,53 @@ def baseline_for(spec: ModelSpec, specs: list[ModelSpec], method: str) -> ModelS
     return min(cands, key=lambda s: abs(math.log((s.param or 1e-9) / spec.param)) if s.param else 1e9)
 
 
+def _score_spec(spec: ModelSpec, ref_model, tokenizer, prompts: list, decoding, rewarder, kw: dict) -> dict:
+    """:func:`score_model` on ``spec``'s model (the reference's own for ``reference``), decoding at its ``PARAM``."""
+    model = ref_model if spec.method == "reference" else load_policy(spec.path)[0]
+    if model.get_input_embeddings().weight.shape[0] != ref_model.get_input_embeddings().weight.shape[0]:
+        raise SqlmError(f"model '{spec.name}' ({spec.path}) and the reference have different vocabularies")
+    dec = decoding
+    if dec is not None and spec.param is not None:
+        import dataclasses
+
+        dec = dataclasses.replace(dec, tau=spec.param)
+    return score_model(
+        model, ref_model, tokenizer, prompts, desc=f"sampling {spec.name}", decoding=dec, rewarder=rewarder, **kw
+    )
+
+
+def _result_row(
+    spec: ModelSpec,
+    specs: list[ModelSpec],
+    per_sample: dict,
+    prompts: list,
+    samples_per_prompt: int,
+    baseline_method: str,
+) -> dict:
+    """One row of :func:`evaluate_models`: ``spec``'s metrics, its win rate against its baseline and three examples."""
+    from .metrics import win_rate
+
+    row = {"name": spec.name, "method": spec.method, "param": spec.param, "path": spec.path}
+    row.update(summarize(per_sample[spec.name]))
+    if "compute" in per_sample[spec.name]:
+        row.update(decoding=per_sample[spec.name]["label"], compute=per_sample[spec.name]["compute"])
+    base = baseline_for(spec, list(specs), baseline_method)
+    if base is not None:
+        w, wse = win_rate(per_sample[spec.name]["gold"], per_sample[base.name]["gold"])
+        row.update(win_rate=w, win_se=wse, win_vs=base.name)
+    else:
+        row.update(win_rate=None, win_se=None, win_vs=None)
+    row["examples"] = [
+        {
+            "prompt": prompts[i // samples_per_prompt],
+            "completion": per_sample[spec.name]["texts"][i],
+            "gold": per_sample[spec.name]["gold"][i],
+        }
+        for i in range(min(3, len(per_sample[spec.name]["texts"])))
+    ]
+    return row
+
+
 def evaluate_models(
     specs: list[ModelSpec],
     ref_path: str,
@@ -300,8 +347,6 @@ def evaluate_models(
     positions, per prompt and in total). ``rewarder`` serves the ``reward_model`` scorer. ``prompts``
     are texts or conversations; ``columns`` (one value per prompt) go to ``gold`` and ``rewarder``.
     """
-    from .metrics import win_rate
-
     gold = gold or gold_scorer("sentiment")
     ref_model, tokenizer = load_policy(ref_path)
     cache = {} if cache is None else cache
@@ -317,42 +362,10 @@ def evaluate_models(
         columns=columns,
     )
     for spec in all_specs:
-        if spec.name in cache:
-            per_sample[spec.name] = cache[spec.name]
-            continue
-        model = ref_model if spec.method == "reference" else load_policy(spec.path)[0]
-        if model.get_input_embeddings().weight.shape[0] != ref_model.get_input_embeddings().weight.shape[0]:
-            raise SqlmError(f"model '{spec.name}' ({spec.path}) and the reference have different vocabularies")
-        dec = decoding
-        if dec is not None and spec.param is not None:
-            import dataclasses
-
-            dec = dataclasses.replace(dec, tau=spec.param)
-        per_sample[spec.name] = score_model(
-            model, ref_model, tokenizer, prompts, desc=f"sampling {spec.name}", decoding=dec, rewarder=rewarder, **kw
-        )
-        cache[spec.name] = per_sample[spec.name]
-    rows = []
-    for spec in all_specs:
-        row = {"name": spec.name, "method": spec.method, "param": spec.param, "path": spec.path}
-        row.update(summarize(per_sample[spec.name]))
-        if "compute" in per_sample[spec.name]:
-            row.update(decoding=per_sample[spec.name]["label"], compute=per_sample[spec.name]["compute"])
-        base = baseline_for(spec, list(specs), baseline_method)
-        if base is not None:
-            w, wse = win_rate(per_sample[spec.name]["gold"], per_sample[base.name]["gold"])
-            row.update(win_rate=w, win_se=wse, win_vs=base.name)
-        else:
-            row.update(win_rate=None, win_se=None, win_vs=None)
-        row["examples"] = [
-            {
-                "prompt": prompts[i // samples_per_prompt],
-                "completion": per_sample[spec.name]["texts"][i],
-                "gold": per_sample[spec.name]["gold"][i],
-            }
-            for i in range(min(3, len(per_sample[spec.name]["texts"])))
-        ]
-        rows.append(row)
+        if spec.name not in cache:
+            cache[spec.name] = _score_spec(spec, ref_model, tokenizer, prompts, decoding, rewarder, kw)
+        per_sample[spec.name] = cache[spec.name]
+    rows = [_result_row(spec, specs, per_sample, prompts, samples_per_prompt, baseline_method) for spec in all_specs]
     settings = dict(
         ref_model=ref_path,
         num_prompts=len(prompts),
