@@ -65,43 +65,74 @@ def recipe_dataclasses():
     return (GenerateArguments, DecodingArguments)
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = list(argv or [])
-    if wants_help(argv):
-        import dataclasses
+def _print_help() -> None:
+    """``sqlm generate --help``: the usage line, every recipe key with its help and the strategies' docs."""
+    import dataclasses
 
-        from .. import decoding
+    from .. import decoding
 
-        keys = [
-            f"  {f.name:<22} {f.metadata.get('help', '')}" for c in recipe_dataclasses() for f in dataclasses.fields(c)
-        ]
-        print(
-            "usage: sqlm generate RECIPE.yaml [--key value ...]\n\nkeys:\n"
-            + "\n".join(keys)
-            + "\n\n"
-            + (decoding.__doc__ or "")
-        )
-        return 0
-    from ..decoding.api import decode
-    from ..decoding.arguments import check_reference, rewarder_for
-    from ..evaluation.evaluate import gold_scorer, gold_scores, load_prompt_rows, prompt_columns
-    from ..loading import load_policy
-    from ..recipe import parse_recipe
+    keys = [
+        f"  {f.name:<22} {f.metadata.get('help', '')}" for c in recipe_dataclasses() for f in dataclasses.fields(c)
+    ]
+    print(
+        "usage: sqlm generate RECIPE.yaml [--key value ...]\n\nkeys:\n"
+        + "\n".join(keys)
+        + "\n\n"
+        + (decoding.__doc__ or "")
+    )
 
-    recipe, overrides = split_argv(argv)
-    args, dec = parse_recipe(recipe_dataclasses(), recipe, overrides)
+
+def _check_arguments(args: GenerateArguments) -> None:
+    """The keys ``sqlm generate`` cannot run without, and ``num_prompts``'s range."""
     if args.model_name_or_path is None:
         raise SqlmError("set model_name_or_path: the model to decode with")
     if args.prompts_file is None:
         raise SqlmError("set prompts_file: prompts (.json list or .jsonl with 'prompt')")
     if args.num_prompts is not None and args.num_prompts < 1:
         raise SqlmError(f"key 'num_prompts' must be >= 1, got {args.num_prompts}")
-    check_reference(dec, None if args.ref_model is None else args.ref_model)
-    prompts_file = Path(args.prompts_file)
+
+
+def _prompts_path(prompts_file: str, recipe: str | None) -> Path:
+    """``prompts_file`` as given, or beside the recipe when it is relative and not in the current folder."""
+    prompts_file = Path(prompts_file)
     if recipe and not prompts_file.is_absolute() and not prompts_file.is_file():
         beside = Path(recipe).resolve().parent / prompts_file  # a prompts file shipped beside the recipe
         prompts_file = beside if beside.is_file() else prompts_file
+    return prompts_file
+
+
+def _score_gold(gold, rows: list[dict], columns: dict[str, list]) -> float:
+    """Score every row with the gold function (into its ``gold``); returns the mean over the scored rows."""
+    from ..evaluation.evaluate import gold_scores
+
+    golds = gold_scores(
+        gold, [r["completion"] for r in rows], [r["prompt"] for r in rows],
+        completion_ids=[r["completion_ids"] for r in rows],
+        **{k: [v[r["prompt_index"]] for r in rows] for k, v in columns.items()},
+    )  # fmt: skip
+    for r, g in zip(rows, golds):
+        r["gold"] = None if g is None else float(g)
+    vals = [r["gold"] for r in rows if r["gold"] is not None]
+    return sum(vals) / max(len(vals), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(argv or [])
+    if wants_help(argv):
+        _print_help()
+        return 0
+    from ..decoding.api import decode
+    from ..decoding.arguments import check_reference, rewarder_for
+    from ..evaluation.evaluate import gold_scorer, load_prompt_rows, prompt_columns
+    from ..loading import load_policy
+    from ..recipe import parse_recipe
+
+    recipe, overrides = split_argv(argv)
+    args, dec = parse_recipe(recipe_dataclasses(), recipe, overrides)
+    _check_arguments(args)
+    check_reference(dec, None if args.ref_model is None else args.ref_model)
+    prompts_file = _prompts_path(args.prompts_file, recipe)
     rows = load_prompt_rows(str(prompts_file))[: args.num_prompts]
     prompts, columns = [r["prompt"] for r in rows], prompt_columns(rows)
     search = [str(Path(recipe).resolve().parent)] if recipe else []
@@ -119,15 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - t0
     summary = {"label": dec.label(), "wall_time_s": round(wall, 2), **result.compute.as_dict()}
     if gold is not None:
-        golds = gold_scores(
-            gold, [r["completion"] for r in result.rows], [r["prompt"] for r in result.rows],
-            completion_ids=[r["completion_ids"] for r in result.rows],
-            **{k: [v[r["prompt_index"]] for r in result.rows] for k, v in columns.items()},
-        )  # fmt: skip
-        for r, g in zip(result.rows, golds):
-            r["gold"] = None if g is None else float(g)
-        vals = [r["gold"] for r in result.rows if r["gold"] is not None]
-        summary["gold"] = sum(vals) / max(len(vals), 1)
+        summary["gold"] = _score_gold(gold, result.rows, columns)
     path = result.write_jsonl(args.output_file)
     Path(path.with_suffix(".summary.json")).write_text(json.dumps({**summary, "settings": result.settings}, indent=1))
     gold = f", gold {summary['gold']:.3f}" if "gold" in summary else ""
