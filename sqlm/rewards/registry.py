@@ -94,6 +94,44 @@ def _loaded(kind: str, path: str, models: dict, eager: bool = False, dtype="floa
     return models[key]
 
 
+def _reward_model_rewarder(name: str, kwargs: dict, models: dict, load: dict) -> TokenRewarder:
+    """``terminal`` / ``uniform`` / ``abc`` / ``prefix`` (see :func:`build_rewarder`); ``load``: dtype and device."""
+    cls = REWARD_MODEL_REWARDERS[name]
+    rm = kwargs.pop("reward_model", None)
+    if rm is None:
+        raise SqlmError(f"rewarder '{name}' needs reward_model (a path or a loaded model)")
+    if isinstance(rm, str):
+        rm, tok = _loaded("rm", rm, models, eager=cls.needs_attention, **load)
+        kwargs.setdefault("tokenizer", tok)
+    tokenizer = kwargs.pop("tokenizer", None)
+    return cls(rm, tokenizer, **kwargs)
+
+
+def _implicit_rewarder(kwargs: dict, models: dict, load: dict) -> TokenRewarder:
+    """``implicit`` (see :func:`build_rewarder`); ``load``: dtype and device of the models given as paths."""
+    model, ref = kwargs.pop("model", None), kwargs.pop("ref_model", None)
+    if model is None or ref is None:
+        raise SqlmError("rewarder 'implicit' needs model and ref_model (paths or loaded causal LMs)")
+    if isinstance(model, str):
+        model, tok = _loaded("lm", model, models, **load)
+        kwargs.setdefault("tokenizer", tok)
+    if isinstance(ref, str):
+        ref, _ = _loaded("lm", ref, models, **load)
+    tokenizer = kwargs.pop("tokenizer", None)
+    return ImplicitRewarder(model, ref, tokenizer, **kwargs)
+
+
+def _callable_rewarder(kwargs: dict, search_dirs: Sequence[str]) -> TokenRewarder:
+    """``callable`` (see :func:`build_rewarder`): a string ``fn`` is looked up in ``search_dirs`` first."""
+    fn = kwargs.pop("fn", None)
+    if fn is None:
+        raise SqlmError("rewarder 'callable' needs fn (a function or 'module:function')")
+    if isinstance(fn, str):
+        fn = import_callable(fn, search_dirs)
+    kwargs.pop("policy_tokenizer", None)
+    return CallableRewarder(fn, name=kwargs.pop("label", None), **kwargs)
+
+
 def build_rewarder(
     name: str, _models: dict | None = None, _search_dirs: Sequence[str] = (), **kwargs: Any
 ) -> TokenRewarder:
@@ -130,34 +168,11 @@ def build_rewarder(
             return CallableRewarder(BUILTIN_REWARDS[name](**kwargs), name=name)
         load = {"dtype": kwargs.pop("dtype", "float32"), "device": kwargs.pop("device", None)}
         if name in REWARD_MODEL_REWARDERS:
-            cls = REWARD_MODEL_REWARDERS[name]
-            rm = kwargs.pop("reward_model", None)
-            if rm is None:
-                raise SqlmError(f"rewarder '{name}' needs reward_model (a path or a loaded model)")
-            if isinstance(rm, str):
-                rm, tok = _loaded("rm", rm, models, eager=cls.needs_attention, **load)
-                kwargs.setdefault("tokenizer", tok)
-            tokenizer = kwargs.pop("tokenizer", None)
-            return cls(rm, tokenizer, **kwargs)
+            return _reward_model_rewarder(name, kwargs, models, load)
         if name == "implicit":
-            model, ref = kwargs.pop("model", None), kwargs.pop("ref_model", None)
-            if model is None or ref is None:
-                raise SqlmError("rewarder 'implicit' needs model and ref_model (paths or loaded causal LMs)")
-            if isinstance(model, str):
-                model, tok = _loaded("lm", model, models, **load)
-                kwargs.setdefault("tokenizer", tok)
-            if isinstance(ref, str):
-                ref, _ = _loaded("lm", ref, models, **load)
-            tokenizer = kwargs.pop("tokenizer", None)
-            return ImplicitRewarder(model, ref, tokenizer, **kwargs)
+            return _implicit_rewarder(kwargs, models, load)
         if name == "callable":
-            fn = kwargs.pop("fn", None)
-            if fn is None:
-                raise SqlmError("rewarder 'callable' needs fn (a function or 'module:function')")
-            if isinstance(fn, str):
-                fn = import_callable(fn, _search_dirs)
-            kwargs.pop("policy_tokenizer", None)
-            return CallableRewarder(fn, name=kwargs.pop("label", None), **kwargs)
+            return _callable_rewarder(kwargs, _search_dirs)
         components = kwargs.pop("components", None)
         if not components:
             raise SqlmError("rewarder 'weighted' needs components: a list of {name: ..., weight: ...}")
