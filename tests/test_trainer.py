@@ -471,3 +471,22 @@ def test_group_pcl_trains_on_prompt_groups(tmp_path, tokenizer, mode):
     assert torch.isfinite(torch.tensor(out.training_loss)) and out.training_loss > 0
     after = snapshot(trainer.model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_a_step_unwraps_the_policy_once_not_at_every_loss(tmp_path, tokenizer):
+    """accelerate's ``unwrap_model`` reads installed package metadata at every call (about 0.5 ms);
+    compute_loss needs the unwrapped policy for the reference and the target, so it is looked up once per
+    wrapper, not twice a step (a 15% slower step on the small training benchmark)."""
+    trainer = SoftQTrainer(
+        make_model(tokenizer),
+        config(tmp_path, mode="offline", max_steps=6),
+        train_dataset=pref_data(),
+        processing_class=tokenizer,
+        reward_funcs=[good_reward],
+    )
+    calls = []
+    unwrap = trainer.accelerator.unwrap_model
+    trainer.accelerator.unwrap_model = lambda model, *a, **kw: calls.append(1) or unwrap(model, *a, **kw)
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert len(calls) <= 3, f"unwrap_model called {len(calls)} times in 6 steps"
