@@ -235,7 +235,9 @@ def plot(out: Path) -> Path:
         axes[0].plot(steps, mean, marker="o", label=f"{label} ({len(runs)} seeds)")
         axes[1].plot([s * sps for s in steps], mean, marker="o", label=label)
     axes[0].set(xlabel="optimizer step (16 completions each)", ylabel="held-out accuracy at T=1")
-    axes[1].set(xlabel="training seconds (fastest seed's s/step x step, 2 CPU cores)", ylabel="held-out accuracy at T=1")
+    axes[1].set(
+        xlabel="training seconds (fastest seed's s/step x step, 2 CPU cores)", ylabel="held-out accuracy at T=1"
+    )
     axes[0].legend(fontsize=7)
     fig.suptitle("SmolLM2-135M-Instruct chat arithmetic, LoRA r16: sqlm vs TRL GRPO (mean over seeds)")
     fig.tight_layout()
