@@ -59,23 +59,6 @@ def lora():
     return LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
-def scale_group_pcl(scale: str) -> None:
-    """Run ``group_pcl`` with ``scale`` where this checkout's ``SoftQConfig`` has no ``group_scale`` key yet
-    (the experiment that decided whether it becomes one); records are named the same either way."""
-    import dataclasses
-
-    from sqlm import losses
-
-    spec = losses.LOSS_SPECS["group_pcl"]
-    fn = spec.fn
-
-    def scaled(*a, scale_=scale, **kw):
-        kw["scale"] = scale_
-        return fn(*a, **kw)
-
-    losses.LOSS_SPECS["group_pcl"] = dataclasses.replace(spec, fn=scaled)
-
-
 def make_trainer(args, model_path: str, out_dir: str, train):
     from sqlm.evaluation.chat_arithmetic import reward
 
@@ -103,15 +86,10 @@ def make_trainer(args, model_path: str, out_dir: str, train):
         }[args.method]
         config = cls_cfg(**common, **gen, gradient_checkpointing=False, **args.overrides)
         return cls(model=model_path, reward_funcs=[reward], args=config, train_dataset=train, peft_config=lora())
-    import dataclasses
-
     from sqlm.config import SoftQConfig
     from sqlm.trainer import SoftQTrainer
 
-    overrides = dict(args.overrides)
-    if "group_scale" in overrides and "group_scale" not in {f.name for f in dataclasses.fields(SoftQConfig)}:
-        scale_group_pcl(overrides.pop("group_scale"))
-    config = SoftQConfig(**common, **gen, mode="online", max_length=128, **overrides)
+    config = SoftQConfig(**common, **gen, mode="online", max_length=128, **args.overrides)
     return SoftQTrainer(model_path, config, train_dataset=train, reward_funcs=[reward], peft_config=lora())
 
 
