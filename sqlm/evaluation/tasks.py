@@ -378,10 +378,11 @@ class ChatArithmeticTask(Task):
         exact sequence KL to ``ref`` on the policy's own replies, length in tokens, the share ending with
         EOS (``eos``) and distinct-n; one greedy reply each (``greedy``); on each ``extra`` split (``hard``)
         accuracy at temperature 1 and greedy."""
-        from .chat_arithmetic import check
+        from .chat_arithmetic import accuracy, check
         from .metrics import distinct_n
         from .sampling import exact_sequence_kl
 
+        kw = dict(max_new_tokens=self.MAX_NEW_TOKENS, seed=seed)
         k = samples_per_prompt
         rows = [r for r in prompts for _ in range(k)]
         ids, done, texts = _chat_replies(model, tokenizer, rows, self.MAX_NEW_TOKENS, seed, temperature=1.0)
@@ -394,15 +395,14 @@ class ChatArithmeticTask(Task):
             "length": sum(len(c) for c in done) / len(done),
             "eos": sum(bool(c) and c[-1] == eos for c in done) / len(done),
             "distinct1": distinct_n(texts, 1), "distinct2": distinct_n(texts, 2),
-            "greedy": _greedy_accuracy(model, tokenizer, prompts, self.MAX_NEW_TOKENS, seed),
+            "greedy": accuracy(model, tokenizer, prompts, temperature=0.0, **kw)["accuracy"],
             "per_prompt_score": _per_prompt(right, k), "per_prompt_kl": _per_prompt(kls, k),
             "examples": texts[:2],
         }  # fmt: skip
         for name, split in (extra or {}).items():
             if split:
-                _, _, replies = _chat_replies(model, tokenizer, split, self.MAX_NEW_TOKENS, seed, temperature=1.0)
-                out[f"{name}_score"] = sum(check(t, r["answer"]) for t, r in zip(replies, split)) / len(split)
-                out[f"{name}_greedy"] = _greedy_accuracy(model, tokenizer, split, self.MAX_NEW_TOKENS, seed)
+                out[f"{name}_score"] = accuracy(model, tokenizer, split, temperature=1.0, **kw)["accuracy"]
+                out[f"{name}_greedy"] = accuracy(model, tokenizer, split, temperature=0.0, **kw)["accuracy"]
         return out
 
 
@@ -412,13 +412,6 @@ def _chat_replies(model, tokenizer, rows: list[dict], new: int, seed: int, tempe
 
     prompts = [r["prompt"] for r in rows]
     return sample_replies(model, tokenizer, prompts, temperature=temperature, max_new_tokens=new, seed=seed)
-
-
-def _greedy_accuracy(model, tokenizer, rows: list[dict], new: int, seed: int) -> float:
-    from .chat_arithmetic import check
-
-    _, _, texts = _chat_replies(model, tokenizer, rows, new, seed, temperature=0.0)
-    return sum(check(t, r["answer"]) for t, r in zip(texts, rows)) / max(len(rows), 1)
 
 
 TASKS = {"sentiment": SentimentTask, "arithmetic": ArithmeticTask, "chat_arithmetic": ChatArithmeticTask}
