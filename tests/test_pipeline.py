@@ -11,7 +11,7 @@ import pytest
 
 from sqlm.commands.pipeline import PipelineArguments, main, run_pipeline
 from sqlm.errors import SqlmError
-from sqlm.evaluation.sweep import METHODS, run_argv
+from sqlm.evaluation.sweep import METHODS, budget_key, run_argv
 from sqlm.evaluation.sweep_report import mean_pm_se
 from sqlm.evaluation.tasks import ArithmeticTask, ChatArithmeticTask, SentimentTask, TaskData
 
@@ -118,6 +118,16 @@ def test_every_method_of_a_regime_gets_the_same_budget(task, tmp_path):
     assert flags["sqlm-online"]["tau"] == flags["grpo"]["beta"] == "0.1"
     for m in METHODS:  # the paired recipe of every method exists for the task
         assert (task.recipes / METHODS[m].recipe).is_file()
+    # one schedule for every method where the task sets one (else each recipe's own)
+    assert {flags[m].get("lr_scheduler_type") for m in METHODS} == {b.lr_scheduler}
+
+
+def test_a_budget_field_left_at_none_stays_out_of_the_run_key():
+    """A task that sets no schedule keeps the run keys it had before ``lr_scheduler`` existed (its cached
+    runs stay valid); one that sets it gets keys that name it."""
+    b = ArithmeticTask().budget()
+    assert b.lr_scheduler is None and budget_key(b) == {k: v for k, v in vars(b).items() if k != "lr_scheduler"}
+    assert budget_key(ChatArithmeticTask().budget())["lr_scheduler"] == "linear"
 
 
 def test_an_attempt_is_its_base_method_with_further_flags(tmp_path):
@@ -285,5 +295,5 @@ def test_pipeline_recipes_parse():
     assert cfg.full and cfg.bases == [0, 1] and cfg.seeds == [0, 1, 2]
     (args,) = parse_recipe((PipelineArguments,), str(root / "config_real.yaml"), [])
     cfg = args.sweep_config()
-    assert args.tasks == ["chat_arithmetic"] and cfg.seeds == [0, 1, 2] and cfg.curve == 4
+    assert args.tasks == ["chat_arithmetic"] and cfg.seeds == [0, 1, 2] and cfg.curve == 3
     assert cfg.records == Path("scripts/results/real/runs") and set(cfg.methods) == set(METHODS)

@@ -67,7 +67,7 @@ from ..errors import SqlmError
 from .canary import CANARY_STEPS, CanaryTask, canary_digest, canary_knob, library_versions
 from .gold import fingerprint
 from .sweep_report import compare_methods, plot_efficiency, plot_frontier, summarize, write_report
-from .tasks import Task, TaskData, log
+from .tasks import Budget, Task, TaskData, log
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,8 @@ def run_argv(task: Task, method: Method, data: TaskData, knob: float, seed: int,
     else:
         argv += ["--dataset_name", str(data.pairs_file), "--learning_rate", str(b.offline_lr),
                  "--per_device_train_batch_size", str(b.pairs_per_batch)]  # fmt: skip
+    if b.lr_scheduler is not None:
+        argv += ["--lr_scheduler_type", b.lr_scheduler]
     if save_every:
         argv += ["--save_strategy", "steps", "--save_steps", str(save_every)]
     elif not mid:
@@ -243,11 +245,17 @@ def _extra(data: TaskData, cfg: SweepConfig) -> dict[str, list[str]]:
     return {name: ps[: cfg.n_eval] if cfg.n_eval else ps for name, ps in data.extra_eval.items()}
 
 
+def budget_key(budget: Budget) -> dict:
+    """The budget's part of a run's key: its fields, less those left at None (so that a field added with
+    a None default keeps the keys of the runs that do not set it)."""
+    return {k: v for k, v in vars(budget).items() if v is not None}
+
+
 def run_key(task: Task, method: Method, knob: float, data: TaskData, seed: int, cfg: SweepConfig, steps: int,
             mid: bool, n_eval: int, extra: dict, runner: Runner) -> dict:  # fmt: skip
     """Everything a run's result depends on (its cache key; see the module docstring)."""
     key = dict(method=[method.command, method.regime, method.recipe, method.knob, list(method.extra)], knob=knob,
-               task=task.name, budget=vars(task.budget()), steps=steps, base=data.base.name,
+               task=task.name, budget=budget_key(task.budget()), steps=steps, base=data.base.name,
                data=[data.prompts_file.parent.name, data.pairs_file.name], reward=data.reward_argv, seed=seed,
                n_eval=n_eval, samples=cfg.eval_samples, mid=mid, extra={k: len(v) for k, v in extra.items()},
                recipe=(task.recipes / method.recipe).read_text(), code=training_key(task, method, runner))  # fmt: skip
@@ -305,7 +313,7 @@ def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
                          "generated_completions": round(frac * stats["generated_completions"])}  # fmt: skip
     if cfg.curve:
         result["curve"] = checkpoint_curve(task, checkpoints, stats, result["eval"], ref, tokenizer, prompts,
-                                           eval_seed, cfg.eval_samples, extra)  # fmt: skip
+                                           eval_seed, cfg.eval_samples)  # fmt: skip
     result["eval_time_s"] = round(time.time() - t, 2)
     result["argv"] = argv
     _finish(out, done, record, result, cfg.keep_models)
@@ -335,15 +343,17 @@ CURVE_KEYS = ("score", "kl", "greedy", "length", "eos", "hard_score", "hard_gree
 
 
 def checkpoint_curve(task: Task, checkpoints: list[Path], stats: dict, final: dict, ref, tokenizer,
-                     prompts: list, seed: int, samples: int, extra: dict) -> list[dict]:  # fmt: skip
+                     prompts: list, seed: int, samples: int) -> list[dict]:  # fmt: skip
     """A run's learning curve: the evaluation of each checkpoint and of the final model (``final``), with
     the optimizer steps, generated completions and training seconds up to it (the run's clock times the
-    share of its steps: its steps cost about the same)."""
+    share of its steps: its steps cost about the same). Checkpoints are evaluated on the held-out split
+    only; the further splits (``hard``, ``long``) are evaluated on the final model alone (they were half of the
+    evaluation time and no curve or verdict reads them)."""
     total = max(stats["optimizer_steps"], 1)
     points = []
     for path, ev in [*((c, None) for c in checkpoints), (None, final)]:
         n = int(path.name.split("-")[1]) if path is not None else stats["optimizer_steps"]
-        ev = ev or evaluate_folder(task, path, ref, tokenizer, prompts, seed, samples, extra)
+        ev = ev or evaluate_folder(task, path, ref, tokenizer, prompts, seed, samples)
         points.append({"optimizer_steps": n, "generated_completions": round(n / total * stats["generated_completions"]),
                        "train_seconds": round(n / total * stats["wall_time_s"], 1),
                        **{k: ev[k] for k in CURVE_KEYS if k in ev}})  # fmt: skip
