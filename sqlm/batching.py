@@ -29,10 +29,18 @@ from .train_metrics import batch_metrics
 class GroupRepeatSampler(torch.utils.data.Sampler):
     """Dataset indices, each repeated ``repeat`` times in a row (TRL GRPO's ``RepeatSampler`` with
     ``mini_repeat_count``): a batch of ``B`` indices holds ``B / num_generations`` prompts. Shuffled
-    per epoch from ``seed + epoch`` (the same order after a resume)."""
+    per epoch from ``seed + epoch`` (the same order after a resume).
 
-    def __init__(self, n: int, repeat: int, shuffle: bool = True, seed: int = 0):
+    With ``repeat_count > 1`` (``num_iterations``: several optimizer steps on one generated batch), the
+    shuffled prompts are taken ``batch_size`` at a time (the prompts of one optimizer step, over every
+    process and accumulated micro-batch) and each chunk is given ``repeat_count`` times in a row, as
+    TRL's ``repeat_count``: the steps that reuse a batch see the prompts it was generated from, and an
+    epoch still visits every prompt (an incomplete last chunk is dropped)."""
+
+    def __init__(self, n: int, repeat: int, shuffle: bool = True, seed: int = 0, batch_size: int = 1,
+                 repeat_count: int = 1):  # fmt: skip
         self.n, self.repeat, self.shuffle, self.seed, self.epoch = n, repeat, shuffle, seed, 0
+        self.batch_size, self.repeat_count = batch_size, repeat_count
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -42,13 +50,22 @@ class GroupRepeatSampler(torch.utils.data.Sampler):
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
-            order = range(self.n)
-        for i in order:
-            for _ in range(self.repeat):
-                yield i
+            order = list(range(self.n))
+        if self.repeat_count == 1:
+            chunks = [order]
+        else:
+            bs = self.batch_size
+            chunks = [order[k : k + bs] for k in range(0, self.n - bs + 1, bs)]
+        for chunk in chunks:
+            for _ in range(self.repeat_count):
+                for i in chunk:
+                    for _ in range(self.repeat):
+                        yield i
 
     def __len__(self) -> int:
-        return self.n * self.repeat
+        if self.repeat_count == 1:
+            return self.n * self.repeat
+        return (self.n // self.batch_size) * self.batch_size * self.repeat * self.repeat_count
 
 
 def prompt_groups(trajectories: list[Trajectory]) -> torch.Tensor:

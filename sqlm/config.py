@@ -267,6 +267,16 @@ class SoftQConfig(TrainingArguments):
             "freshly generated."
         },
     )
+    num_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "Online: optimizer steps on each generated batch (TRL GRPO's num_iterations). The sampler gives "
+            "each step's prompts num_iterations times in a row; the first step generates and scores their "
+            "completions, the next num_iterations - 1 train on the same completions again. The path-consistency "
+            "losses hold for any trajectory, so the reused (now off-policy) samples need no importance weights. "
+            "With num_iterations > 1, resume exactly from checkpoints at multiples of it."
+        },
+    )
     num_generations: int = field(
         default=2,
         metadata={
@@ -625,6 +635,10 @@ class SoftQConfig(TrainingArguments):
             raise _bad("replay_buffer_size", f"must be >= 0, got {self.replay_buffer_size!r}")
         if self.replay_batch_size is not None and self.replay_batch_size < 0:
             raise _bad("replay_batch_size", f"must be >= 0 or null, got {self.replay_batch_size!r}")
+        if self.num_iterations < 1:
+            raise _bad("num_iterations", f"must be >= 1, got {self.num_iterations!r}")
+        if self.num_iterations > 1 and self.mode != "online":
+            raise _bad("num_iterations", f"reuses generated batches: it needs mode 'online', got mode '{self.mode}'")
         if self.temperature <= 0:
             raise _bad("temperature", f"must be > 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:

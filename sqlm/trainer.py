@@ -212,6 +212,7 @@ class SoftQTrainer(Trainer):
         self.pad_token_id = tokenizer.pad_token_id
         self.replay_buffer = ReplayBuffer(self.args.replay_buffer_size, seed=self.args.seed + self.args.process_index)
         self.generated_completions = self.generated_tokens = 0  # generated for training (all rollouts)
+        self._reused: list[dict] | None = None  # num_iterations > 1: the batches of the current cycle
         self._rng_pending: str | None = None  # checkpoint whose RNG state is restored before the next batch
         self.nonfinite = NonFiniteCallback(self)
         self.add_callback(self.nonfinite)
@@ -272,7 +273,10 @@ class SoftQTrainer(Trainer):
         if self.args.mode == "offline":
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return GroupRepeatSampler(len(dataset), self.args.num_generations, shuffle=True, seed=self.args.seed)
+        a = self.args
+        prompts_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+        return GroupRepeatSampler(len(dataset), a.num_generations, shuffle=True, seed=a.seed,
+                                  batch_size=prompts_per_step // a.num_generations, repeat_count=a.num_iterations)  # fmt: skip
 
     def _get_eval_sampler(self, eval_dataset):
         if self.args.mode != "online":  # mixed mode evaluates on the offline completions
@@ -328,13 +332,25 @@ class SoftQTrainer(Trainer):
             # resuming: the checkpoint's RNG state must be in place before rollouts sample from it
             # (the Trainer itself restores it only after this method has run)
             self._load_rng_state(self._rng_pending)
-        batches = [self.build_batch(b["examples"], train=True) for b in raw]
+        batches = self._step_batches(raw)
         if not batches:
             return batches, None
         total = sum(normaliser(b["path_mask"], self.args.reduction) for b in batches).float().to(self.args.device)
         if self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
         return batches, total
+
+    def _step_batches(self, raw: list[dict]) -> list[dict]:
+        """The packed micro-batches of this optimizer step: built from ``raw`` (generating and scoring),
+        or, with ``num_iterations > 1``, the ones built at the step that started this cycle (the sampler
+        gave the same prompts again). A reused batch is no longer the current policy's sample, so it
+        carries no ``on_policy`` mask (its KL estimate would be biased)."""
+        k = self.args.num_iterations
+        if k > 1 and self._reused is not None and self.state.global_step % k != 0:
+            return [{key: v for key, v in b.items() if key != "on_policy"} for b in self._reused]
+        batches = [self.build_batch(b["examples"], train=True) for b in raw]
+        self._reused = [dict(b) for b in batches] if k > 1 else None
+        return batches
 
     # ------------------------------------------------------------------ loss
 

@@ -360,6 +360,65 @@ def test_online_batch_counts_completions(tmp_path, tokenizer, mode):
         assert all(frac == 0.5 for _, _, frac in seen), seen
 
 
+def test_group_sampler_repeats_each_steps_prompts_num_iterations_times():
+    """num_iterations (TRL's repeat_count): the shuffled prompts in chunks of one step's prompts, each chunk
+    given repeat_count times in a row, every prompt num_generations times; an epoch visits every prompt of
+    the whole chunks; repeat_count 1 is the plain per-prompt repeat."""
+    from sqlm.batching import GroupRepeatSampler
+
+    plain = list(GroupRepeatSampler(5, 2, seed=3))
+    order = plain[::2]
+    assert sorted(order) == list(range(5)) and plain == [i for i in order for _ in range(2)]
+    s = GroupRepeatSampler(5, 2, seed=3, batch_size=2, repeat_count=3)
+    got = list(s)
+    assert len(got) == len(s) == 2 * 2 * 2 * 3
+    chunk = [i for i in order[:2] for _ in range(2)]
+    assert got[:12] == chunk * 3  # the first step's prompts, three steps in a row
+    assert got[12:] == [i for i in order[2:4] for _ in range(2)] * 3
+
+
+def test_num_iterations_trains_several_steps_on_one_generated_batch(tmp_path, tokenizer):
+    """num_iterations 2: steps 0, 2, 4 generate and score; steps 1, 3, 5 train on the very same token
+    tensors and rewards (the sampler repeats their prompts), without the on-policy mask, and move the
+    weights; generated_completions counts only what was generated."""
+    args = config(tmp_path, mode="online", per_device_train_batch_size=4, max_steps=6, num_iterations=2)
+    trainer = SoftQTrainer(make_model(tokenizer), args, train_dataset=pref_data(8), processing_class=tokenizer,
+                           reward_funcs=[good_reward])  # fmt: skip
+    steps, built = [], []
+    build, get = trainer.build_batch, trainer.get_batch_samples
+
+    def spy_build(examples, train=True):
+        built.append(trainer.state.global_step)
+        return build(examples, train)
+
+    def spy_get(*a, **kw):
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        batches, n = get(*a, **kw)
+        steps.append((trainer.state.global_step, batches, before))
+        return batches, n
+
+    trainer.build_batch, trainer.get_batch_samples = spy_build, spy_get
+    trainer.train()
+    assert built == [0, 2, 4]
+    assert trainer.generated_completions == 3 * 4
+    for (step, fresh, _), (_, reused, before) in zip(steps[::2], steps[1::2]):
+        assert "on_policy" in fresh[0] and "on_policy" not in reused[0]
+        for key in ("input_ids", "token_rewards", "path_mask"):
+            assert torch.equal(fresh[0][key], reused[0][key]), (step, key)
+        after = [p.detach() for p in trainer.model.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the reuse step trained
+    assert not torch.equal(steps[0][1][0]["input_ids"], steps[2][1][0]["input_ids"])
+
+
+def test_num_iterations_settings_are_checked(tmp_path):
+    from sqlm.errors import SqlmError
+
+    with pytest.raises(SqlmError, match="num_iterations.*>= 1"):
+        config(tmp_path, mode="online", num_iterations=0)
+    with pytest.raises(SqlmError, match="num_iterations.*mode 'online'.*'mixed'"):
+        config(tmp_path, mode="mixed", num_iterations=2)
+
+
 def test_online_batch_must_hold_whole_groups(tmp_path):
     from sqlm.errors import SqlmError
 
