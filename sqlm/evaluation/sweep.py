@@ -339,7 +339,10 @@ def _finish(out: Path, done: Path, record: Path | None, result: dict, keep_model
         tmp.replace(record)
 
 
-CURVE_KEYS = ("score", "kl", "greedy", "length", "eos", "hard_score", "hard_greedy", "long_score", "long_greedy")
+# each curve point keeps the per-prompt scores and KLs too: the verdicts at equal generated completions and at
+# matched KL along the checkpoints bootstrap over them
+CURVE_KEYS = ("score", "kl", "greedy", "length", "eos", "hard_score", "hard_greedy", "long_score", "long_greedy",
+              "per_prompt_score", "per_prompt_kl")  # fmt: skip
 
 
 def checkpoint_curve(task: Task, checkpoints: list[Path], stats: dict, final: dict, ref, tokenizer,
