@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sqlm.evaluation.compare import (
+    bootstrap_difference,
     bootstrap_matched_kl,
     cell_summary,
     matched_kl_difference,
@@ -111,3 +112,18 @@ def test_missing_unit_is_an_error():
     b = _runs({0.1: 0.5, 0.3: 0.45}, {0.1: 1.0, 0.3: 0.5}, UNITS[:3])
     with pytest.raises(ValueError, match="no run for units"):
         bootstrap_matched_kl(a, b, n_boot=10)
+
+
+def test_difference_at_one_point_pairs_units_and_calls_ties():
+    """bootstrap_difference: the mean per-prompt difference of the units both methods have; identical runs
+    tie at exactly 0, a 0.3 shift wins (and its reverse loses), and a unit only one method has is left out."""
+    a = {u: r[0] for u, r in _runs({0: 0.45}, {0: 1.0}, UNITS, seed=1, noise=0.02)[0].items()}
+    b = {u: r[0] for u, r in _runs({0: 0.75}, {0: 1.0}, UNITS, seed=2, noise=0.02)[0].items()}
+    same = bootstrap_difference(a, a, n_boot=200)
+    assert same["diff"] == 0.0 and same["verdict"] == "tie" and same["n_units"] == len(UNITS)
+    out = bootstrap_difference(b, a, n_boot=300)
+    assert out["verdict"] == "win" and 0.2 < out["diff"] < 0.4 and out["ci"][0] > 0
+    assert bootstrap_difference(a, b, n_boot=300)["verdict"] == "loss"
+    extra = {**b, (9, 9): [1.0] * len(a[UNITS[0]])}
+    assert bootstrap_difference(extra, a, n_boot=50)["diff"] == pytest.approx(out["diff"])
+    assert bootstrap_difference({}, a)["verdict"] == "no common runs"

@@ -65,6 +65,7 @@ from pathlib import Path
 
 from ..errors import SqlmError
 from .canary import CANARY_STEPS, CanaryTask, canary_digest, canary_knob, library_versions
+from .curves import curve_lines, curve_table, curve_verdicts, plot_checkpoint_frontier, plot_curves
 from .gold import fingerprint
 from .sweep_report import compare_methods, plot_efficiency, plot_frontier, summarize, write_report
 from .tasks import Budget, Task, TaskData, log
@@ -389,6 +390,14 @@ def prepare_bases(task: Task, cfg: SweepConfig, cache: Path, root: Path, runner:
     return bases, base_results
 
 
+def _slim(r: dict) -> dict:
+    """A run's result without its per-prompt lists (in the records, not in results.json)."""
+    out = {**r, "eval": {k: v for k, v in r["eval"].items() if not k.startswith("per_prompt")}}
+    if "curve" in r:
+        out["curve"] = [{k: v for k, v in p.items() if not k.startswith("per_prompt")} for p in r["curve"]]
+    return out
+
+
 def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: Runner) -> dict:
     """Every run of ``cfg`` on ``task`` (cached; trained by ``runner``), the summary, the verdicts,
     ``report.md``, ``frontier.png``, ``efficiency.png`` and ``results.json`` in ``out_dir``; returns
@@ -421,11 +430,17 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
     verdicts = compare_methods(ok, base_results, methods, cfg.n_boot)
     plot_frontier(table, base_results, task, out_dir / "frontier.png")
     plot_efficiency(table, base_results, task, out_dir / "efficiency.png")
+    curves = curve_table(ok, methods)
+    along = curve_verdicts(ok, base_results, methods, cfg.n_boot) if curves else []
+    if curves:
+        plot_curves(curves, base_results, task, out_dir / "curves.png")
+        plot_checkpoint_frontier(curves, base_results, task, out_dir / "frontier_checkpoints.png")
     wall = time.time() - t0
-    report = write_report(task, cfg, ok, failed, base_results, table, verdicts, out_dir, wall)
-    slim = [{**r, "eval": {k: v for k, v in r["eval"].items() if not k.startswith("per_prompt")}} for r in ok]
+    extra = curve_lines(curves, along, task.metric) if curves else []
+    report = write_report(task, cfg, ok, failed, base_results, table, verdicts, out_dir, wall, extra)
+    slim = [_slim(r) for r in ok]
     res = {"task": task.name, "metric": task.metric, "runs": slim, "failed": failed, "table": list(table.values()),
-           "verdicts": verdicts, "bases": {str(b): {k: v for k, v in r.items() if not k.startswith("per_prompt")}
+           "verdicts": verdicts, "curves": curves, "curve_verdicts": along, "bases": {str(b): {k: v for k, v in r.items() if not k.startswith("per_prompt")}
                                            for b, r in base_results.items()},
            "wall_s": wall, "report": str(report)}  # fmt: skip
     (out_dir / "results.json").write_text(json.dumps(res, indent=1, default=str))

@@ -170,10 +170,10 @@ def verdict_lines(verdicts: list[dict], metric: str) -> list[str]:
 
 
 def write_report(task: Task, cfg, results, failed, base_results, table, verdicts, out_dir: Path,
-                 wall: float) -> Path:  # fmt: skip
+                 wall: float, extra: list[str] | None = None) -> Path:  # fmt: skip
     """``out_dir/report.md``: settings (``cfg``, the :class:`~sqlm.evaluation.sweep.SweepConfig`), base
-    LMs, every method at every knob value, the verdicts, the plots and (kept across reruns) ``notes.md``
-    of the same folder."""
+    LMs, every method at every knob value, the verdicts, the plots, ``extra`` lines and (kept across
+    reruns) ``notes.md`` of the same folder."""
     b = task.budget()
     steps = cfg.steps or b.steps
     units = sorted({(r["base"], r["seed"]) for r in results})
@@ -229,6 +229,7 @@ def write_report(task: Task, cfg, results, failed, base_results, table, verdicts
             for r in failed
         ]
     lines += ["", "![frontier](frontier.png)", "", "![efficiency](efficiency.png)", ""]
+    lines += extra or []  # e.g. the learning curves (sqlm.evaluation.curves.curve_lines)
     notes = out_dir / "notes.md"
     if notes.is_file():
         lines.append(notes.read_text())
