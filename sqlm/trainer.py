@@ -275,6 +275,9 @@ class SoftQTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         a = self.args
         prompts_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+        if a.num_iterations > 1 and len(dataset) < prompts_per_step // a.num_generations:
+            raise SqlmError(f"key 'num_iterations': one step takes {prompts_per_step // a.num_generations} prompts, "
+                            f"the dataset has {len(dataset)}")  # fmt: skip
         return GroupRepeatSampler(len(dataset), a.num_generations, shuffle=True, seed=a.seed,
                                   batch_size=prompts_per_step // a.num_generations, repeat_count=a.num_iterations)  # fmt: skip
 

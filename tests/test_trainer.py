@@ -419,6 +419,16 @@ def test_num_iterations_settings_are_checked(tmp_path):
         config(tmp_path, mode="mixed", num_iterations=2)
 
 
+def test_num_iterations_needs_one_steps_prompts(tmp_path, tokenizer):
+    from sqlm.errors import SqlmError
+
+    args = config(tmp_path, mode="online", per_device_train_batch_size=8, num_iterations=2)
+    trainer = SoftQTrainer(make_model(tokenizer), args, train_dataset=pref_data(3), processing_class=tokenizer,
+                           reward_funcs=[good_reward])  # fmt: skip
+    with pytest.raises(SqlmError, match="num_iterations': one step takes 4 prompts, the dataset has 3"):
+        trainer.train()
+
+
 def test_online_batch_must_hold_whole_groups(tmp_path):
     from sqlm.errors import SqlmError
 
