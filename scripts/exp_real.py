@@ -105,6 +105,7 @@ def run(args) -> dict:
     train = Dataset.from_list(train_rows(args.steps * args.prompts, seed=0))
     held_out = eval_rows(args.eval_n, seed=1)
     curve: list[dict] = []
+    reuse = int(args.overrides.get("num_iterations", 1))
 
     class Eval(TrainerCallback):
         def __init__(self):
@@ -117,7 +118,8 @@ def run(args) -> dict:
                 "step": step,
                 "accuracy": acc["accuracy"],
                 "train_seconds": round(self.train_seconds, 1),
-                "completions": step * args.prompts * args.generations,
+                # generated so far: with num_iterations K, a batch is generated every K steps
+                "completions": -(-step // reuse) * args.prompts * args.generations,
             }
             curve.append(point)
             print(json.dumps(point), flush=True)
@@ -207,12 +209,16 @@ def plot(out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, runs in sorted(by.items()):
         steps = [p["step"] for p in runs[0]["curve"]]
+        completions = [p["completions"] for p in runs[0]["curve"]]
         mean = [sum(r["curve"][i]["accuracy"] for r in runs) / len(runs) for i in range(len(steps))]
         # wall time: the fastest seed's seconds per step (a run that shared the machine with others is slower)
         sps = min(seconds_per_step(r["curve"]) for r in runs)
-        axes[0].plot(steps, mean, marker="o", label=f"{label} ({len(runs)} seeds)")
+        axes[0].plot(completions, mean, marker="o", label=f"{label} ({len(runs)} seeds)")
         axes[1].plot([s * sps for s in steps], mean, marker="o", label=label)
-    axes[0].set(xlabel="optimizer step (16 completions each)", ylabel="held-out accuracy at T=1")
+    axes[0].set(
+        xlabel="generated completions (16 a step; num_iterations K: 16 every K steps)",
+        ylabel="held-out accuracy at T=1",
+    )
     axes[1].set(
         xlabel="training seconds (fastest seed's s/step x step, 2 CPU cores)", ylabel="held-out accuracy at T=1"
     )
