@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the table's budget)")
     p.add_argument("--n", type=int, default=8, help="replies per prompt")
     p.add_argument("--n_eval", type=int, default=128)
+    p.add_argument("--use", action="append", default=[], metavar="METHOD=FOLDER",
+                   help="a model already trained as the table's run (e.g. a `keep_models` run of the real-model "
+                   "sweep, ~/.cache/sqlm/sweeps/chat_arithmetic/<run>/model) instead of training it")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -168,9 +171,11 @@ def main(argv=None) -> int:
     results = {"steps": steps, "n_eval": len(rows), "seed": args.seed, "models": {}, "train_s": {}}
     results["models"]["base"] = measure(ref, ref, tok, rows, args.n, 0.1)
     print(f"base: {results['models']['base']}", flush=True)
+    given = dict(u.split("=", 1) for u in args.use)
+    results["used"] = given
     for method, tau in TRAINED.items():
-        folder = args.models / f"{method}-s{args.seed}-steps{steps}"
-        results["train_s"][method] = train(method, data, steps, args.seed, folder)
+        folder = Path(given[method]) if method in given else args.models / f"{method}-s{args.seed}-steps{steps}"
+        results["train_s"][method] = 0.0 if method in given else train(method, data, steps, args.seed, folder)
         model, _ = load_policy(folder)
         results["models"][method] = measure(model, ref, tok, rows, args.n, tau)
         print(f"{method}: {results['models'][method]}", flush=True)
