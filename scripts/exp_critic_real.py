@@ -124,8 +124,8 @@ def measure(model, ref, tok, rows: list[dict], n: int, tau: float) -> dict:
 
 def report(results: dict, args) -> str:
     rows = [
-        "| model | T=1 sample | greedy | best-of-{n} by implicit reward | best-of-{n} by likelihood "
-        "| AUC implicit | AUC likelihood | AUC V(s_T) | AUC V(s_0) across prompts |".format(n=args.n),
+        f"| model | T=1 sample | greedy | best-of-{args.n} by implicit reward | best-of-{args.n} by likelihood "
+        "| AUC implicit | AUC likelihood | AUC V(s_T) | AUC V(s_0) across prompts |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
