@@ -11,7 +11,7 @@ import pytest
 
 from sqlm.commands.pipeline import PipelineArguments, main, run_pipeline
 from sqlm.errors import SqlmError
-from sqlm.evaluation.sweep import METHODS, budget_key, run_argv
+from sqlm.evaluation.sweep import METHODS, budget_key, fill_placeholders, run_argv
 from sqlm.evaluation.sweep_report import mean_pm_se
 from sqlm.evaluation.tasks import ArithmeticTask, ChatArithmeticTask, SentimentTask, TaskData
 
@@ -153,6 +153,25 @@ def test_an_attempt_is_its_base_method_with_further_flags(tmp_path):
                 {"x": {"base": "grpo", "tasks": ["math"]}}):  # fmt: skip
         with pytest.raises(SqlmError, match="'attempts'"):
             PipelineArguments(attempts=bad)
+
+
+def test_an_attempt_flag_names_any_string_the_task_gives():
+    """``{name}`` in an attempt's flags is the task's ``info[name]`` for every string-valued key;
+    ``{reward_model}`` is as before (the empty string on a task without one); JSON braces are no
+    placeholder; a name the task does not give (or gives as a number) is one error naming it."""
+    info = {"reward_model": "/rm", "implicit_model": "/cache/implicit-1/model", "base_model": "/gguf/base", "pairs": 5}
+    flags = ["--reward_funcs", "implicit", "--reward_kwargs",
+             '{"implicit": {"model": "{implicit_model}", "ref_model": "{base_model}", "beta": 0.1}}',
+             "--note", "{reward_model}:{implicit_model}"]  # fmt: skip
+    got = fill_placeholders(flags, info)
+    assert got[3] == '{"implicit": {"model": "/cache/implicit-1/model", "ref_model": "/gguf/base", "beta": 0.1}}'
+    assert json.loads(got[3])["implicit"]["model"] == info["implicit_model"]
+    assert got[:3] == flags[:3] and got[5] == "/rm:/cache/implicit-1/model"
+    assert fill_placeholders(['{"abc": {"reward_model": "{reward_model}"}}'], {}) == ['{"abc": {"reward_model": ""}}']
+    for bad in ("{nope}", "{pairs}"):
+        with pytest.raises(SqlmError, match=bad[1:-1]) as e:
+            fill_placeholders(["--x", bad], info)
+        assert "{implicit_model}" in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -83,8 +83,8 @@ class PipelineArguments:
         default=None,
         metadata={
             "help": "Variants of a method, run and judged like it: {name: {base: METHOD, flags: [--key, value, ...], "
-            "values: [knob values], tasks: [the tasks it runs on; default all]}}; '{reward_model}' in a flag is the "
-            "task's reward model (sentiment)."
+            "values: [knob values], tasks: [the tasks it runs on; default all]}}; '{name}' in a flag is the task's "
+            "info[name], e.g. '{reward_model}' its reward model (sentiment)."
         },
     )
     steps: int | None = field(default=None, metadata={"help": "Optimizer steps of every run (default: the task's)."})

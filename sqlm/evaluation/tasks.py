@@ -42,6 +42,9 @@ class TaskData:
     reward_argv: list[str] = field(default_factory=list)  # the reward of every run but DPO
     info: dict = field(default_factory=dict)  # for the report (pairs, reward-model accuracy, ...)
     extra_eval: dict[str, list[str]] = field(default_factory=dict)  # further splits scored (no KL), e.g. long
+    # the cache folder the data lies under, where the task's reward paths do (None: not named): a run's key
+    # names paths under it relative to it, so that kept records resume with another cache folder
+    cache: Path | None = None
 
 
 @dataclass(frozen=True)
