@@ -11,9 +11,9 @@ import pytest
 
 from sqlm.commands.pipeline import PipelineArguments, main, run_pipeline
 from sqlm.errors import SqlmError
-from sqlm.evaluation.sweep import METHODS, budget_key, run_argv
+from sqlm.evaluation.sweep import METHODS, budget_key, fill_placeholders, run_argv
 from sqlm.evaluation.sweep_report import mean_pm_se
-from sqlm.evaluation.tasks import ArithmeticTask, ChatArithmeticTask, SentimentTask, TaskData
+from sqlm.evaluation.tasks import ArithmeticTask, ChatArithmeticTask, ChatSentimentTask, SentimentTask, TaskData
 
 
 def _table(md: str, header: str) -> dict[tuple[str, str], list[str]]:
@@ -94,7 +94,8 @@ def _flags(argv: list[str]) -> dict[str, str]:
     return {argv[i][2:]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("--")}
 
 
-@pytest.mark.parametrize("task", [SentimentTask(), ArithmeticTask(), ChatArithmeticTask()], ids=lambda t: t.name)
+@pytest.mark.parametrize("task", [SentimentTask(), ArithmeticTask(), ChatArithmeticTask(), ChatSentimentTask()],
+                         ids=lambda t: t.name)  # fmt: skip
 def test_every_method_of_a_regime_gets_the_same_budget(task, tmp_path):
     """Like for like: the online methods share prompts, generations, completions per step, length,
     temperature, steps, learning rate, seed and reward; mixed sqlm rolls out as many completions per
@@ -153,6 +154,64 @@ def test_an_attempt_is_its_base_method_with_further_flags(tmp_path):
                 {"x": {"base": "grpo", "tasks": ["math"]}}):  # fmt: skip
         with pytest.raises(SqlmError, match="'attempts'"):
             PipelineArguments(attempts=bad)
+
+
+def test_an_attempt_flag_names_any_string_the_task_gives():
+    """``{name}`` in an attempt's flags is the task's ``info[name]`` for every string-valued key;
+    ``{reward_model}`` is as before (the empty string on a task without one); JSON braces are no
+    placeholder; a name the task does not give (or gives as a number) is one error naming it."""
+    info = {"reward_model": "/rm", "implicit_model": "/cache/implicit-1/model", "base_model": "/gguf/base", "pairs": 5}
+    flags = ["--reward_funcs", "implicit", "--reward_kwargs",
+             '{"implicit": {"model": "{implicit_model}", "ref_model": "{base_model}", "beta": 0.1}}',
+             "--note", "{reward_model}:{implicit_model}"]  # fmt: skip
+    got = fill_placeholders(flags, info)
+    assert got[3] == '{"implicit": {"model": "/cache/implicit-1/model", "ref_model": "/gguf/base", "beta": 0.1}}'
+    assert json.loads(got[3])["implicit"]["model"] == info["implicit_model"]
+    assert got[:3] == flags[:3] and got[5] == "/rm:/cache/implicit-1/model"
+    assert fill_placeholders(['{"abc": {"reward_model": "{reward_model}"}}'], {}) == ['{"abc": {"reward_model": ""}}']
+    for bad in ("{nope}", "{pairs}"):
+        with pytest.raises(SqlmError, match=bad[1:-1]) as e:
+            fill_placeholders(["--x", bad], info)
+        assert "{implicit_model}" in str(e.value)
+
+
+def test_a_run_key_holds_the_placeholders_values_and_not_where_the_cache_lies(tmp_path, monkeypatch):
+    """A run's key names what an attempt's placeholders stand for (another DPO policy: another key), and,
+    where the task names its cache folder, paths under it relative to it (records resume elsewhere); a
+    method without placeholders keeps the key it had."""
+    from sqlm.evaluation import sweep
+
+    monkeypatch.setattr(sweep, "training_key", lambda task, method, runner: {"canary": "same"})
+    task = ChatSentimentTask()
+    cfg = PipelineArguments(attempts={"imp": {"base": "sqlm-offline", "flags": [
+        "--reward_funcs", "implicit", "--reward_kwargs",
+        '{"implicit": {"model": "{implicit_model}", "ref_model": "{base_model}"}}']}}).sweep_config()  # fmt: skip
+    attempt = cfg.method("imp")
+
+    def data(cache, implicit="implicit-1"):
+        rm = str(cache / "chat_sentiment" / "rm-1")
+        return TaskData(task=task.name, base_seed=0, base=tmp_path / "gguf" / "SmolLM2-x",
+                        prompts_file=cache / "chat_sentiment" / "pairs-1" / "prompts.jsonl",
+                        pairs_file=cache / "chat_sentiment" / "pairs-1" / "train.jsonl", eval_prompts=[],
+                        reward_argv=["--reward_funcs", "terminal", "--reward_kwargs",
+                                     json.dumps({"terminal": {"reward_model": rm}})],
+                        info={"reward_model": rm, "implicit_model": str(cache / "chat_sentiment" / implicit / "model"),
+                              "base_model": str(tmp_path / "gguf" / "SmolLM2-x")},
+                        cache=cache)  # fmt: skip
+
+    def key(method, d):
+        return sweep.run_key(task, method, 0.1, d, 0, cfg, 100, False, 128, {}, None)
+
+    here, there = key(attempt, data(tmp_path / "a")), key(attempt, data(tmp_path / "b"))
+    assert here == there and here["placeholders"] == {"implicit_model": "<cache>/chat_sentiment/implicit-1/model",
+                                                      "base_model": "SmolLM2-x"}  # fmt: skip
+    assert "<cache>/chat_sentiment/rm-1" in here["reward"][-1]
+    assert key(attempt, data(tmp_path / "a", "implicit-2")) != here
+    assert "placeholders" not in key(METHODS["sqlm-offline"], data(tmp_path / "a"))
+    # a task that names no cache folder keeps its reward argv as it is (the keys it always had)
+    old = data(tmp_path / "a")
+    old.cache = None
+    assert key(METHODS["sqlm-offline"], old)["reward"] == old.reward_argv
 
 
 @pytest.mark.parametrize(
@@ -297,3 +356,14 @@ def test_pipeline_recipes_parse():
     cfg = args.sweep_config()
     assert args.tasks == ["chat_arithmetic"] and cfg.seeds == [0, 1, 2] and cfg.curve == 3
     assert cfg.records == Path("scripts/results/real/runs") and set(cfg.methods) == set(METHODS)
+    (args,) = parse_recipe((PipelineArguments,), str(root / "config_real_sentiment.yaml"), [])
+    cfg = args.sweep_config()
+    assert args.tasks == ["chat_sentiment"] and cfg.methods == ["sqlm-offline", "dpo"] and cfg.seeds == [0, 1, 2]
+    assert cfg.curve == 3 and cfg.records == Path("scripts/results/real/runs")
+    names = [m.name for m in cfg.all_methods("chat_sentiment")]
+    assert names == ["sqlm-offline", "dpo", "sqlm-offline-abc", "sqlm-offline-implicit"]
+    info = {"reward_model": "/rm", "implicit_model": "/dpo", "base_model": "/base"}
+    kwargs = {m.name: json.loads(fill_placeholders(list(m.extra), info)[-1]) for m in cfg.all_methods()[2:]}
+    assert kwargs == {"sqlm-offline-abc": {"abc": {"reward_model": "/rm"}},
+                      "sqlm-offline-implicit": {"implicit": {"model": "/dpo", "ref_model": "/base", "beta": 0.1}}}  # fmt: skip
+    assert ChatSentimentTask.IMPLICIT_BETA == 0.1  # the beta the DPO policy of {implicit_model} was trained with

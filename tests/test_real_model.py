@@ -5,7 +5,8 @@ The recipes of ``recipes/smollm2-135m-instruct`` run as written, shortened to 2 
 few short completions: ``sqlm train`` online and offline, ``sqlm dpo``, ``sqlm grpo``, then ``sqlm
 generate`` decodes 4 held-out prompts from the merged sqlm policy. And the step-1 loss of offline chat
 pairs scored 1/0 is the one the equations give (ChatML's ``<|im_end|>\\n``: the reward on the last
-token lay outside the path, and the loss was 1e-14)."""
+token lay outside the path, and the loss was 1e-14). The two real-model comparisons of ``sqlm pipeline``
+(chat arithmetic, chat sentiment) run in their CI settings."""
 
 from __future__ import annotations
 
@@ -220,3 +221,73 @@ def test_the_real_model_comparison_runs_reduced_and_resumes_from_its_records(tmp
     assert sorted(json.dumps(r["eval"]["score"]) for r in again["runs"]) == sorted(
         json.dumps(r["eval"]["score"]) for r in res["runs"]
     )
+
+
+def test_the_chat_sentiment_comparison_runs_reduced_with_its_reward_model_and_implicit_reward(tmp_path):
+    """``recipes/pipeline/config_real_sentiment.yaml`` in the CI setting: SmolLM2's own replies to 8 training
+    prompts become VADER-labelled pairs, a LoRA reward model is fitted on them (1 epoch, its accuracy on the
+    held-out fifth recorded), a DPO policy trained on them (2 steps) gives the implicit reward; then sqlm
+    offline, DPO and the two attempts (abc credit on the reward model, the implicit reward) train 2 steps each
+    and are evaluated on 4 held-out prompts, each finished run kept in ``records``, from which a sweep with
+    the cache moved elsewhere reads them back. About 2 minutes on 2 busy CPU cores."""
+    import math
+
+    from sqlm.commands.pipeline import PipelineArguments, run_command
+    from sqlm.evaluation.sweep import run_sweep
+    from sqlm.evaluation.tasks import ChatSentimentTask
+    from sqlm.recipe import parse_recipe
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "pipeline" / "config_real_sentiment.yaml"
+    (args,) = parse_recipe((PipelineArguments,), str(recipe), [])
+    args.reduced, args.seeds, args.curve, args.progress = True, [0], 1, False
+    args.records = str(tmp_path / "records")
+    calls: list[tuple[str, list[str]]] = []
+
+    def runner(command, argv):
+        calls.append((command, argv))
+        run_command(command, argv)
+
+    task = ChatSentimentTask(reduced=True)
+    res = run_sweep(task, args.sweep_config(), tmp_path / "cache", tmp_path / "out", runner)
+    methods = {"sqlm-offline", "dpo", "sqlm-offline-abc", "sqlm-offline-implicit"}
+    assert not res["failed"] and {r["method"] for r in res["runs"]} == methods
+    base = res["bases"]["0"]
+    assert base["pairs"] >= 2 and base["pairs"] + base["ties"] == 8
+    assert 0.0 <= base["reward_model_accuracy"] <= 1.0 and base["reward_model_eval_pairs"] >= 1
+    assert -1.0 <= base["score"] <= 1.0 and abs(base["kl"]) < 1e-4  # the base against itself
+    implicit = Path(base["implicit_model"])
+    assert (implicit / "model.safetensors").is_file() and "adapter_config.json" not in {
+        p.name for p in implicit.iterdir()
+    }
+    # the task's stages ran once each, through their commands: the reward model and the DPO policy
+    assert [c for c, a in calls if "sqlm-canary-" not in " ".join(a)][:2] == ["reward", "dpo"]
+    for r in res["runs"]:
+        e = r["eval"]
+        assert r["optimizer_steps"] == 2 and r["generated_completions"] == 0, r["method"]
+        assert math.isfinite(e["score"]) and -1.0 <= e["score"] <= 1.0 and math.isfinite(e["kl"]) and e["kl"] > -1e-6
+        assert 0.0 <= e["eos"] <= 1.0 and 1 <= e["length"] <= 32 and len(e["examples"]) == 2
+        assert [p["optimizer_steps"] for p in r["curve"]] == [1, 2], r["method"]
+    argv = {r["method"]: " ".join(r["argv"]) for r in res["runs"]}
+    assert (
+        f'"model": "{implicit}"' in argv["sqlm-offline-implicit"]
+        and "{" + "implicit_model}" not in argv["sqlm-offline-implicit"]
+    )
+    assert f'"reward_model": "{base["reward_model"]}"' in argv["sqlm-offline-abc"]
+    records = list((tmp_path / "records" / "chat_sentiment").glob("*.json"))
+    assert len(records) == len(methods)
+    for path in records:
+        kept = json.loads(path.read_text())
+        assert len(kept["eval"]["per_prompt_score"]) == len(kept["eval"]["per_prompt_kl"]) == 4
+    # the cache moved elsewhere, its finished runs dropped: every run is read back from the records (a run's key
+    # names the task's cached paths relative to the cache folder), nothing is trained again
+    import shutil
+
+    (tmp_path / "cache").rename(tmp_path / "moved")
+    shutil.rmtree(tmp_path / "moved" / "sweeps")
+    calls.clear()
+    again = run_sweep(task, args.sweep_config(), tmp_path / "moved", tmp_path / "out2", runner)
+    assert not [c for c, a in calls if "sqlm-canary-" not in " ".join(a)], "a finished run or stage was trained again"
+    assert again["bases"]["0"]["implicit_model"].startswith(str(tmp_path / "moved"))
+    assert {r["method"]: r["eval"]["score"] for r in again["runs"]} == {
+        r["method"]: r["eval"]["score"] for r in res["runs"]
+    }

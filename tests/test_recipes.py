@@ -106,6 +106,14 @@ def test_the_recipes_this_project_documents_exist():
         "recipes/smollm2-135m-instruct/rloo/config.yaml",
         "recipes/smollm2-135m-instruct/reward/config.yaml",
         "recipes/smollm2-135m-instruct/generate/config.yaml",
+        "recipes/smollm2-135m-instruct-sentiment/sqlm/config_online.yaml",
+        "recipes/smollm2-135m-instruct-sentiment/sqlm/config_mixed.yaml",
+        "recipes/smollm2-135m-instruct-sentiment/sqlm/config_offline.yaml",
+        "recipes/smollm2-135m-instruct-sentiment/dpo/config.yaml",
+        "recipes/smollm2-135m-instruct-sentiment/grpo/config.yaml",
+        "recipes/smollm2-135m-instruct-sentiment/rloo/config.yaml",
+        "recipes/smollm2-135m-instruct-sentiment/reward/config.yaml",
+        "recipes/pipeline/config_real_sentiment.yaml",
     ):
         assert name in rel, name
 

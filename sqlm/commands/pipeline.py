@@ -53,7 +53,8 @@ class PipelineArguments:
     tasks: list[str] = field(
         default_factory=lambda: ["sentiment", "arithmetic"],
         metadata={
-            "help": "Gold tasks to run: sentiment, arithmetic (tiny LMs sqlm pretrains; the default), chat_arithmetic (SmolLM2-135M-Instruct with LoRA)."
+            "help": "Gold tasks to run: sentiment, arithmetic (tiny LMs sqlm pretrains; the default), chat_arithmetic, "
+            "chat_sentiment (SmolLM2-135M-Instruct with LoRA)."
         },
     )
     methods: list[str] | None = field(
@@ -83,8 +84,9 @@ class PipelineArguments:
         default=None,
         metadata={
             "help": "Variants of a method, run and judged like it: {name: {base: METHOD, flags: [--key, value, ...], "
-            "values: [knob values], tasks: [the tasks it runs on; default all]}}; '{reward_model}' in a flag is the "
-            "task's reward model (sentiment)."
+            "values: [knob values], tasks: [the tasks it runs on; default all]}}; '{name}' in a flag is the task's "
+            "info[name]: '{reward_model}' its reward model (sentiment, chat_sentiment), '{implicit_model}' its DPO "
+            "policy and '{base_model}' its base LM (chat_sentiment)."
         },
     )
     steps: int | None = field(default=None, metadata={"help": "Optimizer steps of every run (default: the task's)."})

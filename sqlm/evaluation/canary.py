@@ -63,8 +63,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 def build_canary_data(folder: Path) -> TaskData:
     """The canary's base LM (a random tiny causal LM), its reward model (a random tiny sequence
     classifier with the same tokenizer, read by sqlm's ``terminal`` rewarder as the sentiment task
-    reads its reward model) and data files, written to ``folder``; deterministic. Call it inside
-    :func:`isolated_determinism`."""
+    reads its reward model), a second random tiny causal LM (``info["implicit_model"]``, the DPO policy an
+    attempt's ``implicit`` rewarder reads, against ``info["base_model"]``) and data files, written to
+    ``folder``; deterministic. Call it inside :func:`isolated_determinism`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -83,7 +84,9 @@ def build_canary_data(folder: Path) -> TaskData:
     config.num_labels = 1
     torch.manual_seed(1)
     reward_model = AutoModelForSequenceClassification.from_config(config)
-    for model, name in ((policy, "base"), (reward_model, "reward_model")):
+    torch.manual_seed(2)  # after the others: their weights are what they were before it existed
+    implicit = AutoModelForCausalLM.from_config(config)
+    for model, name in ((policy, "base"), (reward_model, "reward_model"), (implicit, "implicit_model")):
         model.save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)
     rm = str(folder / "reward_model")
@@ -92,7 +95,8 @@ def build_canary_data(folder: Path) -> TaskData:
                     pairs_file=_write_jsonl(folder / "pairs.jsonl", pairs), eval_prompts=[],
                     reward_argv=["--reward_funcs", "terminal", "--reward_kwargs",
                                  json.dumps({"terminal": {"reward_model": rm}})],
-                    info={"reward_model": rm})  # fmt: skip
+                    info={"reward_model": rm, "implicit_model": str(folder / "implicit_model"),
+                          "base_model": str(folder / "base")})  # fmt: skip
 
 
 class CanaryTask(Task):

@@ -46,9 +46,10 @@ What the canary cannot see, so a change there keeps old results (delete ``cache/
   ``max_length``, chunking over long sequences or a large vocabulary) or only on other data
   (conversational prompts, long completions);
 * the task's own reward: the canary scores with sqlm's ``terminal`` rewarder on a random reward model
-  (sentiment's kind of reward), not with arithmetic's checker, whose code is not keyed, nor with the
-  sentiment task's fitted reward model (keyed by its path, which hashes its data and recipe, not the
-  code that fitted it);
+  (sentiment's kind of reward; an attempt's ``{implicit_model}`` is a random tiny LM against the canary's
+  base), not with arithmetic's checker, whose code is not keyed, nor with the sentiment tasks' fitted
+  reward models and chat_sentiment's DPO policy (keyed by their paths, which hash their data, recipes and
+  budget, not the code that fitted them);
 * everything after training: ``task.evaluate``, decoding and the metrics (the stages before it, base
   LMs and data, are cached under keys of their own).
 """
@@ -56,6 +57,7 @@ What the canary cannot see, so a change there keeps old results (delete ``cache/
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import uuid
@@ -141,7 +143,8 @@ class SweepConfig:
 
     def method(self, name: str) -> Method:
         """A method of :data:`METHODS`, or an attempt: its base method with further flags (in which
-        ``{reward_model}`` stands for the task's reward model) and, optionally, its own knob values."""
+        ``{name}`` stands for the task's ``info[name]``, e.g. ``{reward_model}`` for its reward model:
+        :func:`fill_placeholders`) and, optionally, its own knob values."""
         if name in METHODS:
             return METHODS[name]
         spec = self.attempts[name]
@@ -197,8 +200,32 @@ def run_argv(task: Task, method: Method, data: TaskData, knob: float, seed: int,
         argv += ["--save_strategy", "no"]
     if method.command != "dpo":
         argv += data.reward_argv
-    rm = str(data.info.get("reward_model", ""))
-    return argv + [x.replace("{reward_model}", rm) for x in method.extra]
+    return argv + fill_placeholders(list(method.extra), data.info)
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def placeholders(flags: list[str]) -> list[str]:
+    """The names of the ``{name}`` placeholders in ``flags``, in order, once each."""
+    return list(dict.fromkeys(n for x in flags for n in _PLACEHOLDER.findall(x)))
+
+
+def fill_placeholders(flags: list[str], info: dict) -> list[str]:
+    """An attempt's ``flags`` with ``{name}`` replaced by ``info[name]`` for every string-valued key of the
+    task's ``info`` (e.g. ``{implicit_model}``); ``{reward_model}`` is the task's reward model as ever (the
+    empty string on a task without one). A placeholder the task's info lacks is an error naming it (JSON
+    braces such as ``{"abc": ...}`` are no placeholder)."""
+    values = {k: v for k, v in info.items() if isinstance(v, str)}
+    values["reward_model"] = str(info.get("reward_model", ""))
+
+    def value(m: re.Match) -> str:
+        if m.group(1) not in values:
+            raise SqlmError(f"attempt flag names '{{{m.group(1)}}}', which this task does not give; it gives "
+                            f"{', '.join('{' + k + '}' for k in sorted(values))}")  # fmt: skip
+        return values[m.group(1)]
+
+    return [_PLACEHOLDER.sub(value, x) for x in flags]
 
 
 # the training key of each (task, method) of this process: computed once, by the first sweep that needs it
@@ -254,15 +281,29 @@ def budget_key(budget: Budget) -> dict:
 
 def run_key(task: Task, method: Method, knob: float, data: TaskData, seed: int, cfg: SweepConfig, steps: int,
             mid: bool, n_eval: int, extra: dict, runner: Runner) -> dict:  # fmt: skip
-    """Everything a run's result depends on (its cache key; see the module docstring)."""
+    """Everything a run's result depends on (its cache key; see the module docstring). The values the
+    attempt's placeholders stand for are part of it (except ``{reward_model}``, in the reward argv); where the
+    task names its cache folder (``data.cache``) paths are written relative to it (:func:`portable`)."""
+    reward = [portable(x, data) for x in data.reward_argv] if data.cache is not None else data.reward_argv
     key = dict(method=[method.command, method.regime, method.recipe, method.knob, list(method.extra)], knob=knob,
                task=task.name, budget=budget_key(task.budget()), steps=steps, base=data.base.name,
-               data=[data.prompts_file.parent.name, data.pairs_file.name], reward=data.reward_argv, seed=seed,
+               data=[data.prompts_file.parent.name, data.pairs_file.name], reward=reward, seed=seed,
                n_eval=n_eval, samples=cfg.eval_samples, mid=mid, extra={k: len(v) for k, v in extra.items()},
                recipe=(task.recipes / method.recipe).read_text(), code=training_key(task, method, runner))  # fmt: skip
     if cfg.curve:  # only then, so that the keys of runs without a curve stay what they were
         key["curve"] = cfg.curve
+    named = [n for n in placeholders(list(method.extra)) if n != "reward_model"]
+    if named:  # only then, as the curve
+        key["placeholders"] = {n: portable(str(data.info.get(n, "")), data) for n in named}
     return key
+
+
+def portable(text: str, data: TaskData) -> str:
+    """``text`` with the base LM's path written as its folder name and, where the task names it, the cache
+    folder as ``<cache>``: a key part that holds on another machine (the folders' names carry the
+    fingerprints of what they hold)."""
+    text = text.replace(str(data.base), data.base.name)
+    return text.replace(str(data.cache).rstrip("/") + "/", "<cache>/") if data.cache is not None else text
 
 
 def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, cfg: SweepConfig, root: Path,

@@ -1,4 +1,4 @@
-"""The two embedded gold tasks behind one interface, for the comparison sweeps of ``sqlm pipeline``
+"""The gold tasks behind one interface, for the comparison sweeps of ``sqlm pipeline``
 (:mod:`sqlm.evaluation.sweep`).
 
 A task turns a base-LM seed into everything a like-for-like comparison needs (:class:`TaskData`):
@@ -13,6 +13,11 @@ prompts as well as runs.
   rewarder, DPO on the pairs themselves).
 * ``arithmetic`` (:mod:`sqlm.evaluation.arithmetic`): multi-digit addition with a worked trace and a
   verifiable reward, the exact checker; pairs are a correct and an incorrect base sample.
+* ``chat_arithmetic`` (:mod:`sqlm.evaluation.chat_arithmetic`): the checker on a real pretrained LM
+  (SmolLM2-135M-Instruct with LoRA).
+* ``chat_sentiment`` (:mod:`sqlm.evaluation.chat_sentiment`): sentiment on the same real LM, with
+  preference pairs of its own replies labelled by VADER, a Bradley-Terry reward model fitted to them and
+  a DPO policy on them (the implicit reward of attempts).
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ class TaskData:
     reward_argv: list[str] = field(default_factory=list)  # the reward of every run but DPO
     info: dict = field(default_factory=dict)  # for the report (pairs, reward-model accuracy, ...)
     extra_eval: dict[str, list[str]] = field(default_factory=dict)  # further splits scored (no KL), e.g. long
+    # the cache folder the data lies under, where the task's reward paths do (None: not named): a run's key
+    # names paths under it relative to it, so that kept records resume with another cache folder
+    cache: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -417,7 +425,207 @@ def _chat_replies(model, tokenizer, rows: list[dict], new: int, seed: int, tempe
     return sample_replies(model, tokenizer, prompts, temperature=temperature, max_new_tokens=new, seed=seed)
 
 
-TASKS = {"sentiment": SentimentTask, "arithmetic": ArithmeticTask, "chat_arithmetic": ChatArithmeticTask}
+# ----------------------------------------------------------------------------- chat sentiment (a real LM)
+
+
+class ChatSentimentTask(Task):
+    """Preference data and a learned reward on a real pretrained LM (:mod:`sqlm.evaluation.chat_sentiment`):
+    SmolLM2-135M-Instruct writes one-sentence reviews; VADER's compound score of a reply is the gold.
+
+    ``prepare`` (each stage cached under ``cache/chat_sentiment`` by a fingerprint of what it depends on):
+
+    1. **pairs**: two T=1 replies of the base model (at most :attr:`MAX_NEW_TOKENS` new tokens, seed
+       :attr:`PAIR_SEED`) to each training prompt, the higher gold ``chosen`` (ties dropped);
+    2. **reward model**: a Bradley-Terry head with LoRA on the SmolLM2 backbone fitted on the pairs by
+       ``sqlm reward`` with the task's recipe, which holds a fifth of the pairs out: its accuracy on them is
+       ``info["reward_model_accuracy"]``. Every method but DPO trains on it (sqlm's ``terminal`` rewarder);
+    3. **implicit model**: the DPO policy of the task's DPO recipe trained once on the same pairs (beta
+       :attr:`IMPLICIT_BETA`, the task's offline budget, seed 0), LoRA merged: ``info["implicit_model"]``,
+       for the ``implicit`` rewarder (``beta * log pi_dpo / pi_ref`` per token, with ``info["base_model"]`` as
+       ``ref_model``) of an attempt's flags (``{implicit_model}``, ``{base_model}``).
+
+    The base LM is the packaged model itself (one base, seed 0). ``evaluate`` scores one T=1 reply per
+    held-out prompt and sample."""
+
+    name = "chat_sentiment"
+    metric = "gold reward"
+    recipes = RECIPES / "smollm2-135m-instruct-sentiment"
+    MODEL = "smollm2-135m-instruct"
+    MAX_NEW_TOKENS = 32
+    PAIR_SEED = 1
+    RM_EPOCHS = 2.0
+    IMPLICIT_BETA = 0.1
+    # the chat-arithmetic budget (see ChatArithmeticTask) with the longer replies of a review
+    BUDGET = Budget(steps=100, online_lr=3e-4, offline_lr=1e-4, prompts_per_batch=4, num_generations=4,
+                    pairs_per_batch=8, max_completion_length=32, lr_scheduler="linear")  # fmt: skip
+    REDUCED_BUDGET = Budget(steps=2, online_lr=3e-4, offline_lr=1e-4, prompts_per_batch=2, num_generations=2,
+                            pairs_per_batch=2, max_completion_length=8, lr_scheduler="linear")  # fmt: skip
+    N_REDUCED = (8, 4)  # train and held-out prompts in the CI setting (the reward model: 1 epoch)
+
+    def config_class(self):
+        raise SqlmError("chat_sentiment has no base-LM settings: its base is the packaged SmolLM2")
+
+    def prepare(self, base_seed: int, cache: Path, runner=None, progress: bool = False) -> TaskData:
+        from ..gguf import resolve_model_path
+
+        if base_seed != 0:
+            raise SqlmError(f"chat_sentiment has one base LM (the packaged SmolLM2), base seed 0; got {base_seed}")
+        base = Path(resolve_model_path(self.MODEL))
+        data = self._pairs(base, cache)
+        rm = self._reward_model(base, data, cache, runner)
+        implicit = self._implicit_model(base, data, cache, runner)
+        meta, rm_info = json.loads((data / "done.json").read_text()), json.loads((rm / "done.json").read_text())
+        reward = ["--reward_funcs", "terminal", "--reward_kwargs", json.dumps({"terminal": {"reward_model": str(rm)}})]
+        return TaskData(
+            task=self.name,
+            base_seed=0,
+            base=base,
+            prompts_file=data / "prompts.jsonl",
+            pairs_file=data / "train.jsonl",
+            eval_prompts=json.loads((data / "eval_prompts.json").read_text()),
+            reward_argv=reward,
+            info={
+                "pairs": meta["pairs"],
+                "ties": meta["ties"],
+                "pair_replies_gold": meta["replies_gold"],
+                "reward_model_accuracy": rm_info.get("eval_accuracy"),
+                "reward_model_eval_pairs": rm_info.get("eval_pairs"),
+                "reward_model": str(rm),
+                "implicit_model": str(implicit / "model"),
+                "implicit_beta": self.IMPLICIT_BETA,
+                "base_model": str(base),
+                "max_new_tokens": self.MAX_NEW_TOKENS,
+            },  # fmt: skip
+            cache=cache,
+        )
+
+    def _pairs(self, base: Path, cache: Path) -> Path:
+        """The pairs (``train.jsonl``), the training prompts (``prompts.jsonl``) and the held-out prompts
+        (``eval_prompts.json``) in ``cache/chat_sentiment/pairs-<fingerprint>``."""
+        from .chat_arithmetic import sample_replies
+        from .chat_sentiment import gold_scores, pair_rows, split_prompts
+        from .gold import deterministic_torch, fingerprint
+
+        train, held_out = split_prompts(*(self.N_REDUCED if self.reduced else (None, None)))
+        key = dict(base=base.name, train=train, held_out=held_out, new=self.MAX_NEW_TOKENS, seed=self.PAIR_SEED,
+                   replies=2, temperature=1.0)  # fmt: skip
+        data = cache / self.name / f"pairs-{fingerprint(key)}"
+        if (data / "done.json").is_file():
+            return data
+        from ..loading import load_policy
+
+        t = time.time()
+        model, tok = load_policy(base)
+        with deterministic_torch(1):
+            _, _, texts = sample_replies(model, tok, [p for p in train for _ in range(2)], temperature=1.0,
+                                         max_new_tokens=self.MAX_NEW_TOKENS, seed=self.PAIR_SEED)  # fmt: skip
+        first, second = texts[0::2], texts[1::2]
+        scores = gold_scores(texts)
+        rows = pair_rows(train, first, second, list(zip(scores[0::2], scores[1::2])))
+        if len(rows) < 2:
+            raise SqlmError(
+                f"chat_sentiment: the base model's replies to {len(train)} training prompts gave {len(rows)} "
+                "preference pair(s) (the others' gold scores tied); the reward model needs at least 2 (one held out): "
+                "use more training prompts"
+            )
+        data.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(data / "train.jsonl", rows)
+        _write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in train])
+        (data / "eval_prompts.json").write_text(json.dumps([{"prompt": p} for p in held_out]))
+        meta = {**key, "pairs": len(rows), "ties": len(train) - len(rows), "replies_gold": sum(scores) / len(scores)}
+        (data / "done.json").write_text(json.dumps(meta))
+        log(f"chat_sentiment pairs: {len(rows)} from {len(train)} prompts ({len(train) - len(rows)} ties), base "
+            f"replies' mean gold {meta['replies_gold']:.3f}, in {time.time() - t:.0f}s")  # fmt: skip
+        return data
+
+    def _reward_model(self, base: Path, data: Path, cache: Path, runner) -> Path:
+        """``sqlm reward`` with the task's reward recipe on the pairs (a fifth held out), cached."""
+        from .gold import fingerprint
+
+        recipe = self.recipes / "reward" / "config.yaml"
+        epochs = 1.0 if self.reduced else self.RM_EPOCHS
+        key = dict(pairs=data.name, base=base.name, epochs=epochs, recipe=recipe.read_text())
+        out = cache / self.name / f"rm-{fingerprint(key)}"
+        if (out / "done.json").is_file():
+            return out
+        if runner is None:
+            raise SqlmError("chat_sentiment's reward model is fitted by `sqlm reward`: prepare() needs a runner")
+        t = time.time()
+        argv = [str(recipe), "--model_name_or_path", str(base), "--dataset_name", str(data / "train.jsonl"),
+                "--output_dir", str(out), "--num_train_epochs", str(epochs), "--disable_tqdm", "true"]  # fmt: skip
+        runner("reward", argv)
+        info = json.loads((out / "reward_eval.json").read_text()) if (out / "reward_eval.json").is_file() else {}
+        (out / "done.json").write_text(json.dumps(info))
+        acc = info.get("eval_accuracy")
+        log(f"chat_sentiment reward model: trained in {time.time() - t:.0f}s, held-out pair accuracy "
+            f"{'-' if acc is None else f'{acc:.3f}'} on {info.get('eval_pairs', 0)} pairs")  # fmt: skip
+        return out
+
+    def _implicit_model(self, base: Path, data: Path, cache: Path, runner) -> Path:
+        """``sqlm dpo`` with the task's DPO recipe on the pairs (beta :attr:`IMPLICIT_BETA`, the offline
+        budget, seed 0), its adapter merged into ``<folder>/model``, cached."""
+        from ..loading import load_policy
+        from .gold import fingerprint
+
+        recipe, b = self.recipes / "dpo" / "config.yaml", self.budget()
+        settings = ["--beta", repr(self.IMPLICIT_BETA), "--max_steps", str(b.steps), "--learning_rate",
+                    str(b.offline_lr), "--per_device_train_batch_size", str(b.pairs_per_batch), "--seed", "0"]  # fmt: skip
+        if b.lr_scheduler is not None:
+            settings += ["--lr_scheduler_type", b.lr_scheduler]
+        key = dict(pairs=data.name, base=base.name, settings=settings, recipe=recipe.read_text())
+        folder = cache / self.name / f"implicit-{fingerprint(key)}"
+        if (folder / "done.json").is_file():
+            return folder
+        if runner is None:
+            raise SqlmError(
+                "chat_sentiment's implicit reward is a DPO policy trained by `sqlm dpo`: prepare() needs a runner"
+            )
+        t = time.time()
+        argv = [str(recipe), "--model_name_or_path", str(base), "--dataset_name", str(data / "train.jsonl"),
+                "--output_dir", str(folder / "adapter"), *settings, "--logging_steps", str(max(1, b.steps // 4)),
+                "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+        runner("dpo", argv)
+        model, tok = load_policy(folder / "adapter")
+        model.save_pretrained(folder / "model")
+        tok.save_pretrained(folder / "model")
+        stats = json.loads((folder / "adapter" / "run_stats.json").read_text())
+        (folder / "done.json").write_text(
+            json.dumps({"beta": self.IMPLICIT_BETA, "optimizer_steps": stats["optimizer_steps"]})
+        )
+        log(
+            f"chat_sentiment implicit reward: DPO policy (beta {self.IMPLICIT_BETA:g}) trained in {time.time() - t:.0f}s"
+        )
+        return folder
+
+    def evaluate(self, model, tokenizer, ref, prompts: list[dict], seed: int, samples_per_prompt: int = 1,
+                 extra: dict[str, list[dict]] | None = None) -> dict:  # fmt: skip
+        """On the held-out rows, ``samples_per_prompt`` temperature-1 replies each (at most
+        :attr:`MAX_NEW_TOKENS` tokens): mean gold (``score``), the exact sequence KL to ``ref`` on the
+        policy's own replies, length in tokens, the share ending with EOS (``eos``), distinct-n, the
+        per-prompt means and two example replies."""
+        from .chat_sentiment import gold_scores
+        from .metrics import distinct_n
+        from .sampling import exact_sequence_kl
+
+        k = samples_per_prompt
+        rows = [r for r in prompts for _ in range(k)]
+        ids, done, texts = _chat_replies(model, tokenizer, rows, self.MAX_NEW_TOKENS, seed, temperature=1.0)
+        gold = gold_scores(texts)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        kls, _ = exact_sequence_kl(model, ref, ids, done, pad_token_id=pad)
+        eos = tokenizer.eos_token_id
+        return {
+            "score": sum(gold) / len(gold), "kl": sum(kls) / len(kls),
+            "length": sum(len(c) for c in done) / len(done),
+            "eos": sum(bool(c) and c[-1] == eos for c in done) / len(done),
+            "distinct1": distinct_n(texts, 1), "distinct2": distinct_n(texts, 2),
+            "per_prompt_score": _per_prompt(gold, k), "per_prompt_kl": _per_prompt(kls, k),
+            "examples": [{"prompt": rows[i]["prompt"][-1]["content"], "completion": texts[i]} for i in range(min(2, len(texts)))],
+        }  # fmt: skip
+
+
+TASKS = {"sentiment": SentimentTask, "arithmetic": ArithmeticTask, "chat_arithmetic": ChatArithmeticTask,
+         "chat_sentiment": ChatSentimentTask}  # fmt: skip
 
 
 def get_task(name: str, reduced: bool = False) -> Task:
