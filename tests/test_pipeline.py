@@ -360,6 +360,7 @@ def test_pipeline_recipes_parse():
     cfg = args.sweep_config()
     assert args.tasks == ["chat_sentiment"] and cfg.methods == ["sqlm-offline", "dpo"] and cfg.seeds == [0, 1, 2]
     assert cfg.curve == 3 and cfg.records == Path("scripts/results/real/runs")
+    assert args.output_dir != "scripts/results/real"  # its report does not overwrite the arithmetic one
     names = [m.name for m in cfg.all_methods("chat_sentiment")]
     assert names == ["sqlm-offline", "dpo", "sqlm-offline-abc", "sqlm-offline-implicit"]
     info = {"reward_model": "/rm", "implicit_model": "/dpo", "base_model": "/base"}
