@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,24 @@ class Task:
 def log(msg: str) -> None:
     """A progress line of ``sqlm pipeline``."""
     print(f"[sqlm pipeline] {msg}", flush=True)
+
+
+def _fit_reward_model(who: str, recipe: Path, base: Path, pairs: Path, out: Path, epochs: float, runner) -> Path:
+    """``sqlm reward recipe`` from ``base`` on ``pairs`` into ``out`` (Bradley-Terry; the recipe holds pairs
+    out), its held-out evaluation kept in ``out/done.json`` (the mark of a finished fit; ``who`` names the
+    task in the messages)."""
+    if runner is None:
+        raise SqlmError(f"{who}'s reward model is fitted by `sqlm reward`: prepare() needs a runner")
+    t = time.time()
+    argv = [str(recipe), "--model_name_or_path", str(base), "--dataset_name", str(pairs),
+            "--output_dir", str(out), "--num_train_epochs", str(epochs), "--disable_tqdm", "true"]  # fmt: skip
+    runner("reward", argv)
+    info = json.loads((out / "reward_eval.json").read_text()) if (out / "reward_eval.json").is_file() else {}
+    (out / "done.json").write_text(json.dumps(info))
+    acc = info.get("eval_accuracy")
+    log(f"{who} reward model: trained in {time.time() - t:.0f}s, held-out pair accuracy "
+        f"{'-' if acc is None else f'{acc:.3f}'} on {info.get('eval_pairs', 0)} pairs")  # fmt: skip
+    return out
 
 
 def _per_prompt(values: list[float], k: int) -> list[float]:
@@ -206,17 +225,7 @@ class SentimentTask(Task):
         out = cache / "gold" / f"rm-{fingerprint(key)}"
         if (out / "done.json").is_file():
             return out
-        if runner is None:
-            raise SqlmError("the sentiment task's reward model is fitted by `sqlm reward`: prepare() needs a runner")
-        t = time.time()
-        argv = [str(recipe), "--model_name_or_path", str(base), "--dataset_name", str(data / "train.jsonl"),
-                "--output_dir", str(out), "--num_train_epochs", str(epochs), "--disable_tqdm", "true"]  # fmt: skip
-        runner("reward", argv)
-        info = json.loads((out / "reward_eval.json").read_text()) if (out / "reward_eval.json").is_file() else {}
-        (out / "done.json").write_text(json.dumps(info))
-        acc = info.get("eval_accuracy")
-        log(f"sentiment reward model: trained in {time.time() - t:.0f}s, held-out pair accuracy {acc:.3f}")
-        return out
+        return _fit_reward_model("the sentiment task", recipe, base, data / "train.jsonl", out, epochs, runner)
 
     def evaluate(self, model, tokenizer, ref, prompts: list[str], seed: int, samples_per_prompt: int = 1,
                  extra: dict[str, list[str]] | None = None) -> dict:  # fmt: skip
@@ -390,31 +399,42 @@ class ChatArithmeticTask(Task):
         EOS (``eos``) and distinct-n; one greedy reply each (``greedy``); on each ``extra`` split (``hard``)
         accuracy at temperature 1 and greedy."""
         from .chat_arithmetic import accuracy, check
-        from .metrics import distinct_n
-        from .sampling import exact_sequence_kl
 
         kw = dict(max_new_tokens=self.MAX_NEW_TOKENS, seed=seed)
-        k = samples_per_prompt
-        rows = [r for r in prompts for _ in range(k)]
-        ids, done, texts = _chat_replies(model, tokenizer, rows, self.MAX_NEW_TOKENS, seed, temperature=1.0)
-        right = [float(check(t, r["answer"])) for t, r in zip(texts, rows)]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        kls, _ = exact_sequence_kl(model, ref, ids, done, pad_token_id=pad)
-        eos = tokenizer.eos_token_id
-        out = {
-            "score": sum(right) / len(right), "kl": sum(kls) / len(kls),
-            "length": sum(len(c) for c in done) / len(done),
-            "eos": sum(bool(c) and c[-1] == eos for c in done) / len(done),
-            "distinct1": distinct_n(texts, 1), "distinct2": distinct_n(texts, 2),
-            "greedy": accuracy(model, tokenizer, prompts, temperature=0.0, **kw)["accuracy"],
-            "per_prompt_score": _per_prompt(right, k), "per_prompt_kl": _per_prompt(kls, k),
-            "examples": texts[:2],
-        }  # fmt: skip
+        out, _, texts = _chat_evaluation(model, tokenizer, ref, prompts, samples_per_prompt, self.MAX_NEW_TOKENS,
+                                         seed, lambda texts, rows: [float(check(t, r["answer"])) for t, r in zip(texts, rows)])  # fmt: skip
+        out["greedy"] = accuracy(model, tokenizer, prompts, temperature=0.0, **kw)["accuracy"]
+        out["examples"] = texts[:2]
         for name, split in (extra or {}).items():
             if split:
                 out[f"{name}_score"] = accuracy(model, tokenizer, split, temperature=1.0, **kw)["accuracy"]
                 out[f"{name}_greedy"] = accuracy(model, tokenizer, split, temperature=0.0, **kw)["accuracy"]
         return out
+
+
+def _chat_evaluation(model, tokenizer, ref, prompts: list[dict], k: int, new: int, seed: int,
+                     score: Callable[[list[str], list[dict]], list[float]]) -> tuple[dict, list[dict], list[str]]:  # fmt: skip
+    """What the chat tasks measure alike on held-out rows: ``k`` temperature-1 replies to each (at most
+    ``new`` tokens), each scored by ``score(texts, rows)``; their mean (``score``), the exact sequence KL to
+    ``ref`` on the policy's own replies, length in tokens, the share ending with EOS, distinct-n and the
+    per-prompt means. Returns that dict, the repeated rows and the reply texts."""
+    from .metrics import distinct_n
+    from .sampling import exact_sequence_kl
+
+    rows = [r for r in prompts for _ in range(k)]
+    ids, done, texts = _chat_replies(model, tokenizer, rows, new, seed, temperature=1.0)
+    scores = score(texts, rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kls, _ = exact_sequence_kl(model, ref, ids, done, pad_token_id=pad)
+    eos = tokenizer.eos_token_id
+    out = {
+        "score": sum(scores) / len(scores), "kl": sum(kls) / len(kls),
+        "length": sum(len(c) for c in done) / len(done),
+        "eos": sum(bool(c) and c[-1] == eos for c in done) / len(done),
+        "distinct1": distinct_n(texts, 1), "distinct2": distinct_n(texts, 2),
+        "per_prompt_score": _per_prompt(scores, k), "per_prompt_kl": _per_prompt(kls, k),
+    }  # fmt: skip
+    return out, rows, texts
 
 
 def _chat_replies(model, tokenizer, rows: list[dict], new: int, seed: int, temperature: float):
@@ -548,18 +568,7 @@ class ChatSentimentTask(Task):
         out = cache / self.name / f"rm-{fingerprint(key)}"
         if (out / "done.json").is_file():
             return out
-        if runner is None:
-            raise SqlmError("chat_sentiment's reward model is fitted by `sqlm reward`: prepare() needs a runner")
-        t = time.time()
-        argv = [str(recipe), "--model_name_or_path", str(base), "--dataset_name", str(data / "train.jsonl"),
-                "--output_dir", str(out), "--num_train_epochs", str(epochs), "--disable_tqdm", "true"]  # fmt: skip
-        runner("reward", argv)
-        info = json.loads((out / "reward_eval.json").read_text()) if (out / "reward_eval.json").is_file() else {}
-        (out / "done.json").write_text(json.dumps(info))
-        acc = info.get("eval_accuracy")
-        log(f"chat_sentiment reward model: trained in {time.time() - t:.0f}s, held-out pair accuracy "
-            f"{'-' if acc is None else f'{acc:.3f}'} on {info.get('eval_pairs', 0)} pairs")  # fmt: skip
-        return out
+        return _fit_reward_model("chat_sentiment", recipe, base, data / "train.jsonl", out, epochs, runner)
 
     def _implicit_model(self, base: Path, data: Path, cache: Path, runner) -> Path:
         """``sqlm dpo`` with the task's DPO recipe on the pairs (beta :attr:`IMPLICIT_BETA`, the offline
@@ -604,24 +613,12 @@ class ChatSentimentTask(Task):
         policy's own replies, length in tokens, the share ending with EOS (``eos``), distinct-n, the
         per-prompt means and two example replies."""
         from .chat_sentiment import gold_scores
-        from .metrics import distinct_n
-        from .sampling import exact_sequence_kl
 
-        k = samples_per_prompt
-        rows = [r for r in prompts for _ in range(k)]
-        ids, done, texts = _chat_replies(model, tokenizer, rows, self.MAX_NEW_TOKENS, seed, temperature=1.0)
-        gold = gold_scores(texts)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        kls, _ = exact_sequence_kl(model, ref, ids, done, pad_token_id=pad)
-        eos = tokenizer.eos_token_id
-        return {
-            "score": sum(gold) / len(gold), "kl": sum(kls) / len(kls),
-            "length": sum(len(c) for c in done) / len(done),
-            "eos": sum(bool(c) and c[-1] == eos for c in done) / len(done),
-            "distinct1": distinct_n(texts, 1), "distinct2": distinct_n(texts, 2),
-            "per_prompt_score": _per_prompt(gold, k), "per_prompt_kl": _per_prompt(kls, k),
-            "examples": [{"prompt": rows[i]["prompt"][-1]["content"], "completion": texts[i]} for i in range(min(2, len(texts)))],
-        }  # fmt: skip
+        out, rows, texts = _chat_evaluation(model, tokenizer, ref, prompts, samples_per_prompt, self.MAX_NEW_TOKENS,
+                                            seed, lambda texts, rows: gold_scores(texts))  # fmt: skip
+        out["examples"] = [{"prompt": rows[i]["prompt"][-1]["content"], "completion": texts[i]}
+                           for i in range(min(2, len(texts)))]  # fmt: skip
+        return out
 
 
 TASKS = {"sentiment": SentimentTask, "arithmetic": ArithmeticTask, "chat_arithmetic": ChatArithmeticTask,
