@@ -132,8 +132,6 @@ def bootstrap_matched_kl(
     a, b = _stack(runs_a, units), _stack(runs_b, units)
     ref = None if reference is None else np.asarray([reference[u] for u in units], dtype=np.float64)
     n_prompts = a.acc[0].shape[1]
-    bases = sorted({u[0] for u in units})
-    base_of = np.asarray([bases.index(u[0]) for u in units])
 
     def diff(rows: np.ndarray, cols: np.ndarray):
         r = None if ref is None else float(ref[rows, cols].mean())
@@ -141,12 +139,9 @@ def bootstrap_matched_kl(
 
     all_rows = np.arange(len(units))[:, None]
     full = diff(all_rows, np.broadcast_to(np.arange(n_prompts), (len(units), n_prompts)))
-    rng = np.random.default_rng(seed)
     reps = []
-    for _ in range(n_boot):
-        unit_idx = rng.integers(len(units), size=len(units))
-        prompt_idx = rng.integers(n_prompts, size=(len(bases), n_prompts))
-        d = diff(unit_idx[:, None], prompt_idx[base_of[unit_idx]])
+    for rows, cols in _replicates(units, n_prompts, n_boot, seed):
+        d = diff(rows[:, None], cols)
         if d is not None:
             reps.append(d[0])
     out = {
@@ -161,10 +156,27 @@ def bootstrap_matched_kl(
         return out
     out["diff"], out["kl_range"] = full[0], list(full[1])
     if reps:
-        alpha = (1 - level) / 2
-        lo, hi = (float(x) for x in np.quantile(reps, [alpha, 1 - alpha]))
-        out["ci"], out["verdict"] = [lo, hi], verdict(lo, hi)
+        out["ci"] = _interval(reps, level)
+        out["verdict"] = verdict(*out["ci"])
     return out
+
+
+def _replicates(units: list[tuple], n_prompts: int, n_boot: int, seed: int):
+    """The bootstrap's draws, ``n_boot`` times ``(rows, cols)``: ``rows`` [n_units] the units drawn with
+    replacement, ``cols`` [n_units, n_prompts] the prompts drawn with replacement per base LM (the same
+    indices for every unit of one base)."""
+    bases = sorted({u[0] for u in units})
+    base_of = np.asarray([bases.index(u[0]) for u in units])
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        rows = rng.integers(len(units), size=len(units))
+        yield rows, rng.integers(n_prompts, size=(len(bases), n_prompts))[base_of[rows]]
+
+
+def _interval(reps: list[float], level: float) -> list[float]:
+    """The percentile interval of the replicates at ``level``."""
+    alpha = (1 - level) / 2
+    return [float(x) for x in np.quantile(reps, [alpha, 1 - alpha])]
 
 
 def bootstrap_difference(
@@ -185,15 +197,7 @@ def bootstrap_difference(
     b = np.asarray([runs_b[u] for u in units], dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"the two methods' runs have {a.shape[1]} and {b.shape[1]} prompts")
-    bases = sorted({u[0] for u in units})
-    base_of = np.asarray([bases.index(u[0]) for u in units])
     d = a - b
-    rng = np.random.default_rng(seed)
-    reps = []
-    for _ in range(n_boot):
-        rows = rng.integers(len(units), size=len(units))
-        cols = rng.integers(d.shape[1], size=(len(bases), d.shape[1]))[base_of[rows]]
-        reps.append(float(d[rows[:, None], cols].mean()))
-    alpha = (1 - level) / 2
-    lo, hi = (float(x) for x in np.quantile(reps, [alpha, 1 - alpha]))
-    return {"diff": float(d.mean()), "ci": [lo, hi], "verdict": verdict(lo, hi), "n_units": len(units)}
+    reps = [float(d[rows[:, None], cols].mean()) for rows, cols in _replicates(units, d.shape[1], n_boot, seed)]
+    ci = _interval(reps, level)
+    return {"diff": float(d.mean()), "ci": ci, "verdict": verdict(*ci), "n_units": len(units)}

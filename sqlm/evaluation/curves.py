@@ -83,9 +83,10 @@ def curve_verdicts(results: list[dict], base_results: dict, methods: list, n_boo
             head = {"a": method.name, "b": b}
             steps = sorted({p["optimizer_steps"] for r in ra for p in r["curve"]}
                            & {p["optimizer_steps"] for r in rb for p in r["curve"]})  # fmt: skip
+            pa, pb = ({s: _per_unit(rr, s) for s in steps} for rr in (ra, rb))
             for step in steps:
-                sa = {u: s for u, (s, _) in _per_unit(ra, step).items()}
-                sb = {u: s for u, (s, _) in _per_unit(rb, step).items()}
+                sa = {u: s for u, (s, _) in pa[step].items()}
+                sb = {u: s for u, (s, _) in pb[step].items()}
                 rows.append({**head, "kind": "equal steps", "at": step, **bootstrap_difference(sa, sb, n_boot)})
             t = min(np.mean([r["curve"][-1]["train_seconds"] for r in rr]) for rr in (ra, rb))
             ta = {(r["base"], r["seed"]): score_at_time(r, base_results[r["base"]]["per_prompt_score"], t) for r in ra}
@@ -93,10 +94,10 @@ def curve_verdicts(results: list[dict], base_results: dict, methods: list, n_boo
             rows.append(
                 {**head, "kind": "equal wall time", "at": round(float(t), 1), **bootstrap_difference(ta, tb, n_boot)}
             )
-            units = set.intersection(*(set(_per_unit(rr, s)) for rr in (ra, rb) for s in steps)) if steps else set()
+            units = set.intersection(*(set(p[s]) for p in (pa, pb) for s in steps)) if steps else set()
             if units:
-                pa = {s: {u: v for u, v in _per_unit(ra, s).items() if u in units} for s in steps}
-                pb = {s: {u: v for u, v in _per_unit(rb, s).items() if u in units} for s in steps}
+                pa = {s: {u: v for u, v in pa[s].items() if u in units} for s in steps}
+                pb = {s: {u: v for u, v in pb[s].items() if u in units} for s in steps}
                 ref = {u: base_results[u[0]]["per_prompt_score"] for u in units}
                 out = bootstrap_matched_kl(pa, pb, reference=ref, n_boot=n_boot)
                 rows.append({**head, "kind": "matched KL along checkpoints", "at": out.pop("kl_range"), **out,
