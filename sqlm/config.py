@@ -116,6 +116,7 @@ class SoftQConfig(TrainingArguments):
             "behind), "
             "'unified_pcl' offline (per-token credit from dense rewards). 'pcl' (value head), 'unified_pcl' (V from the "
             "logits), 'group_pcl' (each completion's whole-path residual against its prompt group's mean: V cancels), "
+            "'tbrm' (each completion's whole-path residual from V(s_0) read from the logits: TBRM, Yuan et al. 2025), "
             "'soft_q' (one-step Bellman, target network), 'multistep_soft_q' (Q regressed on its d-step soft "
             "return, the target detached), 'advantage_pcl' (Guo et al. 2021 eq. 9), "
             "'multistep_pcl' (Guo et al. 2021 eq. 10), and Guo et al.'s forms with their reversed terms, mixed by "

@@ -326,6 +326,17 @@ def _group_sizes(group: torch.Tensor) -> torch.Tensor:
     return counts[inverse]
 
 
+def _whole_path_residuals(q, v, rewards, mask, tau, gamma, ref_log_pi):
+    """``(log_pi, c0, m, rows, first)``: each path's whole-path residual ``C(s_0)`` ``[B]`` read at its first
+    step (``first`` ``[B]``), with ``log pi = (Q - V) / tau``, the float mask ``m`` and ``rows`` (paths with a step)."""
+    log_pi = (q - v) / tau
+    c = path_consistency(v, log_pi, rewards, mask, tau=tau, gamma=gamma, d=None, ref_log_pi=ref_log_pi)
+    m = mask.float()
+    rows = m.sum(-1) > 0
+    first = m.argmax(-1)
+    return log_pi, c.gather(1, first[:, None]).squeeze(1), m, rows, first
+
+
 def group_pcl_loss(
     q: torch.Tensor,
     v: torch.Tensor,
@@ -369,12 +380,7 @@ def group_pcl_loss(
     set of every ``G`` and so the fixed point ``pi*`` unchanged.
     """
     tau = check_tau(tau)
-    log_pi = (q - v) / tau
-    c = path_consistency(v, log_pi, rewards, mask, tau=tau, gamma=gamma, d=None, ref_log_pi=ref_log_pi)
-    m = mask.float()
-    rows = m.sum(-1) > 0
-    first = m.argmax(-1)
-    c0 = c.gather(1, first[:, None]).squeeze(1)
+    log_pi, c0, m, rows, first = _whole_path_residuals(q, v, rewards, mask, tau, gamma, ref_log_pi)
     if group.shape != c0.shape:
         raise ValueError(f"group must be [B] = {tuple(c0.shape)}, got {tuple(group.shape)}")
     # rows with no step neither count in their group's mean nor get a loss
@@ -386,6 +392,44 @@ def group_pcl_loss(
     residual = torch.zeros_like(m).scatter(1, first[:, None], g[:, None].detach()) * m
     stats = _stats(residual, mask, v, log_pi, ref_log_pi, entropy, rewards)
     stats["consistency"] = g.abs()[rows].mean().item() if rows.any() else 0.0  # |G| per path
+    return loss, stats
+
+
+def tbrm_loss(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    gamma: float = 1.0,
+    ref_log_pi: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Trajectory Bellman residual minimisation (TBRM, Yuan et al. 2025, arXiv 2505.15311): one squared
+    residual per path, the whole path's consistency from its first state, with ``V(s_0)`` read from the
+    logits like every ``Q`` and ``V`` of the path:
+
+        C_i = -V(s_0) + sum_t gamma^t [r~_t - tau log pi(a_t|s_t)]     (seed Corollary 2, one segment)
+        L   = sum_i 1/2 C_i^2
+
+    TBRM's ``sum_h [Q(s_h, a_h) - V(s_{h+1})] - r`` telescopes to ``-C_i`` with ``Q - V = tau log pi`` and
+    ``r~ = r + tau log pi_ref``. ``C_i = 0`` on every path of every prompt iff ``pi`` is ``pi*`` and
+    ``V(s_0) = V*(s_0)``, whatever policy drew the paths: the fixed point of the other losses. Unlike
+    :func:`group_pcl_loss` no group mean removes ``V(s_0)``: the logits must also learn the soft value of the
+    prompt, and with the value anchored at the reference a failed path (``R = 0``) of the untrained
+    policy has ``C = 0`` and no gradient until ``V(s_0)`` rises. ``C_i / 2`` squared sits on each path's
+    first step, so ``reduction`` "token" divides the batch's sum by its path steps, "sequence" by its paths.
+    ``d`` does not apply."""
+    tau = check_tau(tau)
+    log_pi, c0, m, rows, first = _whole_path_residuals(q, v, rewards, mask, tau, gamma, ref_log_pi)
+    c0 = torch.where(rows, c0, torch.zeros_like(c0))
+    per_step = torch.zeros_like(m).scatter(1, first[:, None], (0.5 * c0.pow(2))[:, None]) * m
+    loss = reduce_loss(per_step, mask, reduction)
+    residual = torch.zeros_like(m).scatter(1, first[:, None], c0[:, None].detach()) * m
+    stats = _stats(residual, mask, v, log_pi, ref_log_pi, entropy, rewards)
+    stats["consistency"] = c0.abs()[rows].mean().item() if rows.any() else 0.0  # |C| per path
     return loss, stats
 
 
@@ -722,6 +766,7 @@ LOSS_SPECS: dict[str, LossSpec] = {
     "pcl": LossSpec(pcl_loss, needs_value_head=True, uses_d=True),
     "unified_pcl": LossSpec(unified_pcl_loss, uses_d=True),
     "group_pcl": LossSpec(group_pcl_loss, needs_groups=True),
+    "tbrm": LossSpec(tbrm_loss),
     "soft_q": LossSpec(soft_q_loss, needs_target=True),
     "multistep_soft_q": LossSpec(multistep_soft_q_loss, uses_d=True),
     "advantage_pcl": LossSpec(advantage_pcl_loss, needs_target=True),

@@ -19,6 +19,7 @@ LR = {
     "pcl": 1e-2,
     "unified_pcl": 1e-2,
     "group_pcl": 5e-3,
+    "tbrm": 5e-3,
     "soft_q": 1e-2,
     "advantage_pcl": 1e-2,
     "multistep_pcl": 5e-3,

@@ -168,6 +168,7 @@ def _loss_inputs(logits, actions, mask, tau, ref, rewards, vbar, values):
             so.q, so.v, rewards, mask, group=torch.zeros(mask.shape[0], dtype=torch.long), ref_log_pi=ref, **kw
         ),
         "multistep_soft_q": lambda **kw: LOSSES["multistep_soft_q"](so.q, so.v, rewards, mask, ref_log_pi=ref, **kw),
+        "tbrm": lambda **kw: LOSSES["tbrm"](so.q, so.v, rewards, mask, ref_log_pi=ref, **kw),
         "advantage_pcl": lambda **kw: advantage_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
         "multistep_pcl": lambda **kw: multistep_pcl_loss(so.q, so.v, vbar, rewards, mask, ref_log_pi=ref, **kw),
         **{
@@ -277,7 +278,7 @@ def test_stats(gen):
 def _call(loss_type, b=2, t=3, **kw):
     x = torch.zeros(b, t)
     m = torch.ones(b, t)
-    if loss_type in ("pcl", "unified_pcl", "multistep_soft_q"):
+    if loss_type in ("pcl", "unified_pcl", "multistep_soft_q", "tbrm"):
         return LOSSES[loss_type](x, x, x, m, **kw)
     if loss_type == "group_pcl":
         return LOSSES[loss_type](x, x, x, m, group=torch.zeros(b, dtype=torch.long), **kw)
@@ -309,7 +310,7 @@ def test_bad_shapes_name_the_argument(loss_type):
             LOSSES[loss_type](x, x, torch.zeros(2, 4), m, group=g, tau=1.0)
         with pytest.raises(ValueError, match="group"):
             LOSSES[loss_type](x, x, x, m, group=torch.zeros(3, dtype=torch.long), tau=1.0)
-    elif loss_type in ("pcl", "unified_pcl", "multistep_soft_q"):
+    elif loss_type in ("pcl", "unified_pcl", "multistep_soft_q", "tbrm"):
         with pytest.raises(ValueError, match="rewards"):
             LOSSES[loss_type](x, x, torch.zeros(2, 4), m, tau=1.0)
         with pytest.raises(ValueError, match="mask"):
@@ -567,6 +568,36 @@ def test_group_pcl_is_the_whole_path_residual_against_its_group_mean(gen):
     first = mask.argmax(-1)
     shifted[torch.arange(b), first] += 5.0  # V(s_0) + 5 tau on every row
     torch.testing.assert_close(loss(shifted)[0], loss(logits)[0])
+
+
+def test_tbrm_is_one_whole_path_residual_per_path_from_the_logits_start_value(gen):
+    """By hand: ``C_i = -V(s_0) + sum_t (r_t + tau log pi_ref - tau log pi)`` over path i, loss ``mean_i C_i^2 / 2``
+    ("sequence") or the same sum over the batch's path steps ("token"); the gradient reaches the first
+    state's value (a shift of its logits moves ``V(s_0)`` and so the loss), unlike ``group_pcl`` where it
+    cancels; a row without steps has no loss."""
+    from sqlm.losses import tbrm_loss
+
+    b, t, vocab, tau = 5, 4, 6, 0.3
+    logits = torch.randn(b, t, vocab, generator=gen)
+    actions = torch.randint(0, vocab, (b, t), generator=gen)
+    mask = contiguous_mask([4, 2, 3, 0, 2], t, starts=[0, 1, 0, 0, 1])
+    rewards, ref = torch.randn(b, t, generator=gen), -torch.rand(b, t, generator=gen)
+
+    def loss(lg, reduction="sequence"):
+        so = soft_outputs(lg, actions, tau)
+        return tbrm_loss(so.q, so.v, rewards, mask, tau=tau, ref_log_pi=ref, reduction=reduction)
+
+    so = soft_outputs(logits, actions, tau)
+    v0 = so.v[torch.arange(b), mask.argmax(-1)]
+    c = ((rewards + tau * ref - tau * so.log_pi) * mask).sum(-1) - v0
+    c = torch.where(mask.sum(-1) > 0, c, torch.zeros_like(c))
+    torch.testing.assert_close(loss(logits)[0], (0.5 * c.pow(2)).sum() / 4)  # 4 paths with a step
+    torch.testing.assert_close(loss(logits, "token")[0], (0.5 * c.pow(2)).sum() / mask.sum())
+    assert loss(logits)[1]["consistency"] == pytest.approx(c.abs()[mask.sum(-1) > 0].mean().item(), rel=1e-5)
+    shifted = logits.clone()
+    shifted[torch.arange(b), mask.argmax(-1)] += 5.0  # V(s_0) + 5 tau on every row, log pi unchanged
+    x = c - 5.0 * tau * (mask.sum(-1) > 0)
+    torch.testing.assert_close(loss(shifted)[0], (0.5 * x.pow(2)).sum() / 4)
 
 
 def test_group_pcl_scale_weighs_each_path_by_its_groups_reward_deviation(gen):
