@@ -11,7 +11,7 @@ import pytest
 
 from sqlm.commands.pipeline import PipelineArguments, main, run_pipeline
 from sqlm.errors import SqlmError
-from sqlm.evaluation.sweep import METHODS, budget_key, fill_placeholders, run_argv
+from sqlm.evaluation.sweep import METHODS, budget_key, fill_placeholders, keyed_recipe, run_argv
 from sqlm.evaluation.sweep_report import mean_pm_se
 from sqlm.evaluation.tasks import ArithmeticTask, ChatArithmeticTask, ChatSentimentTask, SentimentTask, TaskData
 
@@ -77,6 +77,20 @@ def test_reduced_pipeline_end_to_end(tmp_path, capsys):
     res2 = run_pipeline(args)
     assert {p: p.stat().st_mtime_ns for p in done} == stamps
     assert res2["seconds"] < 60 and res2["oracle"] is None
+
+    # the plan of a larger sweep: the finished runs by their cache folders, the new seed's to train, nothing run
+    args = PipelineArguments(reduced=True, cache_dir=str(cache), output_dir=str(tmp_path / "out3"), progress=False,
+                             oracle=False, seeds=[0, 1], plan=True)  # fmt: skip
+    res3 = run_pipeline(args)
+    for task in ("sentiment", "arithmetic"):
+        plan = {p["run"]: p["state"] for p in res3["tasks"][task]["plan"]}
+        assert {r for r, state in plan.items() if state == "cached"} == {
+            p.parent.name for p in done if p.parent.parent.name == task
+        }
+        assert sorted(r.split("-s")[-1][:1] for r, state in plan.items() if state == "to train") == ["1"] * len(
+            METHODS
+        )
+    assert sorted(cache.glob("sweeps/*/*/result.json")) == done and not (tmp_path / "out3").exists()
 
 
 def test_a_cell_of_one_run_shows_no_standard_error():
@@ -173,6 +187,21 @@ def test_an_attempt_flag_names_any_string_the_task_gives():
         with pytest.raises(SqlmError, match=bad[1:-1]) as e:
             fill_placeholders(["--x", bad], info)
         assert "{implicit_model}" in str(e.value)
+
+
+def test_a_recipes_own_knob_value_stays_out_of_the_run_key():
+    """The argv sets the knob, so the recipe's value of it never trains anything: a run at the recipe's value
+    keys the recipe text as it is (the keys of finished runs hold), a run at another value keys the text
+    with that value, so moving a recipe's default (tau 0.1 -> 0.01) keeps the keys of the runs at both."""
+    old = "model: x\ntau: 0.1\nlearning_rate: 3.0e-4\n"
+    new = old.replace("tau: 0.1", "tau: 0.01")
+    assert keyed_recipe(old, "tau", 0.1) == old and keyed_recipe(new, "tau", 0.01) == new
+    assert keyed_recipe(new, "tau", 0.1) == old and keyed_recipe(old, "tau", 0.01) == new
+    assert keyed_recipe("beta: 0.0  # TRL's default\n", "beta", 0.0) == "beta: 0.0  # TRL's default\n"
+    assert keyed_recipe("beta: 0.0  # TRL's default\n", "beta", 0.04) == "beta: 0.04  # TRL's default\n"
+    assert keyed_recipe("# tau: 0.1 in a comment\n  tau: 0.1\n", "tau", 0.3) == "# tau: 0.1 in a comment\n  tau: 0.1\n"
+    assert keyed_recipe("tau_scale: 2\n", "tau", 0.3) == "tau_scale: 2\n"
+    assert keyed_recipe("model: x\n", "tau", 0.3) == "model: x\n"
 
 
 def test_a_run_key_holds_the_placeholders_values_and_not_where_the_cache_lies(tmp_path, monkeypatch):

@@ -117,6 +117,13 @@ class PipelineArguments:
     oracle_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the oracle comparison."})
     oracle_steps: int = field(default=80, metadata={"help": "Full-batch steps per oracle-comparison run."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    plan: bool = field(
+        default=False,
+        metadata={
+            "help": "List every run of the sweep (its cache folder, named by its key) and whether its result is "
+            "recorded, cached or still to train; train nothing and write no report."
+        },
+    )
 
     def __post_init__(self):
         from ..config import as_mapping
@@ -181,6 +188,7 @@ class PipelineArguments:
             keep_models=self.keep_models,
             progress=self.progress,
             attempts=dict(self.attempts),
+            plan=self.plan,
         )
 
 
@@ -248,7 +256,10 @@ def run_pipeline(args: PipelineArguments) -> dict:
         task = get_task(name, reduced=args.reduced)
         log(f"{name}: {len(cfg.methods)} methods, base LMs {cfg.bases}, seeds {cfg.seeds}")
         results[name] = run_sweep(task, cfg, cache, out / name, run_command)
-        log(f"{name}: report {out / name / 'report.md'}")
+        if not args.plan:
+            log(f"{name}: report {out / name / 'report.md'}")
+    if args.plan:
+        return {"report": None, "tasks": results, "oracle": None, "seconds": time.time() - t0}
     oracle = stage_oracle(args, cache) if args.oracle else None
     report = write_summary(args, results, oracle, out, time.time() - t0)
     elapsed = time.time() - t0

@@ -125,6 +125,7 @@ class SweepConfig:
     n_boot: int = 1000
     keep_models: bool = False  # keep each run's weights (default: logs and results only)
     progress: bool = True
+    plan: bool = False  # list each run's folder and state (recorded, cached, to train); train nothing
     # variants of a method, judged like it: name -> {"base": method, "flags": [...], "values": [...],
     # "tasks": [...] (default: every task)}
     attempts: dict[str, dict] = field(default_factory=dict)
@@ -289,13 +290,30 @@ def run_key(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
                task=task.name, budget=budget_key(task.budget()), steps=steps, base=data.base.name,
                data=[data.prompts_file.parent.name, data.pairs_file.name], reward=reward, seed=seed,
                n_eval=n_eval, samples=cfg.eval_samples, mid=mid, extra={k: len(v) for k, v in extra.items()},
-               recipe=(task.recipes / method.recipe).read_text(), code=training_key(task, method, runner))  # fmt: skip
+               recipe=keyed_recipe((task.recipes / method.recipe).read_text(), method.knob, knob),
+               code=training_key(task, method, runner))  # fmt: skip
     if cfg.curve:  # only then, so that the keys of runs without a curve stay what they were
         key["curve"] = cfg.curve
     named = [n for n in placeholders(list(method.extra)) if n != "reward_model"]
     if named:  # only then, as the curve
         key["placeholders"] = {n: portable(str(data.info.get(n, "")), data) for n in named}
     return key
+
+
+def keyed_recipe(text: str, knob_name: str, knob: float) -> str:
+    """The recipe's part of a run's key: its text, with the value of its top-level ``knob_name:`` line written
+    as the run's ``knob`` where the two differ. The run's argv sets the knob (``--tau`` / ``--beta``), so the
+    recipe's own value never reaches training: a recipe whose default knob changes keeps the keys of the
+    runs at the other values (a run at the recipe's value keys its text unchanged, as before)."""
+    line = re.compile(rf"^({re.escape(knob_name)}:[ \t]*)([-+0-9.eE]+)", re.MULTILINE)
+    found = line.search(text)
+    if found is None:
+        return text
+    try:
+        same = float(found.group(2)) == float(knob)
+    except ValueError:
+        return text
+    return text if same else text[: found.start(2)] + f"{knob:g}" + text[found.end(2) :]
 
 
 def portable(text: str, data: TaskData) -> str:
@@ -306,17 +324,24 @@ def portable(text: str, data: TaskData) -> str:
     return text.replace(str(data.cache).rstrip("/") + "/", "<cache>/") if data.cache is not None else text
 
 
+def run_paths(task: Task, method: Method, knob: float, data: TaskData, seed: int, cfg: SweepConfig, root: Path,
+              prompts: list[str], runner: Runner) -> tuple[int, bool, Path, Path, Path | None]:  # fmt: skip
+    """``(steps, mid, folder, done, record)`` of a run: its optimizer steps, whether it evaluates half-way,
+    its cache folder (named by its key), the cached result and the record where it is kept (or None)."""
+    steps = cfg.steps or task.budget().steps
+    mid = cfg.mid_eval and method.regime != "offline" and not cfg.curve
+    key = run_key(task, method, knob, data, seed, cfg, steps, mid, len(prompts), _extra(data, cfg), runner)
+    folder = root / f"{method.name}-{knob:g}-b{data.base_seed}-s{seed}-{fingerprint(key)}"
+    record = cfg.records / task.name / f"{folder.name}.json" if cfg.records else None
+    return steps, mid, folder, folder / "result.json", record
+
+
 def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, cfg: SweepConfig, root: Path,
             ref, tokenizer, prompts: list[str], runner: Runner) -> dict:  # fmt: skip
     """Train (or read from the cache) and evaluate one run; a failed run is returned with ``failed``."""
-    steps = cfg.steps or task.budget().steps
-    mid = cfg.mid_eval and method.regime != "offline" and not cfg.curve
+    steps, mid, folder, done, record = run_paths(task, method, knob, data, seed, cfg, root, prompts, runner)
     save_every = max(1, steps // (cfg.curve + 1)) if cfg.curve else 0
     extra = _extra(data, cfg)
-    key = run_key(task, method, knob, data, seed, cfg, steps, mid, len(prompts), extra, runner)
-    folder = root / f"{method.name}-{knob:g}-b{data.base_seed}-s{seed}-{fingerprint(key)}"
-    done = folder / "result.json"
-    record = cfg.records / task.name / f"{folder.name}.json" if cfg.records else None
     for path in (record, done):
         if path is not None and path.is_file():
             return json.loads(path.read_text())
@@ -439,6 +464,21 @@ def _slim(r: dict) -> dict:
     return out
 
 
+def plan_sweep(task: Task, cfg: SweepConfig, root: Path, bases: dict, runs: list, runner: Runner) -> dict:
+    """What a sweep would do, without training: each run's folder and whether its result is in the records
+    ("recorded"), in the cache ("cached") or still to train ("to train"), one line each, and a count."""
+    plan = []
+    for method, knob, b, s in runs:
+        data, _, _, prompts = bases[b]
+        _, _, folder, done, record = run_paths(task, method, knob, data, s, cfg, root, prompts, runner)
+        state = "recorded" if record is not None and record.is_file() else "cached" if done.is_file() else "to train"
+        plan.append({"run": folder.name, "state": state})
+        log(f"{task.name} plan: {folder.name}: {state}")
+    left = sum(p["state"] == "to train" for p in plan)
+    log(f"{task.name} plan: {len(plan) - left} of {len(plan)} runs done, {left} to train")
+    return {"task": task.name, "plan": plan}
+
+
 def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: Runner) -> dict:
     """Every run of ``cfg`` on ``task`` (cached; trained by ``runner``), the summary, the verdicts,
     ``report.md``, ``frontier.png``, ``efficiency.png`` and ``results.json`` in ``out_dir``; returns
@@ -453,11 +493,13 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
         training_key(task, method, runner)
     log(f"{task.name}: training-code canaries of {len(methods)} methods in {time.time() - t:.1f}s")
     t0 = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
     root = cache / "sweeps" / task.name
     root.mkdir(parents=True, exist_ok=True)
     bases, base_results = prepare_bases(task, cfg, cache, root, runner)
     runs = [(m, knob, b, s) for m in methods for knob in cfg.values(m, task) for b in cfg.bases for s in cfg.seeds]
+    if cfg.plan:
+        return plan_sweep(task, cfg, root, bases, runs, runner)
+    out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     bar = _bar(len(runs), f"{task.name} runs", cfg.progress)
     for method, knob, b, s in runs:
