@@ -386,7 +386,7 @@ def group_pcl_loss(
     # rows with no step neither count in their group's mean nor get a loss
     ids = torch.where(rows, group.to(c0.device), torch.full_like(group, -1).to(c0.device))
     g = torch.where(rows, c0 - group_means(c0, ids), torch.zeros_like(c0))
-    w = residual_scales(path_rewards(rewards, mask, gamma), ids, rows, scale, tau)
+    w = residual_scales(path_rewards(rewards, mask, gamma), ids, rows, scale, tau).to(g.dtype)  # float64 rewards too
     per_step = torch.zeros_like(m).scatter(1, first[:, None], (0.5 * w * g.pow(2))[:, None]) * m
     loss = reduce_loss(per_step, mask, reduction)
     residual = torch.zeros_like(m).scatter(1, first[:, None], g[:, None].detach()) * m

@@ -78,3 +78,22 @@ def test_verdicts_along_the_curves_and_the_report(sweep, tmp_path):
         assert f(table, base, task, tmp_path / f"{f.__name__}.png").stat().st_size > 10_000
     # without the sqlm method there is nothing to judge
     assert curve_verdicts([r for r in results if r["method"] == "grpo"], base, methods, n_boot=50) == []
+
+
+def test_each_knob_value_of_an_sqlm_method_gets_its_own_verdicts(sweep):
+    """Two tau values of sqlm online: each is judged against the baseline on its own runs, named by its knob
+    (a method with one knob value keeps its bare name, as above); the far-behind value loses where the
+    far-ahead one wins."""
+    results, base, methods = sweep
+    rng = np.random.default_rng(1)
+    weak = []
+    for s in range(3):
+        r = _run("sqlm-online", s, [0.0, 0.0, 0.05], [1, 2, 3], [50, 100, 150], rng)
+        weak.append({**r, "knob": 0.01})
+    verdicts = curve_verdicts(results + weak, base, methods, n_boot=200)
+    by = {}
+    for v in verdicts:
+        by.setdefault(v["a"], []).append(v["verdict"])
+    assert set(by) == {"sqlm-online (tau=0.1)", "sqlm-online (tau=0.01)"}
+    assert by["sqlm-online (tau=0.1)"] == ["win"] * 5
+    assert by["sqlm-online (tau=0.01)"][:4] == ["loss"] * 4

@@ -52,10 +52,10 @@ def naive_consistency(values, log_pi, rewards, mask, tau, gamma, d, ref=None):
 
 
 def random_batch(gen, b=3, t=7):
-    values = torch.randn(b, t, generator=gen, dtype=torch.float64)
-    log_pi = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
-    rewards = torch.randn(b, t, generator=gen, dtype=torch.float64)
-    ref = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
+    values = torch.randn(b, t, generator=gen)
+    log_pi = -torch.rand(b, t, generator=gen) * 3
+    rewards = torch.randn(b, t, generator=gen)
+    ref = -torch.rand(b, t, generator=gen) * 3
     mask = contiguous_mask([5, 7, 2], t, starts=[2, 0, 1])[:b]
     return values, log_pi, rewards, ref, mask
 
@@ -66,13 +66,13 @@ def random_batch(gen, b=3, t=7):
 @pytest.mark.parametrize("gamma", [1.0, 0.9, 0.5, 0.01])
 @pytest.mark.parametrize("d", [1, 2, 3, 6, 7, 50, None])
 def test_window_sums_equal_naive_loop(gen, gamma, d):
-    x = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    x = torch.randn(4, 7, generator=gen)
     torch.testing.assert_close(window_sums(x, gamma, d), naive_window(x, gamma, d), atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("gamma", [0.999, 0.95, 0.5])
 def test_discounted_reverse_cumsum_long_paths_across_blocks(gen, gamma):
-    x = torch.randn(2, 400, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 400, generator=gen)
     want = torch.zeros_like(x)
     acc = torch.zeros(2, dtype=torch.float64)
     for t in range(399, -1, -1):
@@ -598,6 +598,59 @@ def test_tbrm_is_one_whole_path_residual_per_path_from_the_logits_start_value(ge
     shifted[torch.arange(b), mask.argmax(-1)] += 5.0  # V(s_0) + 5 tau on every row, log pi unchanged
     x = c - 5.0 * tau * (mask.sum(-1) > 0)
     torch.testing.assert_close(loss(shifted)[0], (0.5 * x.pow(2)).sum() / 4)
+
+
+@pytest.mark.parametrize("loss_type", ["group_pcl", "tbrm"])
+def test_under_adam_rescaling_the_reward_is_a_choice_of_tau(loss_type):
+    """Guo et al.'s reward shaping maps rewards to a fixed range, ``R -> a R + b``. With ``tau -> a tau`` the
+    soft values and ``tau log pi`` scale by ``a`` too; in ``group_pcl`` the offset ``b`` of a terminal reward
+    cancels in the group mean, so every residual is ``a`` times the original and the gradient exactly ``a^2``
+    times: the same direction. Adam divides each step by its running gradient scale, so it takes the same
+    steps (up to its eps): shaping the reward is choosing tau, while the larger tau alone (same reward)
+    points the gradient elsewhere.
+    ``tbrm`` keeps ``V(s_0)`` in its residual, so there only the scale is free (``b = 0``)."""
+    gen = torch.Generator().manual_seed(7)
+    b, t, vocab, tau, a = 8, 5, 6, 0.1, 4.0
+    init = torch.randn(b, t, vocab, generator=gen)
+    actions = torch.randint(0, vocab, (b, t), generator=gen)
+    mask = contiguous_mask([5, 3, 4, 2, 5, 1, 3, 4], t)
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
+    reward = (torch.rand(b, generator=gen) < 0.5).float()
+    ref = -torch.rand(b, t, generator=gen)
+    kw = dict(group=torch.arange(b) // 4) if loss_type == "group_pcl" else {}
+    offset = 3.0 if loss_type == "group_pcl" else 0.0
+
+    def loss(logits, scale, shift, temperature):
+        r = torch.where(last, scale * reward[:, None] + shift, torch.zeros(b, t))
+        so = soft_outputs(logits, actions, temperature)
+        return LOSSES[loss_type](so.q, so.v, r, mask, tau=temperature, ref_log_pi=ref, **kw)[0]
+
+    def grad(*setting):
+        logits = init.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(logits, *setting), logits)
+        return g
+
+    plain = grad(1.0, 0.0, tau)
+    assert plain.abs().max() > 1e-3
+    torch.testing.assert_close(grad(a, offset, a * tau), a**2 * plain, rtol=1e-4, atol=1e-6)
+    other = grad(1.0, 0.0, a * tau)  # the larger tau alone weighs the KL term more: another direction
+    assert torch.nn.functional.cosine_similarity(other.flatten(), plain.flatten(), dim=0) < 0.99
+
+
+def test_group_pcl_takes_float64_rewards(gen):
+    """Rewards in float64 (a Python reward function's numbers, a float64 reward model) give the float32 loss;
+    the per-path weights were float64 and could not be scattered into the float32 steps."""
+    from sqlm.losses import group_pcl_loss
+
+    logits = torch.randn(4, 3, 5, generator=gen)
+    actions = torch.randint(0, 5, (4, 3), generator=gen)
+    mask, rewards = torch.ones(4, 3), torch.rand(4, 3, generator=gen)
+    so = soft_outputs(logits, actions, 0.5)
+    group = torch.tensor([0, 0, 1, 1])
+    for scale in ("none", "group"):
+        want, _ = group_pcl_loss(so.q, so.v, rewards, mask, group=group, tau=0.5, scale=scale)
+        got, _ = group_pcl_loss(so.q, so.v, rewards.double(), mask, group=group, tau=0.5, scale=scale)
+        torch.testing.assert_close(got.float(), want)
 
 
 def test_group_pcl_scale_weighs_each_path_by_its_groups_reward_deviation(gen):

@@ -69,39 +69,47 @@ def score_at_time(run: dict, base_scores: list[float], t: float) -> list[float]:
 
 
 def curve_verdicts(results: list[dict], base_results: dict, methods: list, n_boot: int) -> list[dict]:
-    """The three verdicts of the module docstring for every sqlm method (first knob value) against each
-    baseline it is compared with, where both have curves with per-prompt scores."""
+    """The three verdicts of the module docstring for every sqlm method, at each of its knob values (named in
+    ``a`` where it has several), against each baseline it is compared with (its first knob value), where both
+    have curves with per-prompt scores."""
     names = {m.name for m in methods}
     rows = []
     for method in methods:
         for b in (x for x in method.compare if x in names):
-            ra, rb = _curved(results, method.name), _curved(results, b)
-            if not ra or not rb:
+            curved, rb = _curved(results, method.name), _curved(results, b)
+            if not curved or not rb:
                 continue
-            ra = [r for r in ra if r["knob"] == ra[0]["knob"]]
+            knobs = list(dict.fromkeys(r["knob"] for r in curved))
             rb = [r for r in rb if r["knob"] == rb[0]["knob"]]
-            head = {"a": method.name, "b": b}
-            steps = sorted({p["optimizer_steps"] for r in ra for p in r["curve"]}
-                           & {p["optimizer_steps"] for r in rb for p in r["curve"]})  # fmt: skip
-            pa, pb = ({s: _per_unit(rr, s) for s in steps} for rr in (ra, rb))
-            for step in steps:
-                sa = {u: s for u, (s, _) in pa[step].items()}
-                sb = {u: s for u, (s, _) in pb[step].items()}
-                rows.append({**head, "kind": "equal steps", "at": step, **bootstrap_difference(sa, sb, n_boot)})
-            t = min(np.mean([r["curve"][-1]["train_seconds"] for r in rr]) for rr in (ra, rb))
-            ta = {(r["base"], r["seed"]): score_at_time(r, base_results[r["base"]]["per_prompt_score"], t) for r in ra}
-            tb = {(r["base"], r["seed"]): score_at_time(r, base_results[r["base"]]["per_prompt_score"], t) for r in rb}
-            rows.append(
-                {**head, "kind": "equal wall time", "at": round(float(t), 1), **bootstrap_difference(ta, tb, n_boot)}
-            )
-            units = set.intersection(*(set(p[s]) for p in (pa, pb) for s in steps)) if steps else set()
-            if units:
-                pa = {s: {u: v for u, v in pa[s].items() if u in units} for s in steps}
-                pb = {s: {u: v for u, v in pb[s].items() if u in units} for s in steps}
-                ref = {u: base_results[u[0]]["per_prompt_score"] for u in units}
-                out = bootstrap_matched_kl(pa, pb, reference=ref, n_boot=n_boot)
-                rows.append({**head, "kind": "matched KL along checkpoints", "at": out.pop("kl_range"), **out,
-                             "n_units": len(units)})  # fmt: skip
+            for knob in knobs:
+                ra = [r for r in curved if r["knob"] == knob]
+                name = method.name if len(knobs) == 1 else f"{method.name} ({ra[0]['knob_name']}={knob:g})"
+                rows += _verdicts_of(ra, rb, {"a": name, "b": b}, base_results, n_boot)
+    return rows
+
+
+def _verdicts_of(ra: list[dict], rb: list[dict], head: dict, base_results: dict, n_boot: int) -> list[dict]:
+    """The verdicts of the runs ``ra`` against ``rb`` (one knob value each), every row starting with ``head``."""
+    rows = []
+    steps = sorted({p["optimizer_steps"] for r in ra for p in r["curve"]}
+                   & {p["optimizer_steps"] for r in rb for p in r["curve"]})  # fmt: skip
+    pa, pb = ({s: _per_unit(rr, s) for s in steps} for rr in (ra, rb))
+    for step in steps:
+        sa = {u: s for u, (s, _) in pa[step].items()}
+        sb = {u: s for u, (s, _) in pb[step].items()}
+        rows.append({**head, "kind": "equal steps", "at": step, **bootstrap_difference(sa, sb, n_boot)})
+    t = min(np.mean([r["curve"][-1]["train_seconds"] for r in rr]) for rr in (ra, rb))
+    ta = {(r["base"], r["seed"]): score_at_time(r, base_results[r["base"]]["per_prompt_score"], t) for r in ra}
+    tb = {(r["base"], r["seed"]): score_at_time(r, base_results[r["base"]]["per_prompt_score"], t) for r in rb}
+    rows.append({**head, "kind": "equal wall time", "at": round(float(t), 1), **bootstrap_difference(ta, tb, n_boot)})
+    units = set.intersection(*(set(p[s]) for p in (pa, pb) for s in steps)) if steps else set()
+    if units:
+        pa = {s: {u: v for u, v in pa[s].items() if u in units} for s in steps}
+        pb = {s: {u: v for u, v in pb[s].items() if u in units} for s in steps}
+        ref = {u: base_results[u[0]]["per_prompt_score"] for u in units}
+        out = bootstrap_matched_kl(pa, pb, reference=ref, n_boot=n_boot)
+        rows.append({**head, "kind": "matched KL along checkpoints", "at": out.pop("kl_range"), **out,
+                     "n_units": len(units)})  # fmt: skip
     return rows
 
 
