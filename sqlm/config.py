@@ -261,6 +261,14 @@ class SoftQConfig(TrainingArguments):
         default=0,
         metadata={"help": "Capacity (trajectories) of the replay buffer of online samples; 0 = no replay."},
     )
+    replay_priority: float = field(
+        default=0.0,
+        metadata={
+            "help": "Replay: draw each trajectory with probability proportional to exp(replay_priority * R), R its "
+            "summed reward (PCL's prioritised replay); 0 = uniformly. The loss treats replayed paths as any "
+            "off-policy data, so the fixed point does not move."
+        },
+    )
     replay_batch_size: int | None = field(
         default=None,
         metadata={
@@ -634,6 +642,8 @@ class SoftQConfig(TrainingArguments):
             self._check_vllm()
         if self.replay_buffer_size < 0:
             raise _bad("replay_buffer_size", f"must be >= 0, got {self.replay_buffer_size!r}")
+        if not (math.isfinite(self.replay_priority) and self.replay_priority >= 0):
+            raise _bad("replay_priority", f"must be a finite number >= 0, got {self.replay_priority!r}")
         if self.replay_batch_size is not None and self.replay_batch_size < 0:
             raise _bad("replay_batch_size", f"must be >= 0 or null, got {self.replay_batch_size!r}")
         if self.num_iterations < 1:

@@ -16,6 +16,7 @@ Rewards (built-in reward functions, the name registry, trajectory scoring) live 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -131,10 +132,13 @@ def generate_completions_vllm(
 
 
 class ReplayBuffer:
-    """A FIFO buffer of scored trajectories (capacity ``size``), sampled uniformly."""
+    """A FIFO buffer of scored trajectories (capacity ``size``), sampled uniformly or, with ``priority``
+    ``alpha > 0``, in proportion to ``exp(alpha * R)``, ``R`` a trajectory's summed reward (PCL's prioritised
+    replay, Nachum et al. 2017, section 5: their half-uniform, half-prioritised buffer drew by reward)."""
 
-    def __init__(self, size: int, seed: int = 0):
+    def __init__(self, size: int, seed: int = 0, priority: float = 0.0):
         self.size = int(size)
+        self.priority = float(priority)
         self.items: list[dict[str, Any]] = []
         self.rng = random.Random(seed)
 
@@ -154,7 +158,13 @@ class ReplayBuffer:
     def sample(self, k: int) -> list[Trajectory]:
         if not self.items or k <= 0:
             return []
-        picks = [self.items[self.rng.randrange(len(self.items))] for _ in range(k)]
+        if self.priority > 0:
+            r = [sum(it["token_rewards"]) for it in self.items]
+            top = max(r)
+            weights = [math.exp(self.priority * (x - top)) for x in r]
+            picks = self.rng.choices(self.items, weights=weights, k=k)
+        else:
+            picks = [self.items[self.rng.randrange(len(self.items))] for _ in range(k)]
         return [Trajectory(**p) for p in picks]
 
     def state_dict(self) -> dict[str, Any]:

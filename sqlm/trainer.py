@@ -210,7 +210,8 @@ class SoftQTrainer(Trainer):
         batch builder with its replay buffer."""
         self.eos_token_ids = eos_token_ids(self.model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id
-        self.replay_buffer = ReplayBuffer(self.args.replay_buffer_size, seed=self.args.seed + self.args.process_index)
+        self.replay_buffer = ReplayBuffer(self.args.replay_buffer_size, seed=self.args.seed + self.args.process_index,
+                                          priority=self.args.replay_priority)  # fmt: skip
         self.generated_completions = self.generated_tokens = 0  # generated for training (all rollouts)
         self._reused: list[dict] | None = None  # num_iterations > 1: the batches of the current cycle
         self._rng_pending: str | None = None  # checkpoint whose RNG state is restored before the next batch

@@ -67,6 +67,8 @@ def test_beta_is_tau():
         ({"reward_funcs": ["keyword"], "reward_weights": [1.0, 2.0]}, "reward_weights"),
         ({"reward_kwargs": "[1, 2]"}, "reward_kwargs"),
         ({"target_model_mixup_alpha": 0.0}, "target_model_mixup_alpha"),
+        ({"replay_priority": -1.0}, "replay_priority"),
+        ({"replay_priority": float("nan")}, "replay_priority"),
     ],
 )
 def test_invalid_values_name_the_key(kw, key):

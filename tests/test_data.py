@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 
 import pytest
 import torch
@@ -368,6 +370,28 @@ def test_replay_buffer_fifo_and_state():
     a, b = buf.sample(4), other.sample(4)
     assert [t.completion_ids for t in a] == [t.completion_ids for t in b]
     assert all(t.scored and t.token_rewards == [float(t.completion_ids[0])] for t in a)
+
+
+def test_prioritised_replay_draws_by_exp_of_the_summed_reward():
+    """``priority`` alpha draws trajectory i with probability exp(alpha R_i) / sum_j exp(alpha R_j): with
+    rewards 0 and 2 (summed over two steps) and alpha 1, the rewarded path comes e^2 / (1 + e^2) = 0.88 of the
+    time; alpha 0 keeps the uniform draws (the same sequence as before the option existed)."""
+    trajs = [Trajectory(prompt_ids=[1], completion_ids=[i, i]) for i in range(2)]
+    rewards = [torch.tensor([0.0, 0.0]), torch.tensor([1.5, 0.5])]
+    buf = ReplayBuffer(4, seed=0, priority=1.0)
+    buf.add(trajs, rewards)
+    picks = [t.completion_ids[0] for t in buf.sample(4000)]
+    assert sum(picks) / len(picks) == pytest.approx(math.exp(2) / (1 + math.exp(2)), abs=0.02)
+    uniform, plain = ReplayBuffer(4, seed=0, priority=0.0), ReplayBuffer(4, seed=0)
+    for b in (uniform, plain):
+        b.add(trajs, rewards)
+    want = [random.Random(0).randrange(2) for _ in range(1)]
+    got = [t.completion_ids[0] for t in uniform.sample(50)]
+    assert got == [t.completion_ids[0] for t in plain.sample(50)] and got[:1] == want
+    assert 10 < sum(got) < 40
+    huge = ReplayBuffer(4, seed=0, priority=50.0)  # exp of large rewards does not overflow
+    huge.add(trajs, [torch.tensor([0.0, 0.0]), torch.tensor([40.0, 0.0])])
+    assert {t.completion_ids[0] for t in huge.sample(20)} == {1}
 
 
 def test_a_tiny_chat_model_trained_on_conversations_learns_to_stop(tmp_path):
