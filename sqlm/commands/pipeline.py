@@ -121,7 +121,8 @@ class PipelineArguments:
         default=False,
         metadata={
             "help": "List every run of the sweep (its cache folder, named by its key) and whether its result is "
-            "recorded, cached or still to train; train nothing and write no report."
+            "recorded, cached or still to train; trains no run and writes no report (base LMs and data are "
+            "prepared as usual, from the cache where they are)."
         },
     )
 
