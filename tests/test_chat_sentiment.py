@@ -102,8 +102,9 @@ def test_replies_that_all_tie_are_one_error_and_pairs_are_cached(tmp_path, monke
 def test_every_method_has_a_recipe_as_chat_arithmetics_but_data_reward_and_reply_length():
     """Each method of the sweep has its paired recipe: the chat-arithmetic one's settings (SmolLM2, LoRA r 16 /
     alpha 32 on every linear layer, lengths, optimisation, seed) but for the data (filled by the pipeline),
-    the reward (the reward model through `terminal`) and 32-token replies; the reward model's recipe holds
-    pairs out for its accuracy."""
+    the reward (the reward model through `terminal`) and 32-token replies, and for sqlm online and mixed their
+    tau (0.01 for chat arithmetic's exact 0/1 checker, where 0.1 let the KL term pull accuracy down; a learned
+    reward model's scores keep 0.1); the reward model's recipe holds pairs out for its accuracy."""
     import yaml
 
     from sqlm.evaluation.sweep import METHODS
@@ -118,7 +119,10 @@ def test_every_method_has_a_recipe_as_chat_arithmetics_but_data_reward_and_reply
         assert (a["model_name_or_path"], a["lora_r"], a["lora_alpha"]) == ("smollm2-135m-instruct", 16, 32), rel
         assert a["lora_target_modules"] == ["all-linear"] and "dataset_name" not in a, rel
         differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
-        assert differ <= allowed, (rel, differ - allowed)
+        own_tau = {"tau"} if m is not None and m.command == "sqlm" and m.regime != "offline" else set()
+        assert differ <= allowed | own_tau, (rel, differ - allowed - own_tau)
+        if own_tau:
+            assert (a["tau"], b["tau"]) == (0.1, 0.01), rel
         if m is None:
             assert a["eval_fraction"] > 0 and a["tokenizer_pad_token"] != "<|im_end|>"
             continue
