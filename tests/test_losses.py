@@ -52,10 +52,10 @@ def naive_consistency(values, log_pi, rewards, mask, tau, gamma, d, ref=None):
 
 
 def random_batch(gen, b=3, t=7):
-    values = torch.randn(b, t, generator=gen)
-    log_pi = -torch.rand(b, t, generator=gen) * 3
-    rewards = torch.randn(b, t, generator=gen)
-    ref = -torch.rand(b, t, generator=gen) * 3
+    values = torch.randn(b, t, generator=gen, dtype=torch.float64)
+    log_pi = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
+    rewards = torch.randn(b, t, generator=gen, dtype=torch.float64)
+    ref = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
     mask = contiguous_mask([5, 7, 2], t, starts=[2, 0, 1])[:b]
     return values, log_pi, rewards, ref, mask
 
@@ -66,13 +66,13 @@ def random_batch(gen, b=3, t=7):
 @pytest.mark.parametrize("gamma", [1.0, 0.9, 0.5, 0.01])
 @pytest.mark.parametrize("d", [1, 2, 3, 6, 7, 50, None])
 def test_window_sums_equal_naive_loop(gen, gamma, d):
-    x = torch.randn(4, 7, generator=gen)
+    x = torch.randn(4, 7, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(window_sums(x, gamma, d), naive_window(x, gamma, d), atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("gamma", [0.999, 0.95, 0.5])
 def test_discounted_reverse_cumsum_long_paths_across_blocks(gen, gamma):
-    x = torch.randn(2, 400, generator=gen)
+    x = torch.randn(2, 400, generator=gen, dtype=torch.float64)
     want = torch.zeros_like(x)
     acc = torch.zeros(2, dtype=torch.float64)
     for t in range(399, -1, -1):
