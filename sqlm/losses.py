@@ -337,6 +337,18 @@ def _whole_path_residuals(q, v, rewards, mask, tau, gamma, ref_log_pi):
     return log_pi, c.gather(1, first[:, None]).squeeze(1), m, rows, first
 
 
+def _on_first_steps(x: torch.Tensor, m: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: each path's value ``x`` ``[B]`` on its first step ``first``, zero elsewhere and off the mask."""
+    return torch.zeros_like(m).scatter(1, first[:, None], x[:, None]) * m
+
+
+def _path_stats(c, rows, m, first, mask, v, log_pi, ref_log_pi, entropy, rewards) -> dict[str, float]:
+    """:func:`_stats` of one whole-path residual ``c`` ``[B]`` per path, ``consistency`` its mean ``|c|`` per path."""
+    stats = _stats(_on_first_steps(c.detach(), m, first), mask, v, log_pi, ref_log_pi, entropy, rewards)
+    stats["consistency"] = c.abs()[rows].mean().item() if rows.any() else 0.0
+    return stats
+
+
 def group_pcl_loss(
     q: torch.Tensor,
     v: torch.Tensor,
@@ -387,12 +399,8 @@ def group_pcl_loss(
     ids = torch.where(rows, group.to(c0.device), torch.full_like(group, -1).to(c0.device))
     g = torch.where(rows, c0 - group_means(c0, ids), torch.zeros_like(c0))
     w = residual_scales(path_rewards(rewards, mask, gamma), ids, rows, scale, tau).to(g.dtype)  # float64 rewards too
-    per_step = torch.zeros_like(m).scatter(1, first[:, None], (0.5 * w * g.pow(2))[:, None]) * m
-    loss = reduce_loss(per_step, mask, reduction)
-    residual = torch.zeros_like(m).scatter(1, first[:, None], g[:, None].detach()) * m
-    stats = _stats(residual, mask, v, log_pi, ref_log_pi, entropy, rewards)
-    stats["consistency"] = g.abs()[rows].mean().item() if rows.any() else 0.0  # |G| per path
-    return loss, stats
+    loss = reduce_loss(_on_first_steps(0.5 * w * g.pow(2), m, first), mask, reduction)
+    return loss, _path_stats(g, rows, m, first, mask, v, log_pi, ref_log_pi, entropy, rewards)
 
 
 def tbrm_loss(
@@ -425,12 +433,8 @@ def tbrm_loss(
     tau = check_tau(tau)
     log_pi, c0, m, rows, first = _whole_path_residuals(q, v, rewards, mask, tau, gamma, ref_log_pi)
     c0 = torch.where(rows, c0, torch.zeros_like(c0))
-    per_step = torch.zeros_like(m).scatter(1, first[:, None], (0.5 * c0.pow(2))[:, None]) * m
-    loss = reduce_loss(per_step, mask, reduction)
-    residual = torch.zeros_like(m).scatter(1, first[:, None], c0[:, None].detach()) * m
-    stats = _stats(residual, mask, v, log_pi, ref_log_pi, entropy, rewards)
-    stats["consistency"] = c0.abs()[rows].mean().item() if rows.any() else 0.0  # |C| per path
-    return loss, stats
+    loss = reduce_loss(_on_first_steps(0.5 * c0.pow(2), m, first), mask, reduction)
+    return loss, _path_stats(c0, rows, m, first, mask, v, log_pi, ref_log_pi, entropy, rewards)
 
 
 def multistep_soft_q_loss(
