@@ -97,3 +97,38 @@ def test_each_knob_value_of_an_sqlm_method_gets_its_own_verdicts(sweep):
     assert set(by) == {"sqlm-online (tau=0.1)", "sqlm-online (tau=0.01)"}
     assert by["sqlm-online (tau=0.1)"] == ["win"] * 5
     assert by["sqlm-online (tau=0.01)"][:4] == ["loss"] * 4
+
+
+def test_a_method_that_reuses_its_samples_is_also_judged_at_equal_generated_completions(sweep):
+    """Two updates per generated batch (``num_iterations: 2``) halve the completions per step: the equal-steps
+    verdicts compare different amounts of data, so a verdict at the smaller total of generated completions
+    follows, each run interpolated on its own count (the base model at 0); with equal counts per step (the
+    fixture's methods) there is no such row, and offline methods (no completions) get none either."""
+    from dataclasses import replace
+
+    from sqlm.evaluation.curves import score_at
+
+    results, base, methods = sweep
+    reuse = [{**r, "method": "sqlm-reuse", "curve": [{**p, "generated_completions": p["generated_completions"] // 2}
+                                                     for p in r["curve"]]} for r in results[:3]]  # fmt: skip
+    grpo = [r for r in results if r["method"] == "grpo"]
+    b = base[0]["per_prompt_score"]
+    half = score_at(grpo[0], b, 240.0, "generated_completions")  # between grpo's 160 and 320
+    want = [
+        (x + y) / 2 for x, y in zip(grpo[0]["curve"][0]["per_prompt_score"], grpo[0]["curve"][1]["per_prompt_score"])
+    ]
+    assert half == pytest.approx(want)
+    assert score_at(grpo[0], b, 0.0, "generated_completions") == b
+    m = replace(METHODS["sqlm-online"], name="sqlm-reuse", compare=("grpo",))
+    verdicts = curve_verdicts(reuse + grpo, base, [m, METHODS["grpo"]], n_boot=200)
+    kinds = [(v["kind"], v["at"]) for v in verdicts]
+    assert kinds[3] == ("equal generated completions", 240.0) and kinds[4] == ("equal wall time", 150.0)
+    at = next(v for v in verdicts if v["kind"] == "equal generated completions")
+    assert at["verdict"] == "win" and at["n_units"] == 3
+    text = "\n".join(curve_lines(curve_table(reuse + grpo, [m, METHODS["grpo"]]), verdicts, "accuracy"))
+    assert "| 240 completions |" in text
+    assert "equal generated completions" not in {v["kind"] for v in curve_verdicts(results, base, methods, 50)}
+    offline = [{**r, "curve": [{**p, "generated_completions": 0} for p in r["curve"]]} for r in reuse + grpo]
+    assert "equal generated completions" not in {
+        v["kind"] for v in curve_verdicts(offline, base, [m, METHODS["grpo"]], 50)
+    }

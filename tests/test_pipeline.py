@@ -164,8 +164,12 @@ def test_an_attempt_is_its_base_method_with_further_flags(tmp_path):
     base = run_argv(SentimentTask(), METHODS["sqlm-online"], data, 0.3, 0, 40, tmp_path / "o", mid=False)
     got = run_argv(SentimentTask(), attempt, data, 0.3, 0, 40, tmp_path / "o", mid=False)
     assert got == base + ["--reward_funcs", "abc", "--reward_kwargs", '{"abc": {"reward_model": "/rm"}}']
+    reuse = PipelineArguments(attempts={"k2": {"base": "sqlm-online", "compare": ["grpo", "g2"]},
+                                        "g2": {"base": "grpo", "flags": ["--num_iterations", 2]}}).sweep_config()  # fmt: skip
+    assert reuse.method("k2").compare == ("grpo", "g2") and reuse.method("g2").extra[-2:] == ("--num_iterations", "2")
     for bad in ({"x": {"base": "ppo"}}, {"grpo": {"base": "grpo"}}, {"x": {"base": "grpo", "flags": "--beta"}},
-                {"x": {"base": "grpo", "tasks": ["math"]}}):  # fmt: skip
+                {"x": {"base": "grpo", "tasks": ["math"]}}, {"x": {"base": "grpo", "compare": "dpo"}},
+                {"x": {"base": "grpo", "compare": ["ppo"]}}, {"x": {"base": "grpo", "compare": ["x"]}}):  # fmt: skip
         with pytest.raises(SqlmError, match="'attempts'"):
             PipelineArguments(attempts=bad)
 

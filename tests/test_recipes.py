@@ -114,6 +114,7 @@ def test_the_recipes_this_project_documents_exist():
         "recipes/smollm2-135m-instruct-sentiment/rloo/config.yaml",
         "recipes/smollm2-135m-instruct-sentiment/reward/config.yaml",
         "recipes/pipeline/config_real_sentiment.yaml",
+        "recipes/pipeline/config_real_reuse.yaml",
     ):
         assert name in rel, name
 

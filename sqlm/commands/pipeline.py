@@ -84,7 +84,8 @@ class PipelineArguments:
         default=None,
         metadata={
             "help": "Variants of a method, run and judged like it: {name: {base: METHOD, flags: [--key, value, ...], "
-            "values: [knob values], tasks: [the tasks it runs on; default all]}}; '{name}' in a flag is the task's "
+            "values: [knob values], tasks: [the tasks it runs on; default all], compare: [the methods or attempts it is "
+            "judged against; default its base's]}}; '{name}' in a flag is the task's "
             "info[name]: '{reward_model}' its reward model (sentiment, chat_sentiment), '{implicit_model}' its DPO "
             "policy and '{base_model}' its base LM (chat_sentiment)."
         },
@@ -153,11 +154,18 @@ class PipelineArguments:
                     f"flags: [...], values: [...]}}, got {spec!r}"
                 )
             flags, values, tasks = spec.get("flags", []), spec.get("values", []), spec.get("tasks", [])
-            lists = all(isinstance(x, list) for x in (flags, values, tasks))
-            if set(spec) - {"base", "flags", "values", "tasks"} or not lists or set(tasks) - set(TASKS):
+            compare = spec.get("compare", [])
+            lists = all(isinstance(x, list) for x in (flags, values, tasks, compare))
+            known = set(compare) <= set(METHODS) | set(self.attempts) - {name}
+            if set(spec) - {"base", "flags", "values", "tasks", "compare"} or not lists or set(tasks) - set(TASKS):
                 raise SqlmError(
-                    f"key 'attempts': '{name}' takes base, flags, values and tasks (lists; tasks of "
-                    f"{', '.join(TASKS)}), got {spec!r}"
+                    f"key 'attempts': '{name}' takes base, flags, values, tasks and compare (lists; tasks of "
+                    f"{', '.join(TASKS)}; compare of methods and other attempts), got {spec!r}"
+                )
+            if not known:
+                raise SqlmError(
+                    f"key 'attempts': '{name}' compares against {sorted(set(compare) - set(METHODS) - set(self.attempts))}"
+                    f", which is neither a method ({', '.join(METHODS)}) nor another attempt"
                 )
             spec["flags"] = [str(f) for f in flags]
         for key in ("steps", "n_eval"):

@@ -2,12 +2,16 @@
 the checkpoints' mean ± s.e. over runs, verdicts along them, ``curves.png`` and ``frontier_checkpoints.png``.
 
 Every run evaluated at the same optimizer steps (its checkpoints and its end), each point with the
-per-prompt scores and KLs. Three verdicts of each sqlm method against each baseline it is judged against,
+per-prompt scores and KLs. Four verdicts of each sqlm method against each baseline it is judged against,
 each with the bootstrap over runs and prompts of :mod:`sqlm.evaluation.compare`:
 
 * **equal steps**: at every checkpoint step both have, the difference of mean scores. Online and mixed
   methods generate the same completions per step, offline ones see the same pairs, so this is the verdict at
   equal generated completions (equal data);
+* **equal generated completions**: where the two methods generate different numbers of completions per
+  optimizer step (several updates per generated batch, ``num_iterations``; mixed against online), at the
+  smaller of the two methods' mean totals, each run's per-prompt scores interpolated linearly between its
+  checkpoints on its own count of generated completions (the base model at 0);
 * **equal wall time**: at the shorter of the two methods' mean training times, each run's per-prompt scores
   interpolated linearly between its checkpoints on its own clock (the base model at time 0);
 * **matched KL along the checkpoints**: the checkpoints of a method, averaged over runs, joined linearly
@@ -60,12 +64,17 @@ def _per_unit(runs: list[dict], step: int) -> dict[tuple, tuple[list[float], lis
     return out
 
 
-def score_at_time(run: dict, base_scores: list[float], t: float) -> list[float]:
-    """A run's per-prompt scores at training time ``t`` seconds: linear between its checkpoints on its own
-    clock, the base model's at time 0, its final ones past its end."""
-    times = [0.0] + [p["train_seconds"] for p in run["curve"]]
+def score_at(run: dict, base_scores: list[float], x: float, axis: str) -> list[float]:
+    """A run's per-prompt scores where its checkpoints' ``axis`` (``train_seconds``, ``generated_completions``)
+    reaches ``x``: linear between its checkpoints, the base model's at 0, its final ones past its end."""
+    xs = [0.0] + [p[axis] for p in run["curve"]]
     scores = np.asarray([base_scores] + [p["per_prompt_score"] for p in run["curve"]], dtype=np.float64)
-    return [float(np.interp(t, times, scores[:, j])) for j in range(scores.shape[1])]
+    return [float(np.interp(x, xs, scores[:, j])) for j in range(scores.shape[1])]
+
+
+def score_at_time(run: dict, base_scores: list[float], t: float) -> list[float]:
+    """A run's per-prompt scores at training time ``t`` seconds, on its own clock (:func:`score_at`)."""
+    return score_at(run, base_scores, t, "train_seconds")
 
 
 def curve_verdicts(results: list[dict], base_results: dict, methods: list, n_boot: int) -> list[dict]:
@@ -98,10 +107,14 @@ def _verdicts_of(ra: list[dict], rb: list[dict], head: dict, base_results: dict,
         sa = {u: s for u, (s, _) in pa[step].items()}
         sb = {u: s for u, (s, _) in pb[step].items()}
         rows.append({**head, "kind": "equal steps", "at": step, **bootstrap_difference(sa, sb, n_boot)})
-    t = min(np.mean([r["curve"][-1]["train_seconds"] for r in rr]) for rr in (ra, rb))
-    ta = {(r["base"], r["seed"]): score_at_time(r, base_results[r["base"]]["per_prompt_score"], t) for r in ra}
-    tb = {(r["base"], r["seed"]): score_at_time(r, base_results[r["base"]]["per_prompt_score"], t) for r in rb}
-    rows.append({**head, "kind": "equal wall time", "at": round(float(t), 1), **bootstrap_difference(ta, tb, n_boot)})
+    for kind, axis in (("equal generated completions", "generated_completions"), ("equal wall time", "train_seconds")):
+        ends = [float(np.mean([r["curve"][-1].get(axis, 0) for r in rr])) for rr in (ra, rb)]
+        if axis == "generated_completions" and (min(ends) <= 0 or ends[0] == ends[1]):
+            continue  # offline, or the same completions per step: the equal-steps verdicts say it
+        x = min(ends)
+        at = {id(rr): {(r["base"], r["seed"]): score_at(r, base_results[r["base"]]["per_prompt_score"], x, axis)
+                       for r in rr} for rr in (ra, rb)}  # fmt: skip
+        rows.append({**head, "kind": kind, "at": round(x, 1), **bootstrap_difference(at[id(ra)], at[id(rb)], n_boot)})
     units = set.intersection(*(set(p[s]) for p in (pa, pb) for s in steps)) if steps else set()
     if units:
         pa = {s: {u: v for u, v in pa[s].items() if u in units} for s in steps}
@@ -130,7 +143,9 @@ def curve_lines(table: list[dict], verdicts: list[dict], metric: str) -> list[st
                      f"| {pm(r, 'length', 1)} | {pm(r, 'eos', 2)} | {r['n_runs']} |")  # fmt: skip
     lines += ["", "### Verdicts along the curves", "",
               ("A − B with a 95% bootstrap interval over runs (paired) and prompts; **tie** when it holds 0. 'equal "
-               "steps': at that optimizer step (online: the same generated completions; offline: the same pairs). "
+               "steps': at that optimizer step (online: the same generated completions unless one method reuses its "
+               "samples; offline: the same pairs). 'equal generated completions' (where the two generate different "
+               "numbers per step): at the smaller of their totals, each run interpolated between its checkpoints. "
                "'equal wall time': at that many training seconds (the shorter of the two methods' mean times), each "
                "run interpolated between its checkpoints. 'matched KL along checkpoints': each method's checkpoints "
                "joined into a reward-KL path from the base model at KL 0, the mean difference over the KL range "
@@ -139,7 +154,8 @@ def curve_lines(table: list[dict], verdicts: list[dict], metric: str) -> list[st
     for v in verdicts:
         at = v["at"]
         where = ("–" if at is None else f"KL [{at[0]:.2f}, {at[1]:.2f}]") if isinstance(at, list | type(None)) else (
-            f"step {at}" if v["kind"] == "equal steps" else f"{at:.0f} s")  # fmt: skip
+            f"step {at}" if v["kind"] == "equal steps" else
+            f"{at:.0f} completions" if v["kind"] == "equal generated completions" else f"{at:.0f} s")  # fmt: skip
         d = "–" if v["diff"] is None else f"{v['diff']:+.3f}"
         ci = "–" if v["ci"] is None else f"[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
         lines.append(f"| {v['a']} | {v['b']} | {v['kind']} | {where} | {d} | {ci} | {v.get('n_units', '–')} "
@@ -158,17 +174,20 @@ def plot_curves(table: list[dict], base_results: dict, task: Task, path: Path) -
     import matplotlib.pyplot as plt
 
     base = sum(r["score"] for r in base_results.values()) / len(base_results)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), sharey=True)
     cells = dict.fromkeys((r["method"], r["knob"]) for r in table)
     for i, (m, knob) in enumerate(cells):
         rows = [r for r in table if (r["method"], r["knob"]) == (m, knob)]
         style = {**_style(m, rows[0]["regime"]), "color": plt.cm.tab10.colors[i % 10]}
         label = f"{m} {rows[0]['knob_name']}={knob:g} ({rows[0]['n_runs']} runs)"
         ys, es = [base] + [r["score"] for r in rows], [0.0] + [r["score_se"] for r in rows]
-        for ax, key in zip(axes, ("step", "train_seconds")):
+        for ax, key in zip(axes, ("step", "generated_completions", "train_seconds")):
+            if key == "generated_completions" and not rows[-1][key]:
+                continue  # offline: generates nothing
             ax.errorbar([0] + [r[key] for r in rows], ys, yerr=es, capsize=3, label=label, **style)
-    axes[0].set_xlabel("optimizer steps (online: × completions per step generated; offline: × pairs per step)")
-    axes[1].set_xlabel("training wall time, s (evaluation excluded)")
+    axes[0].set_xlabel("optimizer steps (offline: × pairs per step)")
+    axes[1].set_xlabel("completions generated for training (online and mixed)")
+    axes[2].set_xlabel("training wall time, s (evaluation excluded)")
     axes[0].set_ylabel(f"{task.metric} (held-out, T=1)")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{task.name}: learning curves (mean ± s.e. over runs; base model at 0)")

@@ -127,7 +127,7 @@ class SweepConfig:
     progress: bool = True
     plan: bool = False  # list each run's folder and state (recorded, cached, to train); train nothing
     # variants of a method, judged like it: name -> {"base": method, "flags": [...], "values": [...],
-    # "tasks": [...] (default: every task)}
+    # "tasks": [...] (default: every task), "compare": [...] (default: the base method's baselines)}
     attempts: dict[str, dict] = field(default_factory=dict)
 
     def values(self, method: Method, task: Task | None = None) -> tuple[float, ...]:
@@ -152,7 +152,8 @@ class SweepConfig:
         base = METHODS[spec["base"]]
         values = tuple(spec.get("values") or ())
         return replace(base, name=name, extra=base.extra + tuple(spec.get("flags", ())),
-                       values=values or base.values, default=values or base.default)  # fmt: skip
+                       values=values or base.values, default=values or base.default,
+                       compare=tuple(spec.get("compare") or base.compare))  # fmt: skip
 
     def all_methods(self, task: str | None = None) -> list[Method]:
         """The methods, then the attempts (those of ``task``: an attempt with ``tasks`` runs on those only)."""
