@@ -3,12 +3,13 @@ from its wrong ones on chat arithmetic, and does best-of-8 by them beat likeliho
 
 1. Two policies trained exactly as the real-model table's cells (``sqlm.evaluation.sweep.run_argv`` with
    the chat_arithmetic budget: 100 steps, LoRA r 16, learning rate decaying linearly from 3e-4 online /
-   1e-4 offline): sqlm online (tau 0.1) and TRL DPO (beta 0.1), seed ``--seed``, kept in ``--models``
-   (trained once; a folder with a finished model is reused). The base model is the control.
+   1e-4 offline): sqlm online (tau 0.01, its recipe's default; ``--knob sqlm-online=0.1`` for the earlier
+   default) and TRL DPO (beta 0.1), seed ``--seed``, kept in ``--models`` (trained once; a folder with a
+   finished model is reused). The base model is the control.
 2. For each model, ``--n`` replies at T=1 to each of ``--n_eval`` held-out prompts (sampling seed 0),
    checked by the exact checker, then read back by the model and the base model
-   (:func:`sqlm.decoding.score_completions`) at the model's tau (sqlm: 0.1; DPO: beta 0.1; the base:
-   0.1, where every implicit reward is 0):
+   (:func:`sqlm.decoding.score_completions`) at the model's knob (sqlm: its tau; DPO: its beta; the base:
+   0.1, where every implicit reward is 0; a positive scale, so no ranking below depends on it):
    * the AUC of each signal for right against wrong replies, within each prompt that has both, averaged
      over those prompts: the implicit reward tau * sum log pi/pi_ref, the likelihood sum log pi, the
      critic's V(s_0) (one value per prompt: it cannot rank the prompt's replies, so it is measured
@@ -36,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "scripts" / "results" / "real" / "critic"
-TRAINED = {"sqlm-online": 0.1, "dpo": 0.1}  # method: its knob (tau / beta), also the tau it is read at
+TRAINED = {"sqlm-online": 0.01, "dpo": 0.1}  # method: its default knob (tau / beta), also the tau it is read at
 
 
 def parse_args(argv=None):
@@ -50,10 +51,19 @@ def parse_args(argv=None):
     p.add_argument("--use", action="append", default=[], metavar="METHOD=FOLDER",
                    help="a model already trained as the table's run (e.g. a `keep_models` run of the real-model "
                    "sweep, ~/.cache/sqlm/sweeps/chat_arithmetic/<run>/model) instead of training it")  # fmt: skip
-    return p.parse_args(argv)
+    p.add_argument("--knob", action="append", default=[], metavar="METHOD=VALUE",
+                   help="train (or read) METHOD at this tau / beta instead of its default")  # fmt: skip
+    args = p.parse_args(argv)
+    try:
+        args.knobs = {**TRAINED, **{m: float(v) for m, v in (k.split("=", 1) for k in args.knob)}}
+    except ValueError:
+        p.error(f"--knob takes METHOD=NUMBER, got {args.knob}")
+    if unknown := set(args.knobs) - set(TRAINED):
+        p.error(f"--knob names no trained method: {sorted(unknown)} (known: {sorted(TRAINED)})")
+    return args
 
 
-def train(method: str, data, steps: int, seed: int, out: Path) -> float:
+def train(method: str, knob: float, data, steps: int, seed: int, out: Path) -> float:
     """Train ``method`` as the table's run of this seed into ``out`` (skipped when it exists)."""
     from sqlm.commands.pipeline import run_command
     from sqlm.evaluation.sweep import METHODS, run_argv
@@ -63,7 +73,7 @@ def train(method: str, data, steps: int, seed: int, out: Path) -> float:
         return 0.0
     t0 = time.time()
     m = METHODS[method]
-    run_command(m.command, run_argv(ChatArithmeticTask(), m, data, TRAINED[method], seed, steps, out, mid=False))
+    run_command(m.command, run_argv(ChatArithmeticTask(), m, data, knob, seed, steps, out, mid=False))
     return time.time() - t0
 
 
@@ -144,14 +154,16 @@ def report(results: dict, args) -> str:
             "# The critic at inference on SmolLM2-135M-Instruct (chat arithmetic)",
             "",
             f"`python scripts/exp_critic_real.py` — training seed {args.seed}, {results['steps']} steps (the "
-            f"real-model table's budget), {args.n} T=1 replies to each of {results['n_eval']} held-out prompts "
+            f"real-model table's budget), knobs {', '.join(f'{m} {k:g}' for m, k in args.knobs.items())}, "
+            f"{args.n} T=1 replies to each of {results['n_eval']} held-out prompts "
             "(sampling seed 0). AUC: within each prompt that has right and wrong replies, P(a right reply scores "
             "above a wrong one), averaged over those prompts (0.5 = chance); V(s_0): across prompts, prompts the "
             "model answers right at least half the time against the others.",
             "",
             *rows,
             "",
-            f"Wall time: {results['wall_s']:.0f} s on {os.cpu_count()} CPU cores (training included).",
+            f"Wall time: {results['wall_s']:.0f} s on {os.cpu_count()} CPU cores, of which training "
+            f"{sum(results['train_s'].values()):.0f} s (0: models given with --use).",
         ]
     )
 
@@ -173,9 +185,11 @@ def main(argv=None) -> int:
     print(f"base: {results['models']['base']}", flush=True)
     given = dict(u.split("=", 1) for u in args.use)
     results["used"] = given
-    for method, tau in TRAINED.items():
-        folder = Path(given[method]) if method in given else args.models / f"{method}-s{args.seed}-steps{steps}"
-        results["train_s"][method] = 0.0 if method in given else train(method, data, steps, args.seed, folder)
+    results["knobs"] = args.knobs
+    for method, tau in args.knobs.items():
+        name = f"{method}-{tau:g}-s{args.seed}-steps{steps}"
+        folder = Path(given[method]) if method in given else args.models / name
+        results["train_s"][method] = 0.0 if method in given else train(method, tau, data, steps, args.seed, folder)
         model, _ = load_policy(folder)
         results["models"][method] = measure(model, ref, tok, rows, args.n, tau)
         print(f"{method}: {results['models'][method]}", flush=True)
