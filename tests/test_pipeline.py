@@ -172,6 +172,8 @@ def test_an_attempt_is_its_base_method_with_further_flags(tmp_path):
                 {"x": {"base": "grpo", "compare": ["ppo"]}}, {"x": {"base": "grpo", "compare": ["x"]}}):  # fmt: skip
         with pytest.raises(SqlmError, match="'attempts'"):
             PipelineArguments(attempts=bad)
+    with pytest.raises(SqlmError, match=r"'x' compares against \['x'\]"):  # itself, named in the line
+        PipelineArguments(attempts={"x": {"base": "grpo", "compare": ["x"]}})
 
 
 def test_an_attempt_flag_names_any_string_the_task_gives():

@@ -156,16 +156,15 @@ class PipelineArguments:
             flags, values, tasks = spec.get("flags", []), spec.get("values", []), spec.get("tasks", [])
             compare = spec.get("compare", [])
             lists = all(isinstance(x, list) for x in (flags, values, tasks, compare))
-            known = set(compare) <= set(METHODS) | set(self.attempts) - {name}
             if set(spec) - {"base", "flags", "values", "tasks", "compare"} or not lists or set(tasks) - set(TASKS):
                 raise SqlmError(
                     f"key 'attempts': '{name}' takes base, flags, values, tasks and compare (lists; tasks of "
                     f"{', '.join(TASKS)}; compare of methods and other attempts), got {spec!r}"
                 )
-            if not known:
+            if unknown := set(compare) - set(METHODS) - (set(self.attempts) - {name}):
                 raise SqlmError(
-                    f"key 'attempts': '{name}' compares against {sorted(set(compare) - set(METHODS) - set(self.attempts))}"
-                    f", which is neither a method ({', '.join(METHODS)}) nor another attempt"
+                    f"key 'attempts': '{name}' compares against {sorted(unknown)}, which is neither a method "
+                    f"({', '.join(METHODS)}) nor another attempt"
                 )
             spec["flags"] = [str(f) for f in flags]
         for key in ("steps", "n_eval"):

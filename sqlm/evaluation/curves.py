@@ -112,9 +112,9 @@ def _verdicts_of(ra: list[dict], rb: list[dict], head: dict, base_results: dict,
         if axis == "generated_completions" and (min(ends) <= 0 or ends[0] == ends[1]):
             continue  # offline, or the same completions per step: the equal-steps verdicts say it
         x = min(ends)
-        at = {id(rr): {(r["base"], r["seed"]): score_at(r, base_results[r["base"]]["per_prompt_score"], x, axis)
-                       for r in rr} for rr in (ra, rb)}  # fmt: skip
-        rows.append({**head, "kind": kind, "at": round(x, 1), **bootstrap_difference(at[id(ra)], at[id(rb)], n_boot)})
+        sa, sb = ({(r["base"], r["seed"]): score_at(r, base_results[r["base"]]["per_prompt_score"], x, axis)
+                   for r in rr} for rr in (ra, rb))  # fmt: skip
+        rows.append({**head, "kind": kind, "at": round(x, 1), **bootstrap_difference(sa, sb, n_boot)})
     units = set.intersection(*(set(p[s]) for p in (pa, pb) for s in steps)) if steps else set()
     if units:
         pa = {s: {u: v for u, v in pa[s].items() if u in units} for s in steps}
