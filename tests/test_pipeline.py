@@ -403,3 +403,8 @@ def test_pipeline_recipes_parse():
     assert kwargs == {"sqlm-offline-abc": {"abc": {"reward_model": "/rm"}},
                       "sqlm-offline-implicit": {"implicit": {"model": "/dpo", "ref_model": "/base", "beta": 0.1}}}  # fmt: skip
     assert ChatSentimentTask.IMPLICIT_BETA == 0.1  # the beta the DPO policy of {implicit_model} was trained with
+    (args,) = parse_recipe((PipelineArguments,), str(root / "config_real_offline.yaml"), [])
+    cfg = args.sweep_config()
+    assert args.output_dir != "scripts/results/real" and cfg.records == Path("scripts/results/real/runs")
+    (attempt,) = [m for m in cfg.all_methods("chat_arithmetic") if m.name == "sqlm-offline-group"]
+    assert attempt.extra[-2:] == ("--loss_type", "group_pcl") and set(attempt.compare) == {"sqlm-offline", "dpo"}

@@ -115,6 +115,7 @@ def test_the_recipes_this_project_documents_exist():
         "recipes/smollm2-135m-instruct-sentiment/reward/config.yaml",
         "recipes/pipeline/config_real_sentiment.yaml",
         "recipes/pipeline/config_real_reuse.yaml",
+        "recipes/pipeline/config_real_offline.yaml",
     ):
         assert name in rel, name
 

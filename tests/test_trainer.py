@@ -468,6 +468,34 @@ def test_guo_mix_reads_the_target_networks_advantage(tmp_path, tokenizer):
     assert not torch.allclose(loss, online, rtol=1e-4)
 
 
+def test_offline_group_pcl_fits_each_pairs_margin(tmp_path, tokenizer):
+    """group_pcl offline: a preference pair is its prompt's group (chosen and rejected share the prompt, so
+    V(s_0) cancels), and the loss is each pair's squared margin residual
+    (R_c - R_r - tau (log pi(y_c) - log pi(y_r)))^2 / 4, over the batch's path steps: the pair's log-ratio
+    gap is driven to the reward gap over tau, not pushed on without end as DPO's logistic loss does."""
+    from sqlm.forward import policy_soft_outputs
+
+    tau = 0.5
+    args = config(tmp_path, mode="offline", loss_type="group_pcl", tau=tau, use_reference=False,
+                  per_device_train_batch_size=4, chosen_score_column="score_chosen",
+                  rejected_score_column="score_rejected")  # fmt: skip
+    rows = [{"prompt": PROMPTS[i], "chosen": GOOD, "rejected": BAD, "score_chosen": 1.0, "score_rejected": 0.0}
+            for i in range(2)]  # fmt: skip
+    trainer = SoftQTrainer(make_model(tokenizer), args, train_dataset=Dataset.from_list(rows),
+                           processing_class=tokenizer)  # fmt: skip
+    batch = trainer.build_batch([dict(r) for r in trainer.train_dataset])
+    assert batch["group_ids"].tolist() == [0, 0, 1, 1] and batch["pair_index"].tolist() == [[0, 1], [2, 3]]
+    loss = trainer.compute_loss(trainer.model, batch)
+    start = int(batch["logits_start"])
+    mask = batch["path_mask"][:, start:].float()
+    soft, _ = policy_soft_outputs(trainer.model, batch, tau)
+    returns = (batch["token_rewards"][:, start + 1 :] * mask).sum(-1)
+    log_p = (soft.log_pi * mask).sum(-1)
+    assert returns.tolist() == [1.0, 0.0, 1.0, 0.0]
+    margin = (returns[0::2] - returns[1::2]) - tau * (log_p[0::2] - log_p[1::2])
+    torch.testing.assert_close(loss, (margin.pow(2) / 4).sum() / mask.sum(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("loss_type", ["unified_pcl", "pcl", "soft_q"])
 def test_sequence_reward_after_the_end_of_turn_reaches_the_loss(tmp_path, tokenizer, loss_type):
     """ChatML ends an assistant turn with ``<|im_end|>\\n``: the completion's last token lies after the
