@@ -176,6 +176,45 @@ def test_an_attempt_is_its_base_method_with_further_flags(tmp_path):
         PipelineArguments(attempts={"x": {"base": "grpo", "compare": ["x"]}})
 
 
+def test_compare_sets_a_methods_baselines_for_the_report_only():
+    """``compare: {sqlm-mixed: [grpo, rloo, sqlm-online]}`` judges sqlm mixed also against sqlm online (does
+    adding the pairs help?): the method's baselines change and nothing that keys its runs (command, regime,
+    recipe, knob, flags), so no finished run is trained again; a bad key, list or name is one clear line."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from sqlm.evaluation.curves import curve_verdicts
+
+    cfg = PipelineArguments(compare={"sqlm-mixed": ["grpo", "rloo", "sqlm-online"]}).sweep_config()
+    mixed = cfg.method("sqlm-mixed")
+    assert mixed.compare == ("grpo", "rloo", "sqlm-online") and cfg.method("sqlm-online") == METHODS["sqlm-online"]
+    assert replace(mixed, compare=METHODS["sqlm-mixed"].compare) == METHODS["sqlm-mixed"]
+    rng = np.random.default_rng(0)
+
+    def run(method, seed, rate):
+        s = (rng.random(32) < rate).astype(float).tolist()
+        point = dict(optimizer_steps=10, generated_completions=160, train_seconds=50.0, score=float(np.mean(s)),
+                     kl=1.0, per_prompt_score=s, per_prompt_kl=[1.0] * 32)  # fmt: skip
+        return dict(method=method, knob=0.1, knob_name="tau", base=0, seed=seed, curve=[point])
+
+    results = [run(m, s, r) for m, r in (("sqlm-mixed", 0.9), ("sqlm-online", 0.2)) for s in range(3)]
+    base = {0: {"per_prompt_score": [0.0] * 32}}
+    methods = cfg.all_methods()
+    assert curve_verdicts(results, base, [METHODS["sqlm-mixed"], METHODS["sqlm-online"]], n_boot=20) == []
+    got = curve_verdicts(results, base, methods, n_boot=50)
+    assert {(v["a"], v["b"]) for v in got} == {("sqlm-mixed", "sqlm-online")}
+    assert got[0]["kind"] == "equal steps" and got[0]["verdict"] == "win"
+    for bad, line in (({"ppo": ["grpo"]}, "unknown method 'ppo'"), ({"sqlm-mixed": "grpo"}, "list of method names"),
+                      ({"sqlm-mixed": ["ppo"]}, r"against \['ppo'\]"),
+                      ({"sqlm-mixed": ["sqlm-mixed"]}, "against itself")):  # fmt: skip
+        with pytest.raises(SqlmError, match=rf"key 'compare': .*{line}"):
+            PipelineArguments(compare=bad)
+    # an attempt may be a baseline
+    args = PipelineArguments(attempts={"k2": {"base": "sqlm-online"}}, compare={"sqlm-mixed": ["k2"]})
+    assert args.sweep_config().method("sqlm-mixed").compare == ("k2",)
+
+
 def test_an_attempt_flag_names_any_string_the_task_gives():
     """``{name}`` in an attempt's flags is the task's ``info[name]`` for every string-valued key;
     ``{reward_model}`` is as before (the empty string on a task without one); JSON braces are no

@@ -90,6 +90,14 @@ class PipelineArguments:
             "policy and '{base_model}' its base LM (chat_sentiment)."
         },
     )
+    compare: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'The baselines a method is judged against, in place of its own, e.g. {"sqlm-mixed": ["grpo", '
+            '"rloo", "sqlm-online"]} (methods or attempts; default: sqlm methods against TRL\'s, online GRPO and '
+            "RLOO, offline DPO). Only the report changes: no run is trained again."
+        },
+    )
     steps: int | None = field(default=None, metadata={"help": "Optimizer steps of every run (default: the task's)."})
     n_eval: int | None = field(
         default=None, metadata={"help": "Held-out prompts per base LM (default 128; with full every prepared one)."}
@@ -167,6 +175,19 @@ class PipelineArguments:
                     f"({', '.join(METHODS)}) nor another attempt"
                 )
             spec["flags"] = [str(f) for f in flags]
+        self.compare = as_mapping(self.compare, "compare") or {}
+        for m, against in self.compare.items():
+            if m not in METHODS:
+                raise SqlmError(f"key 'compare': unknown method '{m}'; choose from {', '.join(METHODS)}")
+            if not isinstance(against, list) or any(not isinstance(b, str) for b in against):
+                raise SqlmError(f"key 'compare': '{m}' must map to a list of method names, got {against!r}")
+            if unknown := set(against) - set(METHODS) - set(self.attempts):
+                raise SqlmError(
+                    f"key 'compare': '{m}' compares against {sorted(unknown)}, which is neither a method "
+                    f"({', '.join(METHODS)}) nor an attempt"
+                )
+            if m in against:
+                raise SqlmError(f"key 'compare': '{m}' compares against itself")
         for key in ("steps", "n_eval"):
             v = getattr(self, key)
             if v is not None and v < 1:
@@ -196,6 +217,7 @@ class PipelineArguments:
             keep_models=self.keep_models,
             progress=self.progress,
             attempts=dict(self.attempts),
+            compare={k: list(v) for k, v in self.compare.items()},
             plan=self.plan,
         )
 

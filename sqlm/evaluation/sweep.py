@@ -129,6 +129,7 @@ class SweepConfig:
     # variants of a method, judged like it: name -> {"base": method, "flags": [...], "values": [...],
     # "tasks": [...] (default: every task), "compare": [...] (default: the base method's baselines)}
     attempts: dict[str, dict] = field(default_factory=dict)
+    compare: dict[str, list[str]] = field(default_factory=dict)  # per-method override of Method.compare (report only)
 
     def values(self, method: Method, task: Task | None = None) -> tuple[float, ...]:
         """The knob values of ``method``: the ``knobs`` override, else its default value, else (``full``)
@@ -147,7 +148,8 @@ class SweepConfig:
         ``{name}`` stands for the task's ``info[name]``, e.g. ``{reward_model}`` for its reward model:
         :func:`fill_placeholders`) and, optionally, its own knob values."""
         if name in METHODS:
-            return METHODS[name]
+            m = METHODS[name]
+            return replace(m, compare=tuple(self.compare[name])) if name in self.compare else m
         spec = self.attempts[name]
         base = METHODS[spec["base"]]
         values = tuple(spec.get("values") or ())
