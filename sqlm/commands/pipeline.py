@@ -169,11 +169,7 @@ class PipelineArguments:
                     f"key 'attempts': '{name}' takes base, flags, values, tasks and compare (lists; tasks of "
                     f"{', '.join(TASKS)}; compare of methods and other attempts), got {spec!r}"
                 )
-            if unknown := set(compare) - set(METHODS) - (set(self.attempts) - {name}):
-                raise SqlmError(
-                    f"key 'attempts': '{name}' compares against {sorted(unknown)}, which is neither a method "
-                    f"({', '.join(METHODS)}) nor another attempt"
-                )
+            check_baselines("attempts", name, compare, set(self.attempts) - {name}, "another attempt")
             spec["flags"] = [str(f) for f in flags]
         self.compare = as_mapping(self.compare, "compare") or {}
         for m, against in self.compare.items():
@@ -181,11 +177,7 @@ class PipelineArguments:
                 raise SqlmError(f"key 'compare': unknown method '{m}'; choose from {', '.join(METHODS)}")
             if not isinstance(against, list) or any(not isinstance(b, str) for b in against):
                 raise SqlmError(f"key 'compare': '{m}' must map to a list of method names, got {against!r}")
-            if unknown := set(against) - set(METHODS) - set(self.attempts):
-                raise SqlmError(
-                    f"key 'compare': '{m}' compares against {sorted(unknown)}, which is neither a method "
-                    f"({', '.join(METHODS)}) nor an attempt"
-                )
+            check_baselines("compare", m, against, set(self.attempts), "an attempt")
             if m in against:
                 raise SqlmError(f"key 'compare': '{m}' compares against itself")
         for key in ("steps", "n_eval"):
@@ -219,6 +211,18 @@ class PipelineArguments:
             attempts=dict(self.attempts),
             compare={k: list(v) for k, v in self.compare.items()},
             plan=self.plan,
+        )
+
+
+def check_baselines(key: str, name: str, against: list[str], attempts: set[str], other: str) -> None:
+    """One line naming the recipe ``key`` and ``name`` where a baseline in ``against`` is neither a method nor
+    one of ``attempts`` (``other`` says which: "another attempt", "an attempt")."""
+    from ..evaluation.sweep import METHODS
+
+    if unknown := set(against) - set(METHODS) - attempts:
+        raise SqlmError(
+            f"key '{key}': '{name}' compares against {sorted(unknown)}, which is neither a method "
+            f"({', '.join(METHODS)}) nor {other}"
         )
 
 
