@@ -447,3 +447,4 @@ def test_pipeline_recipes_parse():
     assert args.output_dir != "scripts/results/real" and cfg.records == Path("scripts/results/real/runs")
     (attempt,) = [m for m in cfg.all_methods("chat_arithmetic") if m.name == "sqlm-offline-group"]
     assert attempt.extra[-2:] == ("--loss_type", "group_pcl") and set(attempt.compare) == {"sqlm-offline", "dpo"}
+    assert cfg.values(attempt) == (0.1, 0.01)  # the table's tau = beta, and the 100-nat margin that keeps pushing
