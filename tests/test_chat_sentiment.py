@@ -88,15 +88,47 @@ def test_replies_that_all_tie_are_one_error_and_pairs_are_cached(tmp_path, monke
     assert "\n" not in str(e.value)
     monkeypatch.setattr(chat_arithmetic, "sample_replies", replies(["A lovely film.", "A sad film."]))
     data = task._pairs(tmp_path / "base", tmp_path / "cache")
-    rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+
+    def read(name):
+        return [json.loads(x) for x in (data / name).read_text().splitlines()]
+
+    rows = read("train.jsonl")
     train, held_out = cs.split_prompts(*task.N_REDUCED)
     assert [r["prompt"] for r in rows] == train and all(r["chosen"][0]["content"] == "A lovely film." for r in rows)
-    assert [json.loads(x)["prompt"] for x in (data / "prompts.jsonl").read_text().splitlines()] == train
+    assert [r["prompt"] for r in read("prompts.jsonl")] == train
     assert [r["prompt"] for r in json.loads((data / "eval_prompts.json").read_text())] == held_out
+    # the reward model's held-out pairs are those of the last fifth of the training prompts
+    assert read("rm_train.jsonl") + read("rm_eval.jsonl") == rows and [r["prompt"] for r in read("rm_eval.jsonl")] == [
+        train[-1]
+    ]
     meta = json.loads((data / "done.json").read_text())
-    assert (meta["pairs"], meta["ties"]) == (len(train), 0)
-    assert calls == [2 * len(train)] * 2  # two replies per training prompt
+    assert (meta["pairs"], meta["ties"], meta["rm_eval_pairs"]) == (len(train), 0, 1)
+    assert calls == [2 * len(train)] * 2  # two replies per training prompt in the CI setting
     assert task._pairs(tmp_path / "base", tmp_path / "cache") == data and len(calls) == 2  # cached
+
+    # the full setting: REPLIES replies per prompt, paired in sampling order (1st with 2nd, ...), ties dropped
+    monkeypatch.setattr(task, "REDUCED_REPLIES", 4)
+    monkeypatch.setattr(
+        chat_arithmetic, "sample_replies", replies(["A lovely film.", "A sad film.", "A film.", "The film."])
+    )
+    data = task._pairs(tmp_path / "base", tmp_path / "cache")
+    meta = json.loads((data / "done.json").read_text())
+    assert calls[-1] == 4 * len(train) and (meta["pairs"], meta["ties"]) == (len(train), len(train))
+    assert all(r["rejected"][0]["content"] == "A sad film." for r in read("train.jsonl"))
+
+
+def test_the_reward_models_held_out_pairs_are_whole_prompts():
+    """Several pairs of one prompt never straddle the reward model's split; the last fifth of the prompts
+    (at least one) is held out, rows keep their order, and bad arguments are one-line errors."""
+    prompts = [cs.conversation(f"p{i}") for i in range(10)]
+    rows = [{"prompt": p, "k": k} for p in prompts for k in range(3) if not (p == prompts[9] and k == 1)]
+    train, held = cs.reward_model_split(rows, prompts)
+    assert [r["prompt"] for r in held] == [prompts[8]] * 3 + [prompts[9]] * 2
+    assert train == rows[:24] and train + held == rows
+    assert [r["prompt"] for r in cs.reward_model_split(rows[:6], prompts[:2])[1]] == [prompts[1]] * 3
+    for bad in ((rows, prompts, 1.0), (rows, prompts[:1], 0.2)):
+        with pytest.raises(SqlmError, match="reward_model_split"):
+            cs.reward_model_split(*bad)
 
 
 def test_every_method_has_a_recipe_as_chat_arithmetics_but_data_reward_and_reply_length():

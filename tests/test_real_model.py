@@ -256,6 +256,13 @@ def test_the_chat_sentiment_comparison_runs_reduced_with_its_reward_model_and_im
     base = res["bases"]["0"]
     assert base["pairs"] >= 2 and base["pairs"] + base["ties"] == 8
     assert 0.0 <= base["reward_model_accuracy"] <= 1.0 and base["reward_model_eval_pairs"] >= 1
+    # the reward model was evaluated on the pairs of the prompts it was not fitted on
+    held = [
+        line
+        for d in (tmp_path / "cache" / "chat_sentiment").glob("pairs-*")
+        for line in (d / "rm_eval.jsonl").read_text().splitlines()
+    ]
+    assert len(held) in (0, base["reward_model_eval_pairs"]), (len(held), base["reward_model_eval_pairs"])
     assert -1.0 <= base["score"] <= 1.0 and abs(base["kl"]) < 1e-4  # the base against itself
     implicit = Path(base["implicit_model"])
     assert (implicit / "model.safetensors").is_file() and "adapter_config.json" not in {

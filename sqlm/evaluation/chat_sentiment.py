@@ -13,9 +13,11 @@ better -- the scorer of the tiny ``sentiment`` task (:func:`sqlm.evaluation.gold
 labels the pairs and scores evaluations; the learners train on a Bradley-Terry reward model fitted to
 the pairs (or on the pairs themselves, DPO).
 
-**Pairs** (:func:`pair_rows`): two replies of the base model to one training prompt; the one with the
-higher gold score is ``chosen``, the other ``rejected``; a tie gives no pair. Rows are conversational
-preference rows with the gold scores in ``chosen_score`` / ``rejected_score``.
+**Pairs** (:func:`pair_rows`): two replies of the base model to one training prompt (a prompt gives
+several pairs from more replies); the one with the higher gold score is ``chosen``, the other
+``rejected``; a tie gives no pair. Rows are conversational preference rows with the gold scores in
+``chosen_score`` / ``rejected_score``. :func:`reward_model_split` holds the pairs of some prompts out of
+the reward model's training, for its accuracy on prompts it never saw.
 
 The task that samples the replies, fits the reward model and evaluates policies is
 :class:`sqlm.evaluation.tasks.ChatSentimentTask`.
@@ -137,3 +139,19 @@ def preference_pairs(prompts: Sequence[list[dict]], first: Sequence[str], second
     """:func:`pair_rows` of two replies per prompt, scored by :func:`gold_scores`."""
     sa, sb = gold_scores(list(first)), gold_scores(list(second))
     return pair_rows(prompts, first, second, list(zip(sa, sb)))
+
+
+def reward_model_split(
+    rows: Sequence[dict], prompts: Sequence[list[dict]], fraction: float = 0.2
+) -> tuple[list, list]:
+    """``(train, held-out)`` rows for the reward model, split by prompt: the rows of the last ``fraction``
+    of ``prompts`` (at least one prompt) are held out, so its accuracy is measured on prompts it never saw
+    (several pairs of one prompt would otherwise straddle the split). Both keep the rows' order."""
+    if not 0.0 < fraction < 1.0 or len(prompts) < 2:
+        raise SqlmError(
+            f"reward_model_split: need 0 < fraction < 1 and 2 or more prompts, got {fraction}, {len(prompts)}"
+        )
+    n_held = max(1, int(len(prompts) * fraction))
+    held = {repr(p) for p in prompts[len(prompts) - n_held :]}
+    train = [r for r in rows if repr(r["prompt"]) not in held]
+    return train, [r for r in rows if repr(r["prompt"]) in held]
