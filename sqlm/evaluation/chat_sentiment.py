@@ -152,6 +152,8 @@ def reward_model_split(
             f"reward_model_split: need 0 < fraction < 1 and 2 or more prompts, got {fraction}, {len(prompts)}"
         )
     n_held = max(1, int(len(prompts) * fraction))
-    held = {repr(p) for p in prompts[len(prompts) - n_held :]}
-    train = [r for r in rows if repr(r["prompt"]) not in held]
-    return train, [r for r in rows if repr(r["prompt"]) in held]
+    held_prompts = {repr(p) for p in prompts[len(prompts) - n_held :]}
+    train, held = [], []
+    for r in rows:
+        (held if repr(r["prompt"]) in held_prompts else train).append(r)
+    return train, held

@@ -549,8 +549,8 @@ class ChatSentimentTask(Task):
             _, _, texts = sample_replies(model, tok, [p for p in train for _ in range(replies)], temperature=1.0,
                                          max_new_tokens=self.MAX_NEW_TOKENS, seed=self.PAIR_SEED)  # fmt: skip
         scores = gold_scores(texts)
-        prompts = [p for p in train for _ in range(replies // 2)]
-        rows = pair_rows(prompts, texts[0::2], texts[1::2], list(zip(scores[0::2], scores[1::2])))
+        pair_prompts = [p for p in train for _ in range(replies // 2)]
+        rows = pair_rows(pair_prompts, texts[0::2], texts[1::2], list(zip(scores[0::2], scores[1::2])))
         if len(rows) < 2:
             raise SqlmError(
                 f"chat_sentiment: the base model's replies to {len(train)} training prompts gave {len(rows)} "
@@ -564,7 +564,7 @@ class ChatSentimentTask(Task):
         _write_jsonl(data / "rm_eval.jsonl", rm_eval)
         _write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in train])
         (data / "eval_prompts.json").write_text(json.dumps([{"prompt": p} for p in held_out]))
-        ties = len(prompts) - len(rows)
+        ties = len(pair_prompts) - len(rows)
         meta = {**key, "pairs": len(rows), "ties": ties, "replies_gold": sum(scores) / len(scores),
                 "rm_train_pairs": len(rm_train), "rm_eval_pairs": len(rm_eval)}  # fmt: skip
         (data / "done.json").write_text(json.dumps(meta))
