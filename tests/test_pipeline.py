@@ -92,6 +92,29 @@ def test_reduced_pipeline_end_to_end(tmp_path, capsys):
         )
     assert sorted(cache.glob("sweeps/*/*/result.json")) == done and not (tmp_path / "out3").exists()
 
+    # the same larger sweep reported so far: the finished runs' table and verdicts, the new seed's runs named
+    args = PipelineArguments(reduced=True, cache_dir=str(cache), output_dir=str(tmp_path / "out4"), progress=False,
+                             oracle=False, seeds=[0, 1], report_only=True, n_boot=50)  # fmt: skip
+    res4 = run_pipeline(args)
+    for task in ("sentiment", "arithmetic"):
+        res = res4["tasks"][task]
+        assert {(r["method"], r["seed"]) for r in res["runs"]} == {(m, 0) for m in METHODS}
+        todo = {p["run"] for p in res3["tasks"][task]["plan"] if p["state"] == "to train"}
+        assert set(res["not_trained"]) == todo and len(todo) == len(METHODS)
+        md = (tmp_path / "out4" / task / "report.md").read_text()
+        assert f"**Partial report**: {len(METHODS)} of {2 * len(METHODS)} runs" in md
+        assert all(name in md for name in todo)
+        assert {(v["a"], v["b"]) for v in res["verdicts"]} == {
+            (v["a"], v["b"]) for v in res2["tasks"][task]["verdicts"]
+        }
+    assert sorted(cache.glob("sweeps/*/*/result.json")) == done  # nothing trained
+    # a sweep with nothing done yet: one line, no report
+    args = PipelineArguments(reduced=True, cache_dir=str(cache), output_dir=str(tmp_path / "out5"), progress=False,
+                             oracle=False, seeds=[7], report_only=True)  # fmt: skip
+    with pytest.raises(SqlmError, match="report_only: no run of the .* sweep is recorded or cached yet"):
+        run_pipeline(args)
+    assert not (tmp_path / "out5" / "report.md").exists()
+
 
 def test_a_cell_of_one_run_shows_no_standard_error():
     assert mean_pm_se(0.5, 0.0, 1) == "0.500"

@@ -134,6 +134,13 @@ class PipelineArguments:
             "prepared as usual, from the cache where they are)."
         },
     )
+    report_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Write the reports from the runs already recorded or cached and train none (a resumable "
+            "sweep's table so far); the report names the runs still to train."
+        },
+    )
 
     def __post_init__(self):
         from ..config import as_mapping
@@ -211,6 +218,7 @@ class PipelineArguments:
             attempts=dict(self.attempts),
             compare={k: list(v) for k, v in self.compare.items()},
             plan=self.plan,
+            report_only=self.report_only,
         )
 
 

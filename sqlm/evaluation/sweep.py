@@ -126,6 +126,7 @@ class SweepConfig:
     keep_models: bool = False  # keep each run's weights (default: logs and results only)
     progress: bool = True
     plan: bool = False  # list each run's folder and state (recorded, cached, to train); train nothing
+    report_only: bool = False  # report the runs already recorded or cached, train none (a resumable sweep so far)
     # variants of a method, judged like it: name -> {"base": method, "flags": [...], "values": [...],
     # "tasks": [...] (default: every task), "compare": [...] (default: the base method's baselines)}
     attempts: dict[str, dict] = field(default_factory=dict)
@@ -467,16 +468,24 @@ def _slim(r: dict) -> dict:
     return out
 
 
+def run_state(task: Task, cfg: SweepConfig, root: Path, bases: dict, run: tuple, runner: Runner) -> tuple[str, str]:
+    """``(folder name, state)`` of one run ``(method, knob, base, seed)``: its result is in the records
+    ("recorded"), in the cache ("cached") or still to train ("to train")."""
+    method, knob, b, s = run
+    data, _, _, prompts = bases[b]
+    _, _, folder, done, record = run_paths(task, method, knob, data, s, cfg, root, prompts, runner)
+    state = "recorded" if record is not None and record.is_file() else "cached" if done.is_file() else "to train"
+    return folder.name, state
+
+
 def plan_sweep(task: Task, cfg: SweepConfig, root: Path, bases: dict, runs: list, runner: Runner) -> dict:
     """What a sweep would do, without training: each run's folder and whether its result is in the records
     ("recorded"), in the cache ("cached") or still to train ("to train"), one line each, and a count."""
     plan = []
-    for method, knob, b, s in runs:
-        data, _, _, prompts = bases[b]
-        _, _, folder, done, record = run_paths(task, method, knob, data, s, cfg, root, prompts, runner)
-        state = "recorded" if record is not None and record.is_file() else "cached" if done.is_file() else "to train"
-        plan.append({"run": folder.name, "state": state})
-        log(f"{task.name} plan: {folder.name}: {state}")
+    for run in runs:
+        folder, state = run_state(task, cfg, root, bases, run, runner)
+        plan.append({"run": folder, "state": state})
+        log(f"{task.name} plan: {folder}: {state}")
     left = sum(p["state"] == "to train" for p in plan)
     log(f"{task.name} plan: {len(plan) - left} of {len(plan)} runs done, {left} to train")
     return {"task": task.name, "plan": plan}
@@ -502,6 +511,16 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
     runs = [(m, knob, b, s) for m in methods for knob in cfg.values(m, task) for b in cfg.bases for s in cfg.seeds]
     if cfg.plan:
         return plan_sweep(task, cfg, root, bases, runs, runner)
+    missing = []  # report_only: the runs left out, still to train
+    if cfg.report_only:
+        states = [run_state(task, cfg, root, bases, run, runner) for run in runs]
+        missing = [folder for folder, state in states if state == "to train"]
+        runs = [run for run, (_, state) in zip(runs, states, strict=True) if state != "to train"]
+        if not runs:
+            raise SqlmError(
+                f"report_only: no run of the {task.name} sweep is recorded or cached yet; nothing to report"
+            )
+        log(f"{task.name}: reporting the {len(runs)} runs done; {len(missing)} not trained yet, left out")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     bar = _bar(len(runs), f"{task.name} runs", cfg.progress)
@@ -523,12 +542,12 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
         plot_checkpoint_frontier(curves, base_results, task, out_dir / "frontier_checkpoints.png")
     wall = time.time() - t0
     extra = curve_lines(curves, along, task.metric) if curves else []
-    report = write_report(task, cfg, ok, failed, base_results, table, verdicts, out_dir, wall, extra)
+    report = write_report(task, cfg, ok, failed, base_results, table, verdicts, out_dir, wall, extra, missing)
     slim = [_slim(r) for r in ok]
     res = {"task": task.name, "metric": task.metric, "runs": slim, "failed": failed, "table": list(table.values()),
            "verdicts": verdicts, "curves": curves, "curve_verdicts": along, "bases": {str(b): {k: v for k, v in r.items() if not k.startswith("per_prompt")}
                                            for b, r in base_results.items()},
-           "wall_s": wall, "report": str(report)}  # fmt: skip
+           "wall_s": wall, "report": str(report), "not_trained": missing}  # fmt: skip
     (out_dir / "results.json").write_text(json.dumps(res, indent=1, default=str))
     return res
 

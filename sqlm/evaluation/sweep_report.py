@@ -170,10 +170,11 @@ def verdict_lines(verdicts: list[dict], metric: str) -> list[str]:
 
 
 def write_report(task: Task, cfg, results, failed, base_results, table, verdicts, out_dir: Path,
-                 wall: float, extra: list[str] | None = None) -> Path:  # fmt: skip
+                 wall: float, extra: list[str] | None = None, missing: list[str] | None = None) -> Path:  # fmt: skip
     """``out_dir/report.md``: settings (``cfg``, the :class:`~sqlm.evaluation.sweep.SweepConfig`), base
     LMs, every method at every knob value, the verdicts, the plots, ``extra`` lines and (kept across
-    reruns) ``notes.md`` of the same folder."""
+    reruns) ``notes.md`` of the same folder. ``missing``: the runs of the sweep not trained yet (a
+    ``report_only`` report), named at the top."""
     b = task.budget()
     steps = cfg.steps or b.steps
     units = sorted({(r["base"], r["seed"]) for r in results})
@@ -192,6 +193,9 @@ def write_report(task: Task, cfg, results, failed, base_results, table, verdicts
               f"base LM × {cfg.eval_samples} temperature-1 sample(s), exact KL to the base LM summed over each sampled "
               f"completion. Wall time: {total / 60:.1f} min of training and evaluation over {len(results)} runs, "
               f"{wall / 60:.1f} min this invocation (cached runs are read, not rerun)."), "",
+             *([(f"**Partial report**: {len(results)} of {len(results) + len(missing)} runs (those recorded or cached); "
+                 f"not trained yet: {', '.join(missing)}. A cell's runs column says how many of its seeds it has; a "
+                 "verdict pairs the seeds both methods have."), ""] if missing else []),
              "## Base LMs", "",
              f"| base seed | {task.metric} T=1 |" + (" greedy |" if greedy else "")
              + (" longer operands T=1 / greedy |" if long else "") + " length | pairs | reward model accuracy |",
