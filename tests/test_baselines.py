@@ -77,6 +77,8 @@ def test_tiny_run_trains_the_model_and_writes_run_stats(command, tiny, reward_mo
     assert 3 * 8 <= stats["generated_tokens"] <= 3 * 8 * 8
     assert stats["wall_time_s"] > 0 and stats["total_time_s"] >= stats["wall_time_s"]
     assert stats["last_log"]["loss"] is not None
+    # every logged step (logging_steps 1), the last one the last log
+    assert [h["step"] for h in stats["log_history"]] == [1, 2, 3] and stats["log_history"][-1] == stats["last_log"]
     if command == "grpo":  # reward_scale multiplies the total reward (TRL logs each function's raw mean)
         assert stats["last_log"]["reward"] == pytest.approx(
             0.5 * stats["last_log"]["rewards/tests.test_baselines:token_sum/mean"]

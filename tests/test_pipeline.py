@@ -71,6 +71,12 @@ def test_reduced_pipeline_end_to_end(tmp_path, capsys):
     # again with other bootstrap settings: every run and stage comes from the cache
     done = sorted(cache.glob("sweeps/*/*/result.json"))
     assert len(done) == 2 * len(METHODS)
+    # a run's result keeps its trainer's logged steps (results.json does not)
+    logs = [json.loads(p.read_text())["train_log"] for p in done]
+    assert all(isinstance(log, list) and all("loss" in h and h["step"] <= 3 for h in log) for log in logs)
+    assert any(logs), "no run logged a step"
+    assert not any("train_log" in r for task in ("sentiment", "arithmetic")
+                   for r in json.loads((out / task / "results.json").read_text())["runs"])  # fmt: skip
     stamps = {p: p.stat().st_mtime_ns for p in done}
     args = PipelineArguments(reduced=True, cache_dir=str(cache), output_dir=str(tmp_path / "out2"), progress=False,
                              n_boot=50, oracle=False)  # fmt: skip

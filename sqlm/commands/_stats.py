@@ -9,9 +9,9 @@ from typing import Any
 
 
 def run_stats(trainer, name: str, seconds: float) -> dict[str, Any]:
-    """Generated completions and tokens (all processes), optimizer steps, wall time and the last logs of
-    a finished run (``run_stats.json`` of every training command); a trainer that generates nothing
-    (DPO) counts 0."""
+    """Generated completions and tokens (all processes), optimizer steps, wall time, the last logs and
+    every logged training step of a finished run (``run_stats.json`` of every training command); a
+    trainer that generates nothing (DPO) counts 0."""
     import torch
 
     generated = [getattr(trainer, "generated_completions", 0), getattr(trainer, "generated_tokens", 0)]
@@ -34,6 +34,7 @@ def run_stats(trainer, name: str, seconds: float) -> dict[str, Any]:
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "seed": args.seed,
         "last_log": logs[-1] if logs else None,
+        "log_history": logs,  # every logging step's metrics (loss, rewards, margins, ...), oldest first
     }
 
 

@@ -372,6 +372,7 @@ def run_one(task: Task, method: Method, knob: float, data: TaskData, seed: int, 
         "generated_tokens": stats["generated_tokens"],
         "optimizer_steps": stats["optimizer_steps"],
         "wall_time_s": stats["wall_time_s"],
+        "train_log": stats.get("log_history", []),  # the trainer's logged steps: why a run learned as it did
         "eval": evaluate_folder(task, out, ref, tokenizer, prompts, eval_seed, cfg.eval_samples, extra),
     }
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -461,8 +462,9 @@ def prepare_bases(task: Task, cfg: SweepConfig, cache: Path, root: Path, runner:
 
 
 def _slim(r: dict) -> dict:
-    """A run's result without its per-prompt lists (in the records, not in results.json)."""
-    out = {**r, "eval": {k: v for k, v in r["eval"].items() if not k.startswith("per_prompt")}}
+    """A run's result without its per-prompt lists and training log (in the records, not in results.json)."""
+    out = {**{k: v for k, v in r.items() if k != "train_log"},
+           "eval": {k: v for k, v in r["eval"].items() if not k.startswith("per_prompt")}}  # fmt: skip
     if "curve" in r:
         out["curve"] = [{k: v for k, v in p.items() if not k.startswith("per_prompt")} for p in r["curve"]]
     return out
