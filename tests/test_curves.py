@@ -132,3 +132,37 @@ def test_a_method_that_reuses_its_samples_is_also_judged_at_equal_generated_comp
     assert "equal generated completions" not in {
         v["kind"] for v in curve_verdicts(offline, base, [m, METHODS["grpo"]], 50)
     }
+
+
+def test_an_offline_only_sweep_draws_no_empty_panels(sweep, tmp_path):
+    """Offline methods generate nothing: an offline-only sweep gets no ``efficiency.png`` (a stale one from an
+    earlier sweep in the same folder is removed, and the report does not link it) and ``curves.png`` has no
+    generated-completions panel (two panels, not three: two thirds of the width)."""
+    from types import SimpleNamespace
+
+    from matplotlib.image import imread
+
+    from sqlm.evaluation.sweep_report import plot_efficiency, summarize, write_report
+
+    results, base, _ = sweep
+    methods = [METHODS["sqlm-offline"], METHODS["dpo"]]
+    offline = [{**r, "method": "sqlm-offline" if r["method"] == "sqlm-online" else "dpo",
+                "curve": [{**p, "generated_completions": 0} for p in r["curve"]]} for r in results]  # fmt: skip
+    task = ChatArithmeticTask()
+    full = plot_curves(curve_table(results, [METHODS["sqlm-online"], METHODS["grpo"]]), base, task, tmp_path / "a.png")
+    two = plot_curves(curve_table(offline, methods), base, task, tmp_path / "b.png")
+    assert imread(two).shape[1] == pytest.approx(imread(full).shape[1] * 2 / 3, abs=2)
+
+    last = {k: r["curve"][-1][k] for r in offline for k in ("score", "kl")}
+    runs = [{**r, "eval": {**last, "length": 3.0, "distinct1": 0.5, "distinct2": 0.5}, "generated_completions": 0,
+             "generated_tokens": 0, "optimizer_steps": 30, "wall_time_s": 1.0} for r in offline]  # fmt: skip
+    table = summarize(runs, methods)
+    stale = tmp_path / "efficiency.png"
+    stale.write_bytes(b"an earlier sweep's plot")
+    assert plot_efficiency(table, base, task, stale) is None and not stale.exists()
+    cfg = SimpleNamespace(steps=30, bases=[0], seeds=[0, 1, 2], eval_samples=1, n_boot=10)
+    bases = {0: {**base[0], "length": 3.0, "pairs": 8}}
+    md = write_report(task, cfg, runs, [], bases, table, [], tmp_path, 1.0, efficiency=False).read_text()
+    assert "![frontier](frontier.png)" in md and "efficiency.png" not in md
+    md = write_report(task, cfg, runs, [], bases, table, [], tmp_path, 1.0).read_text()
+    assert "![efficiency](efficiency.png)" in md

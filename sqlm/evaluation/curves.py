@@ -164,8 +164,9 @@ def curve_lines(table: list[dict], verdicts: list[dict], metric: str) -> list[st
 
 
 def plot_curves(table: list[dict], base_results: dict, task: Task, path: Path) -> Path:
-    """``curves.png``: score against optimizer steps and against training seconds, mean ± s.e. over runs,
-    one line per method and knob value, the base model at 0."""
+    """``curves.png``: score against optimizer steps, against generated completions (left out when nothing
+    in ``table`` generates, an offline-only sweep) and against training seconds, mean ± s.e. over runs, one
+    line per method and knob value, the base model at 0."""
     import matplotlib
 
     from .sweep_report import _style
@@ -174,20 +175,25 @@ def plot_curves(table: list[dict], base_results: dict, task: Task, path: Path) -
     import matplotlib.pyplot as plt
 
     base = sum(r["score"] for r in base_results.values()) / len(base_results)
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), sharey=True)
+    keys = ["step", "generated_completions", "train_seconds"]
+    if not any(r["generated_completions"] for r in table):  # offline only: nothing generated, no such panel
+        keys.remove("generated_completions")
+    fig, axes = plt.subplots(1, len(keys), figsize=(17 * len(keys) / 3, 4.5), sharey=True)
     cells = dict.fromkeys((r["method"], r["knob"]) for r in table)
     for i, (m, knob) in enumerate(cells):
         rows = [r for r in table if (r["method"], r["knob"]) == (m, knob)]
         style = {**_style(m, rows[0]["regime"]), "color": plt.cm.tab10.colors[i % 10]}
         label = f"{m} {rows[0]['knob_name']}={knob:g} ({rows[0]['n_runs']} runs)"
         ys, es = [base] + [r["score"] for r in rows], [0.0] + [r["score_se"] for r in rows]
-        for ax, key in zip(axes, ("step", "generated_completions", "train_seconds")):
+        for ax, key in zip(axes, keys):
             if key == "generated_completions" and not rows[-1][key]:
                 continue  # offline: generates nothing
             ax.errorbar([0] + [r[key] for r in rows], ys, yerr=es, capsize=3, label=label, **style)
-    axes[0].set_xlabel("optimizer steps (offline: × pairs per step)")
-    axes[1].set_xlabel("completions generated for training (online and mixed)")
-    axes[2].set_xlabel("training wall time, s (evaluation excluded)")
+    xlabels = {"step": "optimizer steps (offline: × pairs per step)",
+               "generated_completions": "completions generated for training (online and mixed)",
+               "train_seconds": "training wall time, s (evaluation excluded)"}  # fmt: skip
+    for ax, key in zip(axes, keys):
+        ax.set_xlabel(xlabels[key])
     axes[0].set_ylabel(f"{task.metric} (held-out, T=1)")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{task.name}: learning curves (mean ± s.e. over runs; base model at 0)")

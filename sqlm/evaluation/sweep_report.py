@@ -133,8 +133,12 @@ def plot_frontier(table: dict, base_results: dict, task: Task, path: Path) -> Pa
                  8, path)  # fmt: skip
 
 
-def plot_efficiency(table: dict, base_results: dict, task: Task, path: Path) -> Path:
-    """``efficiency.png``: score against generated completions of the online and mixed methods."""
+def plot_efficiency(table: dict, base_results: dict, task: Task, path: Path) -> Path | None:
+    """``efficiency.png``: score against generated completions of the online and mixed methods; ``None``
+    (and no file, a stale one removed) when the table has none of them, as in an offline-only sweep."""
+    if all(r["regime"] == "offline" for r in table.values()):
+        path.unlink(missing_ok=True)
+        return None
     base = sum(r["score"] for r in base_results.values()) / len(base_results)
     fig, ax = _figure("tab20")
     for (m, knob), r in table.items():
@@ -170,11 +174,13 @@ def verdict_lines(verdicts: list[dict], metric: str) -> list[str]:
 
 
 def write_report(task: Task, cfg, results, failed, base_results, table, verdicts, out_dir: Path,
-                 wall: float, extra: list[str] | None = None, missing: list[str] | None = None) -> Path:  # fmt: skip
+                 wall: float, extra: list[str] | None = None, missing: list[str] | None = None,
+                 efficiency: bool = True) -> Path:  # fmt: skip
     """``out_dir/report.md``: settings (``cfg``, the :class:`~sqlm.evaluation.sweep.SweepConfig`), base
     LMs, every method at every knob value, the verdicts, the plots, ``extra`` lines and (kept across
     reruns) ``notes.md`` of the same folder. ``missing``: the runs of the sweep not trained yet (a
-    ``report_only`` report), named at the top."""
+    ``report_only`` report), named at the top. ``efficiency``: link ``efficiency.png`` (not drawn for an
+    offline-only sweep)."""
     b = task.budget()
     steps = cfg.steps or b.steps
     units = sorted({(r["base"], r["seed"]) for r in results})
@@ -232,7 +238,7 @@ def write_report(task: Task, cfg, results, failed, base_results, table, verdicts
             f"- {r['method']} {r['knob_name']}={r['knob']:g} base {r['base']} seed {r['seed']}: {r['failed']}"
             for r in failed
         ]
-    lines += ["", "![frontier](frontier.png)", "", "![efficiency](efficiency.png)", ""]
+    lines += ["", "![frontier](frontier.png)", ""] + (["![efficiency](efficiency.png)", ""] if efficiency else [])
     lines += extra or []  # e.g. the learning curves (sqlm.evaluation.curves.curve_lines)
     notes = out_dir / "notes.md"
     if notes.is_file():
