@@ -162,7 +162,11 @@ def test_an_offline_only_sweep_draws_no_empty_panels(sweep, tmp_path):
     assert plot_efficiency(table, base, task, stale) is None and not stale.exists()
     cfg = SimpleNamespace(steps=30, bases=[0], seeds=[0, 1, 2], eval_samples=1, n_boot=10)
     bases = {0: {**base[0], "length": 3.0, "pairs": 8}}
-    md = write_report(task, cfg, runs, [], bases, table, [], tmp_path, 1.0, efficiency=False).read_text()
-    assert "![frontier](frontier.png)" in md and "efficiency.png" not in md
     md = write_report(task, cfg, runs, [], bases, table, [], tmp_path, 1.0).read_text()
+    assert "![frontier](frontier.png)" in md and "efficiency.png" not in md
+    online = {
+        **table,
+        ("sqlm-online", 0.1): {**table[("sqlm-offline", 0.1)], "method": "sqlm-online", "regime": "online"},
+    }
+    md = write_report(task, cfg, runs, [], bases, online, [], tmp_path, 1.0).read_text()
     assert "![efficiency](efficiency.png)" in md

@@ -536,7 +536,7 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
     table = summarize(ok, methods)
     verdicts = compare_methods(ok, base_results, methods, cfg.n_boot)
     plot_frontier(table, base_results, task, out_dir / "frontier.png")
-    efficiency = plot_efficiency(table, base_results, task, out_dir / "efficiency.png") is not None
+    plot_efficiency(table, base_results, task, out_dir / "efficiency.png")
     curves = curve_table(ok, methods)
     along = curve_verdicts(ok, base_results, methods, cfg.n_boot) if curves else []
     if curves:
@@ -544,8 +544,7 @@ def run_sweep(task: Task, cfg: SweepConfig, cache: Path, out_dir: Path, runner: 
         plot_checkpoint_frontier(curves, base_results, task, out_dir / "frontier_checkpoints.png")
     wall = time.time() - t0
     extra = curve_lines(curves, along, task.metric) if curves else []
-    report = write_report(task, cfg, ok, failed, base_results, table, verdicts, out_dir, wall, extra, missing,
-                          efficiency)  # fmt: skip
+    report = write_report(task, cfg, ok, failed, base_results, table, verdicts, out_dir, wall, extra, missing)
     slim = [_slim(r) for r in ok]
     res = {"task": task.name, "metric": task.metric, "runs": slim, "failed": failed, "table": list(table.values()),
            "verdicts": verdicts, "curves": curves, "curve_verdicts": along, "bases": {str(b): {k: v for k, v in r.items() if not k.startswith("per_prompt")}

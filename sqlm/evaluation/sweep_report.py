@@ -133,10 +133,15 @@ def plot_frontier(table: dict, base_results: dict, task: Task, path: Path) -> Pa
                  8, path)  # fmt: skip
 
 
+def generates(table: dict) -> bool:
+    """Whether the table has an online or mixed method: an offline-only sweep has no ``efficiency.png``."""
+    return any(r["regime"] != "offline" for r in table.values())
+
+
 def plot_efficiency(table: dict, base_results: dict, task: Task, path: Path) -> Path | None:
     """``efficiency.png``: score against generated completions of the online and mixed methods; ``None``
     (and no file, a stale one removed) when the table has none of them, as in an offline-only sweep."""
-    if all(r["regime"] == "offline" for r in table.values()):
+    if not generates(table):
         path.unlink(missing_ok=True)
         return None
     base = sum(r["score"] for r in base_results.values()) / len(base_results)
@@ -174,12 +179,11 @@ def verdict_lines(verdicts: list[dict], metric: str) -> list[str]:
 
 
 def write_report(task: Task, cfg, results, failed, base_results, table, verdicts, out_dir: Path,
-                 wall: float, extra: list[str] | None = None, missing: list[str] | None = None,
-                 efficiency: bool = True) -> Path:  # fmt: skip
+                 wall: float, extra: list[str] | None = None, missing: list[str] | None = None) -> Path:  # fmt: skip
     """``out_dir/report.md``: settings (``cfg``, the :class:`~sqlm.evaluation.sweep.SweepConfig`), base
     LMs, every method at every knob value, the verdicts, the plots, ``extra`` lines and (kept across
     reruns) ``notes.md`` of the same folder. ``missing``: the runs of the sweep not trained yet (a
-    ``report_only`` report), named at the top. ``efficiency``: link ``efficiency.png`` (not drawn for an
+    ``report_only`` report), named at the top. ``efficiency.png`` is linked where it is drawn (not for an
     offline-only sweep)."""
     b = task.budget()
     steps = cfg.steps or b.steps
@@ -238,7 +242,9 @@ def write_report(task: Task, cfg, results, failed, base_results, table, verdicts
             f"- {r['method']} {r['knob_name']}={r['knob']:g} base {r['base']} seed {r['seed']}: {r['failed']}"
             for r in failed
         ]
-    lines += ["", "![frontier](frontier.png)", ""] + (["![efficiency](efficiency.png)", ""] if efficiency else [])
+    lines += ["", "![frontier](frontier.png)", ""] + (
+        ["![efficiency](efficiency.png)", ""] if generates(table) else []
+    )
     lines += extra or []  # e.g. the learning curves (sqlm.evaluation.curves.curve_lines)
     notes = out_dir / "notes.md"
     if notes.is_file():
